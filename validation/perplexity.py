@@ -1,0 +1,68 @@
+"""Perplexity over fixed held-out windows, the same computation for every backend.
+
+A backend supplies ``forward(ids) -> logits`` for a batch of windows ``[B, T]`` (torch or
+numpy, ``[B, T, V]``). Row ``r`` of the windows is BOS followed by ``T - 1`` held-out tokens;
+the logits at position ``t`` predict token ``t + 1``, so each window predicts ``T - 1`` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rmexport.log import progress
+
+__all__ = ["PerplexityResult", "perplexity", "torch_forward", "window_nll"]
+
+Forward = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    n_tokens: int
+    n_windows: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"ppl": self.ppl, "mean_nll": self.mean_nll, "tokens": self.n_tokens, "windows": self.n_windows}
+
+
+def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64)."""
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    logits = logits[:, :-1].to(torch.float64)
+    targets = ids[:, 1:].to(logits.device)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(-picked.sum()), int(targets.numel())
+
+
+def perplexity(forward: Forward, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> PerplexityResult:
+    total_nll, total_tokens = 0.0, 0
+    starts = range(0, windows.shape[0], batch_size)
+    for start in progress(starts, desc=desc, total=len(starts)):
+        batch = windows[start : start + batch_size]
+        nll, count = window_nll(forward(batch), batch)
+        total_nll += nll
+        total_tokens += count
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, total_tokens, int(windows.shape[0]))
+
+
+def torch_forward(model: torch.nn.Module) -> Forward:
+    """``forward`` for a transformers causal LM (no cache, float32 logits)."""
+    device = next(model.parameters()).device
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(device), use_cache=False)
+        return out.logits.float().cpu()
+
+    return forward
