@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,9 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "read_provenance",
     "resolve",
+    "write_provenance",
 ]
 
 log = get_logger(__name__)
@@ -188,7 +191,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "source.gguf.txt").write_text(str(gguf_path) + "\n")
+        write_provenance(tmp, {"gguf_file": str(gguf_path)})
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,6 +220,22 @@ def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any, model: Any) -> N
         if token_id is not None:
             setattr(model.generation_config, f"{role}_token_id", token_id)
             setattr(model.config, f"{role}_token_id", token_id)
+
+
+PROVENANCE_FILE = "rmexport_source.json"
+
+
+def write_provenance(checkpoint: Path, info: dict[str, Any]) -> None:
+    """Record where a checkpoint came from (source GGUF, kept blocks) beside its config.
+
+    The GGUF writer reads ``gguf_file`` to carry the source file's metadata over.
+    """
+    (Path(checkpoint) / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_provenance(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_config(source: ModelSource) -> Any:

@@ -36,3 +36,20 @@ def default_checkpoint() -> Path:
     from rmexport.models import DEFAULT_MODEL, checkpoint_dir, resolve
 
     return Path(checkpoint_dir(resolve(DEFAULT_MODEL)))
+
+
+@pytest.fixture(scope="session")
+def pruned_default_checkpoint(tmp_path_factory, default_checkpoint) -> Path:
+    """The real default model with 8 of its 30 blocks removed (22 blocks), as an HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmexport.arch import adapter_for
+    from rmexport.replaceme.apply import remove_blocks
+
+    out = tmp_path_factory.mktemp("pruned-default") / "hf"
+    model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32)
+    remove_blocks(model, adapter_for(model.config), (20, 28))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_checkpoint).save_pretrained(out)
+    return out
