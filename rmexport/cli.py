@@ -20,7 +20,10 @@ __all__ = ["main"]
 
 # (command, subcommand or None) -> (module, one-line help)
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("prune", None): ("rmexport.prune", "remove a block of layers, fit and fold the linear map, save an HF checkpoint"),
+    ("prune", None): (
+        "rmexport.prune",
+        "remove a block of layers, fit and fold the linear map, save an HF checkpoint",
+    ),
     ("export", "onnx"): ("converters.onnx_export", "HF checkpoint -> ONNX with KV cache"),
     ("export", "gguf"): ("converters.gguf_export", "HF checkpoint -> GGUF for llama.cpp"),
     ("validate", "onnx"): ("validation.onnx_parity", "onnxruntime vs PyTorch on held-out prompts"),

@@ -38,18 +38,22 @@ def default_checkpoint() -> Path:
     return Path(checkpoint_dir(resolve(DEFAULT_MODEL)))
 
 
+# Small calibration keeps the suite fast; the CLI default uses 512 documents.
+DEFAULT_PRUNE_OPTIONS = dict(ratio=0.25, calib_samples=128, seq_len=256, eval_tokens=2048, parity_windows=1)
+
+
 @pytest.fixture(scope="session")
-def pruned_default_checkpoint(tmp_path_factory, default_checkpoint) -> Path:
-    """The real default model with 8 of its 30 blocks removed (22 blocks), as an HF directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def pruned_default_run(tmp_path_factory):
+    """(output folder, prune record) of a real ReplaceMe prune of the default model at ratio 0.25."""
+    from rmexport.models import DEFAULT_MODEL, resolve
+    from rmexport.prune import PruneOptions, prune
 
-    from rmexport.arch import adapter_for
-    from rmexport.replaceme.apply import remove_blocks
+    out = tmp_path_factory.mktemp("pruned-default")
+    record = prune(resolve(DEFAULT_MODEL), PruneOptions(**DEFAULT_PRUNE_OPTIONS), out)
+    return out, record
 
-    out = tmp_path_factory.mktemp("pruned-default") / "hf"
-    model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32)
-    remove_blocks(model, adapter_for(model.config), (20, 28))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(default_checkpoint).save_pretrained(out)
-    return out
+
+@pytest.fixture(scope="session")
+def pruned_default_checkpoint(pruned_default_run) -> Path:
+    """The real default model pruned at 0.25 (22 of 30 blocks), as an HF directory."""
+    return pruned_default_run[0] / "hf"

@@ -12,9 +12,7 @@ from .qwen import QWEN2, QWEN3
 
 __all__ = ["ADAPTERS", "ArchAdapter", "adapter_for", "supported_architectures"]
 
-ADAPTERS: dict[str, ArchAdapter] = {
-    a.family: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)
-}
+ADAPTERS: dict[str, ArchAdapter] = {a.family: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)}
 _BY_ARCHITECTURE = {name: a for a in ADAPTERS.values() for name in a.hf_architectures}
 _BY_MODEL_TYPE = {a.model_type: a for a in ADAPTERS.values()}
 

@@ -98,7 +98,9 @@ def _render_chats(tokenizer: Any, chats: list[list[dict[str, str]]], seq_len: in
     return sequences
 
 
-def _batch(sequences: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batch(
+    sequences: list[list[int]], batch_size: int, pad_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = []
     for start in range(0, len(sequences), batch_size):
         group = sequences[start : start + batch_size]

@@ -54,9 +54,7 @@ def fold_map(adapter: ArchAdapter, block: nn.Module, transform: torch.Tensor) ->
     if transform.dim() == 2:
         off_diagonal = transform - torch.diag(torch.diagonal(transform))
         if off_diagonal.abs().max() > 0:
-            raise ConfigError(
-                f"{adapter.family} has a norm after the MLP; only a diagonal map folds exactly"
-            )
+            raise ConfigError(f"{adapter.family} has a norm after the MLP; only a diagonal map folds exactly")
         transform = torch.diagonal(transform)
     fold_into_post_mlp_norm(adapter.post_mlp_norm_module(block), transform, adapter.norm_weight_offset)
 

@@ -1,0 +1,292 @@
+"""HF checkpoint -> GGUF that llama.cpp loads: ``rmexport export gguf CKPT --out FILE --type T``.
+
+Tensor names come from the ``gguf`` package's ``TensorNameMap`` for the adapter's GGUF
+architecture; a tensor it cannot map is an error, never skipped. What llama.cpp expects
+differently from transformers is done here and nowhere else:
+
+- llama arch (Llama, Mistral): llama.cpp rotates adjacent pairs, transformers rotates halves,
+  so ``q_proj``/``k_proj`` rows are permuted per head (the same permutation for their biases);
+- Gemma: RMSNorm weights are stored with the ``+1`` offset baked in (adapter.norm_weight_offset);
+- tied embeddings: no ``output.weight``; llama.cpp reuses ``token_embd``;
+- Llama 3.1+ rope scaling travels as the ``rope_freqs`` tensor.
+
+f32/f16/bf16/q8_0 are written by gguf-py; K-quants (q4_k_m) are made from an f32 file by
+llama.cpp's own quantizer. A model whose source was a GGUF keeps that file's metadata
+(general.*, tokenizer, chat template); only what pruning changed is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from rmexport.arch import ArchAdapter, adapter_for
+from rmexport.errors import ConfigError, ExportError
+from rmexport.log import get_logger, progress
+
+from . import gguf_metadata, gguf_tokenizer
+from . import llama_cpp as llama_cpp_tools
+
+__all__ = ["GGUF_TYPES", "add_arguments", "describe_gguf", "export_gguf", "run"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str
+    file_type: LlamaFileType
+    tensor_type: GGMLQuantizationType  # for 2-D weights; 1-D tensors are always F32
+    by_llama_cpp: bool = False  # True: written as f32, then quantized by llama.cpp
+
+
+GGUF_TYPES: dict[str, GGUFType] = {
+    t.name: t
+    for t in (
+        GGUFType("f32", LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
+        GGUFType("f16", LlamaFileType.MOSTLY_F16, GGMLQuantizationType.F16),
+        GGUFType("bf16", LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.BF16),
+        GGUFType("q8_0", LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
+        GGUFType("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, GGMLQuantizationType.Q4_K, by_llama_cpp=True),
+    )
+}
+
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _gguf_type(name: str) -> GGUFType:
+    try:
+        return GGUF_TYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown GGUF type {name!r}", hint="choose one of " + ", ".join(GGUF_TYPES)) from None
+
+
+def _model_arch(adapter: ArchAdapter) -> gguf.MODEL_ARCH:
+    for arch, name in gguf.MODEL_ARCH_NAMES.items():
+        if name == adapter.gguf_arch:
+            return arch
+    raise ExportError(f"the installed gguf package does not know architecture {adapter.gguf_arch!r}")
+
+
+def _safetensors_files(checkpoint: Path) -> list[Path]:
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint / n for n in names]
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"no *.safetensors weights in {checkpoint}", hint="save the model with save_pretrained")
+    return files
+
+
+def _hf_tensors(checkpoint: Path) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    for path in _safetensors_files(checkpoint):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, (path, name)
+
+
+def _load(ref: tuple[Path, str]) -> np.ndarray:
+    import torch
+    from safetensors import safe_open
+
+    path, name = ref
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).to(torch.float32).numpy()
+
+
+def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of q/k from transformers' half-split rotary layout to llama.cpp's pairwise one."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    gguf_name: str
+    kind: gguf.MODEL_TENSOR
+    hf_name: str
+    ref: Any
+    block: int
+
+
+def _plan(checkpoint: Path, config: Any, adapter: ArchAdapter) -> list[_Planned]:
+    name_map = gguf.get_tensor_name_map(_model_arch(adapter), config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    planned = []
+    for hf_name, ref in _hf_tensors(checkpoint):
+        if hf_name.endswith(_SKIPPED_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
+            continue
+        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ExportError(f"can not map tensor {hf_name!r} to a {adapter.gguf_arch} GGUF tensor")
+        kind, gguf_name = found
+        parts = gguf_name.split(".")
+        block = int(parts[1]) if parts[0] == "blk" else (-1 if kind == gguf.MODEL_TENSOR.TOKEN_EMBD else 1 << 30)
+        planned.append(_Planned(gguf_name, kind, hf_name, ref, block))
+    planned.sort(key=lambda p: (p.block, p.gguf_name))
+    names = [p.gguf_name for p in planned]
+    duplicates = [n for n, c in Counter(names).items() if c > 1]
+    if duplicates:
+        raise ExportError(f"several checkpoint tensors map to {duplicates[0]!r}")
+    return planned
+
+
+def _prepare(p: _Planned, config: Any, adapter: ArchAdapter) -> np.ndarray:
+    data = _load(p.ref)
+    if adapter.norm_weight_offset and p.hf_name.endswith("norm.weight"):
+        data = data + np.float32(adapter.norm_weight_offset)
+    if adapter.gguf_arch == "llama":
+        if p.kind == gguf.MODEL_TENSOR.ATTN_Q:
+            data = _permute_rope_rows(data, config.num_attention_heads)
+        elif p.kind == gguf.MODEL_TENSOR.ATTN_K:
+            data = _permute_rope_rows(data, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _encode(data: np.ndarray, gtype: GGUFType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """The tensor in the file's type: 1-D stays F32; Q8_0 rows not divisible by 32 fall back to F16."""
+    if data.ndim < 2 or gtype.tensor_type == GGMLQuantizationType.F32:
+        return data, None
+    if gtype.tensor_type == GGMLQuantizationType.F16:
+        return data.astype(np.float16), None
+    block = gguf.GGML_QUANT_SIZES[gtype.tensor_type][0]
+    if data.shape[-1] % block:
+        log.warning("row width %d is not a multiple of %d: tensor kept as F16", data.shape[-1], block)
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, gtype.tensor_type), gtype.tensor_type
+
+
+def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metadata.Metadata:
+    from rmexport.models import read_provenance
+
+    name = getattr(config, "_name_or_path", "") or checkpoint.name
+    ours = gguf_metadata.model_metadata(config, adapter, name=Path(name).name or checkpoint.name)
+    provenance = read_provenance(checkpoint)
+    source = provenance.get("gguf_file")
+    if source and Path(source).is_file():
+        log.info("carrying metadata over from the source GGUF %s", Path(source).name)
+        kept = provenance.get("kept_layers")
+        n_original = provenance.get("original_num_hidden_layers")
+        if kept is None and (n_original is None or n_original == config.num_hidden_layers):
+            kept = list(range(config.num_hidden_layers))
+        return gguf_metadata.carry_over(ours, gguf_metadata.read_metadata(source), adapter.gguf_arch, kept)
+    if source:
+        log.warning("source GGUF %s is gone; writing metadata from the checkpoint alone", source)
+    ours.update(gguf_tokenizer.tokenizer_metadata(checkpoint, config.vocab_size))
+    return ours
+
+
+def _write(checkpoint: Path, config: Any, adapter: ArchAdapter, path: Path, gtype: GGUFType) -> None:
+    meta = _metadata(checkpoint, config, adapter)
+    planned = _plan(checkpoint, config, adapter)
+    embed = next((p for p in planned if p.kind == gguf.MODEL_TENSOR.TOKEN_EMBD), None)
+    tokens = meta.get(gguf.Keys.Tokenizer.LIST)
+    if embed is not None and tokens is not None:
+        rows = _load(embed.ref).shape[0]
+        if len(tokens.value) != rows:
+            raise ExportError(f"tokenizer has {len(tokens.value)} tokens but the embedding has {rows} rows")
+    total_bytes = sum(os.path.getsize(f) for f in _safetensors_files(checkpoint))
+    writer = GGUFWriter(None, adapter.gguf_arch, use_temp_file=total_bytes > (2 << 30))
+    try:
+        gguf_metadata.write_metadata(writer, meta)
+        writer.add_file_type(gtype.file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        rope_factors = gguf_metadata.llama3_rope_factors(config)
+        if rope_factors is not None:
+            writer.add_tensor(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", np.array(rope_factors, np.float32)
+            )
+        for p in progress(planned, desc="(1/2) Converting tensors", total=len(planned)):
+            data, raw_dtype = _encode(_prepare(p, config, adapter), gtype)
+            writer.add_tensor(p.gguf_name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+    finally:
+        writer.close()
+
+
+def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16") -> Path:
+    """Write ``checkpoint`` (an HF directory) as a GGUF of ``type`` to ``out_file``; return its path."""
+    from transformers import AutoConfig
+
+    gtype = _gguf_type(type)
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"{checkpoint} is not an HF checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(checkpoint)
+    adapter = adapter_for(config)
+    problem = gguf_metadata.runtime_problem(config, adapter)
+    if problem:
+        raise ExportError(f"llama.cpp cannot represent this model: {problem}", hint="choose another cut, or export ONNX")
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    f32_tmp = tmp.with_name(tmp.name + ".f32")
+    try:
+        if gtype.by_llama_cpp:
+            _write(checkpoint, config, adapter, f32_tmp, GGUF_TYPES["f32"])
+            llama_cpp_tools.quantize(f32_tmp, tmp, gtype.name)
+        else:
+            _write(checkpoint, config, adapter, tmp, gtype)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        f32_tmp.unlink(missing_ok=True)
+    log.info("wrote %s (%s, %.1f MiB)", out, gtype.name, out.stat().st_size / 2**20)
+    return out
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """File size, tensor-type counts and block count of a GGUF (e.g. to see K-quant fallbacks)."""
+    reader = gguf.GGUFReader(str(path))
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    block_field = reader.fields.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    return {
+        "file": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "architecture": arch,
+        "block_count": int(block_field.contents()) if block_field else None,
+        "tensor_types": dict(sorted(types.items())),
+        "tensors": len(reader.tensors),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
+    parser.add_argument("--out", required=True, help="GGUF file to write")
+    parser.add_argument("--type", default="f16", choices=sorted(GGUF_TYPES), help="tensor type (default f16)")
+
+
+def _checkpoint_path(spec: str) -> Path:
+    from rmexport.models import checkpoint_dir, resolve
+
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    return Path(checkpoint_dir(resolve(spec)))
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_gguf(_checkpoint_path(args.checkpoint), args.out, type=args.type)
+    info = describe_gguf(out)
+    types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
+    print(f"{out}  {info['size_bytes'] / 2**20:.1f} MiB  {info['block_count']} blocks  tensors: {types}")
+    return 0

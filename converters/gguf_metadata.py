@@ -1,0 +1,254 @@
+"""GGUF key/values for a model: llama.cpp's hyperparameter keys from an HF config, and carry-over.
+
+Keys come from ``gguf.Keys`` (the package's own table). Each value records its GGUF type so
+that metadata read from a source GGUF can be written back byte for byte.
+
+What llama.cpp assumes, and how a config is checked against it:
+- Gemma 2/3 scale queries by ``1/sqrt(head_dim)``, except the 27B models (recognised by their
+  block count) which use ``1/sqrt(hidden/heads)``; HF uses ``query_pre_attn_scalar**-0.5``.
+  A model (e.g. a pruned 27B) whose scalar no longer matches what llama.cpp will pick is refused.
+- Qwen 2/3 in llama.cpp have no sliding-window attention: a config with sliding layers is refused.
+- Gemma's per-layer sliding pattern is also written as an explicit per-layer array
+  (``{arch}.attention.sliding_window_pattern``), which current llama.cpp reads when present.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+from gguf import GGUFValueType, Keys
+
+from rmexport.arch import ArchAdapter
+from rmexport.errors import ExportError
+from rmexport.log import get_logger
+
+__all__ = [
+    "KV",
+    "Metadata",
+    "carry_over",
+    "llama3_rope_factors",
+    "model_metadata",
+    "read_metadata",
+    "runtime_problem",
+    "write_metadata",
+]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class KV:
+    """One GGUF key's value and its GGUF type (``sub_type`` for arrays)."""
+
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+Metadata = dict[str, KV]
+
+_SLIDING = "sliding_attention"
+# Block counts at which llama.cpp treats Gemma as the 27B model (other attention scale).
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def _u32(v: int) -> KV:
+    return KV(int(v), GGUFValueType.UINT32)
+
+
+def _f32(v: float) -> KV:
+    return KV(float(v), GGUFValueType.FLOAT32)
+
+
+def _head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _layer_types(config: Any) -> list[str]:
+    return list(getattr(config, "layer_types", None) or [])
+
+
+def runtime_problem(config: Any, adapter: ArchAdapter) -> str | None:
+    """Why llama.cpp would compute this config differently from transformers, or None."""
+    problem = adapter.gguf_cut_problem(config)
+    if problem:
+        return problem
+    family = adapter.family
+    if family in ("gemma2", "gemma3"):
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        if scalar is not None:
+            is_27b = config.num_hidden_layers == _GEMMA_27B_BLOCKS[family]
+            llama_cpp = config.hidden_size / config.num_attention_heads if is_27b else _head_dim(config)
+            if not math.isclose(float(scalar), float(llama_cpp)):
+                return (
+                    f"llama.cpp scales {family} queries by 1/sqrt({llama_cpp:g}) for a "
+                    f"{config.num_hidden_layers}-block model, but this model's query_pre_attn_scalar "
+                    f"is {scalar:g}"
+                )
+    if family in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        if any(t == _SLIDING for t in _layer_types(config)):
+            return f"llama.cpp's {family} has no sliding-window attention, but this model uses it"
+    rope = _rope_scaling(config)
+    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default", "linear", "yarn", "llama3"):
+        return f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by this writer"
+    return None
+
+
+def _rope_scaling(config: Any) -> dict[str, Any] | None:
+    rope = getattr(config, "rope_scaling", None)
+    return dict(rope) if rope else None
+
+
+def llama3_rope_factors(config: Any) -> list[float] | None:
+    """Per-frequency divisors llama.cpp reads from ``rope_freqs.weight`` for Llama 3.1+ scaling."""
+    rope = _rope_scaling(config)
+    if not rope or rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    dim = int(getattr(config, "partial_rotary_factor", 1.0) * _head_dim(config))
+    base = float(config.rope_theta)
+    factor = float(rope["factor"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = original / low, original / high
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi / (1.0 / base ** (i / dim))
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def model_metadata(config: Any, adapter: ArchAdapter, name: str) -> Metadata:
+    """The architecture keys llama.cpp reads for this family, from the (pruned) HF config."""
+    arch = adapter.gguf_arch
+    family = adapter.family
+    head_dim = _head_dim(config)
+    meta: Metadata = {
+        Keys.General.TYPE: KV("model", GGUFValueType.STRING),
+        Keys.General.NAME: KV(name, GGUFValueType.STRING),
+        Keys.LLM.CONTEXT_LENGTH.format(arch=arch): _u32(config.max_position_embeddings),
+        Keys.LLM.EMBEDDING_LENGTH.format(arch=arch): _u32(config.hidden_size),
+        Keys.LLM.BLOCK_COUNT.format(arch=arch): _u32(config.num_hidden_layers),
+        Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch): _u32(config.intermediate_size),
+        Keys.Attention.HEAD_COUNT.format(arch=arch): _u32(config.num_attention_heads),
+        Keys.Attention.HEAD_COUNT_KV.format(arch=arch): _u32(
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        ),
+        Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch): _f32(config.rms_norm_eps),
+        Keys.Attention.KEY_LENGTH.format(arch=arch): _u32(head_dim),
+        Keys.Attention.VALUE_LENGTH.format(arch=arch): _u32(head_dim),
+        Keys.Rope.DIMENSION_COUNT.format(arch=arch): _u32(head_dim),
+        Keys.Rope.FREQ_BASE.format(arch=arch): _f32(getattr(config, "rope_theta", 10000.0)),
+        Keys.LLM.VOCAB_SIZE.format(arch=arch): _u32(config.vocab_size),
+    }
+    meta.update(_rope_scaling_metadata(config, arch))
+    if family in ("gemma2", "gemma3"):
+        meta.update(_gemma_metadata(config, arch, family))
+    elif family == "mistral" and getattr(config, "sliding_window", None):
+        log.warning(
+            "llama.cpp runs Mistral with full attention; sliding_window=%s only matters past that length",
+            config.sliding_window,
+        )
+    return meta
+
+
+def _rope_scaling_metadata(config: Any, arch: str) -> Metadata:
+    rope = _rope_scaling(config)
+    kind = rope.get("rope_type", rope.get("type")) if rope else None
+    if kind in ("linear", "yarn"):
+        meta = {
+            Keys.Rope.SCALING_TYPE.format(arch=arch): KV(kind, GGUFValueType.STRING),
+            Keys.Rope.SCALING_FACTOR.format(arch=arch): _f32(rope["factor"]),
+        }
+        if kind == "yarn" and rope.get("original_max_position_embeddings"):
+            meta[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = _u32(rope["original_max_position_embeddings"])
+        return meta
+    return {}  # llama3 scaling travels as the rope_freqs tensor
+
+
+def _gemma_metadata(config: Any, arch: str, family: str) -> Metadata:
+    meta: Metadata = {}
+    if family == "gemma2" and getattr(config, "attn_logit_softcapping", None):
+        meta[Keys.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        meta[Keys.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(config.final_logit_softcapping)
+    if family == "gemma3" and getattr(config, "attn_logit_softcapping", None):
+        raise ExportError("llama.cpp's gemma3 has no attention logit softcapping, but this config sets it")
+    layer_types = _layer_types(config)
+    if getattr(config, "sliding_window", None) and (not layer_types or _SLIDING in layer_types):
+        meta[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(config.sliding_window)
+        if layer_types:
+            meta[Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)] = KV(
+                [t == _SLIDING for t in layer_types], GGUFValueType.ARRAY, GGUFValueType.BOOL
+            )
+    if family == "gemma3" and getattr(config, "rope_local_base_freq", None):
+        meta[Keys.Rope.FREQ_BASE_SWA.format(arch=arch)] = _f32(config.rope_local_base_freq)
+    return meta
+
+
+def read_metadata(path: str) -> Metadata:
+    """Every key/value of a GGUF file (header pseudo-keys ``GGUF.*`` excluded), typed."""
+    reader = gguf.GGUFReader(path)
+    meta: Metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        meta[key] = KV(field.contents(), vtype, sub)
+    return meta
+
+
+# Keys the writer always sets itself: they describe this file, not the model.
+_OWN_KEYS = (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION)
+
+
+def carry_over(ours: Metadata, source: Metadata, arch: str, kept_layers: list[int] | None) -> Metadata:
+    """Metadata of the source GGUF, changed only where pruning changed it.
+
+    ``general.*`` and ``tokenizer.*`` come over exactly. Architecture keys come over too, except
+    the block count (ours) and per-layer arrays, which are sliced to ``kept_layers`` (or replaced
+    by ours when the kept layers are unknown). Keys only we know are added.
+    """
+    source_arch = source.get(Keys.General.ARCHITECTURE)
+    if source_arch is not None and source_arch.value != arch:
+        raise ExportError(f"source GGUF is for architecture {source_arch.value!r}, this model is {arch!r}")
+    block_key = Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    n_source_blocks = source[block_key].value if block_key in source else None
+    merged: Metadata = {}
+    for key, kv in source.items():
+        if key in _OWN_KEYS:
+            continue
+        if key == block_key:
+            merged[key] = ours[key]
+            continue
+        is_per_layer = kv.vtype == GGUFValueType.ARRAY and key.startswith(arch + ".")
+        if is_per_layer and n_source_blocks and len(kv.value) == n_source_blocks:
+            if kept_layers is None:
+                if key in ours:
+                    merged[key] = ours[key]
+                continue
+            kv = KV([kv.value[i] for i in kept_layers], kv.vtype, kv.sub_type)
+        elif key in ours and ours[key].value != kv.value and not key.startswith(("general.", "tokenizer.")):
+            log.debug("keeping source GGUF's %s=%r (config says %r)", key, kv.value, ours[key].value)
+        merged[key] = kv
+    for key, kv in ours.items():
+        if key not in merged and not key.startswith("general."):
+            merged[key] = kv
+    return merged
+
+
+def write_metadata(writer: gguf.GGUFWriter, meta: Metadata) -> None:
+    for key, kv in meta.items():
+        if key == Keys.General.ARCHITECTURE:
+            continue
+        writer.add_key_value(key, kv.value, kv.vtype, kv.sub_type)

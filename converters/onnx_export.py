@@ -1,0 +1,238 @@
+"""HF checkpoint (original or pruned) -> one ONNX decoder graph with past key/values.
+
+Two flavors write the same graph interface (``input_ids``, ``attention_mask``,
+``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value``):
+
+- ``optimum`` (default): optimum-onnx's exporter, task ``text-generation-with-past``. Standard
+  ONNX ops; loads in ``optimum.onnxruntime.ORTModelForCausalLM`` and in a plain
+  ``onnxruntime.InferenceSession``. fp32 or fp16.
+- ``genai``: onnxruntime-genai's model builder (see converters/onnx_genai.py). Fused
+  onnxruntime contrib ops (GroupQueryAttention, MatMulNBits), fp32/fp16 or int4 weights;
+  loads in ``onnxruntime_genai.Model`` and in a plain InferenceSession.
+
+A pruned checkpoint is an ordinary checkpoint with fewer blocks, so nothing here knows about
+pruning; the export is checked to have one past key/value pair per ``num_hidden_layers``.
+The export is written into a temporary folder beside ``out_dir`` and moved into place only
+when complete, with config, generation config, tokenizer and provenance copied beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rmexport.errors import ConfigError, ExportError, ToolchainError
+
+__all__ = [
+    "DTYPES",
+    "FLAVORS",
+    "PRECISIONS",
+    "EXPORT_INFO_FILE",
+    "add_arguments",
+    "export_onnx",
+    "read_export_info",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+FLAVORS = ("optimum", "genai")
+DTYPES = ("fp32", "fp16")
+PRECISIONS = ("fp32", "int4")
+EXPORT_INFO_FILE = "rmexport_onnx.json"
+ONNX_TASK = "text-generation-with-past"
+# Checkpoint files that are weights (the export replaces them) rather than metadata to carry over.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_export_info(onnx_dir: str | Path) -> dict[str, Any]:
+    """What ``export_onnx`` recorded about an export folder ({} for folders it did not write)."""
+    path = Path(onnx_dir) / EXPORT_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
+    """Resolve a checkpoint spec to a local directory and its config; reject what cannot export."""
+    from rmexport.arch import adapter_for
+    from rmexport.models import checkpoint_dir, load_config, resolve
+
+    source = resolve(str(checkpoint))
+    config = load_config(source)
+    adapter_for(config)
+    n_layers = int(config.num_hidden_layers)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(layer_types) != n_layers:
+        raise ExportError(
+            f"config has num_hidden_layers={n_layers} but {len(layer_types)} layer_types",
+            hint="a pruned config must slice layer_types together with the blocks",
+        )
+    return checkpoint_dir(source), config
+
+
+def _export_optimum(ckpt: str, tmp: Path, dtype: str) -> None:
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise ToolchainError(
+            "optimum-onnx is not installed", hint="pip install 'optimum-onnx>=0.1,<0.2'"
+        ) from e
+    try:
+        main_export(
+            ckpt,
+            output=tmp,
+            task=ONNX_TASK,
+            dtype=dtype,
+            device="cpu",
+            do_validation=False,  # validation/onnx_parity.py checks the graph against PyTorch
+            local_files_only=True,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ExportError(
+            f"optimum could not export {ckpt} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        ) from e
+
+
+def _copy_metadata(ckpt: str, tmp: Path) -> None:
+    """Make the export self-contained: config, generation config, tokenizer, provenance."""
+    for src in Path(ckpt).iterdir():
+        if not src.is_file() or src.name.endswith(_WEIGHT_SUFFIXES) or src.name in _WEIGHT_INDEXES:
+            continue
+        if not (tmp / src.name).exists():
+            shutil.copy2(src, tmp / src.name)
+
+
+def _check_graph(tmp: Path, n_layers: int) -> dict[str, Any]:
+    import onnx
+
+    model_path = tmp / "model.onnx"
+    if not model_path.is_file():
+        produced = sorted(p.name for p in tmp.iterdir())
+        raise ExportError(f"the exporter wrote no model.onnx (it wrote {produced})")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    past = [name for name in inputs if name.startswith("past_key_values.")]
+    if len(past) != 2 * n_layers:
+        raise ExportError(
+            f"exported graph has {len(past)} past key/value inputs; expected 2 x {n_layers} layers",
+        )
+    external = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx")
+    opsets = {o.domain or "ai.onnx": o.version for o in onnx.load(str(model_path), load_external_data=False).opset_import}
+    return {"inputs": inputs[: len(inputs) - len(past)], "external_data": external, "opsets": opsets}
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an earlier export at ``out`` is replaced."""
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / "model.onnx").exists() and not (out / EXPORT_INFO_FILE).exists():
+            raise ExportError(
+                f"{out} is not empty and is not an ONNX export; refusing to overwrite it",
+                hint="choose another --out or remove the folder",
+            )
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    flavor: str = "optimum",
+    precision: str | None = None,
+) -> Path:
+    """Export ``checkpoint`` into ``out_dir`` (model.onnx + config + tokenizer); returns out_dir.
+
+    ``precision`` is the weight precision of the genai flavor (``int4`` for on-device use);
+    None means the same as ``dtype``.
+    """
+    if flavor not in FLAVORS:
+        raise ConfigError(f"unknown ONNX flavor {flavor!r}", hint="choose one of " + ", ".join(FLAVORS))
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="choose one of " + ", ".join(DTYPES))
+    precision = precision or dtype
+    if precision not in (*PRECISIONS, *DTYPES):
+        raise ConfigError(f"unknown precision {precision!r}", hint="choose fp32 or int4")
+    if precision == "int4" and flavor != "genai":
+        raise ConfigError("int4 weights need --flavor genai", hint="add --flavor genai")
+    if precision not in ("int4", dtype):
+        raise ConfigError(f"--precision {precision} contradicts --dtype {dtype}")
+
+    ckpt, config = _check_checkpoint(checkpoint)
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_layers = int(config.num_hidden_layers)
+    log.info("export onnx: %s (%d blocks) -> %s [%s, %s, %s]", ckpt, n_layers, out, flavor, dtype, precision)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if flavor == "optimum":
+            _export_optimum(ckpt, tmp, dtype)
+        else:
+            from .onnx_genai import build_genai
+
+            build_genai(ckpt, tmp, config, precision=precision)
+        graph = _check_graph(tmp, n_layers)
+        _copy_metadata(ckpt, tmp)
+        info = {
+            "flavor": flavor,
+            "dtype": dtype,
+            "precision": precision,
+            "task": ONNX_TASK,
+            "source_checkpoint": str(ckpt),
+            "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+            "num_hidden_layers": n_layers,
+            **graph,
+            "export_s": round(time.perf_counter() - started, 2),
+            "versions": _versions(flavor),
+        }
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("export onnx: done in %.1f s (%s)", info["export_s"], out)
+    return out
+
+
+def _versions(flavor: str) -> dict[str, str | None]:
+    from validation.latency import package_versions
+
+    names = ["onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"]
+    if flavor == "genai":
+        names.append("onnxruntime-genai")
+    return package_versions(*names)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="HF checkpoint directory (original or pruned), alias or .gguf")
+    parser.add_argument("--out", required=True, help="output folder (replaced atomically when done)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="activation/weight dtype")
+    parser.add_argument(
+        "--flavor",
+        choices=FLAVORS,
+        default="optimum",
+        help="optimum: standard ops, ORTModelForCausalLM; genai: onnxruntime-genai builder (fused ops)",
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="weights; int4 needs --flavor genai"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_onnx(args.checkpoint, args.out, dtype=args.dtype, flavor=args.flavor, precision=args.precision)
+    print(out)
+    return 0

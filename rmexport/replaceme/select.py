@@ -1,0 +1,77 @@
+"""How many blocks to cut and where.
+
+``distance``: the reference rule, the smallest mean angular distance between the residual stream
+entering and leaving the cut. ``fit``: the smallest error left after the fitted map, relative to
+the energy of the stream it must reproduce (computed from the same statistics, no extra pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+__all__ = ["SELECTION_RULES", "CutScores", "candidate_starts", "cut_size", "split_cut", "choose_start"]
+
+SELECTION_RULES = ("distance", "fit")
+
+
+def cut_size(n_layers: int, ratio: float | None = None, layers: int | None = None) -> int:
+    """``n = floor(ratio·L + 0.5)``, or ``layers`` when given; at least 2 blocks must remain."""
+    if layers is not None:
+        n = layers
+        what = f"--layers {layers}"
+    elif ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(
+                f"--ratio {ratio} is out of range", hint="use a value between 0 and 1, e.g. 0.25"
+            )
+        n = int(ratio * n_layers + 0.5)
+        what = f"--ratio {ratio}"
+    else:
+        raise ConfigError("give --ratio or --layers")
+    if n < 1:
+        raise ConfigError(f"{what} removes no block of {n_layers}", hint="use a larger ratio")
+    if n_layers - n < 2:
+        raise ConfigError(
+            f"{what} would leave {n_layers - n} of {n_layers} blocks; at least 2 must remain",
+            hint="use a smaller ratio",
+        )
+    return n
+
+
+def split_cut(n: int, blocks: int) -> list[int]:
+    """Sizes of ``blocks`` cuts that add up to ``n``, larger ones first."""
+    if blocks < 1 or blocks > n:
+        raise ConfigError(f"--blocks {blocks} cannot split a cut of {n} layers", hint=f"use 1..{n}")
+    base, extra = divmod(n, blocks)
+    return [base + (1 if k < extra else 0) for k in range(blocks)]
+
+
+def candidate_starts(n_layers: int, n: int) -> list[int]:
+    """Block 0 is never removed: starts 1..L-n."""
+    return list(range(1, n_layers - n + 1))
+
+
+@dataclass
+class CutScores:
+    """Per candidate start: distances and, where computed, fit errors."""
+
+    distance: dict[int, float]
+    fit: dict[int, float] | None = None
+    removal: dict[int, float] | None = None
+
+
+def choose_start(scores: CutScores, rule: str) -> int:
+    if rule == "distance":
+        table = scores.distance
+    elif rule == "fit":
+        if not scores.fit:
+            raise ConfigError("--select fit needs fit scores for every candidate")
+        table = scores.fit
+    else:
+        raise ConfigError(
+            f"unknown selection rule {rule!r}", hint="use one of: " + ", ".join(SELECTION_RULES)
+        )
+    # Ties go to the earliest start, so the choice is deterministic.
+    return min(table, key=lambda s: (table[s], s))

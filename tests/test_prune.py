@@ -1,0 +1,119 @@
+"""Pruning end to end: tiny models of every family, a planted cut, and the real default model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rmexport.arch import ADAPTERS, adapter_for
+from rmexport.models import read_provenance, resolve
+from rmexport.prune import PruneOptions, prune
+
+from .conftest import FAMILIES
+
+TINY_OPTIONS = dict(
+    ratio=0.25, calib_samples=48, seq_len=32, batch_size=8, eval_tokens=1024, parity_windows=1
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_tiny_model_saves_an_ordinary_smaller_checkpoint(family, tiny_checkpoints, tmp_path):
+    record = prune(resolve(str(tiny_checkpoints[family])), PruneOptions(**TINY_OPTIONS), tmp_path)
+    assert record["L"] == 8 and record["n"] == 2 and record["N"] == 6
+    assert record["fold_parity"]["passed"]
+    assert record["fold_parity"]["max_abs_logit_diff"] <= record["fold_parity"]["atol"]
+
+    saved = json.loads((tmp_path / "prune.json").read_text())
+    assert saved["kept_layers"] == record["kept_layers"]
+    (start, end) = saved["cuts"][0]["cut"]
+    assert saved["kept_layers"] == [i for i in range(8) if not start <= i < end]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    adapter = adapter_for(model.config)
+    assert adapter is ADAPTERS[family]
+    assert model.config.num_hidden_layers == len(adapter.blocks(model)) == 6
+    assert [b.self_attn.layer_idx for b in adapter.blocks(model)] == list(range(6))
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[family])
+    if getattr(original.config, "layer_types", None):
+        expected = [original.config.layer_types[i] for i in saved["kept_layers"]]
+        assert model.config.layer_types == expected
+        if hasattr(adapter.blocks(model)[0].self_attn, "is_sliding"):
+            flags = [b.self_attn.is_sliding for b in adapter.blocks(model)]
+            assert flags == [t == "sliding_attention" for t in expected]
+    assert read_provenance(tmp_path / "hf")["kept_layers"] == saved["kept_layers"]
+    # The reloaded model generates through its KV cache with the renumbered blocks.
+    ids = torch.randint(3, 200, (1, 12))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 18)
+
+
+def _plant_near_identity_blocks(path, blocks):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    adapter = adapter_for(model.config)
+    with torch.no_grad():
+        for j in blocks:
+            block = adapter.block(model, j)
+            block.self_attn.o_proj.weight.mul_(1e-3)
+            adapter.down_proj_module(block).weight.mul_(1e-3)
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("rule", ["distance", "fit"])
+def test_a_planted_easy_cut_is_found(rule, tiny_checkpoints, tmp_path):
+    import shutil
+
+    path = tmp_path / "planted"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    _plant_near_identity_blocks(path, [4, 5])
+    options = PruneOptions(**(TINY_OPTIONS | {"select": rule, "distance_tokens": "all"}))
+    record = prune(resolve(str(path)), options, tmp_path / "out")
+    assert record["cuts"][0]["cut"] == [4, 6]
+
+
+def test_two_cuts_remove_the_requested_number_of_blocks(tiny_checkpoints, tmp_path):
+    options = PruneOptions(**(TINY_OPTIONS | {"layers": 3, "blocks": 2}))
+    record = prune(resolve(str(tiny_checkpoints["qwen3"])), options, tmp_path)
+    removed = sorted(i for c in record["cuts"] for i in c["removed_layers"])
+    assert len(removed) == 3 and len(set(removed)) == 3 and 0 not in removed
+    assert record["kept_layers"] == [i for i in range(8) if i not in removed]
+    assert record["fold_parity"]["passed"]
+
+
+def test_same_inputs_give_the_same_cut_map_and_files(tiny_checkpoints, tmp_path):
+    options = PruneOptions(**TINY_OPTIONS)
+    first = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "a")
+    second = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "b")
+    assert first["cuts"][0]["cut"] == second["cuts"][0]["cut"]
+    a = load_file(tmp_path / "a" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a/hf/model.safetensors").read_bytes() == (
+        tmp_path / "b/hf/model.safetensors"
+    ).read_bytes()
+
+
+def test_cosine_solver_starts_from_lstsq_and_does_not_get_worse(tiny_checkpoints, tmp_path):
+    options = PruneOptions(**(TINY_OPTIONS | {"solver": "cosine"}))
+    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
+    fit = record["cuts"][0]["fit"]
+    assert fit["solver"] == "cosine"
+    assert min(fit["loss_curve"]) <= fit["loss_curve"][0]
+    assert record["fold_parity"]["passed"]
+
+
+def test_real_default_model_prune(pruned_default_run, default_checkpoint):
+    """SmolLM2-135M at 0.25: the fitted map beats plain removal of the same blocks, parity holds."""
+    out_dir, record = pruned_default_run
+    assert record["L"] == 30 and record["n"] == 8 and record["N"] == 22
+    quality = record["quality"]
+    assert quality["ppl_pruned"] < 0.9 * quality["ppl_plain_removal"], quality
+    assert quality["ppl_original"] < quality["ppl_pruned"]
+    assert 5 < quality["ppl_original"] < 60
+    assert record["fold_parity"]["passed"]
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir / "hf", dtype=torch.float32)
+    assert model.config.num_hidden_layers == 22 and len(model.model.layers) == 22
+    provenance = read_provenance(out_dir / "hf")
+    assert provenance["gguf_file"].endswith(".gguf") and len(provenance["kept_layers"]) == 22

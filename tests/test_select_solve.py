@@ -1,0 +1,132 @@
+"""The maths of the method on small synthetic data: cut size, solvers, residuals, fold."""
+
+import pytest
+import torch
+
+from rmexport.calib.collect import CutStatistics
+from rmexport.errors import ConfigError
+from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm
+from rmexport.replaceme.select import CutScores, candidate_starts, choose_start, cut_size, split_cut
+from rmexport.replaceme.solve import (
+    CosineSettings,
+    cosine_fit,
+    diagonal_lstsq_from_gram,
+    lstsq_from_gram,
+    residual_energy,
+)
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "ratio", "expected"), [(32, 0.25, 8), (30, 0.25, 8), (28, 0.25, 7), (8, 0.1, 1)]
+)
+def test_cut_size_rounds_half_up(n_layers, ratio, expected):
+    assert cut_size(n_layers, ratio) == expected
+
+
+@pytest.mark.parametrize(("ratio", "layers"), [(0.01, None), (1.0, None), (0.0, None), (None, 7), (None, 0)])
+def test_impossible_cuts_are_rejected(ratio, layers):
+    with pytest.raises(ConfigError):
+        cut_size(8, ratio, layers)
+
+
+def test_split_and_candidates():
+    assert split_cut(8, 2) == [4, 4]
+    assert split_cut(7, 3) == [3, 2, 2]
+    assert candidate_starts(30, 8) == list(range(1, 23))
+    with pytest.raises(ConfigError):
+        split_cut(2, 3)
+
+
+def test_choose_start_breaks_ties_to_earliest():
+    scores = CutScores(distance={1: 0.3, 2: 0.1, 3: 0.1}, fit={1: 0.05, 2: 0.2, 3: 0.3})
+    assert choose_start(scores, "distance") == 2
+    assert choose_start(scores, "fit") == 1
+
+
+def _stats_from(m: torch.Tensor, target: torch.Tensor, stream: torch.Tensor) -> CutStatistics:
+    m64, t64 = m.double(), target.double()
+    return CutStatistics(
+        start=1,
+        n=1,
+        gram=m64.T @ m64,
+        cross=m64.T @ t64,
+        target_energy=float((t64**2).sum()),
+        stream_energy=float((stream.double() ** 2).sum()),
+        tokens=m.shape[0],
+    )
+
+
+def test_lstsq_recovers_a_planted_map_and_residual_matches():
+    torch.manual_seed(0)
+    m = torch.randn(4000, 16, dtype=torch.float64)
+    planted = torch.randn(16, 16, dtype=torch.float64)
+    noise = 0.01 * torch.randn(4000, 16, dtype=torch.float64)
+    target = m @ planted + noise
+    stats = _stats_from(m, target, target)
+    transform = lstsq_from_gram(stats.gram, stats.cross)
+    assert torch.allclose(transform, planted, atol=1e-3)
+    direct = float(((m @ transform - target) ** 2).sum())
+    assert residual_energy(stats, transform) == pytest.approx(direct, rel=1e-6)
+    identity = torch.eye(16, dtype=torch.float64)
+    assert residual_energy(stats, identity) == pytest.approx(float(((m - target) ** 2).sum()), rel=1e-9)
+
+
+def test_ridge_shrinks_the_map():
+    torch.manual_seed(0)
+    m = torch.randn(500, 8, dtype=torch.float64)
+    target = m @ torch.randn(8, 8, dtype=torch.float64)
+    stats = _stats_from(m, target, target)
+    plain = lstsq_from_gram(stats.gram, stats.cross)
+    ridge = lstsq_from_gram(stats.gram, stats.cross, alpha=1e3)
+    assert ridge.norm() < plain.norm()
+
+
+def test_diagonal_lstsq_is_per_channel_least_squares():
+    torch.manual_seed(0)
+    m = torch.randn(1000, 6, dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 2.0, -1.0, 3.0, 0.1], dtype=torch.float64)
+    stats = _stats_from(m, m * scale, m)
+    assert torch.allclose(diagonal_lstsq_from_gram(stats.gram, stats.cross), scale, atol=1e-9)
+
+
+def test_cosine_fit_never_ends_worse_than_its_start():
+    torch.manual_seed(0)
+    m = torch.randn(3000, 12)
+    target = m @ torch.randn(12, 12) + 0.5 * torch.randn(3000, 12)
+    stats = _stats_from(m, target, target)
+    start = lstsq_from_gram(stats.gram, stats.cross)
+    result = cosine_fit(m, target, start, CosineSettings(lr=1e-3, max_epochs=5))
+    curve = result.details["loss_curve"]
+    assert min(curve) <= curve[0]
+    sims = torch.nn.functional.cosine_similarity(m @ result.transform.float(), target, dim=-1)
+    assert 1 - float(sims.mean()) == pytest.approx(min(curve), rel=1e-4)
+
+
+def test_fold_into_down_proj_gives_m_times_t():
+    torch.manual_seed(0)
+    down = torch.nn.Linear(12, 6, bias=True)
+    x = torch.randn(5, 12)
+    transform = torch.randn(6, 6, dtype=torch.float64)
+    expected = (down(x).double() @ transform).float()
+    fold_into_down_proj(down, transform)
+    assert torch.allclose(down(x), expected, atol=1e-5)
+
+
+def test_fold_with_identity_is_a_no_op():
+    down = torch.nn.Linear(12, 6, bias=False)
+    before = down.weight.detach().clone()
+    fold_into_down_proj(down, torch.eye(6))
+    assert torch.equal(down.weight, before)
+
+
+def test_fold_into_gemma_norm_scales_its_output():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(0)
+    norm = Gemma3RMSNorm(6)
+    norm.weight.data.normal_()
+    x = torch.randn(4, 6)
+    scale = torch.tensor([0.5, 2.0, 1.0, -1.0, 0.0, 3.0])
+    expected = norm(x) * scale
+    fold_into_post_mlp_norm(norm, scale, weight_offset=1.0)
+    assert torch.allclose(norm(x), expected, atol=1e-5)
