@@ -60,7 +60,7 @@ def _plant_near_identity_blocks(path, blocks):
     model.save_pretrained(path)
 
 
-@pytest.mark.parametrize("rule", ["distance", "fit"])
+@pytest.mark.parametrize("rule", ["distance", "fit", "loss"])
 def test_a_planted_easy_cut_is_found(rule, tiny_checkpoints, tmp_path):
     import shutil
 

@@ -30,7 +30,12 @@ class PerplexityResult:
     n_windows: int
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"ppl": self.ppl, "mean_nll": self.mean_nll, "tokens": self.n_tokens, "windows": self.n_windows}
+        return {
+            "ppl": self.ppl,
+            "mean_nll": self.mean_nll,
+            "tokens": self.n_tokens,
+            "windows": self.n_windows,
+        }
 
 
 def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
@@ -44,7 +49,9 @@ def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
     return float(-picked.sum()), int(targets.numel())
 
 
-def perplexity(forward: Forward, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> PerplexityResult:
+def perplexity(
+    forward: Forward, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity"
+) -> PerplexityResult:
     total_nll, total_tokens = 0.0, 0
     starts = range(0, windows.shape[0], batch_size)
     for start in progress(starts, desc=desc, total=len(starts)):

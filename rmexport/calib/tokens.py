@@ -53,13 +53,13 @@ class CalibrationSet:
         }
 
 
-def _choose_documents(pool: list[Document], n: int, seed: int) -> list[Document]:
-    """The pool's first ``n`` documents for seed 0 (the protocol); a seeded sample otherwise."""
-    if n > len(pool):
-        n = len(pool)
-    if seed == 0:
-        return pool[:n]
-    return random.Random(seed).sample(pool, n)
+def _choose_documents(pool: list[Document], n: int, seed: int, offset: int = 0) -> list[Document]:
+    """Documents ``offset .. offset + n`` of the pool: in pool order for seed 0 (the protocol),
+    in a seeded shuffled order otherwise. Different offsets never share a document."""
+    order = list(range(len(pool)))
+    if seed != 0:
+        random.Random(seed).shuffle(order)
+    return [pool[i] for i in order[offset : offset + n]]
 
 
 def _bos_id(tokenizer: Any) -> int | None:
@@ -123,11 +123,15 @@ def calibration_batches(
     batch_size: int,
     seed: int = 0,
     min_tokens: int = 256,
+    offset: int = 0,
 ) -> CalibrationSet:
-    """Tokenize ``n_samples`` documents of the corpus's calibration pool into batches."""
+    """Tokenize ``n_samples`` documents of the corpus's calibration pool into batches.
+
+    ``offset`` skips documents another set already uses (the selection slice comes after the
+    calibration documents)."""
     if n_samples < 1 or seq_len < 8 or batch_size < 1:
         raise ConfigError("--calib-samples and --batch-size must be >= 1 and --seq-len >= 8")
-    documents = _choose_documents(corpus.pool, n_samples, seed)
+    documents = _choose_documents(corpus.pool, n_samples, seed, offset)
     if corpus.is_chat:
         sequences = _render_chats(tokenizer, documents, seq_len)  # type: ignore[arg-type]
         sequences = [s for s in sequences if len(s) >= 2]

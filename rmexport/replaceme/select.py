@@ -3,6 +3,8 @@
 ``distance``: the reference rule, the smallest mean angular distance between the residual stream
 entering and leaving the cut. ``fit``: the smallest error left after the fitted map, relative to
 the energy of the stream it must reproduce (computed from the same statistics, no extra pass).
+``loss``: the best few cuts by fit are each folded and tried; the one whose pruned model has the
+lowest next-token loss on calibration text set aside for selection wins.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from ..errors import ConfigError
 
 __all__ = ["SELECTION_RULES", "CutScores", "candidate_starts", "cut_size", "split_cut", "choose_start"]
 
-SELECTION_RULES = ("distance", "fit")
+SELECTION_RULES = ("distance", "fit", "loss")
 
 
 def cut_size(n_layers: int, ratio: float | None = None, layers: int | None = None) -> int:
@@ -60,6 +62,7 @@ class CutScores:
     distance: dict[int, float]
     fit: dict[int, float] | None = None
     removal: dict[int, float] | None = None
+    loss: dict[int, float] | None = None
 
 
 def choose_start(scores: CutScores, rule: str) -> int:
@@ -69,6 +72,10 @@ def choose_start(scores: CutScores, rule: str) -> int:
         if not scores.fit:
             raise ConfigError("--select fit needs fit scores for every candidate")
         table = scores.fit
+    elif rule == "loss":
+        if not scores.loss:
+            raise ConfigError("--select loss needs the selection loss of at least one candidate")
+        table = scores.loss
     else:
         raise ConfigError(
             f"unknown selection rule {rule!r}", hint="use one of: " + ", ".join(SELECTION_RULES)

@@ -1,0 +1,305 @@
+"""``rmexport run``: the whole pipeline into ``OUT_ROOT/<slug>-r<ratio>/``.
+
+prune → export ONNX and GGUF (pruned, and the original once per model in ``<slug>-original/``)
+→ validate both against the pruned PyTorch model → benchmark original vs pruned in both
+runtimes → report. Every stage is resumable (see ``stages.py``); ``--force`` redoes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .calib.corpus import BUILTIN
+from .errors import ConfigError, ParityError
+from .log import get_logger
+from .models import ModelSource, checkpoint_dir, load_config, resolve
+from .prune import add_model_argument, add_prune_options, options_from_args, prune
+from .replaceme.select import cut_size, split_cut
+from .stages import Stage, StageRunner, remove_partial_outputs
+
+__all__ = ["add_arguments", "run", "run_pipeline"]
+
+log = get_logger(__name__)
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+ONNX_FLAVORS = ("optimum", "genai")
+# Bytes written per parameter, per model, for the default artefacts (hf fp32 + onnx fp32 + gguf f16
+# + q4_k_m), with a margin; used to refuse a run that cannot fit on the disk before any work.
+_BYTES_PER_PARAM_ESTIMATE = 4 + 4 + 2 + 1 + 1
+
+
+def run_dir_for(out_root: Path, source: ModelSource, ratio_label: str) -> Path:
+    return out_root / f"{source.slug}-r{ratio_label}"
+
+
+def _ratio_label(args: argparse.Namespace) -> str:
+    return f"{args.ratio:g}" if args.layers is None else f"{args.layers}l"
+
+
+def _estimate_params(config: Any) -> int:
+    d, ff, n = (
+        config.hidden_size,
+        getattr(config, "intermediate_size", 4 * config.hidden_size),
+        config.num_hidden_layers,
+    )
+    vocab = config.vocab_size
+    return n * (4 * d * d + 3 * d * ff) + 2 * vocab * d
+
+
+def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> Any:
+    """Every check that needs no heavy work: fail before loading any weights."""
+    from .arch import adapter_for
+
+    config = load_config(source)
+    adapter = adapter_for(config)
+    n = cut_size(config.num_hidden_layers, args.ratio, args.layers)
+    sizes = split_cut(n, args.blocks)
+    if not args.skip_gguf:
+        if args.gguf_type not in GGUF_TYPES:
+            raise ConfigError(
+                f"--gguf-type {args.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
+            )
+        period = getattr(adapter, "llama_cpp_swa_period", None)
+        if period and any(size % period for size in sizes):
+            raise ConfigError(
+                f"llama.cpp derives {adapter.family}'s sliding/global layer pattern from the layer index "
+                f"(period {period}); removing {sizes} block(s) would shift it",
+                hint=f"use --layers with a multiple of {period}, or --skip-gguf",
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test.tmp"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {run_dir}: {e.strerror}") from e
+    needed = 2 * _estimate_params(config) * _BYTES_PER_PARAM_ESTIMATE
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise ConfigError(
+            f"{free / 2**30:.1f} GiB free under {run_dir}, about {needed / 2**30:.1f} GiB needed",
+            hint="free some space or choose another --out-root",
+        )
+    return config
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _checked(fn, *a, **kw) -> dict[str, Any]:
+    """Run a validation; a parity failure is recorded (and makes the run exit 1), not raised."""
+    try:
+        result = fn(*a, **kw)
+        return {"passed": True, **(result or {})}
+    except ParityError as e:
+        return {"passed": False, "error": str(e)}
+
+
+def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    source = resolve(args.model)
+    ratio_label = _ratio_label(args)
+    run_dir = run_dir_for(Path(args.out_root), source, ratio_label)
+    base_dir = Path(args.out_root) / f"{source.slug}-original"
+    config = _preflight(source, args, run_dir)
+    remove_partial_outputs(run_dir)
+    remove_partial_outputs(base_dir)
+    runner = StageRunner(run_dir / ".stages", force=args.force)
+    base_runner = StageRunner(base_dir / ".stages", force=args.force)
+    options = options_from_args(args)
+    original_ckpt = Path(checkpoint_dir(source))
+    model_key = {"spec": source.spec, "location": source.location, "layers": config.num_hidden_layers}
+    pruned_ckpt = run_dir / "hf"
+    started = time.perf_counter()
+
+    runner.run(
+        Stage(
+            "prune",
+            {"model": model_key, "options": vars(options) | {"cosine": None}},
+            [pruned_ckpt, run_dir / "prune.json"],
+            lambda: prune(source, options, run_dir),
+        )
+    )
+    outputs: dict[str, Any] = {}
+
+    if not args.skip_onnx:
+        from validation.onnx_bench import bench_onnx
+
+        from converters.onnx_export import export_onnx
+        from validation.onnx_parity import validate_onnx
+
+        onnx_key = {"flavor": args.onnx_flavor, "dtype": args.onnx_dtype}
+        base_onnx = base_dir / "onnx"
+        base_runner.run(
+            Stage(
+                "export_onnx",
+                {"model": model_key, **onnx_key},
+                [base_onnx],
+                lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+            )
+        )
+        runner.run(
+            Stage(
+                "export_onnx",
+                onnx_key,
+                [run_dir / "onnx"],
+                lambda: export_onnx(
+                    pruned_ckpt, run_dir / "onnx", dtype=args.onnx_dtype, flavor=args.onnx_flavor
+                ),
+                needs=["prune"],
+            )
+        )
+        parity_file = run_dir / "checks" / "onnx_parity.json"
+        runner.run(
+            Stage(
+                "validate_onnx",
+                {},
+                [parity_file],
+                lambda: _write_json(parity_file, _checked(validate_onnx, run_dir / "onnx", pruned_ckpt)),
+                needs=["export_onnx"],
+            )
+        )
+        outputs["onnx_parity"] = _read_json(parity_file)
+        if not args.skip_bench:
+            bench_file = run_dir / "checks" / "onnx_bench.json"
+            runner.run(
+                Stage(
+                    "bench_onnx",
+                    {"eval_tokens": args.bench_eval_tokens, "base": base_runner.hashes["export_onnx"]},
+                    [bench_file],
+                    lambda: _write_json(
+                        bench_file,
+                        bench_onnx(base_onnx, run_dir / "onnx", eval_tokens=args.bench_eval_tokens),
+                    ),
+                    needs=["export_onnx"],
+                )
+            )
+            outputs["onnx_bench"] = _read_json(bench_file)
+
+    if not args.skip_gguf:
+        from validation.gguf_bench import bench_gguf
+
+        from converters.gguf_export import export_gguf
+        from validation.gguf_parity import validate_gguf
+
+        bench_types = list(dict.fromkeys([args.gguf_type, "q4_k_m"]))
+        pruned_files = {t: run_dir / "gguf" / f"{source.slug}-r{ratio_label}-{t}.gguf" for t in bench_types}
+        base_files = {t: base_dir / "gguf" / f"{source.slug}-{t}.gguf" for t in bench_types}
+        for t in bench_types:
+            base_runner.run(
+                Stage(
+                    f"export_gguf_{t}",
+                    {"model": model_key, "type": t},
+                    [base_files[t]],
+                    lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
+                )
+            )
+            runner.run(
+                Stage(
+                    f"export_gguf_{t}",
+                    {"type": t},
+                    [pruned_files[t]],
+                    lambda t=t: export_gguf(pruned_ckpt, pruned_files[t], type=t),
+                    needs=["prune"],
+                )
+            )
+        parity_file = run_dir / "checks" / "gguf_parity.json"
+        runner.run(
+            Stage(
+                "validate_gguf",
+                {"types": bench_types},
+                [parity_file],
+                lambda: _write_json(
+                    parity_file,
+                    {t: _checked(validate_gguf, pruned_files[t], pruned_ckpt) for t in bench_types},
+                ),
+                needs=[f"export_gguf_{t}" for t in bench_types],
+            )
+        )
+        outputs["gguf_parity"] = _read_json(parity_file)
+        if not args.skip_bench:
+            bench_file = run_dir / "checks" / "gguf_bench.json"
+            runner.run(
+                Stage(
+                    "bench_gguf",
+                    {
+                        "eval_tokens": args.bench_eval_tokens,
+                        "types": bench_types,
+                        "base": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
+                    },
+                    [bench_file],
+                    lambda: _write_json(
+                        bench_file, bench_gguf(base_files, pruned_files, eval_tokens=args.bench_eval_tokens)
+                    ),
+                    needs=[f"export_gguf_{t}" for t in bench_types],
+                )
+            )
+            outputs["gguf_bench"] = _read_json(bench_file)
+
+    from validation.report import write_report
+
+    timings = {f"original/{k}": v for k, v in base_runner.seconds.items()} | runner.seconds
+    report = write_report(
+        run_dir,
+        _read_json(run_dir / "prune.json"),
+        outputs,
+        timings,
+        reused=runner.reused + [f"original/{n}" for n in base_runner.reused],
+        wall_s=time.perf_counter() - started,
+    )
+    return run_dir, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument(
+        "--out-root", default="out", help="results go to OUT_ROOT/<model>-r<ratio>/ (default out)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="redo every stage even if its inputs did not change"
+    )
+    parser.add_argument(
+        "--onnx-flavor", choices=ONNX_FLAVORS, default="optimum", help="optimum (default) or genai"
+    )
+    parser.add_argument(
+        "--onnx-dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weights (default fp32)"
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default="f16",
+        help="GGUF type checked for parity: " + ", ".join(GGUF_TYPES) + " (q4_k_m is always benchmarked too)",
+    )
+    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX export")
+    parser.add_argument("--skip-gguf", action="store_true", help="no GGUF export")
+    parser.add_argument(
+        "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
+    )
+    parser.add_argument(
+        "--bench-eval-tokens",
+        type=int,
+        default=4096,
+        help="held-out tokens for runtime perplexity (default 4096)",
+    )
+    add_prune_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_data != BUILTIN and not Path(args.eval_data).exists():
+        raise ConfigError(f"--eval-data {args.eval_data} not found")
+    run_dir, report = run_pipeline(args)
+    from validation.report import print_summary
+
+    print_summary(report, run_dir)
+    return 0 if report.get("all_checks_passed", False) else 1

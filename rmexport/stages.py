@@ -1,0 +1,105 @@
+"""Resumable stages: each writes its outputs atomically, then a manifest with the hash of its inputs.
+
+A stage whose manifest holds the same hash (its own key, the hashes of the stages it reads, the
+rmexport version) and whose outputs still exist is skipped. Outputs are written into temporary
+siblings and renamed into place by the stage itself; the manifest is written last, so an
+interrupted stage simply runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .log import get_logger
+
+__all__ = ["Stage", "StageRunner", "remove_partial_outputs"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    key: dict[str, Any]
+    outputs: list[Path]
+    run: Callable[[], Any]
+    needs: list[str] = field(default_factory=list)
+
+
+class StageRunner:
+    def __init__(self, manifest_dir: Path, force: bool = False) -> None:
+        self.manifest_dir = manifest_dir
+        self.force = force
+        self.hashes: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def _manifest(self, name: str) -> Path:
+        return self.manifest_dir / f"{name}.json"
+
+    def _hash(self, stage: Stage) -> str:
+        payload = {
+            "key": stage.key,
+            "needs": {n: self.hashes[n] for n in stage.needs},
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def is_current(self, stage: Stage) -> bool:
+        digest = self._hash(stage)
+        manifest = self._manifest(stage.name)
+        if self.force or not manifest.is_file():
+            return False
+        try:
+            saved = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return False
+        return saved.get("hash") == digest and all(p.exists() for p in stage.outputs)
+
+    def run(self, stage: Stage) -> Any:
+        digest = self._hash(stage)
+        self.hashes[stage.name] = digest
+        if self.is_current(stage):
+            self.reused.append(stage.name)
+            self.seconds[stage.name] = json.loads(self._manifest(stage.name).read_text()).get("seconds", 0.0)
+            log.info("%s: up to date, reused", stage.name)
+            return None
+        log.info("%s ...", stage.name)
+        started = time.perf_counter()
+        self._manifest(stage.name).unlink(missing_ok=True)
+        result = stage.run()
+        elapsed = time.perf_counter() - started
+        self.seconds[stage.name] = elapsed
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._manifest(stage.name).with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"hash": digest, "seconds": round(elapsed, 2), "key": stage.key}, default=str)
+        )
+        os.replace(tmp, self._manifest(stage.name))
+        log.info("%s done in %.1f s", stage.name, elapsed)
+        return result
+
+
+def remove_partial_outputs(folder: Path) -> None:
+    """Delete temporaries an interrupted run left behind (they all start with a dot and '.tmp'/'.hf')."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if (
+            entry.name.startswith(".")
+            and entry.name != ".stages"
+            and (".tmp" in entry.name or entry.name.startswith((".hf", ".onnx", ".gguf")))
+        ):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

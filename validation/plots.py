@@ -1,0 +1,81 @@
+"""Plots for the report: the cut-selection profile, and original-vs-pruned bars per runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_bars", "plot_selection_profile"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_selection_profile(prune_record: dict[str, Any], path: Path) -> Path:
+    """Per candidate start: angular distance and fit errors, with the chosen cut shaded."""
+    plt = _pyplot()
+    cuts = prune_record["cuts"]
+    fig, axes = plt.subplots(len(cuts), 1, figsize=(8, 3.2 * len(cuts)), squeeze=False)
+    for ax, cut in zip(axes[:, 0], cuts, strict=True):
+        scores = cut["scores"]
+        starts = [int(s) for s in scores["candidates"]]
+        ax.plot(
+            starts,
+            [scores["distance_last"][str(s)] for s in starts],
+            "o-",
+            label="angular distance (last token)",
+        )
+        ax.plot(
+            starts,
+            [scores["distance_all"][str(s)] for s in starts],
+            "o-",
+            label="angular distance (all tokens)",
+        )
+        fit = scores.get("fit_rel_residual") or {}
+        removal = scores.get("removal_rel_residual") or {}
+        if fit:
+            xs = sorted(int(s) for s in fit)
+            ax.plot(xs, [fit[str(s)] for s in xs], "s-", label="error after fitted map")
+            ax.plot(xs, [removal[str(s)] for s in xs], "s--", label="error of plain removal")
+        start, end = cut["cut"]
+        ax.axvspan(start - 0.4, start + 0.4, color="tab:red", alpha=0.2, label=f"chosen cut [{start}, {end})")
+        ax.set_xlabel("first removed block (candidate start)")
+        ax.set_ylabel("score (lower is better)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title(
+        f"{prune_record['model']['spec']}: where to cut {prune_record['n']} of {prune_record['L']} blocks"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], path: Path) -> Path:
+    """Grouped bars: ``groups[group][series] = value`` (e.g. runtime -> original/pruned -> PPL)."""
+    plt = _pyplot()
+    series = sorted({s for values in groups.values() for s in values})
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(len(series), 1)
+    for k, name in enumerate(series):
+        xs = [i + k * width for i in range(len(groups))]
+        values = [groups[g].get(name, float("nan")) for g in groups]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
