@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RMEXPORT_NO_PROGRESS", "1")
+# OpenMP threads that spin while waiting make tiny-model forwards 100x slower whenever another
+# process competes for the 2 cores; sleeping waits cost nothing measurable here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,0 +1,1 @@
+"""Layer-by-layer pruning for models that do not fit in memory: one decoder block at a time."""

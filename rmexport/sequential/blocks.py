@@ -1,0 +1,204 @@
+"""Read a safetensors checkpoint one module at a time into a model skeleton on the meta device.
+
+``ModelSkeleton`` builds the causal LM with transformers' own classes for the config under
+``accelerate.init_empty_weights()``: every parameter is on the meta device and costs nothing.
+Single modules (the embedding, one decoder block, the final norm) are then materialised from
+the checkpoint's shards on demand and sent back to the meta device when done, so at most one
+block's weights are in memory at a time.
+
+A skeleton can describe a model that has already been pruned: ``layers`` lists the original
+block indices in their new order, and ``folds`` maps an original block index to the fitted maps
+folded into it (applied, in order, each time that block is loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter, adapter_for
+from ..errors import ModelLoadError
+from ..log import get_logger
+from ..replaceme.apply import fold_map
+
+__all__ = ["CheckpointReader", "ModelSkeleton", "checkpoint_dtype", "model_bytes"]
+
+log = get_logger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointReader:
+    """Tensor name -> shard file of a safetensors checkpoint; reads tensors one at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(self.directory / SINGLE_FILE, framework="pt") as f:
+                self.weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+        else:
+            raise ModelLoadError(
+                f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}",
+                hint="layer-by-layer pruning reads safetensors checkpoints only",
+            )
+        self._handles: dict[str, Any] = {}
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _handle(self, shard: str) -> Any:
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[shard] = safe_open(self.directory / shard, framework="pt")
+        return self._handles[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ModelLoadError(f"tensor {name!r} is missing from {self.directory}")
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name without prefix, tensor)`` for every tensor under ``prefix.``."""
+        head = prefix + "."
+        for name in self.weight_map:
+            if name.startswith(head):
+                yield name[len(head) :], self.get(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return dtype
+
+
+def model_bytes(directory: str | Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the checkpoint's tensors would take in ``dtype`` (read from shard headers only)."""
+    from safetensors import safe_open
+
+    reader = CheckpointReader(directory)
+    elements = 0
+    for shard in reader.shards:
+        with safe_open(reader.directory / shard, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                elements += count
+    return elements * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelSkeleton:
+    """The model's module tree on the meta device; weights are loaded one module at a time."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
+        layers: list[int] | None = None,
+        folds: dict[int, list[torch.Tensor]] | None = None,
+    ):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.config = AutoConfig.from_pretrained(self.directory)
+        self.adapter: ArchAdapter = adapter_for(self.config)
+        self.reader = CheckpointReader(self.directory)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, **kwargs)
+        self.model.eval()
+        self.original_layers = len(self.adapter.blocks(self.model))
+        self.layers = list(range(self.original_layers)) if layers is None else list(layers)
+        self.folds = {j: list(ts) for j, ts in (folds or {}).items()}
+        # Non-persistent buffers (rotary frequencies, embedding scales) are real tensors already.
+        for name, buffer in list(self.model.named_buffers()):
+            if buffer.device.type != "meta":
+                self._set(name, buffer, dtype=buffer.dtype)
+
+    # --- module paths ---------------------------------------------------------------------
+    @property
+    def base_path(self) -> str:
+        return self.adapter.layers_path.rpartition(".")[0]
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.get_submodule(self.base_path)
+
+    def block_path(self, layer_idx: int) -> str:
+        return f"{self.adapter.layers_path}.{layer_idx}"
+
+    def block(self, layer_idx: int) -> nn.Module:
+        return self.adapter.blocks(self.model)[layer_idx]
+
+    # --- loading and freeing ----------------------------------------------------------------
+    def _set(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        if dtype is None and value.is_floating_point():
+            dtype = self.compute_dtype
+        set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+
+    def load_module(self, path: str) -> nn.Module:
+        """Materialise every parameter of the module at ``path`` from the checkpoint."""
+        module = self.model.get_submodule(path)
+        found = dict(self.reader.with_prefix(path))
+        # Unmap the shards: mapped pages count as resident memory for as long as a file is open.
+        self.reader.close()
+        for name, _ in module.named_parameters():
+            if name not in found:
+                raise ModelLoadError(f"tensor {path}.{name} is missing from {self.directory}")
+            self._set(f"{path}.{name}", found[name])
+        return module
+
+    def load_embedding(self) -> nn.Module:
+        return self.load_module(f"{self.base_path}.embed_tokens")
+
+    def load_block(self, layer_idx: int) -> nn.Module:
+        """Original block ``layer_idx`` with its weights (and any folded maps) in compute dtype."""
+        block = self.load_module(self.block_path(layer_idx))
+        for transform in self.folds.get(layer_idx, []):
+            fold_map(self.adapter, block, transform)
+        return block
+
+    def free(self, path: str) -> None:
+        """Send the module's parameters back to the meta device."""
+        module = self.model.get_submodule(path)
+        for name, param in list(module.named_parameters(recurse=True)):
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            owner._parameters[attr] = nn.Parameter(
+                torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False
+            )
+
+    def free_block(self, layer_idx: int) -> None:
+        self.free(self.block_path(layer_idx))
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,410 @@
+"""Layer-by-layer calibration: the same distances and float64 sums as ``calib.collect``, one block at a time.
+
+The calibration batches are embedded once. The model's own forward then runs with stand-in
+blocks that only record what each block would receive (the causal/padding/sliding masks, the
+rotary position embeddings, positions), so masks and positions are built exactly as the HF
+model builds them. Then, for block ``k = 0 .. deepest needed``: load block ``k``, run every
+batch's hidden states through it, keep the residual stream ``L_k`` and MLP contribution ``M_k``
+only as long as a candidate cut still needs them, reduce them to the distance profile and
+``CutStatistics`` (float64) exactly as the in-memory pass does, and free the block.
+
+Peak memory is one block's weights plus the hidden states of the calibration set and the
+window of ``n + 1`` layers a cut spans; what does not fit the budget goes to memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calib.collect import CutStatistics, DistanceProfile, _accumulate, _angular, _block_output
+from ..calib.tokens import CalibrationSet
+from ..errors import CalibrationError
+from ..log import get_logger, progress
+from ..replaceme.select import candidate_starts
+from ..replaceme.solve import CosineSettings, FitResult, cosine_fit, residual_energy
+from ..replaceme.survey import CandidateSurvey, _stats_budget_bytes, least_squares_map
+from .blocks import ModelSkeleton
+
+__all__ = [
+    "ActivationStore",
+    "collect_activations_sequential",
+    "collect_sequential",
+    "fit_cut_sequential",
+    "survey_sequential",
+]
+
+log = get_logger(__name__)
+
+# Activations kept in memory up to this fraction of RAM (CPU) or of free GPU memory (CUDA).
+ACTIVATION_MEMORY_FRACTION = 0.25
+
+
+class _StopForward(Exception):
+    pass
+
+
+class ActivationStore:
+    """Tensors by key, in memory up to ``budget_bytes``, beyond that in memory-mapped files."""
+
+    def __init__(self, device: torch.device, budget_bytes: int | None = None, offload_dir: str | None = None):
+        self.device = device
+        self.budget_bytes = _default_budget(device) if budget_bytes is None else budget_bytes
+        self._offload_root = offload_dir
+        self._dir: Path | None = None
+        self._tensors: dict[Any, torch.Tensor] = {}
+        self._files: dict[Any, Path] = {}
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self.offloaded_bytes = 0
+
+    def put(self, key: Any, tensor: torch.Tensor) -> None:
+        self.drop(key)
+        size = tensor.numel() * tensor.element_size()
+        if self.resident_bytes + size <= self.budget_bytes:
+            self._tensors[key] = tensor
+            self.resident_bytes += size
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+            return
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="rmexport-activations-", dir=self._offload_root))
+        path = self._dir / f"{len(self._files)}-{abs(hash(key))}.bin"
+        tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)
+        mapped = torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype)
+        self._tensors[key] = mapped.view(tensor.shape)
+        self._files[key] = path
+        self.offloaded_bytes += size
+
+    def get(self, key: Any) -> torch.Tensor:
+        tensor = self._tensors[key]
+        return tensor.to(self.device) if key in self._files else tensor
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._tensors
+
+    def drop(self, key: Any) -> None:
+        tensor = self._tensors.pop(key, None)
+        if tensor is None:
+            return
+        path = self._files.pop(key, None)
+        if path is None:
+            self.resident_bytes -= tensor.numel() * tensor.element_size()
+        else:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._files.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * ACTIVATION_MEMORY_FRACTION)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * ACTIVATION_MEMORY_FRACTION)
+
+
+class _RecordInputs(nn.Module):
+    """Stands in for decoder block ``position`` and records what the model passes to it."""
+
+    def __init__(self, position: int, attention_type: str | None, record: dict, last: bool):
+        super().__init__()
+        self.position = position
+        if attention_type is not None:
+            self.attention_type = attention_type
+        self._record = record
+        self._last = last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        if args:
+            raise AssertionError(
+                "decoder blocks are expected to get everything but the hidden states by name"
+            )
+        if self.position == 0:
+            self._record["hidden"] = hidden_states
+        self._record[self.position] = kwargs
+        if self._last:
+            raise _StopForward
+        return (hidden_states,)
+
+
+def _layer_inputs(
+    skeleton: ModelSkeleton, ids: torch.Tensor, mask: torch.Tensor, positions: int
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Embedded ``ids`` and the keyword arguments of decoder blocks ``0 .. positions-1``."""
+    base = skeleton.base
+    parent_path, _, attr = skeleton.adapter.layers_path.rpartition(".")
+    parent = skeleton.model.get_submodule(parent_path)
+    real_blocks = getattr(parent, attr)
+    record: dict[Any, Any] = {}
+    stand_ins = nn.ModuleList(
+        _RecordInputs(
+            k,
+            getattr(real_blocks[skeleton.layers[k]], "attention_type", None),
+            record,
+            last=k == positions - 1,
+        )
+        for k in range(positions)
+    )
+    setattr(parent, attr, stand_ins)
+    try:
+        try:
+            base(
+                input_ids=ids.to(skeleton.device),
+                attention_mask=mask.to(skeleton.device),
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+    finally:
+        setattr(parent, attr, real_blocks)
+    return record["hidden"], [record[k] for k in range(positions)]
+
+
+# callback(start, batch_index, before=L_{s-1}, after=L_{s+n-1}, mlp=M_{s-1} or None, real mask)
+CutCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+
+def _stream(
+    skeleton: ModelSkeleton,
+    calibration: CalibrationSet,
+    *,
+    n: int,
+    starts: list[int],
+    mlp_starts: list[int],
+    on_cut: CutCallback,
+    desc: str,
+    store: ActivationStore,
+) -> None:
+    """Run the calibration set block by block and call ``on_cut`` for every (start, batch) once
+    the block that closes the cut has run. ``starts`` index blocks of the skeleton's model."""
+    residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts}
+    mlp_positions = {s - 1 for s in mlp_starts}
+    deepest = max(residual_positions | mlp_positions)
+    # After which block each kept tensor can be dropped.
+    last_use: dict[tuple[str, int], int] = {}
+    for s in starts:
+        for key in (("L", s - 1), ("L", s + n - 1)):
+            last_use[key] = max(last_use.get(key, -1), s + n - 1)
+    for s in mlp_starts:
+        last_use[("M", s - 1)] = max(last_use.get(("M", s - 1), -1), s + n - 1)
+    ending_at: dict[int, list[int]] = {}
+    for s in starts:
+        ending_at.setdefault(s + n - 1, []).append(s)
+
+    kwargs_per_batch: list[list[dict[str, Any]]] = []
+    masks: list[torch.Tensor] = []
+    embed_path = f"{skeleton.base_path}.embed_tokens"
+    skeleton.load_embedding()
+    try:
+        for b, (ids, mask) in enumerate(calibration.batches):
+            hidden, kwargs = _layer_inputs(skeleton, ids, mask, deepest + 1)
+            store.put(("H", b), hidden)
+            kwargs_per_batch.append(kwargs)
+            masks.append(mask.bool().to(skeleton.device))
+    finally:
+        skeleton.free(embed_path)
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def on_mlp(_module, _inputs, output):
+        captured["mlp"] = output.detach()
+
+    for k in progress(range(deepest + 1), desc=desc, total=deepest + 1):
+        layer_idx = skeleton.layers[k]
+        block = skeleton.load_block(layer_idx)
+        handle = None
+        if k in mlp_positions:
+            handle = skeleton.adapter.mlp_output_module(block).register_forward_hook(on_mlp)
+        try:
+            for b in range(len(calibration.batches)):
+                hidden = _block_output(block(store.get(("H", b)), **kwargs_per_batch[b][k]))
+                store.put(("H", b), hidden)
+                if k in residual_positions:
+                    store.put(("L", k, b), hidden)
+                if k in mlp_positions:
+                    store.put(("M", k, b), captured.pop("mlp"))
+                for s in ending_at.get(k, []):
+                    mlp = store.get(("M", s - 1, b)) if ("M", s - 1, b) in store else None
+                    on_cut(s, b, store.get(("L", s - 1, b)), hidden, mlp, masks[b])
+        finally:
+            if handle is not None:
+                handle.remove()
+            skeleton.free_block(layer_idx)
+        for (kind, position), last in last_use.items():
+            if last == k:
+                for b in range(len(calibration.batches)):
+                    store.drop((kind, position, b))
+        log.debug("block %d (original %d) done", k, layer_idx)
+
+
+def collect_sequential(
+    skeleton: ModelSkeleton,
+    calibration: CalibrationSet,
+    *,
+    n: int,
+    starts: list[int],
+    stats_for: list[int],
+    desc: str = "Calibrating",
+    store: ActivationStore | None = None,
+) -> tuple[DistanceProfile, dict[int, CutStatistics]]:
+    """``calib.collect.collect`` computed block by block: the same profile and float64 sums."""
+    d = skeleton.config.hidden_size
+    profile = DistanceProfile(n=n, starts=list(starts))
+    stats = {
+        s: CutStatistics(s, n, torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64))
+        for s in stats_for
+    }
+
+    def on_cut(s, _b, before, after, mlp, real):
+        last = real.sum(dim=1) - 1
+        rows = torch.arange(real.shape[0], device=real.device)
+        profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
+            _angular(before[rows, last], after[rows, last]).sum()
+        )
+        profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(_angular(before[real], after[real]).sum())
+        if s in stats:
+            _accumulate(stats[s], mlp[real], before[real], after[real])
+
+    own_store = store is None
+    store = store or ActivationStore(skeleton.device)
+    try:
+        with torch.inference_mode():
+            _stream(
+                skeleton,
+                calibration,
+                n=n,
+                starts=list(starts),
+                mlp_starts=list(stats_for),
+                on_cut=on_cut,
+                desc=desc,
+                store=store,
+            )
+    finally:
+        if own_store:
+            store.close()
+    for ids, mask in calibration.batches:
+        profile.last_count += int(ids.shape[0])
+        profile.all_count += int(mask.bool().sum())
+    for acc in stats.values():
+        if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
+            raise CalibrationError(
+                f"non-finite statistics for cut {acc.cut}", hint="use a float32 compute dtype"
+            )
+    return profile, stats
+
+
+def collect_activations_sequential(
+    skeleton: ModelSkeleton, calibration: CalibrationSet, cut: tuple[int, int], desc: str = "Collecting"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every real token's ``M_{s-1}`` and target, float32 (``calib.collect.collect_activations``)."""
+    start, end = cut
+    inputs: dict[int, torch.Tensor] = {}
+    targets: dict[int, torch.Tensor] = {}
+
+    def on_cut(_s, b, before, after, mlp, real):
+        m = mlp[real].float()
+        inputs[b] = m.cpu()
+        targets[b] = (after[real].float() - before[real].float() + m).cpu()
+
+    store = ActivationStore(skeleton.device)
+    try:
+        with torch.inference_mode():
+            _stream(
+                skeleton,
+                calibration,
+                n=end - start,
+                starts=[start],
+                mlp_starts=[start],
+                on_cut=on_cut,
+                desc=desc,
+                store=store,
+            )
+    finally:
+        store.close()
+    order = sorted(inputs)
+    return torch.cat([inputs[b] for b in order]), torch.cat([targets[b] for b in order])
+
+
+def survey_sequential(
+    skeleton: ModelSkeleton,
+    calibration: CalibrationSet,
+    n: int,
+    *,
+    alpha: float = 0.0,
+    distance_tokens: str = "last",
+    shortlist_only: bool = False,
+    step: str = "",
+) -> CandidateSurvey:
+    """``replaceme.survey.survey_candidates`` block by block, with the same memory rule: one pass
+    when every candidate's sums fit, else distances first, then sums for the closest candidates."""
+    starts = candidate_starts(len(skeleton.layers), n)
+    d = skeleton.config.hidden_size
+    affordable = max(1, _stats_budget_bytes() // (2 * d * d * 8))
+    if affordable >= len(starts):
+        profile, stats = collect_sequential(
+            skeleton, calibration, n=n, starts=starts, stats_for=starts, desc=f"{step} Calibrating".strip()
+        )
+    else:
+        profile, _ = collect_sequential(
+            skeleton, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
+        )
+        distances = profile.mean(distance_tokens)
+        shortlist = sorted(starts, key=lambda s: (distances[s], s))[: 1 if shortlist_only else affordable]
+        _, stats = collect_sequential(
+            skeleton,
+            calibration,
+            n=n,
+            starts=shortlist,
+            stats_for=shortlist,
+            desc=f"{step} Statistics".strip(),
+        )
+    maps = {s: least_squares_map(skeleton.adapter, acc, alpha) for s, acc in stats.items()}
+    return CandidateSurvey(n, starts, profile, stats, maps)
+
+
+def fit_cut_sequential(
+    skeleton: ModelSkeleton,
+    calibration: CalibrationSet,
+    survey: CandidateSurvey,
+    start: int,
+    *,
+    solver: str = "lstsq",
+    alpha: float = 0.0,
+    cosine: CosineSettings | None = None,
+    step: str = "",
+) -> FitResult:
+    """``replaceme.survey.fit_cut`` block by block."""
+    adapter = skeleton.adapter
+    cut = (start, start + survey.n)
+    if start not in survey.stats:
+        _, extra = collect_sequential(skeleton, calibration, n=survey.n, starts=[start], stats_for=[start])
+        survey.stats[start] = extra[start]
+        survey.maps[start] = least_squares_map(adapter, extra[start], alpha)
+    stats = survey.stats[start]
+    if solver == "cosine":
+        inputs, targets = collect_activations_sequential(
+            skeleton, calibration, cut, desc=f"{step} Collecting".strip()
+        )
+        result = cosine_fit(inputs, targets, survey.maps[start], cosine or CosineSettings())
+    else:
+        result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
+    identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)
+    result.details |= {
+        "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
+        "rel_residual_plain_removal": residual_energy(stats, identity) / stats.stream_energy,
+        "tokens": stats.tokens,
+        "diagonal": not adapter.dense_fold,
+    }
+    return result
