@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .calib.corpus import BUILTIN
-from .errors import ConfigError, ParityError
+from .errors import ConfigError
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune
@@ -27,6 +27,7 @@ __all__ = ["add_arguments", "run", "run_pipeline"]
 log = get_logger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+RUN_EVAL_TOKENS = 8192
 ONNX_FLAVORS = ("optimum", "genai")
 # Bytes written per parameter, per model, for the default artefacts (hf fp32 + onnx fp32 + gguf f16
 # + q4_k_m), with a margin; used to refuse a run that cannot fit on the disk before any work.
@@ -99,13 +100,129 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _checked(fn, *a, **kw) -> dict[str, Any]:
-    """Run a validation; a parity failure is recorded (and makes the run exit 1), not raised."""
-    try:
-        result = fn(*a, **kw)
-        return {"passed": True, **(result or {})}
-    except ParityError as e:
-        return {"passed": False, "error": str(e)}
+def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
+    from converters.onnx_export import export_onnx
+    from validation.onnx_bench import bench_onnx
+    from validation.onnx_parity import validate_onnx
+
+    outputs: dict[str, Any] = {}
+    onnx_key = {"flavor": args.onnx_flavor, "dtype": args.onnx_dtype}
+    base_onnx, pruned_onnx = base_dir / "onnx", run_dir / "onnx"
+    base_runner.run(
+        Stage(
+            "export_onnx",
+            {"model": model_key, **onnx_key},
+            [base_onnx],
+            lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+        )
+    )
+    runner.run(
+        Stage(
+            "export_onnx",
+            onnx_key,
+            [pruned_onnx],
+            lambda: export_onnx(pruned_ckpt, pruned_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+            needs=["prune"],
+        )
+    )
+    parity_file = run_dir / "checks" / "onnx_parity.json"
+    runner.run(
+        Stage(
+            "validate_onnx",
+            {},
+            [parity_file],
+            lambda: _write_json(parity_file, validate_onnx(pruned_onnx, pruned_ckpt, raise_on_failure=False)),
+            needs=["export_onnx"],
+        )
+    )
+    outputs["onnx_parity"] = _read_json(parity_file)
+    if not args.skip_bench:
+        bench_file = run_dir / "checks" / "onnx_bench.json"
+        runner.run(
+            Stage(
+                "bench_onnx",
+                {"eval_tokens": args.eval_tokens, "original": base_runner.hashes["export_onnx"]},
+                [bench_file],
+                lambda: _write_json(
+                    bench_file, bench_onnx(base_onnx, pruned_onnx, eval_tokens=args.eval_tokens)
+                ),
+                needs=["export_onnx"],
+            )
+        )
+        outputs["onnx_bench"] = _read_json(bench_file)
+    return outputs
+
+
+def _gguf_stages(
+    args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, slug, ratio_label
+) -> dict:
+    from converters.gguf_export import export_gguf
+    from validation.gguf_bench import bench_gguf
+    from validation.gguf_parity import validate_gguf
+
+    outputs: dict[str, Any] = {}
+    types = list(dict.fromkeys([args.gguf_type, "q4_k_m"]))
+    pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
+    base_files = {t: base_dir / "gguf" / f"{slug}-{t}.gguf" for t in types}
+    for t in types:
+        base_runner.run(
+            Stage(
+                f"export_gguf_{t}",
+                {"model": model_key, "type": t},
+                [base_files[t]],
+                lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
+            )
+        )
+        runner.run(
+            Stage(
+                f"export_gguf_{t}",
+                {"type": t},
+                [pruned_files[t]],
+                lambda t=t: export_gguf(pruned_ckpt, pruned_files[t], type=t),
+                needs=["prune"],
+            )
+        )
+    parity_file = run_dir / "checks" / "gguf_parity.json"
+    runner.run(
+        Stage(
+            "validate_gguf",
+            {"types": types},
+            [parity_file],
+            lambda: _write_json(
+                parity_file, {t: validate_gguf(pruned_files[t], pruned_ckpt, check=False) for t in types}
+            ),
+            needs=[f"export_gguf_{t}" for t in types],
+        )
+    )
+    outputs["gguf_parity"] = _read_json(parity_file)
+    if not args.skip_bench:
+        bench_file = run_dir / "checks" / "gguf_bench.json"
+        runner.run(
+            Stage(
+                "bench_gguf",
+                {
+                    "eval_tokens": args.eval_tokens,
+                    "types": types,
+                    "original": [base_runner.hashes[f"export_gguf_{t}"] for t in types],
+                },
+                [bench_file],
+                lambda: _write_json(
+                    bench_file,
+                    {
+                        t: bench_gguf(
+                            base_files[t],
+                            pruned_files[t],
+                            eval_tokens=args.eval_tokens,
+                            torch_reference=False,
+                        )
+                        for t in types
+                    },
+                ),
+                needs=[f"export_gguf_{t}" for t in types],
+            )
+        )
+        outputs["gguf_bench"] = _read_json(bench_file)
+    return outputs
 
 
 def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -135,118 +252,22 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     outputs: dict[str, Any] = {}
 
     if not args.skip_onnx:
-        from validation.onnx_bench import bench_onnx
-
-        from converters.onnx_export import export_onnx
-        from validation.onnx_parity import validate_onnx
-
-        onnx_key = {"flavor": args.onnx_flavor, "dtype": args.onnx_dtype}
-        base_onnx = base_dir / "onnx"
-        base_runner.run(
-            Stage(
-                "export_onnx",
-                {"model": model_key, **onnx_key},
-                [base_onnx],
-                lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
-            )
+        outputs |= _onnx_stages(
+            args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
         )
-        runner.run(
-            Stage(
-                "export_onnx",
-                onnx_key,
-                [run_dir / "onnx"],
-                lambda: export_onnx(
-                    pruned_ckpt, run_dir / "onnx", dtype=args.onnx_dtype, flavor=args.onnx_flavor
-                ),
-                needs=["prune"],
-            )
-        )
-        parity_file = run_dir / "checks" / "onnx_parity.json"
-        runner.run(
-            Stage(
-                "validate_onnx",
-                {},
-                [parity_file],
-                lambda: _write_json(parity_file, _checked(validate_onnx, run_dir / "onnx", pruned_ckpt)),
-                needs=["export_onnx"],
-            )
-        )
-        outputs["onnx_parity"] = _read_json(parity_file)
-        if not args.skip_bench:
-            bench_file = run_dir / "checks" / "onnx_bench.json"
-            runner.run(
-                Stage(
-                    "bench_onnx",
-                    {"eval_tokens": args.bench_eval_tokens, "base": base_runner.hashes["export_onnx"]},
-                    [bench_file],
-                    lambda: _write_json(
-                        bench_file,
-                        bench_onnx(base_onnx, run_dir / "onnx", eval_tokens=args.bench_eval_tokens),
-                    ),
-                    needs=["export_onnx"],
-                )
-            )
-            outputs["onnx_bench"] = _read_json(bench_file)
-
     if not args.skip_gguf:
-        from validation.gguf_bench import bench_gguf
-
-        from converters.gguf_export import export_gguf
-        from validation.gguf_parity import validate_gguf
-
-        bench_types = list(dict.fromkeys([args.gguf_type, "q4_k_m"]))
-        pruned_files = {t: run_dir / "gguf" / f"{source.slug}-r{ratio_label}-{t}.gguf" for t in bench_types}
-        base_files = {t: base_dir / "gguf" / f"{source.slug}-{t}.gguf" for t in bench_types}
-        for t in bench_types:
-            base_runner.run(
-                Stage(
-                    f"export_gguf_{t}",
-                    {"model": model_key, "type": t},
-                    [base_files[t]],
-                    lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
-                )
-            )
-            runner.run(
-                Stage(
-                    f"export_gguf_{t}",
-                    {"type": t},
-                    [pruned_files[t]],
-                    lambda t=t: export_gguf(pruned_ckpt, pruned_files[t], type=t),
-                    needs=["prune"],
-                )
-            )
-        parity_file = run_dir / "checks" / "gguf_parity.json"
-        runner.run(
-            Stage(
-                "validate_gguf",
-                {"types": bench_types},
-                [parity_file],
-                lambda: _write_json(
-                    parity_file,
-                    {t: _checked(validate_gguf, pruned_files[t], pruned_ckpt) for t in bench_types},
-                ),
-                needs=[f"export_gguf_{t}" for t in bench_types],
-            )
+        outputs |= _gguf_stages(
+            args,
+            runner,
+            base_runner,
+            model_key,
+            original_ckpt,
+            pruned_ckpt,
+            run_dir,
+            base_dir,
+            source.slug,
+            ratio_label,
         )
-        outputs["gguf_parity"] = _read_json(parity_file)
-        if not args.skip_bench:
-            bench_file = run_dir / "checks" / "gguf_bench.json"
-            runner.run(
-                Stage(
-                    "bench_gguf",
-                    {
-                        "eval_tokens": args.bench_eval_tokens,
-                        "types": bench_types,
-                        "base": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
-                    },
-                    [bench_file],
-                    lambda: _write_json(
-                        bench_file, bench_gguf(base_files, pruned_files, eval_tokens=args.bench_eval_tokens)
-                    ),
-                    needs=[f"export_gguf_{t}" for t in bench_types],
-                )
-            )
-            outputs["gguf_bench"] = _read_json(bench_file)
 
     from validation.report import write_report
 
@@ -293,6 +314,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out tokens for runtime perplexity (default 4096)",
     )
     add_prune_options(parser)
+    # One set of held-out windows for every backend, so the report compares like with like.
+    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS)
+    for action in parser._actions:
+        if action.dest == "eval_tokens":
+            action.help = (
+                "held-out tokens for perplexity in PyTorch, onnxruntime and llama.cpp "
+                f"(default {RUN_EVAL_TOKENS})"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,8 @@ import torch
 
 from .arch import ArchAdapter
 from .calib.corpus import load_corpus
-from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
-from .errors import ConfigError, ToleranceError
+from .calib.tokens import calibration_batches, heldout_windows
+from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, load_model, load_tokenizer, read_provenance
 from .prune import (
@@ -103,7 +105,7 @@ def prune_sequential(
     _check_compute(device, compute_dtype)
     clock = _Clock()
     config = load_config(source)
-    ckpt = checkpoint_dir(source)
+    ckpt = _local_checkpoint(source)
     n_layers = config.num_hidden_layers
     n = cut_size(n_layers, options.ratio, options.layers)
     sizes = split_cut(n, options.blocks)
@@ -232,41 +234,75 @@ def prune_sequential(
         "original_num_hidden_layers": n_layers,
         "kept_layers": kept,
     }
+    # Written beside the target and moved into place only once the checks have passed.
+    staged = out_dir / ".hf.staged"
     with clock.stage("save"):
-        save_pruned_checkpoint(ckpt, out_dir / "hf", kept, folds, provenance=provenance)
+        save_pruned_checkpoint(ckpt, staged, kept, folds, provenance=provenance)
 
-    if run_checks:
-        with clock.stage("checks"):
-            checks = _in_memory_checks(source, adapter, options, cuts, calibration, out_dir / "hf")
-        record |= checks
-    else:
-        reason = (
-            f"skipped: the float32 model ({fp32_bytes / 2**30:.1f} GiB) exceeds "
-            f"{CHECK_MEMORY_FRACTION:.0%} of RAM ({_ram_bytes() / 2**30:.1f} GiB); the checks need "
-            "whole-model forwards"
-            if fp32_bytes > CHECK_MEMORY_FRACTION * _ram_bytes()
-            else "skipped on request"
-        )
-        record["evaluation"] = {"skipped": reason}
-        record["fold_parity"] = {"skipped": reason, "passed": None}
-        record["quality"] = {
-            "skipped": reason,
-            "ppl_original": None,
-            "ppl_plain_removal": None,
-            "ppl_pruned": None,
-        }
+    try:
+        if run_checks:
+            with clock.stage("checks"):
+                checks = _in_memory_checks(source, adapter, options, cuts, staged)
+            record |= checks
+            parity = record["fold_parity"]
+            if not parity["passed"]:
+                raise ToleranceError(
+                    f"fold parity failed: max |Δlogit| {parity['max_abs_logit_diff']:.3g} > "
+                    f"{parity['atol']:.3g} between the folded model and the explicit map"
+                )
+        else:
+            reason = (
+                f"skipped: the float32 model ({fp32_bytes / 2**30:.1f} GiB) exceeds "
+                f"{CHECK_MEMORY_FRACTION:.0%} of RAM ({_ram_bytes() / 2**30:.1f} GiB); the checks need "
+                "whole-model forwards"
+                if fp32_bytes > CHECK_MEMORY_FRACTION * _ram_bytes()
+                else "skipped on request"
+            )
+            record["evaluation"] = {"skipped": reason}
+            record["fold_parity"] = {"skipped": reason, "passed": None}
+            record["quality"] = {
+                "skipped": reason,
+                "ppl_original": None,
+                "ppl_plain_removal": None,
+                "ppl_pruned": None,
+            }
+        _move_into_place(staged, out_dir / "hf")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     record["timings_s"] = {k: round(v, 2) for k, v in clock.seconds.items()}
     record["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     if device != "cpu" and torch.cuda.is_available():
         record["path"]["cuda_max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     _write_json(out_dir / "prune.json", record)
-    parity = record["fold_parity"]
-    if parity.get("passed") is False:
-        raise ToleranceError(
-            f"fold parity failed: max |Δlogit| {parity['max_abs_logit_diff']:.3g} > {parity['atol']:.3g} "
-            "between the folded model and the explicit map"
-        )
     return record
+
+
+def _move_into_place(staged: Path, target: Path) -> None:
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=".hf-old.", dir=target.parent))
+        os.replace(target, old / "hf")
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+
+
+def _local_checkpoint(source: ModelSource) -> str:
+    """A local directory: hub checkpoints are read from the local Hugging Face cache (or fetched)."""
+    location = checkpoint_dir(source)
+    if source.kind != "hub":
+        return location
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many unrelated types offline
+        raise ModelLoadError(
+            f"could not get {location!r} from the Hugging Face Hub ({type(e).__name__})",
+            hint="download the model and pass its local directory",
+        ) from e
 
 
 def _in_memory_checks(
@@ -274,14 +310,12 @@ def _in_memory_checks(
     adapter: ArchAdapter,
     options: PruneOptions,
     cuts: list[tuple[tuple[int, int], torch.Tensor]],
-    calibration: CalibrationSet,
     saved: Path,
 ) -> dict[str, Any]:
     """Fold parity and perplexities as ``prune`` computes them (float32 model in memory), plus
     the streamed checkpoint's logits against the in-memory pruned model."""
     from transformers import AutoModelForCausalLM
 
-    del calibration
     tokenizer = load_tokenizer(source)
     eval_corpus = load_corpus(options.eval_data)
     windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)

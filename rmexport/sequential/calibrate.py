@@ -186,9 +186,11 @@ def _stream(
     on_cut: CutCallback,
     desc: str,
     store: ActivationStore,
+    keep: bool = False,
 ) -> None:
     """Run the calibration set block by block and call ``on_cut`` for every (start, batch) once
-    the block that closes the cut has run. ``starts`` index blocks of the skeleton's model."""
+    the block that closes the cut has run. ``starts`` index blocks of the skeleton's model.
+    With ``keep``, every ``("L", k, b)`` and ``("M", k, b)`` stays in ``store`` afterwards."""
     residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts}
     mlp_positions = {s - 1 for s in mlp_starts}
     deepest = max(residual_positions | mlp_positions)
@@ -243,7 +245,7 @@ def _stream(
                 handle.remove()
             skeleton.free_block(layer_idx)
         for (kind, position), last in last_use.items():
-            if last == k:
+            if last == k and not keep:
                 for b in range(len(calibration.batches)):
                     store.drop((kind, position, b))
         log.debug("block %d (original %d) done", k, layer_idx)
@@ -268,12 +270,7 @@ def collect_sequential(
     }
 
     def on_cut(s, _b, before, after, mlp, real):
-        last = real.sum(dim=1) - 1
-        rows = torch.arange(real.shape[0], device=real.device)
-        profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
-            _angular(before[rows, last], after[rows, last]).sum()
-        )
-        profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(_angular(before[real], after[real]).sum())
+        _add_distances(profile, s, before, after, real)
         if s in stats:
             _accumulate(stats[s], mlp[real], before[real], after[real])
 
@@ -294,15 +291,34 @@ def collect_sequential(
     finally:
         if own_store:
             store.close()
+    _count_tokens(profile, calibration)
+    _check_finite(stats)
+    return profile, stats
+
+
+def _add_distances(
+    profile: DistanceProfile, s: int, before: torch.Tensor, after: torch.Tensor, real: torch.Tensor
+) -> None:
+    last = real.sum(dim=1) - 1
+    rows = torch.arange(real.shape[0], device=real.device)
+    profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
+        _angular(before[rows, last], after[rows, last]).sum()
+    )
+    profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(_angular(before[real], after[real]).sum())
+
+
+def _count_tokens(profile: DistanceProfile, calibration: CalibrationSet) -> None:
     for ids, mask in calibration.batches:
         profile.last_count += int(ids.shape[0])
         profile.all_count += int(mask.bool().sum())
+
+
+def _check_finite(stats: dict[int, CutStatistics]) -> None:
     for acc in stats.values():
         if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
             raise CalibrationError(
                 f"non-finite statistics for cut {acc.cut}", hint="use a float32 compute dtype"
             )
-    return profile, stats
 
 
 def collect_activations_sequential(
@@ -337,6 +353,56 @@ def collect_activations_sequential(
     return torch.cat([inputs[b] for b in order]), torch.cat([targets[b] for b in order])
 
 
+def _distances_then_chosen_sums(
+    skeleton: ModelSkeleton,
+    calibration: CalibrationSet,
+    n: int,
+    starts: list[int],
+    distance_tokens: str,
+    desc: str,
+) -> tuple[DistanceProfile, dict[int, CutStatistics]]:
+    """One pass for the distance rule: distances of every candidate while the activations the
+    sums need are kept (offloaded beyond the budget); then the sums of the closest cut only."""
+    profile = DistanceProfile(n=n, starts=list(starts))
+
+    def on_cut(s, _b, before, after, _mlp, real):
+        _add_distances(profile, s, before, after, real)
+
+    store = ActivationStore(skeleton.device)
+    try:
+        with torch.inference_mode():
+            _stream(
+                skeleton,
+                calibration,
+                n=n,
+                starts=list(starts),
+                mlp_starts=list(starts),
+                on_cut=on_cut,
+                desc=desc,
+                store=store,
+                keep=True,
+            )
+            _count_tokens(profile, calibration)
+            distances = profile.mean(distance_tokens)
+            chosen = min(distances, key=lambda s: (distances[s], s))
+            d = skeleton.config.hidden_size
+            acc = CutStatistics(
+                chosen, n, torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+            )
+            for b, (_ids, mask) in enumerate(calibration.batches):
+                real = mask.bool().to(skeleton.device)
+                _accumulate(
+                    acc,
+                    store.get(("M", chosen - 1, b))[real],
+                    store.get(("L", chosen - 1, b))[real],
+                    store.get(("L", chosen + n - 1, b))[real],
+                )
+    finally:
+        store.close()
+    _check_finite({chosen: acc})
+    return profile, {chosen: acc}
+
+
 def survey_sequential(
     skeleton: ModelSkeleton,
     calibration: CalibrationSet,
@@ -348,11 +414,17 @@ def survey_sequential(
     step: str = "",
 ) -> CandidateSurvey:
     """``replaceme.survey.survey_candidates`` block by block, with the same memory rule: one pass
-    when every candidate's sums fit, else distances first, then sums for the closest candidates."""
+    when every candidate's sums fit, else distances first, then sums for the closest candidates.
+    With ``shortlist_only`` (the distance rule) one pass gives the distances and the sums of the
+    closest cut alone, from activations kept during the pass."""
     starts = candidate_starts(len(skeleton.layers), n)
     d = skeleton.config.hidden_size
     affordable = max(1, _stats_budget_bytes() // (2 * d * d * 8))
-    if affordable >= len(starts):
+    if shortlist_only:
+        profile, stats = _distances_then_chosen_sums(
+            skeleton, calibration, n, starts, distance_tokens, desc=f"{step} Calibrating".strip()
+        )
+    elif affordable >= len(starts):
         profile, stats = collect_sequential(
             skeleton, calibration, n=n, starts=starts, stats_for=starts, desc=f"{step} Calibrating".strip()
         )

@@ -1,0 +1,130 @@
+"""`rmexport run` end to end on a tiny model: outputs, report, resume, determinism, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from rmexport.cli import main
+
+FAST = ["--calib-samples", "48", "--seq-len", "32", "--eval-tokens", "1024"]
+
+
+def _run(capsys, *argv):
+    code = main(["run", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_checkpoints):
+    out_root = tmp_path_factory.mktemp("runs")
+    code = main(
+        ["run", str(tiny_checkpoints["llama"]), "--ratio", "0.25", "--out-root", str(out_root), *FAST]
+    )
+    return code, out_root, out_root / "llama-r0.25"
+
+
+def test_run_writes_every_artefact_and_a_report(tiny_run):
+    code, _, run_dir = tiny_run
+    assert code == 0
+    for path in (
+        "hf/config.json",
+        "prune.json",
+        "onnx/model.onnx",
+        "report.json",
+        "report.md",
+        "plots/selection.png",
+    ):
+        assert (run_dir / path).exists(), path
+    assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == [
+        "llama-r0.25-f16.gguf",
+        "llama-r0.25-q4_k_m.gguf",
+    ]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["all_checks_passed"] is True
+    assert report["L"] == 8 and report["N"] == 6
+    for key in ("onnx_parity", "gguf_parity", "onnx_bench", "gguf_bench"):
+        assert report[key], key
+    assert "prune" in report["timings_s"]
+    markdown = (run_dir / "report.md").read_text()
+    assert "8 → 6 blocks" in markdown and "plots/selection.png" in markdown
+
+
+def test_rerun_reuses_stages_and_interrupted_output_recovers(tiny_run, tiny_checkpoints, capsys):
+    _, out_root, run_dir = tiny_run
+    before = (run_dir / "gguf" / "llama-r0.25-f16.gguf").read_bytes()
+    # Simulate an interruption: a half-written temporary folder and a stage without its manifest.
+    (run_dir / ".hf.interrupted").mkdir()
+    (run_dir / ".stages" / "export_gguf_f16.json").unlink()
+    code, _, _ = _run(
+        capsys, str(tiny_checkpoints["llama"]), "--ratio", "0.25", "--out-root", str(out_root), *FAST
+    )
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "prune" in report["reused_stages"] and "export_onnx" in report["reused_stages"]
+    assert "export_gguf_f16" not in report["reused_stages"]
+    assert not (run_dir / ".hf.interrupted").exists()
+    # The same inputs give byte-identical GGUF files.
+    assert (run_dir / "gguf" / "llama-r0.25-f16.gguf").read_bytes() == before
+
+
+def test_same_command_twice_gives_the_same_cut_and_files(tiny_run, tiny_checkpoints, tmp_path):
+    _, _, first = tiny_run
+    code = main(
+        [
+            "run",
+            str(tiny_checkpoints["llama"]),
+            "--ratio",
+            "0.25",
+            "--out-root",
+            str(tmp_path),
+            "--skip-onnx",
+            "--skip-bench",
+            *FAST,
+        ]
+    )
+    assert code == 0
+    second = tmp_path / "llama-r0.25"
+    a, b = (json.loads((d / "prune.json").read_text()) for d in (first, second))
+    assert a["cuts"][0]["cut"] == b["cuts"][0]["cut"]
+    assert (first / "hf" / "model.safetensors").read_bytes() == (
+        second / "hf" / "model.safetensors"
+    ).read_bytes()
+    for name in ("llama-r0.25-f16.gguf", "llama-r0.25-q4_k_m.gguf"):
+        assert (first / "gguf" / name).read_bytes() == (second / "gguf" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--gguf-type", "q3_weird"], "--gguf-type"),
+        (["--ratio", "0.9"], "at least 2 must remain"),
+        (["--calib-data", "/nope.txt"], "text source not found"),
+    ],
+)
+def test_bad_input_fails_before_heavy_work(capsys, tmp_path, tiny_checkpoints, extra, message):
+    code, _, err = _run(capsys, str(tiny_checkpoints["llama"]), "--out-root", str(tmp_path), *FAST, *extra)
+    assert code == 2 and message in err
+    assert not (tmp_path / "llama-r0.25" / "hf").exists()
+
+
+def test_gemma3_cut_that_breaks_llama_cpp_pattern_is_refused(capsys, tmp_path, tiny_checkpoints):
+    code, _, err = _run(
+        capsys, str(tiny_checkpoints["gemma3"]), "--out-root", str(tmp_path), "--layers", "2", *FAST
+    )
+    assert code == 2 and "layer pattern" in err and "--skip-gguf" in err
+
+
+def test_full_disk_is_refused(capsys, tmp_path, tiny_checkpoints, monkeypatch):
+    import rmexport.pipeline as pipeline
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    code, _, err = _run(capsys, str(tiny_checkpoints["llama"]), "--out-root", str(tmp_path), *FAST)
+    assert code == 2 and "GiB free" in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = _run(capsys, "no-such-model", "--out-root", str(tmp_path))
+    assert code == 2 and "unknown model" in err
