@@ -9,71 +9,137 @@ from typing import Any
 
 from .plots import plot_bars, plot_selection_profile
 
-__all__ = ["print_summary", "write_report"]
+__all__ = ["print_summary", "runtime_rows", "write_report"]
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, bool):
-        return "yes" if value else "NO"
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
     return str(value)
 
 
-def _passed(section: Any) -> bool:
-    """A parity section passes when every ``passed`` flag inside it is true."""
-    if isinstance(section, dict):
-        if section.get("passed") is False:
-            return False
-        return all(_passed(v) for v in section.values() if isinstance(v, dict))
-    return True
-
-
-def _find_numbers(data: Any, key: str, prefix: str = "") -> dict[str, float]:
-    """Every numeric ``key`` inside ``data``, by dotted path (e.g. ``original.f16.ppl``)."""
-    found: dict[str, float] = {}
-    if isinstance(data, dict):
-        for k, v in data.items():
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if k == key and isinstance(v, int | float) and not isinstance(v, bool):
-                found[prefix or k] = float(v)
-            else:
-                found |= _find_numbers(v, key, path)
-    return found
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _flat(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(data, dict):
-        out: list[tuple[str, Any]] = []
-        for k, v in data.items():
-            out += _flat(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(data, list) and len(data) > 8:
-        return [(prefix, f"[{len(data)} values]")]
-    return [(prefix, data)]
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
 
 
-def _quality_groups(prune: dict[str, Any], outputs: dict[str, Any]) -> dict[str, dict[str, float]]:
-    groups = {
-        "PyTorch": {
-            "original": prune["quality"]["ppl_original"],
-            "plain removal": prune["quality"]["ppl_plain_removal"],
-            "pruned": prune["quality"]["ppl_pruned"],
-        }
-    }
-    for runtime, key in (("onnxruntime", "onnx_bench"), ("llama.cpp", "gguf_bench")):
-        found = _find_numbers(outputs.get(key) or {}, "ppl")
-        for path, value in found.items():
-            label = "original" if "original" in path else "pruned" if "pruned" in path else path
-            suffix = next((t for t in ("f32", "f16", "bf16", "q8_0", "q4_k_m") if t in path), "")
-            groups.setdefault(f"{runtime} {suffix}".strip(), {})[label] = value
-    return groups
+def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
+    """runtime, type, top-1 agreement, max |Δlogit|, mean KL, greedy decode match, passed."""
+    rows = []
+    onnx = outputs.get("onnx_parity")
+    if onnx:
+        rows.append(
+            [
+                "onnxruntime",
+                onnx.get("precision", "fp32"),
+                onnx.get("top1_agreement"),
+                onnx.get("max_abs_diff"),
+                None,
+                onnx.get("decode_match"),
+                onnx.get("passed"),
+            ]
+        )
+    for gguf_type, entry in (outputs.get("gguf_parity") or {}).items():
+        rows.append(
+            [
+                "llama.cpp",
+                gguf_type,
+                entry.get("top1_agreement"),
+                entry.get("max_abs_diff"),
+                entry.get("mean_kl"),
+                entry.get("decode_match"),
+                entry.get("passed"),
+            ]
+        )
+    return rows
+
+
+def runtime_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per runtime × model: blocks, perplexity and speed, from the benchmark outputs."""
+    rows: list[dict[str, Any]] = []
+    onnx = outputs.get("onnx_bench")
+    if onnx:
+        for role in ("original", "pruned"):
+            m = _get(onnx, "models", role) or {}
+            rows.append(
+                {
+                    "runtime": "onnxruntime",
+                    "type": "fp32",
+                    "model": role,
+                    "blocks": m.get("num_hidden_layers"),
+                    "ppl": m.get("ppl"),
+                    "prefill_128_ms": _get(m, "prefill", "128", "latency_ms_p50"),
+                    "prefill_512_ms": _get(m, "prefill", "512", "latency_ms_p50"),
+                    "prompt_tokens_per_s": _get(m, "prefill", "512", "tokens_per_s"),
+                    "decode_tokens_per_s": _get(m, "decode", "tokens_per_s"),
+                    "size_mib": None,
+                }
+            )
+    for gguf_type, result in (outputs.get("gguf_bench") or {}).items():
+        entry = _get(result, "types", gguf_type) or {}
+        for role in ("original", "pruned"):
+            m = entry.get(role) or {}
+            rows.append(
+                {
+                    "runtime": "llama.cpp",
+                    "type": gguf_type,
+                    "model": role,
+                    "blocks": m.get("block_count"),
+                    "ppl": m.get("ppl"),
+                    "prefill_128_ms": None,
+                    "prefill_512_ms": None,
+                    "prompt_tokens_per_s": m.get("pp_tokens_per_s"),
+                    "decode_tokens_per_s": m.get("tg_tokens_per_s"),
+                    "size_mib": m["size_bytes"] / 2**20 if m.get("size_bytes") else None,
+                }
+            )
+    return rows
+
+
+def _speedups(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    keyed = {(r["runtime"], r["type"], r["model"]): r for r in rows}
+    for (runtime, kind, model), pruned in keyed.items():
+        if model != "pruned" or (runtime, kind, "original") not in keyed:
+            continue
+        original = keyed[(runtime, kind, "original")]
+        ideal = original["blocks"] / pruned["blocks"] if original["blocks"] and pruned["blocks"] else None
+
+        def ratio(key: str, original=original, pruned=pruned) -> float | None:
+            a, b = original.get(key), pruned.get(key)
+            return b / a if a and b else None
+
+        out.append(
+            [
+                f"{runtime} {kind}",
+                ratio("prompt_tokens_per_s"),
+                ratio("decode_tokens_per_s"),
+                ideal,
+                ratio("ppl"),
+            ]
+        )
+    return out
+
+
+def _passed(section: Any) -> bool:
+    if isinstance(section, dict):
+        if section.get("passed") is False:
+            return False
+        return all(_passed(v) for v in section.values() if isinstance(v, dict))
+    return True
 
 
 def write_report(
@@ -85,7 +151,7 @@ def write_report(
     wall_s: float,
 ) -> dict[str, Any]:
     checks = {k: v for k, v in outputs.items() if k.endswith("parity")}
-    all_passed = prune["fold_parity"]["passed"] and all(_passed(v) for v in checks.values())
+    rows = runtime_rows(outputs)
     report = {
         "model": prune["model"],
         "ratio": prune["ratio"],
@@ -93,97 +159,162 @@ def write_report(
         "N": prune["N"],
         "cuts": [{"cut": c["cut"], "removed_layers": c["removed_layers"]} for c in prune["cuts"]],
         "prune": {
-            "quality": prune["quality"],
-            "fold_parity": prune["fold_parity"],
-            "calibration": prune["calibration"],
-            "solver": prune["solver"],
-            "selection": prune["selection"],
+            key: prune[key]
+            for key in ("quality", "fold_parity", "calibration", "evaluation", "solver", "selection")
         },
+        "runtimes": rows,
         **outputs,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "reused_stages": reused,
         "wall_s": round(wall_s, 1),
-        "all_checks_passed": all_passed,
+        "all_checks_passed": bool(
+            prune["fold_parity"]["passed"] and all(_passed(v) for v in checks.values())
+        ),
     }
     plots = run_dir / "plots"
     plot_selection_profile(prune, plots / "selection.png")
-    plot_bars("Held-out perplexity", "perplexity", _quality_groups(prune, outputs), plots / "perplexity.png")
-    speed = {}
-    for runtime, key in (("onnxruntime", "onnx_bench"), ("llama.cpp", "gguf_bench")):
-        for metric in ("tokens_per_s", "decode_tokens_per_s", "tg_tokens_per_s", "pp_tokens_per_s"):
-            for path, value in _find_numbers(outputs.get(key) or {}, metric).items():
-                label = "original" if "original" in path else "pruned" if "pruned" in path else path
-                group = f"{runtime} {metric.replace('_tokens_per_s', '').replace('tokens_per_s', 'decode')}"
-                suffix = next((t for t in ("f16", "q4_k_m", "f32", "q8_0") if t in path), "")
-                speed.setdefault(f"{group} {suffix}".strip(), {})[label] = value
-    if speed:
-        plot_bars("Speed (higher is better)", "tokens/s", speed, plots / "speed.png")
+    quality = prune["quality"]
+    ppl_groups = {
+        "PyTorch": {
+            "original": quality["ppl_original"],
+            "plain removal": quality["ppl_plain_removal"],
+            "pruned": quality["ppl_pruned"],
+        }
+    }
+    speed_groups: dict[str, dict[str, float]] = {}
+    for row in rows:
+        label = f"{row['runtime']} {row['type']}"
+        if row["ppl"] is not None:
+            ppl_groups.setdefault(label, {})[row["model"]] = row["ppl"]
+        for key, name in (("prompt_tokens_per_s", "prompt"), ("decode_tokens_per_s", "decode")):
+            if row[key]:
+                speed_groups.setdefault(f"{label}\n{name}", {})[row["model"]] = row[key]
+    plot_bars("Held-out perplexity (lower is better)", "perplexity", ppl_groups, plots / "perplexity.png")
+    if speed_groups:
+        plot_bars("Speed (higher is better)", "tokens/s", speed_groups, plots / "speed.png")
     _write(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write(run_dir / "report.md", _markdown(report, prune, outputs, bool(speed)))
+    _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, bool(speed_groups)))
     return report
 
 
-def _markdown(report: dict[str, Any], prune: dict[str, Any], outputs: dict[str, Any], has_speed: bool) -> str:
+def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_speed: bool) -> str:
     q = prune["quality"]
     lines = [
         f"# {prune['model']['spec']}: {prune['L']} → {prune['N']} blocks",
         "",
         f"All checks passed: **{_fmt(report['all_checks_passed'])}**. Wall time {report['wall_s']:.0f} s.",
         "",
-        "## What was cut",
+        "## What was cut, and why",
         "",
     ]
     for cut in prune["cuts"]:
         fit = cut["fit"]
+        removed = cut["removed_layers"]
         lines.append(
-            f"- blocks {cut['removed_layers'][0]}–{cut['removed_layers'][-1]} (cut {cut['cut']}), "
-            f"rule `{prune['selection']['rule']}`, solver `{fit['solver']}`: error after the map "
-            f"{fit['rel_residual']:.4f} vs {fit['rel_residual_plain_removal']:.4f} for plain removal"
+            f"- blocks {removed[0]}–{removed[-1]} (cut {cut['cut']}), rule `{prune['selection']['rule']}`, "
+            f"solver `{fit['solver']}`: error left after the map {fit['rel_residual']:.4f} "
+            f"of the stream's energy, against {fit['rel_residual_plain_removal']:.4f} for plain removal"
         )
     cal = prune["calibration"]
     lines += [
-        f"- calibration: {cal['documents']} documents of `{cal['source']}`, {cal['tokens']} tokens "
-        f"(sha256 {cal['sha256']})",
+        f"- calibration: {cal['documents']} documents of `{cal['source']}` packed={cal['packed']}, "
+        f"{cal['tokens']} tokens (sha256 {cal['sha256']})",
         "",
-        "![selection](plots/selection.png)",
+        "![selection profile](plots/selection.png)",
         "",
-        "## Quality (held-out perplexity)",
+        "## Quality",
+        "",
+        f"Held-out perplexity over {prune['evaluation']['tokens']} tokens of "
+        f"`{prune['evaluation']['source']}` ({prune['evaluation']['window']}-token windows), "
+        "the same windows in every runtime.",
         "",
         _table(
+            ["model (PyTorch)", "perplexity"],
             [
                 ["original", q["ppl_original"]],
-                ["plain removal", q["ppl_plain_removal"]],
-                ["pruned", q["ppl_pruned"]],
+                ["plain removal of the same blocks", q["ppl_plain_removal"]],
+                [f"pruned ({prune['solver']['name']})", q["ppl_pruned"]],
             ],
-            ["PyTorch model", "perplexity"],
         ),
         "",
-        f"Fold parity: max |Δlogit| {prune['fold_parity']['max_abs_logit_diff']:.2e} "
-        f"(tolerance {prune['fold_parity']['atol']:.2e}).",
+        f"Fold parity (folded weights vs the map applied explicitly): max |Δlogit| "
+        f"{prune['fold_parity']['max_abs_logit_diff']:.2e}, tolerance {prune['fold_parity']['atol']:.2e}.",
         "",
         "![perplexity](plots/perplexity.png)",
         "",
     ]
-    titles = {
-        "onnx_parity": "onnxruntime vs PyTorch (pruned)",
-        "gguf_parity": "llama.cpp vs PyTorch (pruned)",
-        "onnx_bench": "onnxruntime: original vs pruned",
-        "gguf_bench": "llama.cpp: original vs pruned",
-    }
-    for key, title in titles.items():
-        if outputs.get(key) is None:
-            continue
-        rows = [[k, v] for k, v in _flat(outputs[key]) if not isinstance(v, list | dict)]
-        lines += [f"## {title}", "", _table(rows, ["metric", "value"]), ""]
+    parity = parity_rows(outputs)
+    if parity:
+        lines += [
+            "## Deployables against the pruned PyTorch model",
+            "",
+            _table(
+                [
+                    "runtime",
+                    "type",
+                    "top-1 agreement",
+                    "max abs logit diff",
+                    "mean KL",
+                    "greedy decode match",
+                    "passed",
+                ],
+                parity,
+            ),
+            "",
+        ]
+    if rows:
+        lines += [
+            "## Original vs pruned in each runtime",
+            "",
+            _table(
+                [
+                    "runtime",
+                    "type",
+                    "model",
+                    "blocks",
+                    "size MiB",
+                    "perplexity",
+                    "prefill 128 ms",
+                    "prefill 512 ms",
+                    "prompt tok/s",
+                    "decode tok/s",
+                ],
+                [
+                    [
+                        r["runtime"],
+                        r["type"],
+                        r["model"],
+                        r["blocks"],
+                        r["size_mib"],
+                        r["ppl"],
+                        r["prefill_128_ms"],
+                        r["prefill_512_ms"],
+                        r["prompt_tokens_per_s"],
+                        r["decode_tokens_per_s"],
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+            _table(
+                ["runtime", "prompt speed-up", "decode speed-up", "ideal (L/N)", "perplexity ratio"],
+                _speedups(rows),
+            ),
+            "",
+        ]
     if has_speed:
         lines += ["![speed](plots/speed.png)", ""]
     lines += [
         "## Time per stage",
         "",
-        _table([[k, v] for k, v in report["timings_s"].items()], ["stage", "seconds"]),
+        _table(["stage", "seconds"], [[k, v] for k, v in report["timings_s"].items()]),
     ]
     if report["reused_stages"]:
         lines += ["", "Reused from an earlier run: " + ", ".join(report["reused_stages"]) + "."]
+    lines += [
+        "",
+        "Every number above is in `report.json`; the raw results are in `prune.json` and `checks/`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -204,10 +335,32 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
     for stage, seconds in report["timings_s"].items():
         table.add_row(stage + (" (reused)" if stage in report["reused_stages"] else ""), f"{seconds:.1f}")
     console.print(table)
+    results = Table(title="original → pruned")
+    for column in ("runtime", "perplexity", "prompt tok/s", "decode tok/s"):
+        results.add_column(column)
     q = report["prune"]["quality"]
-    console.print(
-        f"perplexity: original {q['ppl_original']:.2f}, plain removal {q['ppl_plain_removal']:.2f}, "
-        f"pruned {q['ppl_pruned']:.2f}"
+    results.add_row(
+        "PyTorch",
+        f"{q['ppl_original']:.2f} → {q['ppl_pruned']:.2f} (plain removal {q['ppl_plain_removal']:.2f})",
+        "",
+        "",
     )
+    keyed = {(r["runtime"], r["type"], r["model"]): r for r in report["runtimes"]}
+    for (runtime, kind, model), row in keyed.items():
+        if model != "original" or (runtime, kind, "pruned") not in keyed:
+            continue
+        pruned = keyed[(runtime, kind, "pruned")]
+
+        def pair(key: str, fmt: str = "{:.1f}", row=row, pruned=pruned) -> str:
+            a, b = row.get(key), pruned.get(key)
+            return f"{fmt.format(a)} → {fmt.format(b)}" if a and b else ""
+
+        results.add_row(
+            f"{runtime} {kind}",
+            pair("ppl", "{:.2f}"),
+            pair("prompt_tokens_per_s"),
+            pair("decode_tokens_per_s"),
+        )
+    console.print(results)
     status = "all checks passed" if report["all_checks_passed"] else "SOME CHECKS FAILED"
     console.print(f"{status}; report: {run_dir / 'report.md'}")
