@@ -43,15 +43,18 @@ class Tolerance:
 
 # Set from measurements (SmolLM2-135M pruned to 22 blocks, 4 prompts x 96 tokens, and tiny random
 # models of every family), with headroom of ~5-10x on the measured error:
-# - f32: both sides compute in float32 and differ only in summation order; measured max|Δ| ≈ 1e-3
-#   on logits of magnitude ~20, KL ≈ 1e-9, top-1 and greedy decoding identical.
+# - f32 (checked with an f32 KV cache; llama.cpp's default f16 cache alone gives max|Δ| ≈ 0.15 on
+#   SmolLM2): both sides compute in float32 and differ only in summation order; measured max|Δ| ≈ 1e-3
+#   on logits of magnitude ~20, KL ≈ 1e-9, top-1 and greedy decoding identical. Max |Δ| and KL are
+#   the real gates; top-1 is allowed 2 % because random tiny models have near-ties (a tiny Gemma 3
+#   measured 95/96 with KL 3e-9).
 # - f16/bf16: weights rounded to 11/8 mantissa bits; measured on SmolLM2 f16 KL ≈ 2e-4 with
 #   top-1 ≈ 0.99; bf16 (3 fewer bits) about 10x the KL. Greedy decoding may part after a near tie,
 #   so it is reported, not required.
 # - q8_0, q4_k_m: lossy by design; reported, with only a sanity floor on top-1 agreement that
 #   catches a wrong tensor layout or metadata (which gives agreement near 0).
 TOLERANCES: dict[str, Tolerance] = {
-    "f32": Tolerance(min_top1_agreement=0.999, max_mean_kl=1e-5, max_abs_diff=2e-2, min_decode_match=1.0),
+    "f32": Tolerance(min_top1_agreement=0.98, max_mean_kl=1e-5, max_abs_diff=2e-2, min_decode_match=1.0),
     "f16": Tolerance(min_top1_agreement=0.97, max_mean_kl=3e-3, max_abs_diff=None, min_decode_match=None),
     "bf16": Tolerance(min_top1_agreement=0.93, max_mean_kl=3e-2, max_abs_diff=None, min_decode_match=None),
     "q8_0": Tolerance(min_top1_agreement=0.5, max_mean_kl=None, max_abs_diff=None, min_decode_match=None),
@@ -116,7 +119,9 @@ def _torch_greedy(model: Any, ids: list[int], n_new: int) -> list[int]:
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
         new = [int(out.logits[0, -1].argmax())]
         for _ in range(n_new - 1):
-            out = model(input_ids=torch.tensor([[new[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=torch.tensor([[new[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
             new.append(int(out.logits[0, -1].argmax()))
     return new
 
@@ -178,7 +183,10 @@ def validate_gguf(
     agree = positions = 0
     max_abs = 0.0
     kls: list[np.ndarray] = []
-    with llama_cpp_tools.open_model(gguf_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=True) as llm:
+    f32_kv_cache = gguf_type == "f32"
+    with llama_cpp_tools.open_model(
+        gguf_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, f32_kv_cache=f32_kv_cache
+    ) as llm:
         for ids in progress(prompts, desc="(1/2) Comparing logits", total=len(prompts)):
             with torch.inference_mode():
                 ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
@@ -219,6 +227,7 @@ def validate_gguf(
         "tokenization_mismatches": mismatches,
         "tolerance": asdict(tol),
         "n_threads": n_threads,
+        "kv_cache_type": "f32" if f32_kv_cache else "f16",
         "elapsed_s": time.perf_counter() - start,
     }
     failures = _check(result, tol)
@@ -226,11 +235,17 @@ def validate_gguf(
     result["failures"] = failures
     log.info(
         "gguf parity %s: top1=%.4f max|Δ|=%.3g KL=%.3g decode %d/%d",
-        gguf_type, result["top1_agreement"], max_abs, result["mean_kl"], matched, new_tokens,
+        gguf_type,
+        result["top1_agreement"],
+        max_abs,
+        result["mean_kl"],
+        matched,
+        new_tokens,
     )
     if failures and check:
         raise ToleranceError(
-            f"llama.cpp ({gguf_type}) disagrees with PyTorch:\n{format_table([result])}\n" + "; ".join(failures),
+            f"llama.cpp ({gguf_type}) disagrees with PyTorch:\n{format_table([result])}\n"
+            + "; ".join(failures),
             hint="see the numbers above; a wrong layout shows as top-1 agreement near 0",
         )
     return result
@@ -251,7 +266,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gguf_file", metavar="GGUF_FILE", help="GGUF file to check")
-    parser.add_argument("--reference", required=True, metavar="CKPT", help="HF checkpoint it was written from")
+    parser.add_argument(
+        "--reference", required=True, metavar="CKPT", help="HF checkpoint it was written from"
+    )
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts (default 4)")
     parser.add_argument("--tokens", type=int, default=96, help="tokens per prompt incl. BOS (default 96)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
@@ -280,5 +297,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if result["failures"] and not args.report_only:
-        raise ToleranceError(f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"]))
+        raise ToleranceError(
+            f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])
+        )
     return 0

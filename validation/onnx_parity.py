@@ -41,19 +41,23 @@ class Tolerance:
     exact_decode: bool
 
 
-# Where these come from (measured 2026-11-29, onnxruntime 1.32 CPU EP vs torch 2.13 CPU, fp32):
-# - SmolLM2-135M pruned to 22 blocks (optimum flavor), 4 held-out prompts x 96 tokens:
-#   max |Δlogit| 2.9e-5 (logits span about ±30); genai flavor fp32 3.4e-5.
-# - tiny random models of every family (hidden 64, weights scaled x4): max |Δlogit| <= 1.1e-5.
-# fp32 tolerance = 1e-3, about 30x the largest measured difference: far below any change a
-# wrong graph produces (a dropped block, a wrong mask or RoPE moves logits by > 0.1).
-# fp16: half precision through 22-30 blocks; measured max |Δlogit| ~0.05 on SmolLM2 -> 0.5.
-# int4 (genai MatMulNBits, block 32): logits move by ~1 by design; only top-1 agreement is
-# checked, measured 0.87-0.90 on SmolLM2 pruned -> 0.75.
+# Where these come from (measured 2026-11-29: onnxruntime 1.32 CPU EP vs torch 2.13 CPU, 4 held-out
+# prompts of up to 96 tokens = 269 positions, 32 greedy tokens each):
+# - fp32, SmolLM2-135M with 8 blocks removed (22 blocks; logits span about +-30): prefill max |Δlogit|
+#   4.1e-4 (optimum flavor) and 5.0e-4 (genai flavor), decode max 2.2e-4, all tokens identical.
+#   Tiny random models of every family: <= 2.4e-6. Tolerance 5e-3 = 10x the largest measured value,
+#   still far below what a wrong graph produces (the genai Gemma 2 graph with a misplaced sliding
+#   window, measured: 0.83, top-1 agreement 0.30).
+# - fp16 (optimum, CPU EP), same model: max |Δlogit| 0.103, top-1 agreement 1.0 -> 0.5 (about 5x);
+#   greedy tokens may legitimately differ after a near-tie, so decode is not required to match.
+# - int4 (genai, MatMulNBits block 32, symmetric RTN): logits move by ~2 on average by design, so only
+#   top-1 agreement is checked. Measured on SmolLM2-135M: 0.66 for the original 30 blocks, 0.23-0.32
+#   for the 22-block plain cut. 0.5 = "agrees on at least half the next-token choices"; below that
+#   the int4 file is not the same model, and the check says so.
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs_diff=1e-3, min_top1_agreement=0.99, exact_decode=True),
+    "fp32": Tolerance(max_abs_diff=5e-3, min_top1_agreement=0.99, exact_decode=True),
     "fp16": Tolerance(max_abs_diff=0.5, min_top1_agreement=0.95, exact_decode=False),
-    "int4": Tolerance(max_abs_diff=None, min_top1_agreement=0.75, exact_decode=False),
+    "int4": Tolerance(max_abs_diff=None, min_top1_agreement=0.5, exact_decode=False),
 }
 DEFAULT_PROMPTS = 4
 DEFAULT_PROMPT_TOKENS = 96
@@ -78,10 +82,14 @@ def heldout_prompts(tokenizer: Any, n_prompts: int, prompt_tokens: int) -> list[
         prompts.append(([bos] if bos is not None else []) + body)
         if len(prompts) == n_prompts:
             return prompts
-    raise ConfigError(f"the held-out text has only {len(prompts)} documents of >= {_MIN_PROMPT_TOKENS} tokens")
+    raise ConfigError(
+        f"the held-out text has only {len(prompts)} documents of >= {_MIN_PROMPT_TOKENS} tokens"
+    )
 
 
-def _torch_greedy(model: Any, prompt: list[int], new_tokens: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+def _torch_greedy(
+    model: Any, prompt: list[int], new_tokens: int
+) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
     """Prefill logits ``[T, V]``, then ``new_tokens`` greedy tokens through transformers' cache."""
     import torch
 
@@ -185,7 +193,12 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     atol = tol["max_abs_diff"]
     atol_text = "not checked" if atol is None else f"<= {atol:.1e}"
     return [
-        ("prefill max |Δlogit|", f"{result['max_abs_diff']:.3e}", atol_text, ok("max_abs_diff", atol is not None)),
+        (
+            "prefill max |Δlogit|",
+            f"{result['max_abs_diff']:.3e}",
+            atol_text,
+            ok("max_abs_diff", atol is not None),
+        ),
         ("prefill mean |Δlogit|", f"{result['mean_abs_diff']:.3e}", "", ""),
         (
             "prefill top-1 agreement",
@@ -205,7 +218,12 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "all (ties excepted)" if tol["exact_decode"] else "not checked",
             ok("decode_match", tol["exact_decode"]),
         ),
-        ("decode max |Δlogit|", f"{result['decode_max_abs_diff']:.3e}", atol_text, ok("decode_max_abs_diff", atol is not None)),
+        (
+            "decode max |Δlogit|",
+            f"{result['decode_max_abs_diff']:.3e}",
+            atol_text,
+            ok("decode_max_abs_diff", atol is not None),
+        ),
     ]
 
 
@@ -214,9 +232,8 @@ def format_table(result: dict[str, Any]) -> str:
     header = ("check", "value", "tolerance", "")
     rows = [header, *_rows(result)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        f"onnx parity [{result['flavor']}, {result['precision']}]: {result['onnx_dir']} vs {result['reference']}"
-    ]
+    title = f"onnx parity [{result['flavor']}, {result['precision']}]"
+    lines = [f"{title}: {result['onnx_dir']} vs {result['reference']}"]
     for r in rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
     return "\n".join(lines)

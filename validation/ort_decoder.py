@@ -82,7 +82,12 @@ class OrtDecoder:
         self.providers = providers or default_providers()
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-        load_errors = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile)
+        load_errors = (
+            ort_errors.Fail,
+            ort_errors.InvalidGraph,
+            ort_errors.InvalidProtobuf,
+            ort_errors.NoSuchFile,
+        )
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
         except load_errors as e:
@@ -191,6 +196,21 @@ class OrtDecoder:
             logits, past = self._run_bound(np.array([[token]], np.int64), past, past_len)
             past_len += 1
         return tokens, kept
+
+    def greedy_timed(self, prompt: list[int] | np.ndarray, steps: int) -> tuple[float, float]:
+        """Prefill ``prompt``, then ``steps`` single-token decode steps; (prefill_s, decode_s)."""
+        import time
+
+        ids = np.asarray(prompt, dtype=np.int64)[None]
+        start = time.perf_counter()
+        logits, past = self._run_bound(ids, None, 0)
+        prefilled = time.perf_counter()
+        past_len = ids.shape[1]
+        for _ in range(steps):
+            token = np.array([[int(logits[0].argmax())]], np.int64)
+            logits, past = self._run_bound(token, past, past_len)
+            past_len += 1
+        return prefilled - start, time.perf_counter() - prefilled
 
     def prefill(self, prompt: list[int] | np.ndarray) -> np.ndarray:
         """One IO-bound prefill of ``prompt`` (batch 1); returns the last position's logits."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_bars", "plot_selection_profile"]
+__all__ = ["plot_bars", "plot_selection_profile", "plot_speedups"]
 
 
 def _pyplot():
@@ -73,6 +73,27 @@ def plot_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], path
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], list(groups))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_speedups(speedups: dict[str, float], ideal: float | None, path: Path) -> Path:
+    """Pruned-over-original speed per runtime and phase, against the ideal L/N."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(speedups)), 3.8))
+    labels = list(speedups)
+    bars = ax.bar(range(len(labels)), [speedups[k] for k in labels], color="tab:orange")
+    ax.bar_label(bars, fmt="×%.2f", fontsize=8)
+    if ideal:
+        ax.axhline(ideal, color="tab:green", linestyle="--", label=f"ideal L/N = ×{ideal:.2f}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("pruned / original speed")
+    ax.set_title("Speed-up of the pruned model (higher is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .plots import plot_bars, plot_selection_profile
+from .plots import plot_bars, plot_selection_profile, plot_speedups
 
 __all__ = ["print_summary", "runtime_rows", "write_report"]
 
@@ -181,19 +181,20 @@ def write_report(
             "pruned": quality["ppl_pruned"],
         }
     }
-    speed_groups: dict[str, dict[str, float]] = {}
     for row in rows:
-        label = f"{row['runtime']} {row['type']}"
         if row["ppl"] is not None:
-            ppl_groups.setdefault(label, {})[row["model"]] = row["ppl"]
-        for key, name in (("prompt_tokens_per_s", "prompt"), ("decode_tokens_per_s", "decode")):
-            if row[key]:
-                speed_groups.setdefault(f"{label}\n{name}", {})[row["model"]] = row[key]
+            ppl_groups.setdefault(f"{row['runtime']} {row['type']}", {})[row["model"]] = row["ppl"]
     plot_bars("Held-out perplexity (lower is better)", "perplexity", ppl_groups, plots / "perplexity.png")
-    if speed_groups:
-        plot_bars("Speed (higher is better)", "tokens/s", speed_groups, plots / "speed.png")
+    speedups = {}
+    for label, prompt, decode, _ideal, _ppl in _speedups(rows):
+        if prompt:
+            speedups[f"{label} prompt"] = prompt
+        if decode:
+            speedups[f"{label} decode"] = decode
+    if speedups:
+        plot_speedups(speedups, prune["L"] / prune["N"], plots / "speed.png")
     _write(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, bool(speed_groups)))
+    _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, bool(speedups)))
     return report
 
 

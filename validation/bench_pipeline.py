@@ -1,0 +1,517 @@
+"""Calibration throughput and memory: our pipeline against a straightforward two-pass baseline.
+
+Variants, each run in its own child process (so peak memory is its own), on the same
+calibration set of the default model:
+
+* ``baseline``: the two-pass design of the reference implementation, re-created here: the whole
+  model in memory; pass 1 runs the full forward with ``output_hidden_states=True`` and the LM head
+  for every batch, keeps every hidden state of every batch, and takes the cut with the smallest
+  last-token angular distance from them; pass 2 runs the full forward again to accumulate the
+  float64 least-squares sums of the chosen cut, then solves.
+* ``in_memory``: ``survey_candidates`` (one pass: distances and sums of every candidate, stopping
+  after the deepest block needed) + ``fit_cut``.
+* ``sequential``: the same block by block (``survey_sequential`` + ``fit_cut_sequential``).
+* ``sequential_distance``: block by block with the baseline's own rule (smallest last-token
+  distance): one pass keeps the activations the sums need and accumulates the chosen cut's only.
+
+The baseline selects by distance; ``in_memory`` and ``sequential`` use ``--select`` (default
+``fit``, which needs every candidate's sums: more work than the baseline's rule).
+
+Throughput is calibration tokens / wall time of calibration + fit (model loading is reported
+separately). Peak memory: the child's peak RSS (sampled, and ``ru_maxrss``), and CUDA
+``max_memory_allocated`` on GPUs. Repeats alternate the order, since the machine may be shared.
+
+``--8b`` part: a Llama-3-8B-shaped checkpoint with random bf16 weights is written shard by
+shard (never whole in memory), then pruned end to end with ``prune_sequential``.
+
+    python -m validation.bench_pipeline --out out/bench-pipeline.json [--skip-8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LLAMA3_8B_SHAPE", "main", "two_pass_baseline", "write_random_checkpoint"]
+
+LLAMA3_8B_SHAPE = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+VARIANTS = ("baseline", "in_memory", "sequential", "sequential_distance")
+
+
+class _RssSampler:
+    """Peak resident memory of this process, sampled every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+# --- the baseline ------------------------------------------------------------------------------
+def _angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def two_pass_baseline(model: Any, adapter: Any, calibration: Any, n: int, alpha: float) -> dict[str, Any]:
+    """The reference's two passes: every hidden state kept, then a second full pass for the sums."""
+    device = next(model.parameters()).device
+    timings: dict[str, float] = {}
+    start_time = time.perf_counter()
+    kept_states: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for ids, mask in calibration.batches:
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            kept_states.append([h.detach().cpu() for h in out.hidden_states])
+            del out
+    timings["pass1_forward"] = time.perf_counter() - start_time
+
+    start_time = time.perf_counter()
+    n_layers = len(adapter.blocks(model))
+    distances = {}
+    for s in range(1, n_layers - n + 1):
+        total, count = 0.0, 0
+        for (_ids, mask), states in zip(calibration.batches, kept_states, strict=True):
+            last = mask.sum(dim=1) - 1
+            rows = torch.arange(mask.shape[0])
+            total += float(_angular(states[s][rows, last], states[s + n][rows, last]).sum())
+            count += int(mask.shape[0])
+        distances[s] = total / count
+    chosen = min(distances, key=lambda s: (distances[s], s))
+    del kept_states
+    timings["distances"] = time.perf_counter() - start_time
+
+    start_time = time.perf_counter()
+    d = model.config.hidden_size
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    cross = torch.zeros(d, d, dtype=torch.float64)
+    captured: dict[str, torch.Tensor] = {}
+    block = adapter.block(model, chosen - 1)
+    handle = adapter.mlp_output_module(block).register_forward_hook(
+        lambda _m, _i, output: captured.__setitem__("mlp", output.detach())
+    )
+    try:
+        with torch.inference_mode():
+            for ids, mask in calibration.batches:
+                out = model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+                real = mask.bool().to(device)
+                m = captured.pop("mlp")[real].double()
+                before = out.hidden_states[chosen][real].double()
+                after = out.hidden_states[chosen + n][real].double()
+                gram += (m.T @ m).cpu()
+                cross += (m.T @ (after - before + m)).cpu()
+                del out
+    finally:
+        handle.remove()
+    timings["pass2_forward_sums"] = time.perf_counter() - start_time
+    start_time = time.perf_counter()
+    transform = torch.linalg.solve(gram + alpha * torch.eye(d, dtype=torch.float64), cross)
+    timings["solve"] = time.perf_counter() - start_time
+    return {"cut": [chosen, chosen + n], "timings_s": timings, "transform_norm": float(transform.norm())}
+
+
+# --- one variant in a child process ---------------------------------------------------------------
+def _calibration(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from rmexport.calib.corpus import load_corpus
+    from rmexport.calib.tokens import calibration_batches
+
+    return calibration_batches(
+        load_corpus("builtin"),
+        tokenizer,
+        n_samples=args.documents,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+    )
+
+
+def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    from rmexport.arch import adapter_for
+    from rmexport.models import checkpoint_dir, load_model, load_tokenizer, resolve
+    from rmexport.replaceme.select import choose_start, cut_size
+
+    torch.set_grad_enabled(False)
+    source = resolve(args.model)
+    result: dict[str, Any] = {"variant": args.variant}
+    with _RssSampler() as sampler:
+        tokenizer = load_tokenizer(source)
+        calibration = _calibration(args, tokenizer)
+        result["calibration_tokens"] = calibration.n_tokens
+        t0 = time.perf_counter()
+        if args.variant.startswith("sequential"):
+            from rmexport.sequential.blocks import ModelSkeleton
+            from rmexport.sequential.calibrate import fit_cut_sequential, survey_sequential
+
+            skeleton = ModelSkeleton(checkpoint_dir(source), device=args.device, compute_dtype=args.dtype)
+            adapter, n_layers = skeleton.adapter, len(skeleton.layers)
+        else:
+            model = load_model(source, dtype=args.dtype, device=args.device)
+            adapter, n_layers = adapter_for(model.config), model.config.num_hidden_layers
+        load_s = time.perf_counter() - t0
+        n = cut_size(n_layers, args.ratio)
+        t0 = time.perf_counter()
+        if args.variant == "baseline":
+            out = two_pass_baseline(model, adapter, calibration, n, args.alpha)
+            result |= {"cut": out["cut"], "stages_s": out["timings_s"]}
+        elif args.variant == "in_memory":
+            from rmexport.replaceme.survey import fit_cut, survey_candidates
+
+            survey = survey_candidates(model, adapter, calibration, n, alpha=args.alpha)
+            t1 = time.perf_counter()
+            start = choose_start(survey.scores("last"), args.select)
+            fit_cut(model, adapter, calibration, survey, start, alpha=args.alpha)
+            result |= {
+                "cut": [start, start + n],
+                "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},
+            }
+        else:
+            select = "distance" if args.variant == "sequential_distance" else args.select
+            survey = survey_sequential(
+                skeleton, calibration, n, alpha=args.alpha, shortlist_only=select == "distance"
+            )
+            t1 = time.perf_counter()
+            start = choose_start(survey.scores("last"), select)
+            fit_cut_sequential(skeleton, calibration, survey, start, alpha=args.alpha)
+            result |= {
+                "cut": [start, start + n],
+                "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},
+            }
+        calibrate_s = time.perf_counter() - t0
+    result |= {
+        "load_s": round(load_s, 2),
+        "calibrate_s": round(calibrate_s, 2),
+        "tokens_per_s": round(calibration.n_tokens / calibrate_s, 1),
+        "stages_s": {k: round(v, 2) for k, v in result["stages_s"].items()},
+        "peak_rss_mib": _mib(sampler.peak),
+        "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        result["cuda_max_memory_allocated_mib"] = _mib(torch.cuda.max_memory_allocated())
+    return result
+
+
+# --- the 8B-shaped model ------------------------------------------------------------------------
+def write_random_checkpoint(
+    target: Path,
+    shape: dict[str, Any],
+    tokenizer_dir: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """A Llama checkpoint of ``shape`` with random weights, written one shard (≈ 4 blocks) at a
+    time; tokenizer files are copied from ``tokenizer_dir`` (their ids must be < vocab_size)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*size: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator) / math.sqrt(fan_in)).to(dtype)
+
+    def block(j: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{j}."
+        return {
+            p + "self_attn.q_proj.weight": random(d, d, fan_in=d),
+            p + "self_attn.k_proj.weight": random(kv, d, fan_in=d),
+            p + "self_attn.v_proj.weight": random(kv, d, fan_in=d),
+            p + "self_attn.o_proj.weight": random(d, d, fan_in=d),
+            p + "mlp.gate_proj.weight": random(f, d, fan_in=d),
+            p + "mlp.up_proj.weight": random(f, d, fan_in=d),
+            p + "mlp.down_proj.weight": random(d, f, fan_in=f),
+            p + "input_layernorm.weight": torch.ones(d, dtype=dtype),
+            p + "post_attention_layernorm.weight": torch.ones(d, dtype=dtype),
+        }
+
+    groups: list[list[Any]] = (
+        [["embed"]] + [list(range(j, min(j + 4, L))) for j in range(0, L, 4)] + [["head"]]
+    )
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, group in enumerate(groups, 1):
+        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for item in group:
+            if item == "embed":
+                tensors["model.embed_tokens.weight"] = random(config.vocab_size, d, fan_in=1)
+            elif item == "head":
+                tensors["model.norm.weight"] = torch.ones(d, dtype=dtype)
+                tensors["lm_head.weight"] = random(config.vocab_size, d, fan_in=d)
+            else:
+                tensors |= block(item)
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+        for key, value in tensors.items():
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(tmp)
+    for item in tokenizer_dir.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")) or item.name == "chat_template.jinja":
+            shutil.copy2(item, tmp / item.name)
+    os.replace(tmp, target)
+    return target
+
+
+def _run_8b(args: argparse.Namespace) -> dict[str, Any]:
+    from rmexport.models import DEFAULT_MODEL, checkpoint_dir, resolve
+    from rmexport.prune import PruneOptions
+    from rmexport.prune_sequential import prune_sequential
+
+    torch.set_grad_enabled(False)
+    result: dict[str, Any] = {"variant": "prune_8b", "shape": LLAMA3_8B_SHAPE}
+    checkpoint = Path(args.dir_8b) / "hf"
+    with _RssSampler() as sampler:
+        t0 = time.perf_counter()
+        write_random_checkpoint(checkpoint, LLAMA3_8B_SHAPE, Path(checkpoint_dir(resolve(DEFAULT_MODEL))))
+        result["write_s"] = round(time.perf_counter() - t0, 1)
+        result["write_peak_rss_mib"] = _mib(sampler.peak)
+        result["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        options = PruneOptions(
+            ratio=args.ratio,
+            calib_samples=args.documents_8b,
+            seq_len=args.seq_len_8b,
+            batch_size=args.batch_size_8b,
+            alpha=args.alpha_8b,
+            select=args.select_8b,
+        )
+        t0 = time.perf_counter()
+        record = prune_sequential(
+            resolve(str(checkpoint)),
+            options,
+            Path(args.dir_8b) / "out",
+            device=args.device,
+            compute_dtype=args.dtype_8b,
+        )
+        result["prune_s"] = round(time.perf_counter() - t0, 1)
+    sequences = record["calibration"]["sequences"]
+    result |= {
+        "calibration": record["calibration"],
+        "cut": record["cuts"][0]["cut"],
+        "timings_s": record["timings_s"],
+        "path": record["path"],
+        "fold_parity": record["fold_parity"],
+        "peak_rss_mib": _mib(sampler.peak),
+        "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "calibration_sequences": sequences,
+        "output_bytes": sum(
+            p.stat().st_size for p in (Path(args.dir_8b) / "out" / "hf").glob("*.safetensors")
+        ),
+    }
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        result["cuda_max_memory_allocated_mib"] = _mib(torch.cuda.max_memory_allocated())
+    return result
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def _child(variant: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    out = Path(args.work) / f"{variant}-{time.monotonic_ns()}.json"
+    command = [
+        sys.executable,
+        "-m",
+        "validation.bench_pipeline",
+        "--child",
+        variant,
+        "--child-json",
+        str(out),
+    ]
+    command += extra
+    env = os.environ | {"RMEXPORT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    subprocess.run(command, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model", args.model, "--documents", str(args.documents), "--seq-len", str(args.seq_len),
+        "--batch-size", str(args.batch_size), "--ratio", str(args.ratio), "--alpha", str(args.alpha),
+        "--select", args.select, "--device", args.device, "--dtype", str(args.dtype).removeprefix("torch."),
+        "--dir-8b", args.dir_8b, "--documents-8b", str(args.documents_8b),
+        "--seq-len-8b", str(args.seq_len_8b),
+        "--batch-size-8b", str(args.batch_size_8b), "--alpha-8b", str(args.alpha_8b),
+        "--select-8b", args.select_8b, "--dtype-8b", str(args.dtype_8b).removeprefix("torch."),
+    ]  # fmt: skip
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_variant.setdefault(run["variant"], []).append(run)
+    summary: dict[str, Any] = {}
+    for variant, items in by_variant.items():
+        rates = sorted(r["tokens_per_s"] for r in items)
+        summary[variant] = {
+            "tokens_per_s_median": rates[len(rates) // 2],
+            "tokens_per_s_best": rates[-1],
+            "calibrate_s": [r["calibrate_s"] for r in items],
+            "peak_rss_mib_max": max(r["peak_rss_mib"] for r in items),
+            "cut": items[0]["cut"],
+        }
+    base = summary.get("baseline", {}).get("tokens_per_s_median")
+    if base:
+        for variant in VARIANTS[1:]:
+            if variant in summary:
+                summary[variant]["throughput_vs_baseline"] = round(
+                    summary[variant]["tokens_per_s_median"] / base, 2
+                )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m validation.bench_pipeline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--documents", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--alpha", type=float, default=0.0)
+    parser.add_argument("--select", default="fit", choices=("distance", "fit"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="model/compute dtype of the small-model runs")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, order alternating")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--skip-8b", action="store_true", help="skip the Llama-3-8B-shaped run")
+    parser.add_argument("--only-8b", action="store_true")
+    parser.add_argument("--dir-8b", default="/work/bench-8b", help="where the 8B-shaped model is written")
+    parser.add_argument("--keep-8b", action="store_true", help="keep the 8B-shaped checkpoint afterwards")
+    parser.add_argument("--documents-8b", type=int, default=8, help="calibration documents (≈ sequences)")
+    parser.add_argument("--seq-len-8b", type=int, default=128)
+    parser.add_argument("--batch-size-8b", type=int, default=4)
+    parser.add_argument("--alpha-8b", type=float, default=1e-2, help="ridge: fewer tokens than dimensions")
+    parser.add_argument("--select-8b", default="fit", choices=("distance", "fit"))
+    parser.add_argument("--dtype-8b", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("out/bench-pipeline.json"))
+    parser.add_argument(
+        "--work", default=None, help="folder for the children's JSON (default: next to --out)"
+    )
+    parser.add_argument("--child", choices=(*VARIANTS, "prune_8b"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    args.dtype_8b = getattr(torch, args.dtype_8b)
+
+    if args.child:
+        args.variant = args.child
+        result = _run_8b(args) if args.child == "prune_8b" else _run_variant(args)
+        Path(args.child_json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or str(args.out.parent / ".bench-pipeline")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    extra = _passthrough(args)
+    report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    if not args.only_8b:
+        variants = [v for v in args.variants.split(",") if v]
+        for repeat in range(args.repeats):
+            order = variants if repeat % 2 == 0 else variants[::-1]
+            for variant in order:
+                run = _child(variant, args, extra)
+                report["runs"].append(run)
+                print(
+                    f"{variant:>10}: {run['tokens_per_s']:8.1f} tok/s, calibrate {run['calibrate_s']:6.1f} s "
+                    f"{run['stages_s']}, load {run['load_s']} s, peak RSS {run['peak_rss_mib']:.0f} MiB, "
+                    f"cut {run['cut']}",
+                    flush=True,
+                )
+        report["summary"] = _summary(report["runs"])
+        for variant, row in report["summary"].items():
+            ratio = row.get("throughput_vs_baseline")
+            print(
+                f"{variant:>10}: median {row['tokens_per_s_median']:.1f} tok/s"
+                + (f", {ratio:.2f}x baseline" if ratio else "")
+                + f", peak RSS {row['peak_rss_mib_max']:.0f} MiB"
+            )
+    if not args.skip_8b:
+        free = shutil.disk_usage(
+            Path(args.dir_8b).parent if not Path(args.dir_8b).exists() else args.dir_8b
+        ).free
+        if free < 40e9 and not (Path(args.dir_8b) / "hf" / "config.json").is_file():
+            print(f"skipping the 8B-shaped run: {free / 1e9:.0f} GB free, it needs ~30 GB")
+        else:
+            try:
+                run = _child("prune_8b", args, extra)
+            finally:
+                if not args.keep_8b:
+                    shutil.rmtree(args.dir_8b, ignore_errors=True)
+            report["prune_8b"] = run
+            print(
+                f"8B-shaped: prune {run['prune_s']} s {run['timings_s']}, "
+                f"peak RSS {run['peak_rss_mib']:.0f} MiB "
+                f"(ru_maxrss {run['ru_maxrss_mib']:.0f} MiB), written in {run['write_s']} s, cut {run['cut']}"
+            )
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
