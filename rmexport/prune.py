@@ -166,6 +166,7 @@ def _choose_and_fit(
         solver=options.solver,
         alpha=options.alpha,
         cosine=options.cosine,
+        selection=selection,
         step=step,
     )
     return (start, start + n), result, table
@@ -228,7 +229,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             seed=options.seed,
         )
         selection = None
-        if options.select == "loss":
+        if options.select == "loss" or options.solver == "cosine":
             selection = calibration_batches(
                 calib_corpus,
                 tokenizer,
@@ -467,7 +468,11 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
         "--solver",
         choices=("lstsq", "cosine"),
         default="lstsq",
-        help="lstsq: float64 normal equations (default); cosine: Adam on the cosine loss, started from lstsq",
+        help=(
+            "lstsq: float64 normal equations (default); cosine: Adam on the cosine loss, started from "
+            "lstsq, kept only if the pruned model does no worse than with lstsq on 64 calibration "
+            "documents set aside"
+        ),
     )
     method.add_argument(
         "--alpha", type=float, default=0.0, help="ridge term added to the normal equations (default 0)"

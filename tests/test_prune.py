@@ -141,6 +141,8 @@ def test_cosine_solver_starts_from_lstsq_and_does_not_get_worse(tiny_checkpoints
     fit = record["cuts"][0]["fit"]
     assert fit["solver"] == "cosine"
     assert min(fit["loss_curve"]) <= fit["loss_curve"][0]
+    losses = fit["selection_loss"]
+    assert fit["kept"] == ("cosine" if losses["cosine"] <= losses["lstsq"] else "lstsq")
     assert record["fold_parity"]["passed"]
 
 

@@ -105,7 +105,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 transform = None
                 if solver != "removal":
                     result = fit_cut(
-                        model, adapter, calibration, survey, start, solver=solver, cosine=CosineSettings()
+                        model,
+                        adapter,
+                        calibration,
+                        survey,
+                        start,
+                        solver=solver,
+                        cosine=CosineSettings(),
+                        selection=selection,
                     )
                     transform = result.transform
                 pruned = _pruned_copy(model, adapter, start, n, transform)

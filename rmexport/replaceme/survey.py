@@ -127,9 +127,13 @@ def fit_cut(
     solver: str = "lstsq",
     alpha: float = 0.0,
     cosine: CosineSettings | None = None,
+    selection: CalibrationSet | None = None,
     step: str = "",
 ) -> FitResult:
-    """The map for the cut ``[start, start + n)``: least squares, or cosine started from it."""
+    """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
+
+    A lower cosine loss does not always mean a better model. With ``selection`` text, the cosine
+    map is kept only if the pruned model's loss on it is no worse than with the LS map."""
     cut = (start, start + survey.n)
     if start not in survey.stats:
         _, extra = collect(model, adapter, calibration, n=survey.n, starts=[start], stats_for=[start])
@@ -141,6 +145,16 @@ def fit_cut(
             model, adapter, calibration, cut, desc=f"{step} Collecting".strip()
         )
         result = cosine_fit(inputs, targets, survey.maps[start], cosine or CosineSettings())
+        if selection is not None:
+            losses = {
+                name: selection_loss(model, adapter, survey, [start], selection, {start: t})[start]
+                for name, t in (("lstsq", survey.maps[start]), ("cosine", result.transform))
+            }
+            result.details["selection_loss"] = losses
+            if losses["cosine"] > losses["lstsq"]:
+                result = FitResult(survey.maps[start], "cosine", result.details | {"kept": "lstsq"})
+            else:
+                result.details["kept"] = "cosine"
     else:
         result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
     identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)
@@ -159,16 +173,18 @@ def selection_loss(
     survey: CandidateSurvey,
     candidates: list[int],
     selection: CalibrationSet,
+    maps: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, float]:
-    """Mean next-token loss of the model pruned at each candidate (with its LS map folded in),
-    on calibration text set aside for selection. The model is restored after each trial."""
+    """Mean next-token loss of the model pruned at each candidate (with its map folded in: the LS
+    map unless ``maps`` gives another), on calibration text set aside for selection. The model is
+    restored after each trial."""
     from .apply import remove_blocks
     from .checks import apply_fold
 
     losses: dict[int, float] = {}
     for start in candidates:
         blocks_before = adapter.blocks(model)
-        fold = apply_fold(adapter, blocks_before[start - 1], survey.maps[start])
+        fold = apply_fold(adapter, blocks_before[start - 1], (maps or survey.maps)[start])
         config_before = model.config.to_dict()
         try:
             remove_blocks(model, adapter, (start, start + survey.n))
