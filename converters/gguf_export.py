@@ -69,7 +69,9 @@ def _gguf_type(name: str) -> GGUFType:
     try:
         return GGUF_TYPES[name]
     except KeyError:
-        raise ConfigError(f"unknown GGUF type {name!r}", hint="choose one of " + ", ".join(GGUF_TYPES)) from None
+        raise ConfigError(
+            f"unknown GGUF type {name!r}", hint="choose one of " + ", ".join(GGUF_TYPES)
+        ) from None
 
 
 def _model_arch(adapter: ArchAdapter) -> gguf.MODEL_ARCH:
@@ -86,7 +88,9 @@ def _safetensors_files(checkpoint: Path) -> list[Path]:
         return [checkpoint / n for n in names]
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
-        raise ExportError(f"no *.safetensors weights in {checkpoint}", hint="save the model with save_pretrained")
+        raise ExportError(
+            f"no *.safetensors weights in {checkpoint}", hint="save the model with save_pretrained"
+        )
     return files
 
 
@@ -135,7 +139,9 @@ def _plan(checkpoint: Path, config: Any, adapter: ArchAdapter) -> list[_Planned]
             raise ExportError(f"can not map tensor {hf_name!r} to a {adapter.gguf_arch} GGUF tensor")
         kind, gguf_name = found
         parts = gguf_name.split(".")
-        block = int(parts[1]) if parts[0] == "blk" else (-1 if kind == gguf.MODEL_TENSOR.TOKEN_EMBD else 1 << 30)
+        block = (
+            int(parts[1]) if parts[0] == "blk" else (-1 if kind == gguf.MODEL_TENSOR.TOKEN_EMBD else 1 << 30)
+        )
         planned.append(_Planned(gguf_name, kind, hf_name, ref, block))
     planned.sort(key=lambda p: (p.block, p.gguf_name))
     names = [p.gguf_name for p in planned]
@@ -153,7 +159,9 @@ def _prepare(p: _Planned, config: Any, adapter: ArchAdapter) -> np.ndarray:
         if p.kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = _permute_rope_rows(data, config.num_attention_heads)
         elif p.kind == gguf.MODEL_TENSOR.ATTN_K:
-            data = _permute_rope_rows(data, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            data = _permute_rope_rows(
+                data, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            )
     return np.ascontiguousarray(data, dtype=np.float32)
 
 
@@ -208,7 +216,8 @@ def _write(checkpoint: Path, config: Any, adapter: ArchAdapter, path: Path, gtyp
         rope_factors = gguf_metadata.llama3_rope_factors(config)
         if rope_factors is not None:
             writer.add_tensor(
-                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", np.array(rope_factors, np.float32)
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                np.array(rope_factors, np.float32),
             )
         for p in progress(planned, desc="(1/2) Converting tensors", total=len(planned)):
             data, raw_dtype = _encode(_prepare(p, config, adapter), gtype)
@@ -232,7 +241,9 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16")
     adapter = adapter_for(config)
     problem = gguf_metadata.runtime_problem(config, adapter)
     if problem:
-        raise ExportError(f"llama.cpp cannot represent this model: {problem}", hint="choose another cut, or export ONNX")
+        raise ExportError(
+            f"llama.cpp cannot represent this model: {problem}", hint="choose another cut, or export ONNX"
+        )
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -245,12 +256,19 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16")
             llama_cpp_tools.quantize(f32_tmp, tmp, gtype.name)
         else:
             _write(checkpoint, config, adapter, tmp, gtype)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it the usual mode
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
         f32_tmp.unlink(missing_ok=True)
     log.info("wrote %s (%s, %.1f MiB)", out, gtype.name, out.stat().st_size / 2**20)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:

@@ -170,7 +170,9 @@ def _rope_scaling_metadata(config: Any, arch: str) -> Metadata:
             Keys.Rope.SCALING_FACTOR.format(arch=arch): _f32(rope["factor"]),
         }
         if kind == "yarn" and rope.get("original_max_position_embeddings"):
-            meta[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = _u32(rope["original_max_position_embeddings"])
+            meta[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = _u32(
+                rope["original_max_position_embeddings"]
+            )
         return meta
     return {}  # llama3 scaling travels as the rope_freqs tensor
 

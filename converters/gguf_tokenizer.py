@@ -165,7 +165,9 @@ def tokenizer_metadata(checkpoint: str | Path, vocab_size: int) -> Metadata:
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     if not getattr(tokenizer, "is_fast", False):
-        raise ExportError("the GGUF writer needs a fast (tokenizer.json) tokenizer", hint="save it with transformers")
+        raise ExportError(
+            "the GGUF writer needs a fast (tokenizer.json) tokenizer", hint="save it with transformers"
+        )
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
     if tokenizer_json.get("model", {}).get("type") != "BPE":
         raise ExportError(f"tokenizer model {tokenizer_json.get('model', {}).get('type')!r} is not BPE")

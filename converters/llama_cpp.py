@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+_GGML_TYPE_F32 = 0  # ggml_type enum value
 
 # Our type names -> llama_ftype values (llama.h's enum, as the binding exposes it).
 LLAMA_FTYPES = {
@@ -69,9 +72,18 @@ def library_info() -> dict[str, str]:
 
 @contextlib.contextmanager
 def open_model(
-    path: str | Path, *, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = False
+    path: str | Path,
+    *,
+    n_ctx: int = 512,
+    n_threads: int | None = None,
+    logits_all: bool = False,
+    f32_kv_cache: bool = False,
 ) -> Iterator[Any]:
-    """A loaded ``llama_cpp.Llama`` (CPU, no mmap surprises), closed on exit."""
+    """A loaded ``llama_cpp.Llama`` on the CPU, closed on exit.
+
+    llama.cpp keeps its KV cache in f16 by default; ``f32_kv_cache`` keeps it in f32, so that an
+    f32 GGUF can be compared with PyTorch without that rounding.
+    """
     llama_cpp = llama_module()
     threads = n_threads or default_threads()
     try:
@@ -86,9 +98,12 @@ def open_model(
             n_gpu_layers=0,
             seed=0,
             verbose=False,
+            **({"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if f32_kv_cache else {}),
         )
     except ValueError as e:
-        raise ExportError(f"llama.cpp could not load {path}: {e}", hint="run with -v to see llama.cpp's log") from e
+        raise ExportError(
+            f"llama.cpp could not load {path}: {e}", hint="run with -v to see llama.cpp's log"
+        ) from e
     try:
         yield model
     finally:
@@ -110,13 +125,15 @@ def tokenize(model: Any, text: str) -> list[int]:
 def quantize(source: str | Path, target: str | Path, type_name: str, *, n_threads: int | None = None) -> None:
     """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
     llama_cpp = llama_module()
+    from llama_cpp import _logger as llama_cpp_logger
+
+    # libllama logs every tensor while quantizing; show that only when we log at DEBUG.
+    llama_cpp_logger.set_verbose(log.isEnabledFor(logging.DEBUG))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[type_name])
     params.nthread = n_threads or default_threads()
     start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(target).encode(), ctypes.byref(params)
-    )
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if rc != 0:
         raise ExportError(f"llama.cpp's quantizer failed for {type_name} (return code {rc})")
     log.info("llama.cpp quantized to %s in %.1f s", type_name, time.perf_counter() - start)

@@ -18,8 +18,10 @@ The baseline selects by distance; ``in_memory`` and ``sequential`` use ``--selec
 ``fit``, which needs every candidate's sums: more work than the baseline's rule).
 
 Throughput is calibration tokens / wall time of calibration + fit (model loading is reported
-separately). Peak memory: the child's peak RSS (sampled, and ``ru_maxrss``), and CUDA
-``max_memory_allocated`` on GPUs. Repeats alternate the order, since the machine may be shared.
+separately), and the same per CPU-second of the process (``time.process_time``), which other
+jobs on a shared machine disturb much less than wall time. Peak memory: the child's peak RSS
+(sampled, and ``ru_maxrss``), and CUDA ``max_memory_allocated`` on GPUs. Repeats alternate
+the order, since the machine may be shared.
 
 ``--8b`` part: a Llama-3-8B-shaped checkpoint with random bf16 weights is written shard by
 shard (never whole in memory), then pruned end to end with ``prune_sequential``.
@@ -203,6 +205,7 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         n = cut_size(n_layers, args.ratio)
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         if args.variant == "baseline":
             out = two_pass_baseline(model, adapter, calibration, n, args.alpha)
             result |= {"cut": out["cut"], "stages_s": out["timings_s"]}
@@ -230,10 +233,13 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
                 "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},
             }
         calibrate_s = time.perf_counter() - t0
+        calibrate_cpu_s = time.process_time() - cpu0
     result |= {
         "load_s": round(load_s, 2),
         "calibrate_s": round(calibrate_s, 2),
         "tokens_per_s": round(calibration.n_tokens / calibrate_s, 1),
+        "calibrate_cpu_s": round(calibrate_cpu_s, 2),
+        "tokens_per_cpu_s": round(calibration.n_tokens / calibrate_cpu_s, 2),
         "stages_s": {k: round(v, 2) for k, v in result["stages_s"].items()},
         "peak_rss_mib": _mib(sampler.peak),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -393,7 +399,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--dir-8b", args.dir_8b, "--documents-8b", str(args.documents_8b),
         "--seq-len-8b", str(args.seq_len_8b),
         "--batch-size-8b", str(args.batch_size_8b), "--alpha-8b", str(args.alpha_8b),
-        "--select-8b", args.select_8b, "--dtype-8b", str(args.dtype_8b).removeprefix("torch."),
+        "--threads", str(args.threads), "--select-8b", args.select_8b,
+        "--dtype-8b", str(args.dtype_8b).removeprefix("torch."),
     ]  # fmt: skip
 
 
@@ -404,19 +411,25 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for variant, items in by_variant.items():
         rates = sorted(r["tokens_per_s"] for r in items)
+        cpu_rates = sorted(r["tokens_per_cpu_s"] for r in items)
         summary[variant] = {
             "tokens_per_s_median": rates[len(rates) // 2],
             "tokens_per_s_best": rates[-1],
+            "tokens_per_cpu_s_median": cpu_rates[len(cpu_rates) // 2],
             "calibrate_s": [r["calibrate_s"] for r in items],
             "peak_rss_mib_max": max(r["peak_rss_mib"] for r in items),
             "cut": items[0]["cut"],
         }
-    base = summary.get("baseline", {}).get("tokens_per_s_median")
+    base = summary.get("baseline")
     if base:
         for variant in VARIANTS[1:]:
             if variant in summary:
-                summary[variant]["throughput_vs_baseline"] = round(
-                    summary[variant]["tokens_per_s_median"] / base, 2
+                row = summary[variant]
+                row["throughput_vs_baseline"] = round(
+                    row["tokens_per_s_median"] / base["tokens_per_s_median"], 2
+                )
+                row["cpu_throughput_vs_baseline"] = round(
+                    row["tokens_per_cpu_s_median"] / base["tokens_per_cpu_s_median"], 2
                 )
     return summary
 
@@ -435,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="model/compute dtype of the small-model runs")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, order alternating")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (0: torch's default); 1 on a busy machine",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip-8b", action="store_true", help="skip the Llama-3-8B-shaped run")
     parser.add_argument("--only-8b", action="store_true")
@@ -458,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         args.variant = args.child
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = _run_8b(args) if args.child == "prune_8b" else _run_variant(args)
         Path(args.child_json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
@@ -475,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                 run = _child(variant, args, extra)
                 report["runs"].append(run)
                 print(
-                    f"{variant:>10}: {run['tokens_per_s']:8.1f} tok/s, calibrate {run['calibrate_s']:6.1f} s "
+                    f"{variant:>10}: {run['tokens_per_s']:8.1f} tok/s "
+                    f"({run['tokens_per_cpu_s']:.2f} tok/CPU-s), "
+                    f"calibrate {run['calibrate_s']:6.1f} s "
                     f"{run['stages_s']}, load {run['load_s']} s, peak RSS {run['peak_rss_mib']:.0f} MiB, "
                     f"cut {run['cut']}",
                     flush=True,
@@ -486,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{variant:>10}: median {row['tokens_per_s_median']:.1f} tok/s"
                 + (f", {ratio:.2f}x baseline" if ratio else "")
+                + f"; {row['tokens_per_cpu_s_median']:.2f} tok/CPU-s"
+                + (f", {row['cpu_throughput_vs_baseline']:.2f}x baseline" if ratio else "")
                 + f", peak RSS {row['peak_rss_mib_max']:.0f} MiB"
             )
     if not args.skip_8b:

@@ -245,10 +245,10 @@ def format_table(result: dict[str, Any]) -> str:
         for role in ("original", "pruned"):
             r = entry[role]
             torch_ppl = result["torch"].get(role, {}).get("ppl")
+            torch_text = "-" if torch_ppl is None else f"{torch_ppl:.3f}"
             lines.append(
                 f"{gguf_type:<7} {role:<9} {r['block_count'] or '?':>6} {r['size_bytes'] / 2**20:>7.1f} "
-                f"{r['ppl']:>9.3f} {torch_ppl if torch_ppl is None else f'{torch_ppl:.3f}':>9} "
-                f"{r['pp_tokens_per_s']:>9.1f} {r['tg_tokens_per_s']:>9.1f}"
+                f"{r['ppl']:>9.3f} {torch_text:>9} {r['pp_tokens_per_s']:>9.1f} {r['tg_tokens_per_s']:>9.1f}"
             )
         ideal = entry["ideal_speedup"]
         lines.append(

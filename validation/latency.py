@@ -18,7 +18,7 @@ from typing import Any
 
 from rmexport.errors import ConfigError
 
-__all__ = ["Timing", "time_runs", "hardware_info", "package_versions"]
+__all__ = ["Timing", "time_runs", "time_interleaved", "hardware_info", "package_versions"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,29 @@ def time_runs(fn: Callable[[], Any], *, runs: int = 5, warmup: int = 1) -> Timin
         fn()
         samples.append(time.perf_counter() - start)
     return Timing(tuple(samples))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, runs: int = 5, warmup: int = 1, self_timed: bool = False
+) -> dict[str, Timing]:
+    """Time several functions round-robin (a, b, a, b, ...) so that they share the machine's state.
+
+    On a shared or throttling CPU the load drifts over minutes; timing one model after the other
+    would charge that drift to the comparison. With ``self_timed`` each function returns the
+    seconds to record itself (e.g. the decode steps only, without the prefill before them).
+    """
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"need runs >= 1 and warmup >= 0, got runs={runs} warmup={warmup}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            value = fn()
+            samples[name].append(float(value) if self_timed else time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
 
 
 def _cpu_model() -> str:

@@ -5,7 +5,8 @@
 - Prefill: one forward over a 128- and a 512-token held-out prompt, batch 1, empty cache.
 - Decode: batch 1, a short held-out prompt, then ``new_tokens`` single-token steps through
   the KV cache with IO binding (the cache stays in onnxruntime buffers); tokens/s of the steps.
-Each latency is the median (and p90) of ``runs`` timed runs after ``warmup`` untimed ones.
+Each latency is the median (and p90) of ``runs`` timed runs after ``warmup`` untimed ones, taken
+round-robin between the two models so that load drift on a shared CPU hits both alike.
 Depth pruning removes whole blocks, so the ideal speed-up is L/N (blocks before/after); the
 embedding, final norm and LM head do not shrink, so the measured speed-up stays below it.
 """
@@ -24,7 +25,7 @@ import numpy as np
 
 from rmexport.errors import ConfigError, ModelLoadError
 
-from .latency import hardware_info, time_runs
+from .latency import hardware_info, time_interleaved
 
 __all__ = ["bench_onnx", "add_arguments", "run"]
 
@@ -47,59 +48,39 @@ def _prompt(windows: Any, length: int) -> np.ndarray:
     return flat[:length]
 
 
-def _bench_one(
-    onnx_dir: Path,
+def _latencies(
+    decoders: dict[str, Any],
     windows: Any,
     *,
     prefill_lengths: tuple[int, ...],
     new_tokens: int,
     runs: int,
     warmup: int,
-    threads: int,
-) -> dict[str, Any]:
-    from .ort_decoder import OrtDecoder
-    from .perplexity import perplexity
-
-    decoder = OrtDecoder(onnx_dir, threads=threads)
-    log.info("bench onnx: %s (%d blocks)", onnx_dir, decoder.num_layers)
-    ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {onnx_dir.name}")
-    result: dict[str, Any] = {
-        "onnx_dir": str(onnx_dir),
-        "num_hidden_layers": decoder.num_layers,
-        "providers": decoder.session.get_providers(),
-        **ppl.as_dict(),
-        "prefill": {},
-    }
+) -> dict[str, dict[str, Any]]:
+    """Prefill and decode timings of every model, measured round-robin between the models."""
+    results: dict[str, dict[str, Any]] = {name: {"prefill": {}} for name in decoders}
     for length in prefill_lengths:
         prompt = _prompt(windows, length)
-        timing = time_runs(lambda p=prompt: decoder.prefill(p), runs=runs, warmup=warmup)
-        result["prefill"][str(length)] = {
-            **timing.as_dict("latency"),
-            "tokens_per_s": length / timing.median_s,
-        }
+        fns = {name: (lambda d=d, p=prompt: d.prefill(p)) for name, d in decoders.items()}
+        for name, timing in time_interleaved(fns, runs=runs, warmup=warmup).items():
+            results[name]["prefill"][str(length)] = {
+                **timing.as_dict("latency"),
+                "tokens_per_s": length / timing.median_s,
+            }
     prompt = _prompt(windows, DECODE_PROMPT_TOKENS)
-    for _ in range(warmup):
-        decoder.greedy_timed(prompt, new_tokens)
-    decode_s = sorted(decoder.greedy_timed(prompt, new_tokens)[1] for _ in range(runs))
-    median = float(np.median(decode_s))
-    result["decode"] = {
-        "prompt_tokens": DECODE_PROMPT_TOKENS,
-        "new_tokens": new_tokens,
-        "batch_size": 1,
-        "io_binding": True,
-        "latency_ms_per_token_p50": median / new_tokens * 1e3,
-        "tokens_per_s": new_tokens / median,
-        "tokens_per_s_runs": [new_tokens / s for s in decode_s],
-        "runs": runs,
-    }
-    log.info(
-        "bench onnx: ppl=%.3f prefill[%s]=%.1f ms decode=%.1f tok/s",
-        result["ppl"],
-        prefill_lengths[-1],
-        result["prefill"][str(prefill_lengths[-1])]["latency_ms_p50"],
-        result["decode"]["tokens_per_s"],
-    )
-    return result
+    fns = {name: (lambda d=d: d.greedy_timed(prompt, new_tokens)[1]) for name, d in decoders.items()}
+    for name, timing in time_interleaved(fns, runs=runs, warmup=warmup, self_timed=True).items():
+        results[name]["decode"] = {
+            "prompt_tokens": DECODE_PROMPT_TOKENS,
+            "new_tokens": new_tokens,
+            "batch_size": 1,
+            "io_binding": True,
+            "latency_ms_per_token_p50": timing.median_s / new_tokens * 1e3,
+            "tokens_per_s": new_tokens / timing.median_s,
+            "tokens_per_s_runs": [new_tokens / s for s in timing.samples_s],
+            "runs": runs,
+        }
+    return results
 
 
 def _windows(onnx_dir: Path, eval_tokens: int, window: int):
@@ -139,11 +120,26 @@ def bench_onnx(
             "the two exports tokenize the held-out text differently",
             hint="compare a pruned model with the model it was pruned from",
         )
+    from .ort_decoder import OrtDecoder
+    from .perplexity import perplexity
+
+    paths = {"original": original_dir, "pruned": pruned_dir}
+    decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
+    models: dict[str, dict[str, Any]] = {}
+    for name, decoder in decoders.items():
+        ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {name}")
+        log.info("bench onnx: %s (%d blocks) ppl=%.3f", name, decoder.num_layers, ppl.ppl)
+        models[name] = {
+            "onnx_dir": str(decoder.dir),
+            "num_hidden_layers": decoder.num_layers,
+            "providers": decoder.session.get_providers(),
+            "size_bytes": sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
+            **ppl.as_dict(),
+        }
     options = dict(prefill_lengths=tuple(prefill_lengths), new_tokens=new_tokens, runs=runs, warmup=warmup)
-    models = {
-        name: _bench_one(path, windows, threads=threads, **options)
-        for name, path in (("original", original_dir), ("pruned", pruned_dir))
-    }
+    timings = _latencies(decoders, windows, **options)
+    for name in models:
+        models[name].update(timings[name])
     original, pruned = models["original"], models["pruned"]
     ideal = original["num_hidden_layers"] / pruned["num_hidden_layers"]
     speedup: dict[str, float] = {"ideal_layers_ratio": ideal}

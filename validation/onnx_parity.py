@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rmexport.errors import ConfigError, ToleranceError
+from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
 
 __all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx", "add_arguments", "run"]
 
@@ -267,8 +267,6 @@ def validate_onnx(
     source = resolve(str(reference_ckpt))
     model = load_model(source, dtype=torch.float32)
     if int(model.config.num_hidden_layers) != decoder.num_layers:
-        from rmexport.errors import ShapeMismatchError
-
         raise ShapeMismatchError(
             f"the ONNX graph has {decoder.num_layers} blocks, the reference {model.config.num_hidden_layers}",
             hint="validate against the checkpoint the export was made from",
@@ -308,9 +306,11 @@ def validate_onnx(
 
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"ONNX parity [{result['flavor']}, {result['precision']}]  {result['onnx_dir']}")
+    title = f"ONNX parity [{result['flavor']}, {result['precision']}]  {result['onnx_dir']}"
+    table = Table(title=escape(title))
     for column in ("check", "value", "tolerance", ""):
         table.add_column(column)
     for row in _rows(result):
