@@ -85,7 +85,7 @@ def runtime_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
                     "prefill_512_ms": _get(m, "prefill", "512", "latency_ms_p50"),
                     "prompt_tokens_per_s": _get(m, "prefill", "512", "tokens_per_s"),
                     "decode_tokens_per_s": _get(m, "decode", "tokens_per_s"),
-                    "size_mib": None,
+                    "size_mib": m["size_bytes"] / 2**20 if m.get("size_bytes") else None,
                 }
             )
     for gguf_type, result in (outputs.get("gguf_bench") or {}).items():
