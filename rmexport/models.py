@@ -77,6 +77,9 @@ ALIASES: dict[str, str | PackagedGGUF] = {
     "gemma3-1b": "google/gemma-3-1b-it",
 }
 
+# Bump when the cached conversion of a GGUF source changes, so stale caches are not reused.
+_CONVERSION_VERSION = 2
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -160,7 +163,11 @@ def checkpoint_dir(source: ModelSource) -> str:
     if not source.is_gguf:
         return source.location
     gguf_path = Path(source.location)
-    target = cache_dir() / "gguf-hf" / f"{_slugify(gguf_path.stem)}-{_file_fingerprint(gguf_path)}"
+    target = (
+        cache_dir()
+        / f"gguf-hf-v{_CONVERSION_VERSION}"
+        / f"{_slugify(gguf_path.stem)}-{_file_fingerprint(gguf_path)}"
+    )
     if (target / "config.json").is_file():
         return str(target)
     _convert_gguf(gguf_path, target)
@@ -191,8 +198,17 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # transformers saves the whole GGUF as a bogus "tokenizer.model" for GGUF-born tokenizers;
+        # tokenizer.json is complete, and that file would mislead every later reader.
+        if (tmp / "tokenizer.json").is_file():
+            (tmp / "tokenizer.model").unlink(missing_ok=True)
         write_provenance(tmp, {"gguf_file": str(gguf_path)})
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
