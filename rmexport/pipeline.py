@@ -18,7 +18,7 @@ from .calib.corpus import BUILTIN
 from .errors import ConfigError
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
-from .prune import add_model_argument, add_prune_options, options_from_args, prune
+from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
 
@@ -244,9 +244,14 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     runner.run(
         Stage(
             "prune",
-            {"model": model_key, "options": vars(options) | {"cosine": None}},
+            {
+                "model": model_key,
+                "options": vars(options) | {"cosine": None},
+                "layer_by_layer": args.layer_by_layer,
+                "compute_dtype": args.compute_dtype,
+            },
             [pruned_ckpt, run_dir / "prune.json"],
-            lambda: prune(source, options, run_dir),
+            lambda: prune_from_args(args, run_dir),
         )
     )
     outputs: dict[str, Any] = {}

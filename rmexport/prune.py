@@ -48,6 +48,7 @@ __all__ = [
     "add_prune_options",
     "options_from_args",
     "prune",
+    "prune_from_args",
     "run",
 ]
 
@@ -302,7 +303,8 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     if not parity["passed"]:
         raise ToleranceError(
             f"fold parity failed: max |Δlogit| {max_abs:.3g} > {tolerance:.3g} between the folded model "
-            "and the explicit map"
+            "and the explicit map",
+            hint="the map is ill-conditioned: use more calibration text or a ridge term (--alpha 1e-3)",
         )
 
     record = {
@@ -509,6 +511,20 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
         help="held-out tokens for the perplexity checks (default 16384)",
     )
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
+    parser.add_argument(
+        "--layer-by-layer",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=(
+            "load one decoder block at a time from the checkpoint's safetensors and stream the pruned "
+            "checkpoint shard by shard; auto (default) does so when the float32 model exceeds half of RAM"
+        ),
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="forward dtype of the layer-by-layer path (default float32 on CPU, bfloat16 on CUDA)",
+    )
     parser.epilog = (
         "Memory: one calibration pass collects the distance of every candidate cut and the float64 "
         "statistics (2·d² numbers per candidate) that the fit needs. When those do not fit in a quarter "
@@ -537,8 +553,24 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
     )
 
 
+def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """In memory, or layer by layer when asked to or when the model is too large for RAM."""
+    source = resolve(args.model)
+    options = options_from_args(args)
+    mode = getattr(args, "layer_by_layer", "off")
+    if mode == "off":
+        return prune(source, options, out_dir)
+    from .prune_sequential import prune_sequential, should_prune_sequentially
+
+    if mode == "auto" and not should_prune_sequentially(source):
+        return prune(source, options, out_dir)
+    compute_dtype = getattr(torch, args.compute_dtype) if getattr(args, "compute_dtype", None) else None
+    log.info("layer-by-layer pruning on %s", args.device)
+    return prune_sequential(source, options, out_dir, device=args.device, compute_dtype=compute_dtype)
+
+
 def run(args: argparse.Namespace) -> int:
-    record = prune(resolve(args.model), options_from_args(args), args.out)
+    record = prune_from_args(args, args.out)
     _print_summary(record, args.out)
     return 0
 

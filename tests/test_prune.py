@@ -160,3 +160,25 @@ def test_real_default_model_prune(pruned_default_run, default_checkpoint):
     assert model.config.num_hidden_layers == 22 and len(model.model.layers) == 22
     provenance = read_provenance(out_dir / "hf")
     assert provenance["gguf_file"].endswith(".gguf") and len(provenance["kept_layers"]) == 22
+
+
+def test_cli_layer_by_layer_path_matches_the_in_memory_path(tiny_checkpoints, tmp_path):
+    from rmexport.cli import main
+
+    common = [
+        "prune",
+        str(tiny_checkpoints["qwen2"]),
+        "--calib-samples",
+        "48",
+        "--seq-len",
+        "32",
+        "--eval-tokens",
+        "1024",
+    ]
+    assert main([*common, "--out", str(tmp_path / "mem"), "--layer-by-layer", "off"]) == 0
+    assert main([*common, "--out", str(tmp_path / "seq"), "--layer-by-layer", "on"]) == 0
+    mem, seq = (json.loads((tmp_path / d / "prune.json").read_text()) for d in ("mem", "seq"))
+    assert mem["cuts"][0]["cut"] == seq["cuts"][0]["cut"]
+    a = load_file(tmp_path / "mem" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "seq" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -161,7 +161,11 @@ def collect(
             last = real.sum(dim=1) - 1
             rows = torch.arange(ids.shape[0])
             for s in starts:
-                before, after = store["residual"][s - 1], store["residual"][s + n - 1]
+                # With accelerate's device_map the two blocks may sit on different devices.
+                before = store["residual"][s - 1]
+                after = store["residual"][s + n - 1].to(before.device)
+                real = real.to(before.device)
+                last = last.to(before.device)
                 profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
                     _angular(before[rows, last], after[rows, last]).sum()
                 )
@@ -171,17 +175,19 @@ def collect(
             profile.last_count += int(ids.shape[0])
             profile.all_count += int(real.sum())
             for s, acc in stats.items():
+                before = store["residual"][s - 1]
+                here = real.to(before.device)
                 _accumulate(
                     acc,
-                    store["mlp"][s - 1][real],
-                    store["residual"][s - 1][real],
-                    store["residual"][s + n - 1][real],
+                    store["mlp"][s - 1][here],
+                    before[here],
+                    store["residual"][s + n - 1].to(before.device)[here],
                 )
             store["residual"].clear()
             store["mlp"].clear()
     for acc in stats.values():
         if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
-            raise CalibrationError(f"non-finite statistics for cut {acc.cut}", hint="try --dtype float32")
+            raise CalibrationError(f"non-finite statistics for cut {acc.cut}", hint="check the weights, or use --compute-dtype float32")
     return profile, stats
 
 
