@@ -8,12 +8,14 @@ MODEL ?= smollm2-135m
 RATIO ?= 0.25
 OUT ?= out
 
-.PHONY: help setup export test test-slow bench lint clean
+.PHONY: help setup export test test-slow bench bench-8b lint clean
 
 help:
 	@echo "make export [MODEL=smollm2-135m] [RATIO=0.25]   prune, export ONNX+GGUF, validate, report"
 	@echo "make test                                       run the test suite (what CI runs)"
-	@echo "make test-slow | bench | lint | clean"
+	@echo "make bench                                      quality table (every selection rule x solver) + pruning speed"
+	@echo "make bench-8b                                   prune a Llama-3-8B-shaped random model layer by layer (16 GB disk)"
+	@echo "make test-slow | lint | clean"
 
 setup: $(STAMP)
 
@@ -35,8 +37,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q
 
+# Benchmarks print their numbers and write JSON under $(OUT)/bench.
 bench: $(STAMP)
 	$(PY) -m validation.bench_quality --out $(OUT)/bench
+	$(PY) -m validation.bench_pipeline --skip-8b --out $(OUT)/bench/pipeline.json
+
+bench-8b: $(STAMP)
+	$(PY) -m validation.bench_pipeline --only-8b --dir-8b $(OUT)/bench-8b-model --out $(OUT)/bench/pipeline-8b.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmexport converters validation tests
