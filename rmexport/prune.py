@@ -24,7 +24,7 @@ from . import __version__
 from .arch import ArchAdapter, adapter_for
 from .calib.corpus import BUILTIN, load_corpus
 from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
-from .errors import ConfigError, ToleranceError
+from .errors import ConfigError, RMExportError, ToleranceError
 from .log import get_logger
 from .models import (
     ModelSource,
@@ -553,6 +553,16 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
     )
 
 
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _estimated_parameters(config: Any) -> int:
+    d, n_layers = config.hidden_size, config.num_hidden_layers
+    ff = getattr(config, "intermediate_size", 4 * d)
+    return n_layers * (4 * d * d + 3 * d * ff) + 2 * config.vocab_size * d
+
+
 def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """In memory, or layer by layer when asked to or when the model is too large for RAM."""
     source = resolve(args.model)
@@ -560,10 +570,22 @@ def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     mode = getattr(args, "layer_by_layer", "off")
     if mode == "off":
         return prune(source, options, out_dir)
-    from .prune_sequential import prune_sequential, should_prune_sequentially
+    from safetensors import SafetensorError
 
-    if mode == "auto" and not should_prune_sequentially(source):
-        return prune(source, options, out_dir)
+    from .prune_sequential import CHECK_MEMORY_FRACTION, prune_sequential, should_prune_sequentially
+
+    config = load_config(source)  # fails with a clear message (e.g. hub unreachable) before any work
+    adapter_for(config)
+    if mode == "auto":
+        too_big = 4 * _estimated_parameters(config) > CHECK_MEMORY_FRACTION * _ram_bytes()
+        if source.kind != "hub":
+            try:
+                too_big = should_prune_sequentially(source)
+            except (RMExportError, OSError, ValueError, SafetensorError) as e:
+                # Unreadable shard headers: the in-memory loader reports the problem precisely.
+                log.debug("could not size %s from its shards: %s", source.location, e)
+        if not too_big:
+            return prune(source, options, out_dir)
     compute_dtype = getattr(torch, args.compute_dtype) if getattr(args, "compute_dtype", None) else None
     log.info("layer-by-layer pruning on %s", args.device)
     return prune_sequential(source, options, out_dir, device=args.device, compute_dtype=compute_dtype)

@@ -187,7 +187,10 @@ def collect(
             store["mlp"].clear()
     for acc in stats.values():
         if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
-            raise CalibrationError(f"non-finite statistics for cut {acc.cut}", hint="check the weights, or use --compute-dtype float32")
+            raise CalibrationError(
+                f"non-finite statistics for cut {acc.cut}",
+                hint="check the weights, or use --compute-dtype float32",
+            )
     return profile, stats
 
 
