@@ -47,6 +47,7 @@ __all__ = [
     "add_model_argument",
     "add_prune_options",
     "options_from_args",
+    "describe_cuts",
     "prune",
     "prune_from_args",
     "run",
@@ -308,6 +309,38 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         )
 
     record = {
+        **describe_cuts(source, config, adapter, options, kept, records, calibration),
+        "evaluation": {
+            "source": eval_corpus.name,
+            "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+            "window": int(windows.shape[1] - 1),
+        },
+        "fold_parity": parity,
+        "quality": {"ppl_original": ppl_original, "ppl_plain_removal": ppl_removal, "ppl_pruned": ppl_pruned},
+        "timings_s": {k: round(v, 2) for k, v in clock.seconds.items()},
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "versions": _versions(),
+        "saved_dtype": dtype_name,
+    }
+    with clock.stage("save"):
+        _save(model, tokenizer, source, config, record, out_dir)
+    record["timings_s"]["save"] = round(clock.seconds["save"], 2)
+    _write_json(out_dir / "prune.json", record)
+    return record
+
+
+def describe_cuts(
+    source: ModelSource,
+    config: Any,
+    adapter: ArchAdapter,
+    options: PruneOptions,
+    kept: list[int],
+    records: list[CutRecord],
+    calibration: CalibrationSet,
+) -> dict[str, Any]:
+    """The part of prune.json that says what was cut and how, shared by both pruning paths."""
+    n_layers = config.num_hidden_layers
+    return {
         "model": {
             "spec": source.spec,
             "kind": source.kind,
@@ -317,7 +350,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             "hidden_size": config.hidden_size,
         },
         "L": n_layers,
-        "n": n,
+        "n": n_layers - len(kept),
         "N": len(kept),
         "ratio": options.ratio if options.layers is None else None,
         "kept_layers": kept,
@@ -337,23 +370,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             **({"cosine": asdict(options.cosine)} if options.solver == "cosine" else {}),
         },
         "calibration": calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
-        "evaluation": {
-            "source": eval_corpus.name,
-            "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
-            "window": int(windows.shape[1] - 1),
-        },
-        "fold_parity": parity,
-        "quality": {"ppl_original": ppl_original, "ppl_plain_removal": ppl_removal, "ppl_pruned": ppl_pruned},
-        "timings_s": {k: round(v, 2) for k, v in clock.seconds.items()},
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "versions": _versions(),
-        "saved_dtype": dtype_name,
     }
-    with clock.stage("save"):
-        _save(model, tokenizer, source, config, record, out_dir)
-    record["timings_s"]["save"] = round(clock.seconds["save"], 2)
-    _write_json(out_dir / "prune.json", record)
-    return record
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,12 +32,12 @@ from .prune import (
     PruneOptions,
     _check_writable,
     _Clock,
-    _jsonable,
     _logits,
     _peak_rss_mib,
     _perplexity,
     _versions,
     _write_json,
+    describe_cuts,
 )
 from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
@@ -190,35 +190,7 @@ def prune_sequential(
     gc.collect()
 
     record: dict[str, Any] = {
-        "model": {
-            "spec": source.spec,
-            "kind": source.kind,
-            "location": source.location,
-            "architecture": (config.architectures or [adapter.hf_architectures[0]])[0],
-            "family": adapter.family,
-            "hidden_size": config.hidden_size,
-        },
-        "L": n_layers,
-        "n": n,
-        "N": len(kept),
-        "ratio": options.ratio if options.layers is None else None,
-        "kept_layers": kept,
-        "cuts": [
-            {
-                "cut": list(r.cut),
-                "removed_layers": r.removed_layers,
-                "fit": r.fit,
-                "scores": _jsonable(r.scores),
-            }
-            for r in records
-        ],
-        "selection": {"rule": options.select, "distance_tokens": options.distance_tokens},
-        "solver": {
-            "name": options.solver,
-            "alpha": options.alpha,
-            **({"cosine": _jsonable(vars(options.cosine))} if options.solver == "cosine" else {}),
-        },
-        "calibration": calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
+        **describe_cuts(source, config, adapter, options, kept, records, calibration),
         "path": {
             "name": "sequential",
             "device": str(device),
