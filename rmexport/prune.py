@@ -48,6 +48,7 @@ __all__ = [
     "add_prune_options",
     "options_from_args",
     "describe_cuts",
+    "log_cosine_fit",
     "prune",
     "prune_from_args",
     "run",
@@ -174,6 +175,21 @@ def _choose_and_fit(
     return (start, start + n), result, table
 
 
+def log_cosine_fit(details: dict[str, Any]) -> None:
+    curve, best = details["loss_curve"], details["best_epoch"]
+    validation = details.get("validation_curve")
+    log.info(
+        "cosine: %d epochs (stopped: %s), cosine loss %.5f -> %.5f; kept epoch %d%s%s",
+        details["epochs"],
+        details["stopped"],
+        curve[0],
+        curve[best],
+        best,
+        " (the lstsq map)" if best == 0 else "",
+        f", selection loss {validation[0]:.4f} -> {validation[best]:.4f}" if validation else "",
+    )
+
+
 def _logits(model: Any, windows: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return (
@@ -275,6 +291,8 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             result.details["rel_residual"],
             result.details["rel_residual_plain_removal"],
         )
+        if result.solver == "cosine":
+            log_cosine_fit(result.details)
         with clock.stage(f"fold+cut {step}"):
             folds.append(apply_fold(adapter, adapter.block(model, cut[0] - 1), result.transform))
             kept_now = remove_blocks(model, adapter, cut)
@@ -488,9 +506,10 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
         choices=("lstsq", "cosine"),
         default="lstsq",
         help=(
-            "lstsq: float64 normal equations (default); cosine: Adam on the cosine loss, started from "
-            "lstsq, kept only if the pruned model does no worse than with lstsq on 64 calibration "
-            "documents set aside"
+            "lstsq: float64 normal equations (default); cosine: Adam on the cosine distance between "
+            "the residual stream after the cut and the original one, started from lstsq; every epoch "
+            "is scored by the pruned model's loss on 64 calibration documents set aside, and the best "
+            "epoch (lstsq included) is kept"
         ),
     )
     method.add_argument(

@@ -38,6 +38,7 @@ from .prune import (
     _versions,
     _write_json,
     describe_cuts,
+    log_cosine_fit,
 )
 from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
@@ -183,6 +184,8 @@ def prune_sequential(
             result.details["rel_residual"],
             result.details["rel_residual_plain_removal"],
         )
+        if result.solver == "cosine":
+            log_cosine_fit(result.details)
     kept = list(skeleton.layers)
     folds = {j: list(ts) for j, ts in skeleton.folds.items()}
     skeleton.close()

@@ -135,14 +135,15 @@ def test_same_inputs_give_the_same_cut_map_and_files(tiny_checkpoints, tmp_path)
     ).read_bytes()
 
 
-def test_cosine_solver_starts_from_lstsq_and_does_not_get_worse(tiny_checkpoints, tmp_path):
+def test_cosine_solver_starts_from_lstsq_and_keeps_its_best_epoch(tiny_checkpoints, tmp_path):
     options = PruneOptions(**(TINY_OPTIONS | {"solver": "cosine"}))
     record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
     fit = record["cuts"][0]["fit"]
     assert fit["solver"] == "cosine"
-    assert min(fit["loss_curve"]) <= fit["loss_curve"][0]
-    losses = fit["selection_loss"]
-    assert fit["kept"] == ("cosine" if losses["cosine"] <= losses["lstsq"] else "lstsq")
+    validation = fit["validation_curve"]
+    assert len(validation) == len(fit["loss_curve"]) == fit["epochs"] + 1
+    assert validation[fit["best_epoch"]] == min(validation) <= validation[0]
+    assert fit["stopped"] in ("validation", "tolerance", "max_epochs")
     assert record["fold_parity"]["passed"]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rmexport.calib.collect import CutStatistics
+from rmexport.calib.collect import CutActivations, CutStatistics
 from rmexport.errors import ConfigError
 from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm
 from rmexport.replaceme.select import CutScores, candidate_starts, choose_start, cut_size, split_cut
@@ -89,17 +89,56 @@ def test_diagonal_lstsq_is_per_channel_least_squares():
     assert torch.allclose(diagonal_lstsq_from_gram(stats.gram, stats.cross), scale, atol=1e-9)
 
 
-def test_cosine_fit_never_ends_worse_than_its_start():
+def _activations(tokens=3000, d=12, noise=0.5):
     torch.manual_seed(0)
-    m = torch.randn(3000, 12)
-    target = m @ torch.randn(12, 12) + 0.5 * torch.randn(3000, 12)
-    stats = _stats_from(m, target, target)
-    start = lstsq_from_gram(stats.gram, stats.cross)
-    result = cosine_fit(m, target, start, CosineSettings(lr=1e-3, max_epochs=5))
+    m = torch.randn(tokens, d)
+    bypass = 2.0 * torch.randn(tokens, d)
+    after = bypass + m @ torch.randn(d, d) + noise * torch.randn(tokens, d)
+    activations = CutActivations(m, bypass, after)
+    stats = _stats_from(m.double(), activations.target.double(), after.double())
+    return activations, lstsq_from_gram(stats.gram, stats.cross)
+
+
+def _cosine_distance(activations, transform):
+    stream = activations.bypass + activations.mlp @ transform.float()
+    return 1 - float(torch.nn.functional.cosine_similarity(stream, activations.after, dim=-1).mean())
+
+
+def test_cosine_fit_starts_from_its_init_and_returns_its_best_epoch():
+    activations, start = _activations()
+    result = cosine_fit(activations, start, CosineSettings(lr=1e-3, max_epochs=40, tolerance=1e-3))
     curve = result.details["loss_curve"]
-    assert min(curve) <= curve[0]
-    sims = torch.nn.functional.cosine_similarity(m @ result.transform.float(), target, dim=-1)
-    assert 1 - float(sims.mean()) == pytest.approx(min(curve), rel=1e-4)
+    assert curve[0] == pytest.approx(_cosine_distance(activations, start), rel=1e-5)
+    assert curve[result.details["best_epoch"]] == min(curve) < curve[0]
+    assert _cosine_distance(activations, result.transform) == pytest.approx(min(curve), rel=1e-5)
+    assert result.details["stopped"] == "tolerance" and result.details["epochs"] < 40
+
+
+def test_cosine_fit_keeps_the_start_when_validation_only_gets_worse():
+    activations, start = _activations()
+    drift = []
+
+    def validate(transform):
+        drift.append(float((transform - start).norm()))
+        return drift[-1]
+
+    settings = CosineSettings(lr=1e-3, max_epochs=40, tolerance=0.0, patience=2)
+    result = cosine_fit(activations, start, settings, validate=validate)
+    assert result.details["best_epoch"] == 0 and result.details["stopped"] == "validation"
+    assert result.details["epochs"] == 2 and result.details["validation_curve"] == drift
+    assert torch.allclose(result.transform, start.float().double())
+
+
+def test_cosine_fit_follows_validation_when_it_improves():
+    activations, start = _activations()
+
+    def validate(transform):
+        return _cosine_distance(activations, transform)
+
+    result = cosine_fit(activations, start, CosineSettings(lr=1e-3, max_epochs=6, tolerance=0.0), validate)
+    assert result.details["best_epoch"] > 0
+    validation = result.details["validation_curve"]
+    assert validation[result.details["best_epoch"]] == min(validation) < validation[0]
 
 
 def test_fold_into_down_proj_gives_m_times_t():

@@ -58,6 +58,11 @@ def _pruned_copy(model: Any, adapter: Any, start: int, n: int, transform: torch.
     return pruned
 
 
+def _cosine_summary(details: dict[str, Any]) -> dict[str, Any]:
+    keys = ("epochs", "best_epoch", "stopped", "loss_curve", "validation_curve")
+    return {"cosine": {k: details[k] for k in keys if k in details}}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve(args.model)
     tokenizer = load_tokenizer(source)
@@ -100,9 +105,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         select_s = survey_s + time.perf_counter() - rule_started
         cut = [start, start + n]
         for solver in ["removal", *args.solvers]:
-            fit_started = time.perf_counter()
             if (start, solver) not in evaluated:
-                transform = None
+                fit_started = time.perf_counter()
+                transform, extra = None, {}
                 if solver != "removal":
                     result = fit_cut(
                         model,
@@ -115,17 +120,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         selection=selection,
                     )
                     transform = result.transform
+                    extra = _cosine_summary(result.details) if solver == "cosine" else {}
+                fit_s = time.perf_counter() - fit_started
                 pruned = _pruned_copy(model, adapter, start, n, transform)
-                evaluated[(start, solver)] = _ppl(pruned, windows)
+                evaluated[(start, solver)] = (_ppl(pruned, windows), fit_s, extra)
                 del pruned
-            fit_s = time.perf_counter() - fit_started
-            add(
-                label,
-                cut,
-                "plain removal" if solver == "removal" else solver,
-                evaluated[(start, solver)],
-                select_s + fit_s,
-            )
+            ppl, fit_s, extra = evaluated[(start, solver)]
+            solver_name = "plain removal" if solver == "removal" else solver
+            add(label, cut, solver_name, ppl, select_s + fit_s, **extra)
     for blocks in args.blocks:
         if blocks < 2:
             continue

@@ -30,6 +30,7 @@ from ..log import progress
 from .tokens import CalibrationSet
 
 __all__ = [
+    "CutActivations",
     "CutStatistics",
     "DistanceProfile",
     "capture",
@@ -205,24 +206,44 @@ def _accumulate(acc: CutStatistics, mlp_out: torch.Tensor, before: torch.Tensor,
     acc.tokens += int(m.shape[0])
 
 
+@dataclass
+class CutActivations:
+    """Every real token's activations around one cut, float32, for solvers that need them raw.
+
+    After folding T, the stream leaving block ``s-1`` is ``bypass + mlp·T``; the fit wants it
+    to match ``after``, the stream the removed blocks produced."""
+
+    mlp: torch.Tensor  # M_{s-1}
+    bypass: torch.Tensor  # L_{s-1} − M_{s-1}
+    after: torch.Tensor  # L_{s+n-1}
+
+    @classmethod
+    def from_batches(cls, mlp: list[torch.Tensor], before: list[torch.Tensor], after: list[torch.Tensor]):
+        m = torch.cat(mlp)
+        return cls(m, torch.cat(before) - m, torch.cat(after))
+
+    @property
+    def target(self) -> torch.Tensor:
+        """What ``mlp·T`` alone must reproduce (the least-squares target)."""
+        return self.after - self.bypass
+
+
 def collect_activations(
     model: nn.Module,
     adapter: ArchAdapter,
     calibration: CalibrationSet,
     cut: tuple[int, int],
     desc: str = "Collecting",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every real token's ``M_{s-1}`` and target, float32, for solvers that need the raw pairs."""
+) -> CutActivations:
     start, end = cut
-    inputs, targets = [], []
+    mlp, before, after = [], [], []
     with capture(model, adapter, {start - 1, end - 1}, {start - 1}) as store:
         for ids, mask in progress(calibration.batches, desc=desc, total=len(calibration.batches)):
             _run_until_stop(model, adapter, ids, mask)
             real = mask.bool()
-            m = store["mlp"][start - 1][real].float()
-            target = store["residual"][end - 1][real].float() - store["residual"][start - 1][real].float() + m
-            inputs.append(m.cpu())
-            targets.append(target.cpu())
+            mlp.append(store["mlp"][start - 1][real].float().cpu())
+            before.append(store["residual"][start - 1][real].float().cpu())
+            after.append(store["residual"][end - 1][real].float().cpu())
             store["residual"].clear()
             store["mlp"].clear()
-    return torch.cat(inputs), torch.cat(targets)
+    return CutActivations.from_batches(mlp, before, after)

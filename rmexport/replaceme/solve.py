@@ -1,18 +1,20 @@
 """Pure maths: fit the linear map T from streamed statistics or raw activation pairs.
 
 ``lstsq`` solves the ridge normal equations ``(A + αI)·T = B`` (never an explicit inverse).
-``cosine`` minimises ``1 − mean cos(M·T, target)`` with Adam, starting from the LS solution,
-and stops when an epoch no longer improves the loss by a relative tolerance.
+``cosine`` minimises the cosine distance between the residual stream the fitted map produces
+and the one the removed blocks produced, with Adam, starting from the LS solution.
 For families whose MLP output passes through a norm, T is diagonal (one scale per channel).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..calib.collect import CutStatistics
+from ..calib.collect import CutActivations, CutStatistics
 from ..errors import CalibrationError
 
 __all__ = [
@@ -62,64 +64,81 @@ def residual_energy(stats: CutStatistics, transform: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class CosineSettings:
-    lr: float = 1e-4
-    max_epochs: int = 10
+    lr: float = 3e-4
+    max_epochs: int = 30
     batch_tokens: int = 1024
-    tolerance: float = 1e-4  # stop when an epoch improves the loss by less than this, relatively
+    tolerance: float = 1e-4  # converged when an epoch improves the cosine loss by less than this, relatively
+    patience: int = 3  # with a validation loss: stop after this many epochs without a new best
     seed: int = 0
 
 
-def _cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.nn.functional.cosine_similarity(pred, target, dim=-1).mean()
+def _cosine_loss(
+    activations: CutActivations, transform: torch.Tensor, rows: Any = slice(None)
+) -> torch.Tensor:
+    mlp = activations.mlp[rows]
+    mapped = mlp * transform if transform.dim() == 1 else mlp @ transform
+    stream = activations.bypass[rows] + mapped
+    return 1.0 - torch.nn.functional.cosine_similarity(stream, activations.after[rows], dim=-1).mean()
+
+
+def _full_cosine_loss(activations: CutActivations, transform: torch.Tensor) -> float:
+    total, tokens = 0.0, activations.mlp.shape[0]
+    with torch.no_grad():
+        for start in range(0, tokens, 8192):
+            rows = slice(start, start + 8192)
+            total += float(_cosine_loss(activations, transform, rows)) * activations.mlp[rows].shape[0]
+    return total / tokens
 
 
 def cosine_fit(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    activations: CutActivations,
     init: torch.Tensor,
     settings: CosineSettings = CosineSettings(),
+    validate: Callable[[torch.Tensor], float] | None = None,
 ) -> FitResult:
-    """Adam on the cosine loss from ``init`` (d×d or a diagonal); returns T and the loss curve."""
-    diagonal = init.dim() == 1
-    transform = init.detach().to(torch.float32).clone().requires_grad_(True)
+    """Adam on ``1 − mean cos(bypass + M·T, after)`` from ``init`` (d×d or a diagonal).
+
+    The loss compares whole residual streams (the paper's objective), not only the part T
+    produces. A lower cosine loss does not always mean a better model, so with ``validate``
+    (T → a loss that matters, measured on text set aside) the best epoch by that loss is kept,
+    ``init`` included, and the fit stops after ``patience`` epochs without a new best. Without
+    it, the epoch with the lowest cosine loss is kept. Either way the fit also stops once an
+    epoch improves the cosine loss by less than ``tolerance``; ``max_epochs`` is only a cap."""
+    transform = init.detach().to(torch.float32).contiguous().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([transform], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
+    tokens = activations.mlp.shape[0]
 
-    def apply(batch: torch.Tensor) -> torch.Tensor:
-        return batch * transform if diagonal else batch @ transform
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            total = 0.0
-            for start in range(0, inputs.shape[0], 8192):
-                chunk = slice(start, start + 8192)
-                sims = torch.nn.functional.cosine_similarity(apply(inputs[chunk]), targets[chunk], dim=-1)
-                total += float(sims.sum())
-            return 1.0 - total / inputs.shape[0]
-
-    curve = [full_loss()]
-    best, best_transform = curve[0], transform.detach().clone()
+    curve = [_full_cosine_loss(activations, transform)]
+    validation = [validate(transform.detach().double())] if validate else []
+    scores = validation if validate else curve
+    best_epoch, best_transform = 0, transform.detach().clone()
     stopped = "max_epochs"
-    with torch.enable_grad():
-        for _epoch in range(settings.max_epochs):
-            order = torch.randperm(inputs.shape[0], generator=generator)
-            for start in range(0, inputs.shape[0], settings.batch_tokens):
-                index = order[start : start + settings.batch_tokens]
+    for epoch in range(1, settings.max_epochs + 1):
+        order = torch.randperm(tokens, generator=generator)
+        with torch.enable_grad():
+            for start in range(0, tokens, settings.batch_tokens):
                 optimizer.zero_grad()
-                _cosine_loss(apply(inputs[index]), targets[index]).backward()
+                _cosine_loss(activations, transform, order[start : start + settings.batch_tokens]).backward()
                 optimizer.step()
-            curve.append(full_loss())
-            if curve[-1] < best:
-                improvement = (best - curve[-1]) / max(best, 1e-12)
-                best, best_transform = curve[-1], transform.detach().clone()
-                if improvement < settings.tolerance:
-                    stopped = "tolerance"
-                    break
-            else:
-                stopped = "no_improvement"
-                break
-    return FitResult(
-        best_transform.to(torch.float64),
-        "cosine",
-        {"loss_curve": curve, "epochs": len(curve) - 1, "stopped": stopped, "lr": settings.lr},
-    )
+        curve.append(_full_cosine_loss(activations, transform))
+        if validate:
+            validation.append(validate(transform.detach().double()))
+        if scores[-1] < scores[best_epoch]:
+            best_epoch, best_transform = epoch, transform.detach().clone()
+        if validate and epoch - best_epoch >= settings.patience:
+            stopped = "validation"
+            break
+        if (curve[-2] - curve[-1]) < settings.tolerance * curve[-2]:
+            stopped = "tolerance"
+            break
+    details = {
+        "loss_curve": curve,
+        "epochs": len(curve) - 1,
+        "best_epoch": best_epoch,
+        "stopped": stopped,
+        "lr": settings.lr,
+    }
+    if validate:
+        details["validation_curve"] = validation
+    return FitResult(best_transform.to(torch.float64), "cosine", details)

@@ -132,8 +132,8 @@ def fit_cut(
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
 
-    A lower cosine loss does not always mean a better model. With ``selection`` text, the cosine
-    map is kept only if the pruned model's loss on it is no worse than with the LS map."""
+    With ``selection`` text, cosine epochs are judged by the pruned model's loss on it, so the
+    LS map is kept unless an epoch does better there."""
     cut = (start, start + survey.n)
     if start not in survey.stats:
         _, extra = collect(model, adapter, calibration, n=survey.n, starts=[start], stats_for=[start])
@@ -141,20 +141,18 @@ def fit_cut(
         survey.maps[start] = least_squares_map(adapter, extra[start], alpha)
     stats = survey.stats[start]
     if solver == "cosine":
-        inputs, targets = collect_activations(
-            model, adapter, calibration, cut, desc=f"{step} Collecting".strip()
+        activations = collect_activations(model, adapter, calibration, cut, desc=f"{step} Collecting".strip())
+
+        def pruned_loss(transform: torch.Tensor) -> float:
+            return selection_loss(model, adapter, survey, [start], selection, {start: transform})[start]
+
+        result = cosine_fit(
+            activations,
+            survey.maps[start],
+            cosine or CosineSettings(),
+            validate=pruned_loss if selection is not None else None,
         )
-        result = cosine_fit(inputs, targets, survey.maps[start], cosine or CosineSettings())
-        if selection is not None:
-            losses = {
-                name: selection_loss(model, adapter, survey, [start], selection, {start: t})[start]
-                for name, t in (("lstsq", survey.maps[start]), ("cosine", result.transform))
-            }
-            result.details["selection_loss"] = losses
-            if losses["cosine"] > losses["lstsq"]:
-                result = FitResult(survey.maps[start], "cosine", result.details | {"kept": "lstsq"})
-            else:
-                result.details["kept"] = "cosine"
+        del activations
     else:
         result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
     identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calib.collect import CutStatistics, DistanceProfile, _accumulate, _angular, _block_output
+from ..calib.collect import (
+    CutActivations,
+    CutStatistics,
+    DistanceProfile,
+    _accumulate,
+    _angular,
+    _block_output,
+)
 from ..calib.tokens import CalibrationSet
 from ..errors import CalibrationError
 from ..log import get_logger, progress
@@ -323,16 +330,17 @@ def _check_finite(stats: dict[int, CutStatistics]) -> None:
 
 def collect_activations_sequential(
     skeleton: ModelSkeleton, calibration: CalibrationSet, cut: tuple[int, int], desc: str = "Collecting"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every real token's ``M_{s-1}`` and target, float32 (``calib.collect.collect_activations``)."""
+) -> CutActivations:
+    """``calib.collect.collect_activations`` block by block."""
     start, end = cut
-    inputs: dict[int, torch.Tensor] = {}
-    targets: dict[int, torch.Tensor] = {}
+    mlp: dict[int, torch.Tensor] = {}
+    before: dict[int, torch.Tensor] = {}
+    after: dict[int, torch.Tensor] = {}
 
-    def on_cut(_s, b, before, after, mlp, real):
-        m = mlp[real].float()
-        inputs[b] = m.cpu()
-        targets[b] = (after[real].float() - before[real].float() + m).cpu()
+    def on_cut(_s, b, stream_before, stream_after, mlp_out, real):
+        mlp[b] = mlp_out[real].float().cpu()
+        before[b] = stream_before[real].float().cpu()
+        after[b] = stream_after[real].float().cpu()
 
     store = ActivationStore(skeleton.device)
     try:
@@ -349,8 +357,10 @@ def collect_activations_sequential(
             )
     finally:
         store.close()
-    order = sorted(inputs)
-    return torch.cat([inputs[b] for b in order]), torch.cat([targets[b] for b in order])
+    order = sorted(mlp)
+    return CutActivations.from_batches(
+        [mlp[b] for b in order], [before[b] for b in order], [after[b] for b in order]
+    )
 
 
 def _distances_then_chosen_sums(
@@ -466,10 +476,10 @@ def fit_cut_sequential(
         survey.maps[start] = least_squares_map(adapter, extra[start], alpha)
     stats = survey.stats[start]
     if solver == "cosine":
-        inputs, targets = collect_activations_sequential(
+        activations = collect_activations_sequential(
             skeleton, calibration, cut, desc=f"{step} Collecting".strip()
         )
-        result = cosine_fit(inputs, targets, survey.maps[start], cosine or CosineSettings())
+        result = cosine_fit(activations, survey.maps[start], cosine or CosineSettings())
     else:
         result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
     identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)
