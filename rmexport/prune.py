@@ -39,7 +39,7 @@ from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
-from .replaceme.survey import fit_cut, selection_loss, survey_candidates
+from .replaceme.survey import WholeModel, fit_cut, selection_loss, selection_validator, survey_candidates
 
 __all__ = [
     "PruneOptions",
@@ -142,9 +142,9 @@ def _choose_and_fit(
     options: PruneOptions,
     step: str,
 ) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
+    source = WholeModel(model, adapter)
     survey = survey_candidates(
-        model,
-        adapter,
+        source,
         calibration,
         n,
         alpha=options.alpha,
@@ -161,15 +161,14 @@ def _choose_and_fit(
         table["selection_loss"] = scores.loss
     start = choose_start(scores, options.select)
     result = fit_cut(
-        model,
-        adapter,
+        source,
         calibration,
         survey,
         start,
         solver=options.solver,
         alpha=options.alpha,
         cosine=options.cosine,
-        selection=selection,
+        validate=selection_validator(model, adapter, survey, start, selection) if selection else None,
         step=step,
     )
     return (start, start + n), result, table

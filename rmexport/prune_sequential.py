@@ -43,8 +43,9 @@ from .prune import (
 from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
 from .replaceme.select import choose_start, cut_size, split_cut
+from .replaceme.survey import fit_cut, survey_candidates
 from .sequential.blocks import ModelSkeleton, checkpoint_dtype, model_bytes
-from .sequential.calibrate import fit_cut_sequential, survey_sequential
+from .sequential.calibrate import StreamedModel
 from .sequential.save import save_pruned_checkpoint
 
 __all__ = ["CHECK_MEMORY_FRACTION", "default_compute_dtype", "prune_sequential", "should_prune_sequentially"]
@@ -147,8 +148,9 @@ def prune_sequential(
     for k, size in enumerate(sizes):
         step = f"({k + 1}/{len(sizes)})"
         with clock.stage(f"calibrate+fit {step}"):
-            survey = survey_sequential(
-                skeleton,
+            streamed = StreamedModel(skeleton)
+            survey = survey_candidates(
+                streamed,
                 calibration,
                 size,
                 alpha=options.alpha,
@@ -158,8 +160,8 @@ def prune_sequential(
             )
             scores = survey.scores(options.distance_tokens)
             start = choose_start(scores, options.select)
-            result = fit_cut_sequential(
-                skeleton,
+            result = fit_cut(
+                streamed,
                 calibration,
                 survey,
                 start,

@@ -79,7 +79,7 @@ def test_loss_rule_tries_the_shortlist_and_restores_the_model(tiny_checkpoints, 
     from transformers import AutoTokenizer
 
     from rmexport.calib.tokens import calibration_batches
-    from rmexport.replaceme.survey import selection_loss, survey_candidates
+    from rmexport.replaceme.survey import WholeModel, selection_loss, survey_candidates
 
     path = tmp_path / "planted"
     shutil.copytree(tiny_checkpoints["llama"], path)
@@ -92,7 +92,7 @@ def test_loss_rule_tries_the_shortlist_and_restores_the_model(tiny_checkpoints, 
     corpus = load_corpus("builtin")
     calibration = calibration_batches(corpus, tokenizer, n_samples=48, seq_len=32, batch_size=8)
     selection = calibration_batches(corpus, tokenizer, n_samples=16, seq_len=32, batch_size=8, offset=48)
-    survey = survey_candidates(model, adapter, calibration, 2)
+    survey = survey_candidates(WholeModel(model, adapter), calibration, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = selection_loss(model, adapter, survey, [1, 4], selection)
     after = model.state_dict()

@@ -10,7 +10,7 @@ calibration set of the default model:
   float64 least-squares sums of the chosen cut, then solves.
 * ``in_memory``: ``survey_candidates`` (one pass: distances and sums of every candidate, stopping
   after the deepest block needed) + ``fit_cut``.
-* ``sequential``: the same block by block (``survey_sequential`` + ``fit_cut_sequential``).
+* ``sequential``: the same block by block (the same functions on a ``StreamedModel``).
 * ``sequential_distance``: block by block with the baseline's own rule (smallest last-token
   distance): one pass keeps the activations the sums need and accumulates the chosen cut's only.
 
@@ -195,7 +195,7 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if args.variant.startswith("sequential"):
             from rmexport.sequential.blocks import ModelSkeleton
-            from rmexport.sequential.calibrate import fit_cut_sequential, survey_sequential
+            from rmexport.sequential.calibrate import StreamedModel
 
             skeleton = ModelSkeleton(checkpoint_dir(source), device=args.device, compute_dtype=args.dtype)
             adapter, n_layers = skeleton.adapter, len(skeleton.layers)
@@ -209,25 +209,20 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
         if args.variant == "baseline":
             out = two_pass_baseline(model, adapter, calibration, n, args.alpha)
             result |= {"cut": out["cut"], "stages_s": out["timings_s"]}
-        elif args.variant == "in_memory":
-            from rmexport.replaceme.survey import fit_cut, survey_candidates
-
-            survey = survey_candidates(model, adapter, calibration, n, alpha=args.alpha)
-            t1 = time.perf_counter()
-            start = choose_start(survey.scores("last"), args.select)
-            fit_cut(model, adapter, calibration, survey, start, alpha=args.alpha)
-            result |= {
-                "cut": [start, start + n],
-                "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},
-            }
         else:
-            select = "distance" if args.variant == "sequential_distance" else args.select
-            survey = survey_sequential(
-                skeleton, calibration, n, alpha=args.alpha, shortlist_only=select == "distance"
+            from rmexport.replaceme.survey import WholeModel, fit_cut, survey_candidates
+
+            if args.variant == "in_memory":
+                model_source, select = WholeModel(model, adapter), args.select
+            else:
+                model_source = StreamedModel(skeleton)
+                select = "distance" if args.variant == "sequential_distance" else args.select
+            survey = survey_candidates(
+                model_source, calibration, n, alpha=args.alpha, shortlist_only=select == "distance"
             )
             t1 = time.perf_counter()
             start = choose_start(survey.scores("last"), select)
-            fit_cut_sequential(skeleton, calibration, survey, start, alpha=args.alpha)
+            fit_cut(model_source, calibration, survey, start, alpha=args.alpha)
             result |= {
                 "cut": [start, start + n],
                 "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},

@@ -32,7 +32,13 @@ from rmexport.replaceme.apply import remove_blocks
 from rmexport.replaceme.checks import apply_fold
 from rmexport.replaceme.select import choose_start, cut_size, split_cut
 from rmexport.replaceme.solve import CosineSettings
-from rmexport.replaceme.survey import fit_cut, selection_loss, survey_candidates
+from rmexport.replaceme.survey import (
+    WholeModel,
+    fit_cut,
+    selection_loss,
+    selection_validator,
+    survey_candidates,
+)
 
 from .perplexity import perplexity, torch_forward
 
@@ -92,7 +98,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     add("original", None, "-", _ppl(model, windows), 0.0)
     started = time.perf_counter()
-    survey = survey_candidates(model, adapter, calibration, n)
+    survey = survey_candidates(WholeModel(model, adapter), calibration, n)
     survey_s = time.perf_counter() - started
     evaluated: dict[tuple[int, str], float] = {}
     for label, (rule, tokens) in RULES.items():
@@ -110,14 +116,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 transform, extra = None, {}
                 if solver != "removal":
                     result = fit_cut(
-                        model,
-                        adapter,
+                        WholeModel(model, adapter),
                         calibration,
                         survey,
                         start,
                         solver=solver,
                         cosine=CosineSettings(),
-                        selection=selection,
+                        validate=selection_validator(model, adapter, survey, start, selection),
                     )
                     transform = result.transform
                     extra = _cosine_summary(result.details) if solver == "cosine" else {}
@@ -136,9 +141,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         kept = list(range(n_layers))
         removed: list[list[int]] = []
         for size in split_cut(n, blocks):
-            step_survey = survey_candidates(pruned, adapter, calibration, size)
+            pruned_source = WholeModel(pruned, adapter)
+            step_survey = survey_candidates(pruned_source, calibration, size)
             start = choose_start(step_survey.scores("last"), "fit")
-            result = fit_cut(pruned, adapter, calibration, step_survey, start)
+            result = fit_cut(pruned_source, calibration, step_survey, start)
             apply_fold(adapter, adapter.block(pruned, start - 1), result.transform)
             kept_now = remove_blocks(pruned, adapter, (start, start + size))
             removed.append(kept[start : start + size])

@@ -2,18 +2,21 @@
 
 The survey holds, per candidate start, the distance across the cut and (memory permitting) the
 streamed sums from which the least-squares map and its residual follow without another pass.
+Both steps run on a ``CalibrationSource``: a model held whole (``WholeModel``) or streamed block
+by block (``sequential.calibrate.StreamedModel``); they see the same numbers either way.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..arch import ArchAdapter
-from ..calib.collect import CutStatistics, DistanceProfile, collect, collect_activations
+from ..calib.collect import CutActivations, CutStatistics, DistanceProfile, collect, collect_activations
 from ..calib.tokens import CalibrationSet
 from .select import CutScores, candidate_starts
 from .solve import (
@@ -25,7 +28,16 @@ from .solve import (
     residual_energy,
 )
 
-__all__ = ["CandidateSurvey", "fit_cut", "least_squares_map", "selection_loss", "survey_candidates"]
+__all__ = [
+    "CalibrationSource",
+    "CandidateSurvey",
+    "WholeModel",
+    "fit_cut",
+    "least_squares_map",
+    "selection_loss",
+    "selection_validator",
+    "survey_candidates",
+]
 
 # Statistics of every candidate cut are kept in one pass while they fit in this much memory.
 STATS_MEMORY_FRACTION = 0.25
@@ -71,9 +83,56 @@ class CandidateSurvey:
         }
 
 
+class CalibrationSource(Protocol):
+    """A model that calibration text runs through, whole or block by block.
+
+    A source may also offer ``closest_by_distance(calibration, *, n, starts, distance_tokens,
+    desc)``: the distances of every start and the sums of the closest, in one pass."""
+
+    @property
+    def adapter(self) -> ArchAdapter: ...
+
+    @property
+    def n_blocks(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def collect(
+        self, calibration: CalibrationSet, *, n: int, starts: list[int], stats_for: list[int], desc: str
+    ) -> tuple[DistanceProfile, dict[int, CutStatistics]]: ...
+
+    def collect_activations(
+        self, calibration: CalibrationSet, cut: tuple[int, int], desc: str
+    ) -> CutActivations: ...
+
+
+@dataclass
+class WholeModel:
+    """A model held in memory; each pass stops after the deepest block it needs."""
+
+    model: Any
+    adapter: ArchAdapter
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def collect(self, calibration, *, n, starts, stats_for, desc):
+        return collect(
+            self.model, self.adapter, calibration, n=n, starts=starts, stats_for=stats_for, desc=desc
+        )
+
+    def collect_activations(self, calibration, cut, desc):
+        return collect_activations(self.model, self.adapter, calibration, cut, desc=desc)
+
+
 def survey_candidates(
-    model: Any,
-    adapter: ArchAdapter,
+    source: CalibrationSource,
     calibration: CalibrationSet,
     n: int,
     *,
@@ -85,41 +144,37 @@ def survey_candidates(
     """One pass when the sums of every candidate fit in memory; otherwise distances first, then
     sums for as many of the closest candidates as fit (only the closest with ``shortlist_only``,
     which is all the distance rule needs)."""
-    starts = candidate_starts(len(adapter.blocks(model)), n)
-    d = model.config.hidden_size
+    starts = candidate_starts(source.n_blocks, n)
+    d = source.hidden_size
     affordable = max(1, _stats_budget_bytes() // (2 * d * d * 8))
-    if affordable >= len(starts):
-        profile, stats = collect(
-            model,
-            adapter,
+    closest_by_distance = getattr(source, "closest_by_distance", None)
+    if shortlist_only and closest_by_distance is not None:
+        profile, stats = closest_by_distance(
             calibration,
             n=n,
             starts=starts,
-            stats_for=starts,
+            distance_tokens=distance_tokens,
             desc=f"{step} Calibrating".strip(),
         )
+    elif affordable >= len(starts):
+        profile, stats = source.collect(
+            calibration, n=n, starts=starts, stats_for=starts, desc=f"{step} Calibrating".strip()
+        )
     else:
-        profile, _ = collect(
-            model, adapter, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
+        profile, _ = source.collect(
+            calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
         )
         distances = profile.mean(distance_tokens)
         shortlist = sorted(starts, key=lambda s: (distances[s], s))[: 1 if shortlist_only else affordable]
-        _, stats = collect(
-            model,
-            adapter,
-            calibration,
-            n=n,
-            starts=shortlist,
-            stats_for=shortlist,
-            desc=f"{step} Statistics".strip(),
+        _, stats = source.collect(
+            calibration, n=n, starts=shortlist, stats_for=shortlist, desc=f"{step} Statistics".strip()
         )
-    maps = {s: least_squares_map(adapter, acc, alpha) for s, acc in stats.items()}
+    maps = {s: least_squares_map(source.adapter, acc, alpha) for s, acc in stats.items()}
     return CandidateSurvey(n, starts, profile, stats, maps)
 
 
 def fit_cut(
-    model: Any,
-    adapter: ArchAdapter,
+    source: CalibrationSource,
     calibration: CalibrationSet,
     survey: CandidateSurvey,
     start: int,
@@ -127,31 +182,24 @@ def fit_cut(
     solver: str = "lstsq",
     alpha: float = 0.0,
     cosine: CosineSettings | None = None,
-    selection: CalibrationSet | None = None,
+    validate: Callable[[torch.Tensor], float] | None = None,
     step: str = "",
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
 
-    With ``selection`` text, cosine epochs are judged by the pruned model's loss on it, so the
-    LS map is kept unless an epoch does better there."""
+    ``validate`` (see ``selection_validator``) judges the cosine epochs by a loss that matters,
+    so the LS map is kept unless an epoch does better there."""
     cut = (start, start + survey.n)
     if start not in survey.stats:
-        _, extra = collect(model, adapter, calibration, n=survey.n, starts=[start], stats_for=[start])
+        _, extra = source.collect(
+            calibration, n=survey.n, starts=[start], stats_for=[start], desc=f"{step} Statistics".strip()
+        )
         survey.stats[start] = extra[start]
-        survey.maps[start] = least_squares_map(adapter, extra[start], alpha)
+        survey.maps[start] = least_squares_map(source.adapter, extra[start], alpha)
     stats = survey.stats[start]
     if solver == "cosine":
-        activations = collect_activations(model, adapter, calibration, cut, desc=f"{step} Collecting".strip())
-
-        def pruned_loss(transform: torch.Tensor) -> float:
-            return selection_loss(model, adapter, survey, [start], selection, {start: transform})[start]
-
-        result = cosine_fit(
-            activations,
-            survey.maps[start],
-            cosine or CosineSettings(),
-            validate=pruned_loss if selection is not None else None,
-        )
+        activations = source.collect_activations(calibration, cut, desc=f"{step} Collecting".strip())
+        result = cosine_fit(activations, survey.maps[start], cosine or CosineSettings(), validate)
         del activations
     else:
         result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
@@ -160,9 +208,20 @@ def fit_cut(
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
         "rel_residual_plain_removal": residual_energy(stats, identity) / stats.stream_energy,
         "tokens": stats.tokens,
-        "diagonal": not adapter.dense_fold,
+        "diagonal": not source.adapter.dense_fold,
     }
     return result
+
+
+def selection_validator(
+    model: Any, adapter: ArchAdapter, survey: CandidateSurvey, start: int, selection: CalibrationSet
+) -> Callable[[torch.Tensor], float]:
+    """T → loss on the set-aside text of the model pruned at ``start`` with T folded in."""
+
+    def loss(transform: torch.Tensor) -> float:
+        return selection_loss(model, adapter, survey, [start], selection, {start: transform})[start]
+
+    return loss
 
 
 def selection_loss(

@@ -35,17 +35,13 @@ from ..calib.collect import (
 from ..calib.tokens import CalibrationSet
 from ..errors import CalibrationError
 from ..log import get_logger, progress
-from ..replaceme.select import candidate_starts
-from ..replaceme.solve import CosineSettings, FitResult, cosine_fit, residual_energy
-from ..replaceme.survey import CandidateSurvey, _stats_budget_bytes, least_squares_map
 from .blocks import ModelSkeleton
 
 __all__ = [
     "ActivationStore",
+    "StreamedModel",
     "collect_activations_sequential",
     "collect_sequential",
-    "fit_cut_sequential",
-    "survey_sequential",
 ]
 
 log = get_logger(__name__)
@@ -413,80 +409,31 @@ def _distances_then_chosen_sums(
     return profile, {chosen: acc}
 
 
-def survey_sequential(
-    skeleton: ModelSkeleton,
-    calibration: CalibrationSet,
-    n: int,
-    *,
-    alpha: float = 0.0,
-    distance_tokens: str = "last",
-    shortlist_only: bool = False,
-    step: str = "",
-) -> CandidateSurvey:
-    """``replaceme.survey.survey_candidates`` block by block, with the same memory rule: one pass
-    when every candidate's sums fit, else distances first, then sums for the closest candidates.
-    With ``shortlist_only`` (the distance rule) one pass gives the distances and the sums of the
-    closest cut alone, from activations kept during the pass."""
-    starts = candidate_starts(len(skeleton.layers), n)
-    d = skeleton.config.hidden_size
-    affordable = max(1, _stats_budget_bytes() // (2 * d * d * 8))
-    if shortlist_only:
-        profile, stats = _distances_then_chosen_sums(
-            skeleton, calibration, n, starts, distance_tokens, desc=f"{step} Calibrating".strip()
-        )
-    elif affordable >= len(starts):
-        profile, stats = collect_sequential(
-            skeleton, calibration, n=n, starts=starts, stats_for=starts, desc=f"{step} Calibrating".strip()
-        )
-    else:
-        profile, _ = collect_sequential(
-            skeleton, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
-        )
-        distances = profile.mean(distance_tokens)
-        shortlist = sorted(starts, key=lambda s: (distances[s], s))[: 1 if shortlist_only else affordable]
-        _, stats = collect_sequential(
-            skeleton,
-            calibration,
-            n=n,
-            starts=shortlist,
-            stats_for=shortlist,
-            desc=f"{step} Statistics".strip(),
-        )
-    maps = {s: least_squares_map(skeleton.adapter, acc, alpha) for s, acc in stats.items()}
-    return CandidateSurvey(n, starts, profile, stats, maps)
+class StreamedModel:
+    """A ``replaceme.survey.CalibrationSource`` that holds one block at a time."""
 
+    def __init__(self, skeleton: ModelSkeleton):
+        self.skeleton = skeleton
 
-def fit_cut_sequential(
-    skeleton: ModelSkeleton,
-    calibration: CalibrationSet,
-    survey: CandidateSurvey,
-    start: int,
-    *,
-    solver: str = "lstsq",
-    alpha: float = 0.0,
-    cosine: CosineSettings | None = None,
-    step: str = "",
-) -> FitResult:
-    """``replaceme.survey.fit_cut`` block by block."""
-    adapter = skeleton.adapter
-    cut = (start, start + survey.n)
-    if start not in survey.stats:
-        _, extra = collect_sequential(skeleton, calibration, n=survey.n, starts=[start], stats_for=[start])
-        survey.stats[start] = extra[start]
-        survey.maps[start] = least_squares_map(adapter, extra[start], alpha)
-    stats = survey.stats[start]
-    if solver == "cosine":
-        activations = collect_activations_sequential(
-            skeleton, calibration, cut, desc=f"{step} Collecting".strip()
+    @property
+    def adapter(self):
+        return self.skeleton.adapter
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.skeleton.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.skeleton.config.hidden_size
+
+    def collect(self, calibration, *, n, starts, stats_for, desc):
+        return collect_sequential(
+            self.skeleton, calibration, n=n, starts=starts, stats_for=stats_for, desc=desc
         )
-        result = cosine_fit(activations, survey.maps[start], cosine or CosineSettings())
-    else:
-        result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
-    identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)
-    result.details |= {
-        "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
-        "rel_residual_plain_removal": residual_energy(stats, identity) / stats.stream_energy,
-        "tokens": stats.tokens,
-        "diagonal": not adapter.dense_fold,
-    }
-    return result
+
+    def collect_activations(self, calibration, cut, desc):
+        return collect_activations_sequential(self.skeleton, calibration, cut, desc=desc)
+
+    def closest_by_distance(self, calibration, *, n, starts, distance_tokens, desc):
+        return _distances_then_chosen_sums(self.skeleton, calibration, n, starts, distance_tokens, desc)

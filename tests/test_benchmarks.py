@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on a tiny model and write what their READMEs promise."""
+
+import json
+
+import pytest
+
+from validation import bench_pipeline, bench_quality
+
+
+def test_quality_benchmark_rows(tiny_checkpoints, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--model", str(tiny_checkpoints["llama"]), "--calib-samples", "48", "--seq-len", "32"]
+    argv += ["--eval-tokens", "1024", "--blocks", "2", "--out", str(out)]
+    assert bench_quality.main(argv) == 0
+    result = json.loads((out / "quality.json").read_text())
+    rows = result["rows"]
+    assert rows[0]["rule"] == "original" and result["n"] == 2 and result["eval_tokens"] == 1024
+    by_rule = {}
+    for row in rows[1:-1]:
+        by_rule.setdefault(row["rule"], {})[row["solver"]] = row
+    assert set(by_rule) == set(bench_quality.RULES)
+    assert all(set(solvers) == {"plain removal", "lstsq", "cosine"} for solvers in by_rule.values())
+    for solvers in by_rule.values():
+        cosine = solvers["cosine"]["cosine"]
+        validation = cosine["validation_curve"]
+        assert validation[cosine["best_epoch"]] == min(validation) <= validation[0]
+    fit_cut = by_rule["fit"]["lstsq"]["cut"]
+    same_cut = [r for r in rows[1:-1] if r["cut"] == fit_cut and r["solver"] == "lstsq"]
+    assert len({r["ppl"] for r in same_cut}) == 1
+    multi = rows[-1]
+    assert multi["rule"] == "fit, 2 cuts" and len(multi["cut"]) == 2
+    assert sum(end - start for start, end in multi["cut"]) == 2
+    assert "| original |" in (out / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("select", ["fit", "distance"])
+def test_pipeline_benchmark_variants_agree_on_the_cut(tiny_checkpoints, tmp_path, select):
+    out = tmp_path / "pipeline.json"
+    argv = ["--model", str(tiny_checkpoints["llama"]), "--documents", "16", "--seq-len", "32"]
+    argv += ["--select", select, "--threads", "1", "--skip-8b", "--out", str(out)]
+    assert bench_pipeline.main(argv) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == set(bench_pipeline.VARIANTS)
+    assert summary["in_memory"]["cut"] == summary["sequential"]["cut"]
+    assert summary["sequential_distance"]["cut"] == summary["baseline"]["cut"]
+    if select == "distance":
+        assert summary["in_memory"]["cut"] == summary["baseline"]["cut"]
+    assert all(row["tokens_per_s_median"] > 0 for row in summary.values())
