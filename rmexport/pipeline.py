@@ -16,6 +16,7 @@ from typing import Any
 
 from .calib.corpus import BUILTIN
 from .errors import ConfigError
+from .jsonfile import write_json
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
@@ -89,13 +90,6 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
     return config
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -131,7 +125,7 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
             "validate_onnx",
             {},
             [parity_file],
-            lambda: _write_json(parity_file, validate_onnx(pruned_onnx, pruned_ckpt, raise_on_failure=False)),
+            lambda: write_json(parity_file, validate_onnx(pruned_onnx, pruned_ckpt, raise_on_failure=False)),
             needs=["export_onnx"],
         )
     )
@@ -143,7 +137,7 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
                 "bench_onnx",
                 {"eval_tokens": args.eval_tokens, "original": base_runner.hashes["export_onnx"]},
                 [bench_file],
-                lambda: _write_json(
+                lambda: write_json(
                     bench_file, bench_onnx(base_onnx, pruned_onnx, eval_tokens=args.eval_tokens)
                 ),
                 needs=["export_onnx"],
@@ -188,7 +182,7 @@ def _gguf_stages(
             "validate_gguf",
             {"types": types},
             [parity_file],
-            lambda: _write_json(
+            lambda: write_json(
                 parity_file, {t: validate_gguf(pruned_files[t], pruned_ckpt, check=False) for t in types}
             ),
             needs=[f"export_gguf_{t}" for t in types],
@@ -206,7 +200,7 @@ def _gguf_stages(
                     "original": [base_runner.hashes[f"export_gguf_{t}"] for t in types],
                 },
                 [bench_file],
-                lambda: _write_json(
+                lambda: write_json(
                     bench_file,
                     {
                         t: bench_gguf(

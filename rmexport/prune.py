@@ -7,7 +7,6 @@ cut and why, the fit, the checks, timings, versions). Both appear only when comp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -25,6 +24,7 @@ from .arch import ArchAdapter, adapter_for
 from .calib.corpus import BUILTIN, load_corpus
 from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
 from .errors import ConfigError, RMExportError, ToleranceError
+from .jsonfile import write_json
 from .log import get_logger
 from .models import (
     ModelSource,
@@ -48,6 +48,7 @@ __all__ = [
     "add_prune_options",
     "options_from_args",
     "describe_cuts",
+    "jsonable",
     "log_cosine_fit",
     "prune",
     "prune_from_args",
@@ -342,7 +343,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     with clock.stage("save"):
         _save(model, tokenizer, source, config, record, out_dir)
     record["timings_s"]["save"] = round(clock.seconds["save"], 2)
-    _write_json(out_dir / "prune.json", record)
+    write_json(out_dir / "prune.json", jsonable(record))
     return record
 
 
@@ -376,7 +377,7 @@ def describe_cuts(
                 "cut": list(r.cut),
                 "removed_layers": r.removed_layers,
                 "fit": r.fit,
-                "scores": _jsonable(r.scores),
+                "scores": jsonable(r.scores),
             }
             for r in records
         ],
@@ -390,11 +391,12 @@ def describe_cuts(
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with string keys and floats rounded to 6 decimals, for ``prune.json``."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float):
         return round(value, 6)
     return value
@@ -407,12 +409,6 @@ def _check_writable(out_dir: Path) -> None:
         probe.close()
     except OSError as e:
         raise ConfigError(f"cannot write to {out_dir}: {e.strerror}") from e
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _save(model: Any, tokenizer: Any, source: ModelSource, config: Any, record: dict, out_dir: Path) -> None:

@@ -24,6 +24,7 @@ from .arch import ArchAdapter
 from .calib.corpus import load_corpus
 from .calib.tokens import calibration_batches, heldout_windows
 from .errors import ConfigError, ModelLoadError, ToleranceError
+from .jsonfile import write_json
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, load_model, load_tokenizer, read_provenance
 from .prune import (
@@ -36,8 +37,8 @@ from .prune import (
     _peak_rss_mib,
     _perplexity,
     _versions,
-    _write_json,
     describe_cuts,
+    jsonable,
     log_cosine_fit,
 )
 from .replaceme.apply import remove_blocks
@@ -250,7 +251,7 @@ def prune_sequential(
     record["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     if device != "cpu" and torch.cuda.is_available():
         record["path"]["cuda_max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    _write_json(out_dir / "prune.json", record)
+    write_json(out_dir / "prune.json", jsonable(record))
     return record
 
 

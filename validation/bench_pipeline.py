@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from rmexport.jsonfile import write_json
+
 __all__ = ["LLAMA3_8B_SHAPE", "main", "two_pass_baseline", "write_random_checkpoint"]
 
 LLAMA3_8B_SHAPE = dict(
@@ -526,9 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak RSS {run['peak_rss_mib']:.0f} MiB "
                 f"(ru_maxrss {run['ru_maxrss_mib']:.0f} MiB), written in {run['write_s']} s, cut {run['cut']}"
             )
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

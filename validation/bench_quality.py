@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from rmexport.arch import adapter_for
 from rmexport.calib.corpus import load_corpus
 from rmexport.calib.tokens import calibration_batches, heldout_windows
+from rmexport.jsonfile import write_json
 from rmexport.models import load_model, load_tokenizer, resolve
 from rmexport.replaceme.apply import remove_blocks
 from rmexport.replaceme.checks import apply_fold
@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     result = run_benchmark(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / "quality.json", result)
     (args.out / "quality.md").write_text(_markdown(result))
     print(_markdown(result))
     print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.md'}")

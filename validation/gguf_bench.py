@@ -11,7 +11,6 @@ warm-up. The pruned model's speedup is shown next to the ideal, original blocks 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 from converters import llama_cpp as llama_cpp_tools
 from rmexport.errors import ConfigError
+from rmexport.jsonfile import write_json
 from rmexport.log import get_logger
 
 __all__ = ["add_arguments", "bench_gguf", "format_table", "llama_cpp_forward", "run", "speed"]
@@ -315,5 +315,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0

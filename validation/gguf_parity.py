@@ -13,7 +13,6 @@ ToleranceError (exit 1) with the table; ``validate_gguf`` returns the same numbe
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from converters import llama_cpp as llama_cpp_tools
 from rmexport.errors import ConfigError, ToleranceError
+from rmexport.jsonfile import write_json
 from rmexport.log import get_logger, progress
 
 __all__ = ["TOLERANCES", "Tolerance", "add_arguments", "gguf_type_of", "run", "validate_gguf"]
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     for failure in result["failures"]:
         print(f"  {failure}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     if result["failures"] and not args.report_only:
         raise ToleranceError(
             f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])

@@ -14,16 +14,14 @@ embedding, final norm and LM head do not shrink, so the measured speed-up stays 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rmexport.errors import ConfigError, ModelLoadError
+from rmexport.jsonfile import write_json
 
 from .latency import hardware_info, time_interleaved
 
@@ -211,15 +209,6 @@ def print_table(result: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # --- CLI ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--original", required=True, help="ONNX export of the original model")
@@ -248,5 +237,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(result)
     if args.json:
-        _write_json(Path(args.json), result)
+        write_json(args.json, result)
     return 0

@@ -17,10 +17,7 @@ Checks, per precision (tolerances below):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
+from rmexport.jsonfile import write_json
 
 __all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx", "add_arguments", "run"]
 
@@ -319,15 +317,6 @@ def print_table(result: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # --- CLI ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("onnx_dir", help="folder written by `rmexport export onnx`")
@@ -349,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(result)
     if args.json:
-        _write_json(Path(args.json), result)
+        write_json(args.json, result)
     if not result["passed"]:
         raise ToleranceError(
             "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result)
