@@ -39,7 +39,14 @@ from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
-from .replaceme.survey import WholeModel, fit_cut, selection_loss, selection_validator, survey_candidates
+from .replaceme.survey import (
+    CalibrationSource,
+    WholeModel,
+    fit_cut,
+    selection_loss,
+    selection_validator,
+    survey_candidates,
+)
 
 __all__ = [
     "PruneOptions",
@@ -47,9 +54,10 @@ __all__ = [
     "add_model_argument",
     "add_prune_options",
     "options_from_args",
+    "choose_and_fit",
     "describe_cuts",
     "jsonable",
-    "log_cosine_fit",
+    "log_cut",
     "prune",
     "prune_from_args",
     "run",
@@ -134,16 +142,18 @@ class CutRecord:
     fit: dict[str, Any]
 
 
-def _choose_and_fit(
-    model: Any,
-    adapter: ArchAdapter,
+def choose_and_fit(
+    source: CalibrationSource,
     calibration: CalibrationSet,
-    selection: CalibrationSet | None,
     n: int,
     options: PruneOptions,
     step: str,
+    selection: CalibrationSet | None = None,
 ) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
-    source = WholeModel(model, adapter)
+    """Survey every cut of ``n`` blocks, choose one by ``options.select`` and fit its map.
+
+    ``selection`` (set-aside text, whole models only) is what ``--select loss`` and the cosine
+    solver's epochs are judged on. Returns the cut, the fit and the survey's score table."""
     survey = survey_candidates(
         source,
         calibration,
@@ -155,10 +165,12 @@ def _choose_and_fit(
     )
     scores = survey.scores(options.distance_tokens)
     table = survey.table()
+    model = source.model if isinstance(source, WholeModel) and selection is not None else None
     if options.select == "loss":
-        assert selection is not None
+        if model is None:
+            raise ConfigError("--select loss needs the whole model and set-aside text")
         shortlist = sorted(scores.fit, key=lambda s: (scores.fit[s], s))[: options.loss_candidates]
-        scores.loss = selection_loss(model, adapter, survey, shortlist, selection)
+        scores.loss = selection_loss(model, source.adapter, survey, shortlist, selection)
         table["selection_loss"] = scores.loss
     start = choose_start(scores, options.select)
     result = fit_cut(
@@ -169,13 +181,30 @@ def _choose_and_fit(
         solver=options.solver,
         alpha=options.alpha,
         cosine=options.cosine,
-        validate=selection_validator(model, adapter, survey, start, selection) if selection else None,
+        validate=selection_validator(model, source.adapter, survey, start, selection) if model else None,
         step=step,
     )
     return (start, start + n), result, table
 
 
-def log_cosine_fit(details: dict[str, Any]) -> None:
+def log_cut(
+    step: str, cut: tuple[int, int], removed: list[int], table: dict[str, Any], result: FitResult, tokens: str
+) -> None:
+    contiguous = removed == list(range(removed[0], removed[-1] + 1))
+    log.info(
+        "cut %s blocks %s (original indices %s): distance %.4f, fit error %.4f vs plain removal %.4f",
+        step,
+        list(cut),
+        [removed[0], removed[-1] + 1] if contiguous else removed,
+        table["distance_" + tokens][cut[0]],
+        result.details["rel_residual"],
+        result.details["rel_residual_plain_removal"],
+    )
+    if result.solver == "cosine":
+        _log_cosine(result.details)
+
+
+def _log_cosine(details: dict[str, Any]) -> None:
     curve, best = details["loss_curve"], details["best_epoch"]
     validation = details.get("validation_curve")
     log.info(
@@ -280,19 +309,11 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     for k, size in enumerate(sizes):
         step = f"({k + 1}/{len(sizes)})"
         with clock.stage(f"calibrate+fit {step}"):
-            cut, result, scores = _choose_and_fit(model, adapter, calibration, selection, size, options, step)
+            cut, result, scores = choose_and_fit(
+                WholeModel(model, adapter), calibration, size, options, step, selection
+            )
         removed = kept[cut[0] : cut[1]]
-        log.info(
-            "cut %s blocks %s (original indices %s): distance %.4f, fit error %.4f vs plain removal %.4f",
-            step,
-            list(cut),
-            [removed[0], removed[-1] + 1] if removed == list(range(removed[0], removed[-1] + 1)) else removed,
-            scores["distance_" + options.distance_tokens][cut[0]],
-            result.details["rel_residual"],
-            result.details["rel_residual_plain_removal"],
-        )
-        if result.solver == "cosine":
-            log_cosine_fit(result.details)
+        log_cut(step, cut, removed, scores, result, options.distance_tokens)
         with clock.stage(f"fold+cut {step}"):
             folds.append(apply_fold(adapter, adapter.block(model, cut[0] - 1), result.transform))
             kept_now = remove_blocks(model, adapter, cut)

@@ -37,14 +37,14 @@ from .prune import (
     _peak_rss_mib,
     _perplexity,
     _versions,
+    choose_and_fit,
     describe_cuts,
     jsonable,
-    log_cosine_fit,
+    log_cut,
 )
 from .replaceme.apply import remove_blocks
 from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
-from .replaceme.select import choose_start, cut_size, split_cut
-from .replaceme.survey import fit_cut, survey_candidates
+from .replaceme.select import cut_size, split_cut
 from .sequential.blocks import ModelSkeleton, checkpoint_dtype, model_bytes
 from .sequential.calibrate import StreamedModel
 from .sequential.save import save_pruned_checkpoint
@@ -149,46 +149,14 @@ def prune_sequential(
     for k, size in enumerate(sizes):
         step = f"({k + 1}/{len(sizes)})"
         with clock.stage(f"calibrate+fit {step}"):
-            streamed = StreamedModel(skeleton)
-            survey = survey_candidates(
-                streamed,
-                calibration,
-                size,
-                alpha=options.alpha,
-                distance_tokens=options.distance_tokens,
-                shortlist_only=options.select == "distance",
-                step=step,
-            )
-            scores = survey.scores(options.distance_tokens)
-            start = choose_start(scores, options.select)
-            result = fit_cut(
-                streamed,
-                calibration,
-                survey,
-                start,
-                solver=options.solver,
-                alpha=options.alpha,
-                cosine=options.cosine,
-                step=step,
-            )
-        cut = (start, start + size)
+            cut, result, scores = choose_and_fit(StreamedModel(skeleton), calibration, size, options, step)
         removed = skeleton.layers[cut[0] : cut[1]]
         folded_layer = skeleton.layers[cut[0] - 1]
         skeleton.folds.setdefault(folded_layer, []).append(result.transform)
         skeleton.layers = [j for i, j in enumerate(skeleton.layers) if not cut[0] <= i < cut[1]]
         cuts.append((cut, result.transform))
-        records.append(CutRecord(cut, removed, survey.table(), {"solver": result.solver, **result.details}))
-        log.info(
-            "cut %s blocks %s (original %s): distance %.4f, fit error %.4f vs plain removal %.4f",
-            step,
-            list(cut),
-            removed,
-            scores.distance[start],
-            result.details["rel_residual"],
-            result.details["rel_residual_plain_removal"],
-        )
-        if result.solver == "cosine":
-            log_cosine_fit(result.details)
+        records.append(CutRecord(cut, removed, scores, {"solver": result.solver, **result.details}))
+        log_cut(step, cut, removed, scores, result, options.distance_tokens)
     kept = list(skeleton.layers)
     folds = {j: list(ts) for j, ts in skeleton.folds.items()}
     skeleton.close()
