@@ -9,7 +9,9 @@ What llama.cpp assumes, and how a config is checked against it:
   A model (e.g. a pruned 27B) whose scalar no longer matches what llama.cpp will pick is refused.
 - Qwen 2/3 in llama.cpp have no sliding-window attention: a config with sliding layers is refused.
 - Gemma's per-layer sliding pattern is also written as an explicit per-layer array
-  (``{arch}.attention.sliding_window_pattern``), which current llama.cpp reads when present.
+  (``{arch}.attention.sliding_window_pattern``) for readers that use it. llama.cpp's gemma2 and
+  gemma3 loaders ignore it and derive the pattern from the layer index (period 2 and 6), which is
+  why cuts that would shift that pattern are refused (``GemmaAdapter.gguf_cut_problem``).
 """
 
 from __future__ import annotations
