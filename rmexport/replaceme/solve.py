@@ -111,7 +111,7 @@ def cosine_fit(
 
     curve = [_full_cosine_loss(activations, transform)]
     validation = [validate(transform.detach().double())] if validate else []
-    scores = validation if validate else curve
+    judged = validation if validate else curve  # the curve that picks the epoch to keep
     best_epoch, best_transform = 0, transform.detach().clone()
     stopped = "max_epochs"
     for epoch in range(1, settings.max_epochs + 1):
@@ -124,7 +124,7 @@ def cosine_fit(
         curve.append(_full_cosine_loss(activations, transform))
         if validate:
             validation.append(validate(transform.detach().double()))
-        if scores[-1] < scores[best_epoch]:
+        if judged[-1] < judged[best_epoch]:
             best_epoch, best_transform = epoch, transform.detach().clone()
         if validate and epoch - best_epoch >= settings.patience:
             stopped = "validation"
