@@ -53,6 +53,7 @@ __all__ = [
     "add_arguments",
     "add_model_argument",
     "add_prune_options",
+    "calibration_set",
     "options_from_args",
     "choose_and_fit",
     "describe_cuts",
@@ -250,6 +251,17 @@ def _versions() -> dict[str, str]:
     }
 
 
+def calibration_set(corpus: Any, tokenizer: Any, options: PruneOptions) -> CalibrationSet:
+    return calibration_batches(
+        corpus,
+        tokenizer,
+        n_samples=options.calib_samples,
+        seq_len=options.seq_len,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+
+
 def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str, Any]:
     """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record."""
     options.validate()
@@ -267,14 +279,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         eval_corpus = (
             calib_corpus if options.eval_data == options.calib_data else load_corpus(options.eval_data)
         )
-        calibration = calibration_batches(
-            calib_corpus,
-            tokenizer,
-            n_samples=options.calib_samples,
-            seq_len=options.seq_len,
-            batch_size=options.batch_size,
-            seed=options.seed,
-        )
+        calibration = calibration_set(calib_corpus, tokenizer, options)
         selection = None
         if options.select == "loss" or options.solver == "cosine":
             selection = calibration_batches(

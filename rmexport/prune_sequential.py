@@ -22,7 +22,7 @@ import torch
 
 from .arch import ArchAdapter
 from .calib.corpus import load_corpus
-from .calib.tokens import calibration_batches, heldout_windows
+from .calib.tokens import heldout_windows
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .jsonfile import write_json
 from .log import get_logger
@@ -37,6 +37,7 @@ from .prune import (
     _peak_rss_mib,
     _perplexity,
     _versions,
+    calibration_set,
     choose_and_fit,
     describe_cuts,
     jsonable,
@@ -120,14 +121,7 @@ def prune_sequential(
     with clock.stage("load"):
         tokenizer = load_tokenizer(source)
         calib_corpus = load_corpus(options.calib_data)
-        calibration = calibration_batches(
-            calib_corpus,
-            tokenizer,
-            n_samples=options.calib_samples,
-            seq_len=options.seq_len,
-            batch_size=options.batch_size,
-            seed=options.seed,
-        )
+        calibration = calibration_set(calib_corpus, tokenizer, options)
         skeleton = ModelSkeleton(
             ckpt, device=device, compute_dtype=compute_dtype, attn_implementation=attn_implementation
         )
