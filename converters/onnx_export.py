@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from rmexport.atomic import replace_dir
 from rmexport.errors import ConfigError, ExportError, ToolchainError
 
 __all__ = [
@@ -139,7 +139,7 @@ def _check_graph(tmp: Path, n_layers: int) -> dict[str, Any]:
     return {"inputs": other_inputs, "external_data": external, "opsets": opsets}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_export(tmp: Path, out: Path) -> None:
     """Move the finished export into place; an earlier export at ``out`` is replaced."""
     if out.exists():
         if not out.is_dir():
@@ -149,12 +149,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
                 f"{out} is not empty and is not an ONNX export; refusing to overwrite it",
                 hint="choose another --out or remove the folder",
             )
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def export_onnx(
@@ -216,7 +211,7 @@ def export_onnx(
             "versions": _versions(flavor),
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        _replace_export(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

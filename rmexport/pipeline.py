@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
 from .calib.corpus import BUILTIN
 from .errors import ConfigError
-from .jsonfile import write_json
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args

@@ -21,10 +21,10 @@ import torch
 
 from . import __version__
 from .arch import ArchAdapter, adapter_for
+from .atomic import replace_dir, write_json
 from .calib.corpus import BUILTIN, load_corpus
 from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
 from .errors import ConfigError, RMExportError, ToleranceError
-from .jsonfile import write_json
 from .log import get_logger
 from .models import (
     ModelSource,
@@ -459,13 +459,7 @@ def _save(model: Any, tokenizer: Any, source: ModelSource, config: Any, record: 
                 "kept_layers": record["kept_layers"],
             },
         )
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".hf-old.", dir=out_dir))
-            os.replace(target, old / "hf")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,17 +14,16 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .arch import ArchAdapter
+from .atomic import replace_dir, write_json
 from .calib.corpus import load_corpus
 from .calib.tokens import heldout_windows
 from .errors import ConfigError, ModelLoadError, ToleranceError
-from .jsonfile import write_json
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, load_model, load_tokenizer, read_provenance
 from .prune import (
@@ -206,7 +205,7 @@ def prune_sequential(
                 "ppl_plain_removal": None,
                 "ppl_pruned": None,
             }
-        _move_into_place(staged, out_dir / "hf")
+        replace_dir(staged, out_dir / "hf")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     record["timings_s"] = {k: round(v, 2) for k, v in clock.seconds.items()}
@@ -215,16 +214,6 @@ def prune_sequential(
         record["path"]["cuda_max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     write_json(out_dir / "prune.json", jsonable(record))
     return record
-
-
-def _move_into_place(staged: Path, target: Path) -> None:
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=".hf-old.", dir=target.parent))
-        os.replace(target, old / "hf")
-        os.replace(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, target)
 
 
 def _local_checkpoint(source: ModelSource) -> str:

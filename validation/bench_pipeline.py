@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from rmexport.jsonfile import write_json
+from rmexport.atomic import write_json
 
 __all__ = ["LLAMA3_8B_SHAPE", "main", "two_pass_baseline", "write_random_checkpoint"]
 

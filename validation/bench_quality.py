@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from rmexport.arch import adapter_for
+from rmexport.atomic import write_json
 from rmexport.calib.corpus import load_corpus
 from rmexport.calib.tokens import calibration_batches, heldout_windows
-from rmexport.jsonfile import write_json
 from rmexport.models import load_model, load_tokenizer, resolve
 from rmexport.replaceme.apply import remove_blocks
 from rmexport.replaceme.checks import apply_fold

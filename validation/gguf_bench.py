@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from converters import llama_cpp as llama_cpp_tools
+from rmexport.atomic import write_json
 from rmexport.errors import ConfigError
-from rmexport.jsonfile import write_json
 from rmexport.log import get_logger
 
 __all__ = ["add_arguments", "bench_gguf", "format_table", "llama_cpp_forward", "run", "speed"]

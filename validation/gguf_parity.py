@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from converters import llama_cpp as llama_cpp_tools
+from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ToleranceError
-from rmexport.jsonfile import write_json
 from rmexport.log import get_logger, progress
 
 __all__ = ["TOLERANCES", "Tolerance", "add_arguments", "gguf_type_of", "run", "validate_gguf"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ModelLoadError
-from rmexport.jsonfile import write_json
 
 from .latency import hardware_info, time_interleaved
 

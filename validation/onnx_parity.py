@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
-from rmexport.jsonfile import write_json
 
 __all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx", "add_arguments", "run"]
 

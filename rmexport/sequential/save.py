@@ -12,7 +12,6 @@ only when complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
+from ..atomic import replace_dir
 from ..errors import ExportError
 from ..log import get_logger, progress
 from ..models import PROVENANCE_FILE, write_provenance
@@ -144,13 +144,7 @@ def save_pruned_checkpoint(
                     shutil.copy2(item, tmp / item.name)
         if provenance is not None:
             write_provenance(tmp, provenance)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
