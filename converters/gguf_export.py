@@ -165,17 +165,31 @@ def _prepare(p: _Planned, config: Any, adapter: ArchAdapter) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32)
 
 
-def _encode(data: np.ndarray, gtype: GGUFType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
-    """The tensor in the file's type: 1-D stays F32; Q8_0 rows not divisible by 32 fall back to F16."""
-    if data.ndim < 2 or gtype.tensor_type == GGMLQuantizationType.F32:
-        return data, None
+def _encoding(shape: tuple[int, ...], gtype: GGUFType) -> tuple[Any, GGMLQuantizationType | None]:
+    """(numpy dtype, raw GGML type or None) a tensor of ``shape`` is written in: 1-D stays F32;
+    Q8_0 rows not divisible by the block size fall back to F16."""
+    if len(shape) < 2 or gtype.tensor_type == GGMLQuantizationType.F32:
+        return np.float32, None
     if gtype.tensor_type == GGMLQuantizationType.F16:
-        return data.astype(np.float16), None
+        return np.float16, None
     block = gguf.GGML_QUANT_SIZES[gtype.tensor_type][0]
-    if data.shape[-1] % block:
-        log.warning("row width %d is not a multiple of %d: tensor kept as F16", data.shape[-1], block)
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data, gtype.tensor_type), gtype.tensor_type
+    if shape[-1] % block:
+        log.warning("row width %d is not a multiple of %d: tensor kept as F16", shape[-1], block)
+        return np.float16, None
+    return np.uint8, gtype.tensor_type
+
+
+def _encode(data: np.ndarray, gtype: GGUFType) -> np.ndarray:
+    dtype, raw_dtype = _encoding(data.shape, gtype)
+    return gguf.quants.quantize(data, raw_dtype) if raw_dtype is not None else data.astype(dtype)
+
+
+def _shape(ref: tuple[Path, str]) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    path, name = ref
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(f.get_slice(name).get_shape())
 
 
 def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metadata.Metadata:
@@ -199,32 +213,45 @@ def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metad
 
 
 def _write(checkpoint: Path, config: Any, adapter: ArchAdapter, path: Path, gtype: GGUFType) -> None:
+    """Header and tensor infos first (from shard headers), then one tensor at a time: the model is
+    never whole in memory."""
     meta = _metadata(checkpoint, config, adapter)
     planned = _plan(checkpoint, config, adapter)
     embed = next((p for p in planned if p.kind == gguf.MODEL_TENSOR.TOKEN_EMBD), None)
     tokens = meta.get(gguf.Keys.Tokenizer.LIST)
     if embed is not None and tokens is not None:
-        rows = _load(embed.ref).shape[0]
+        rows = _shape(embed.ref)[0]
         if len(tokens.value) != rows:
             raise ExportError(f"tokenizer has {len(tokens.value)} tokens but the embedding has {rows} rows")
-    total_bytes = sum(os.path.getsize(f) for f in _safetensors_files(checkpoint))
-    writer = GGUFWriter(None, adapter.gguf_arch, use_temp_file=total_bytes > (2 << 30))
+    writer = GGUFWriter(path, adapter.gguf_arch)
     try:
         gguf_metadata.write_metadata(writer, meta)
         writer.add_file_type(gtype.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        producers: list[Any] = []
         rope_factors = gguf_metadata.llama3_rope_factors(config)
         if rope_factors is not None:
-            writer.add_tensor(
+            factors = np.array(rope_factors, np.float32)
+            writer.add_tensor_info(
                 gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                np.array(rope_factors, np.float32),
+                factors.shape,
+                factors.dtype,
+                factors.nbytes,
             )
-        for p in progress(planned, desc="(1/2) Converting tensors", total=len(planned)):
-            data, raw_dtype = _encode(_prepare(p, config, adapter), gtype)
-            writer.add_tensor(p.gguf_name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file(path)
+            producers.append(lambda: factors)
+        for p in planned:
+            shape = _shape(p.ref)
+            dtype, raw_dtype = _encoding(shape, gtype)
+            if raw_dtype is not None:
+                shape = gguf.quant_shape_to_byte_shape(shape, raw_dtype)
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(p.gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=raw_dtype)
+            producers.append(lambda p=p: _encode(_prepare(p, config, adapter), gtype))
+        writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_ti_data_to_file()
+        for produce in progress(producers, desc="(1/2) Converting tensors", total=len(producers)):
+            writer.write_tensor_data(produce())
     finally:
         writer.close()
 

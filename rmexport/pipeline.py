@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .calib.budget import ram_bytes
 from .calib.corpus import BUILTIN
 from .errors import ConfigError
 from .log import get_logger
@@ -33,6 +34,9 @@ ONNX_FLAVORS = ("optimum", "genai")
 # Bytes written per parameter, per model, for the default artefacts (hf fp32 + onnx fp32 + gguf f16
 # + q4_k_m), with a margin; used to refuse a run that cannot fit on the disk before any work.
 _BYTES_PER_PARAM_ESTIMATE = 4 + 4 + 2 + 1 + 1
+# The ONNX exporters hold the whole float32 model and its traced copy: about this many bytes per
+# parameter at peak (an estimate with a margin; it only has to catch models far too big).
+_ONNX_EXPORT_BYTES_PER_PARAM = 8
 
 
 def run_dir_for(out_root: Path, source: ModelSource, ratio_label: str) -> Path:
@@ -72,6 +76,16 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
                 f"llama.cpp derives {adapter.family}'s sliding/global layer pattern from the layer index "
                 f"(period {period}); removing {sizes} block(s) would shift it",
                 hint=f"use --layers with a multiple of {period}, or --skip-gguf",
+            )
+    if not args.skip_onnx:
+        params = _estimate_params(config)
+        needed, ram = params * _ONNX_EXPORT_BYTES_PER_PARAM, ram_bytes()
+        if needed > ram:
+            raise ConfigError(
+                f"the ONNX export holds the whole model in memory: about {needed / 2**30:.0f} GiB for "
+                f"{params / 1e9:.1f}B parameters, and this machine has {ram / 2**30:.0f} GiB",
+                hint="add --skip-onnx (pruning, GGUF, parity and the report still run), or export ONNX "
+                "on a machine with more memory",
             )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,9 +254,8 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
             "prune",
             {
                 "model": model_key,
-                "options": vars(options) | {"cosine": None},
-                "layer_by_layer": args.layer_by_layer,
-                "compute_dtype": args.compute_dtype,
+                # The memory budget changes where activations live, never the result.
+                "options": vars(options) | {"cosine": None, "memory_budget": None},
             },
             [pruned_ckpt, run_dir / "prune.json"],
             lambda: prune_from_args(args, run_dir),

@@ -7,10 +7,8 @@ cut and why, the fit, the checks, timings, versions). Both appear only when comp
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,33 +18,22 @@ from typing import Any
 import torch
 
 from . import __version__
-from .arch import ArchAdapter, adapter_for
-from .atomic import replace_dir, write_json
+from .arch import adapter_for
+from .atomic import write_json
+from .calib.budget import MemoryBudget
 from .calib.corpus import BUILTIN, load_corpus
+from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
-from .errors import ConfigError, RMExportError, ToleranceError
+from .calib.weights import checkpoint_dtype, model_bytes
+from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
-from .models import (
-    ModelSource,
-    load_config,
-    load_model,
-    load_tokenizer,
-    read_provenance,
-    resolve,
-    write_provenance,
-)
-from .replaceme.apply import remove_blocks
-from .replaceme.checks import Fold, apply_fold, explicit_maps, plain_removal
+from .models import ModelSource, checkpoint_dir, load_config, load_tokenizer, read_provenance, resolve
+from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality
+from .replaceme.checks import plain_removal, run_checks
+from .replaceme.save import save_pruned_checkpoint
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
-from .replaceme.survey import (
-    CalibrationSource,
-    WholeModel,
-    fit_cut,
-    selection_loss,
-    selection_validator,
-    survey_candidates,
-)
+from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
 
 __all__ = [
     "PruneOptions",
@@ -54,23 +41,16 @@ __all__ = [
     "add_model_argument",
     "add_prune_options",
     "calibration_set",
-    "options_from_args",
     "choose_and_fit",
-    "describe_cuts",
-    "jsonable",
     "log_cut",
+    "open_engine",
+    "options_from_args",
     "prune",
     "prune_from_args",
     "run",
 ]
 
 log = get_logger(__name__)
-
-# Fold parity: the folded model against the explicit map, both float32. The fold only reorders
-# float64 products before a float32 cast, so differences are rounding: ~1e-5 relative to the
-# logits (SmolLM2-135M: 4.8e-5 against logits up to 39, i.e. 1.2e-6). 2e-4 of the largest logit
-# leaves a wide margin and still catches any real error (a wrong transpose moves logits by O(1)).
-FOLD_PARITY_RTOL = 2e-4
 
 
 @dataclass
@@ -93,6 +73,9 @@ class PruneOptions:
     selection_samples: int = 64  # documents after the calibration ones, for --select loss
     loss_candidates: int = 5  # best cuts by fit that --select loss tries
     device: str = "cpu"
+    compute_dtype: str | None = None
+    memory_budget: str | None = None
+    quality_guard: bool = True
     cosine: CosineSettings = field(default_factory=CosineSettings)
 
     def validate(self) -> None:
@@ -135,59 +118,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@dataclass
-class CutRecord:
-    cut: tuple[int, int]  # in the model as it was when this cut was chosen
-    removed_layers: list[int]  # original indices
-    scores: dict[str, Any]
-    fit: dict[str, Any]
-
-
-def choose_and_fit(
-    source: CalibrationSource,
-    calibration: CalibrationSet,
-    n: int,
-    options: PruneOptions,
-    step: str,
-    selection: CalibrationSet | None = None,
-) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
-    """Survey every cut of ``n`` blocks, choose one by ``options.select`` and fit its map.
-
-    ``selection`` (set-aside text, whole models only) is what ``--select loss`` and the cosine
-    solver's epochs are judged on. Returns the cut, the fit and the survey's score table."""
-    survey = survey_candidates(
-        source,
-        calibration,
-        n,
-        alpha=options.alpha,
-        distance_tokens=options.distance_tokens,
-        shortlist_only=options.select == "distance",
-        step=step,
-    )
-    scores = survey.scores(options.distance_tokens)
-    table = survey.table()
-    model = source.model if isinstance(source, WholeModel) and selection is not None else None
-    if options.select == "loss":
-        if model is None:
-            raise ConfigError("--select loss needs the whole model and set-aside text")
-        shortlist = sorted(scores.fit, key=lambda s: (scores.fit[s], s))[: options.loss_candidates]
-        scores.loss = selection_loss(model, source.adapter, survey, shortlist, selection)
-        table["selection_loss"] = scores.loss
-    start = choose_start(scores, options.select)
-    result = fit_cut(
-        source,
-        calibration,
-        survey,
-        start,
-        solver=options.solver,
-        alpha=options.alpha,
-        cosine=options.cosine,
-        validate=selection_validator(model, source.adapter, survey, start, selection) if model else None,
-        step=step,
-    )
-    return (start, start + n), result, table
-
-
 def log_cut(
     step: str, cut: tuple[int, int], removed: list[int], table: dict[str, Any], result: FitResult, tokens: str
 ) -> None:
@@ -220,26 +150,6 @@ def _log_cosine(details: dict[str, Any]) -> None:
     )
 
 
-def _logits(model: Any, windows: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return (
-            model(input_ids=windows.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
-        )
-
-
-def _perplexity(model: Any, windows: torch.Tensor, desc: str) -> float:
-    from validation.perplexity import perplexity, torch_forward
-
-    return perplexity(torch_forward(model), windows, desc=desc).ppl
-
-
-def _source_dtype(config: Any) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, torch.float32)
-    return dtype
-
-
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -262,8 +172,125 @@ def calibration_set(corpus: Any, tokenizer: Any, options: PruneOptions) -> Calib
     )
 
 
+def _local_checkpoint(source: ModelSource) -> str:
+    """A local directory: hub checkpoints are read from the local Hugging Face cache (or fetched)."""
+    location = checkpoint_dir(source)
+    if source.kind != "hub":
+        return location
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many unrelated types offline
+        raise ModelLoadError(
+            f"could not get {location!r} from the Hugging Face Hub ({type(e).__name__})",
+            hint="download the model and pass its local directory",
+        ) from e
+
+
+def _compute_dtype(options: PruneOptions) -> torch.dtype:
+    if options.compute_dtype:
+        dtype = getattr(torch, options.compute_dtype)
+    else:
+        dtype = torch.bfloat16 if torch.device(options.device).type == "cuda" else torch.float32
+    allowed = (
+        (torch.bfloat16, torch.float16, torch.float32)
+        if torch.device(options.device).type == "cuda"
+        else (torch.float32, torch.bfloat16)
+    )
+    if dtype not in allowed:
+        raise ConfigError(
+            f"compute dtype {dtype} is not supported on {options.device}",
+            hint="use " + " or ".join(str(d).removeprefix("torch.") for d in allowed),
+        )
+    return dtype
+
+
+def open_engine(checkpoint: str, options: PruneOptions, budget: MemoryBudget) -> Engine:
+    """The block engine over ``checkpoint``: weights resident when they fit the budget."""
+    return Engine.open(checkpoint, budget, device=options.device, compute_dtype=_compute_dtype(options))
+
+
+def choose_and_fit(
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    n: int,
+    options: PruneOptions,
+    step: str,
+    scorer: SelectionScorer | None,
+    stats_budget_bytes: int,
+) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
+    """Survey every cut of ``n`` blocks of ``plan``, choose one by ``options.select``, fit its map.
+
+    ``scorer`` (set-aside text) is what ``--select loss`` and the cosine solver's epochs are
+    judged on. Returns the cut, the fit and the survey's score table."""
+    survey = survey_candidates(
+        engine,
+        plan,
+        calibration,
+        n,
+        stats_budget_bytes=stats_budget_bytes,
+        alpha=options.alpha,
+        distance_tokens=options.distance_tokens,
+        shortlist_only=options.select == "distance",
+        step=step,
+    )
+    scores = survey.scores(options.distance_tokens)
+    table = survey.table()
+    if options.select == "loss":
+        assert scorer is not None
+        shortlist = sorted(scores.fit, key=lambda s: (scores.fit[s], s))[: options.loss_candidates]
+        scores.loss = scorer.trial_losses(plan, n, survey.maps, shortlist)
+        table["selection_loss"] = scores.loss
+    start = choose_start(scores, options.select)
+    cut = (start, start + n)
+    result = fit_cut(
+        engine,
+        plan,
+        calibration,
+        survey,
+        start,
+        solver=options.solver,
+        alpha=options.alpha,
+        cosine=options.cosine,
+        validate=scorer.validator(plan, cut) if scorer is not None else None,
+        step=step,
+    )
+    return cut, result, table
+
+
+def _guard(scorer: SelectionScorer, final: Plan) -> tuple[Plan, dict[str, Any]]:
+    """Keep the fitted maps only if they beat plain removal of the same blocks on set-aside text."""
+    removal = plain_removal(final)
+    shared = next(i for i, step in enumerate(final) if step.maps)
+    losses = scorer.losses({"fitted": final, "plain_removal": removal}, shared=shared)
+    kept = "fitted" if losses["fitted"] <= losses["plain_removal"] else "plain_removal"
+    record = {
+        "judged_on": f"{len(scorer.selection.batches)} batches of set-aside calibration text",
+        "selection_loss_fitted": losses["fitted"],
+        "selection_loss_plain_removal": losses["plain_removal"],
+        "kept": kept,
+    }
+    if kept == "plain_removal":
+        log.warning(
+            "the fitted map is worse than plain removal on set-aside text (loss %.4f vs %.4f): keeping "
+            "plain removal of the same blocks; the calibration data is probably too small or unlike "
+            "the model's text (use more --calib-samples)",
+            losses["fitted"],
+            losses["plain_removal"],
+        )
+        return removal, record
+    return final, record
+
+
 def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str, Any]:
-    """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record."""
+    """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record.
+
+    Every model takes the same path: the block engine, with weights resident or streamed from
+    disk as the memory budget decides."""
     options.validate()
     clock = _Clock()
     config = load_config(source)
@@ -271,161 +298,129 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     n_layers = config.num_hidden_layers
     n = cut_size(n_layers, options.ratio, options.layers)
     sizes = split_cut(n, options.blocks)
+    budget = MemoryBudget.from_option(options.memory_budget)
     _check_writable(out_dir)
 
     with clock.stage("load"):
+        checkpoint = _local_checkpoint(source)
         tokenizer = load_tokenizer(source)
         calib_corpus = load_corpus(options.calib_data)
         eval_corpus = (
             calib_corpus if options.eval_data == options.calib_data else load_corpus(options.eval_data)
         )
         calibration = calibration_set(calib_corpus, tokenizer, options)
-        selection = None
-        if options.select == "loss" or options.solver == "cosine":
-            selection = calibration_batches(
-                calib_corpus,
-                tokenizer,
-                n_samples=options.selection_samples,
-                seq_len=options.seq_len,
-                batch_size=options.batch_size,
-                seed=options.seed,
-                offset=options.calib_samples,
-                min_tokens=options.seq_len,
-            )
+        selection = calibration_batches(
+            calib_corpus,
+            tokenizer,
+            n_samples=options.selection_samples,
+            seq_len=options.seq_len,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            offset=options.calib_samples,
+            min_tokens=options.seq_len,
+        )
         windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)
-        model = load_model(source, dtype=torch.float32, device=options.device)
+        engine = open_engine(checkpoint, options, budget)
+    weights = model_bytes(checkpoint, engine.skeleton.compute_dtype)
     log.info(
-        "%s: %s, %d blocks, hidden %d; removing %d block(s) as %s",
+        "%s: %s, %d blocks, hidden %d; removing %d block(s) as %s; weights %s (%.2f GiB of a %.2f GiB "
+        "budget)",
         source.spec,
         adapter.family,
         n_layers,
         config.hidden_size,
         n,
         " + ".join(map(str, sizes)),
+        "resident" if engine.skeleton.resident else "streamed block by block",
+        weights / 2**30,
+        budget.total_bytes / 2**30,
     )
     log.info("calibration: %s", calibration.describe())
 
-    with clock.stage("perplexity (original)"):
-        ppl_original = _perplexity(model, windows, "PPL original")
-
-    kept = list(range(n_layers))
-    folds: list[Fold] = []
+    plan = original_plan(n_layers)
     records: list[CutRecord] = []
-    for k, size in enumerate(sizes):
-        step = f"({k + 1}/{len(sizes)})"
-        with clock.stage(f"calibrate+fit {step}"):
-            cut, result, scores = choose_and_fit(
-                WholeModel(model, adapter), calibration, size, options, step, selection
-            )
-        removed = kept[cut[0] : cut[1]]
-        log_cut(step, cut, removed, scores, result, options.distance_tokens)
-        with clock.stage(f"fold+cut {step}"):
-            folds.append(apply_fold(adapter, adapter.block(model, cut[0] - 1), result.transform))
-            kept_now = remove_blocks(model, adapter, cut)
-            kept = [kept[i] for i in kept_now]
-        fit_info = {"solver": result.solver, **result.details}
-        records.append(CutRecord(cut, removed, scores, fit_info))
+    needs_selection = options.quality_guard or options.select == "loss" or options.solver == "cosine"
+    scorer = SelectionScorer(engine, selection) if needs_selection else None
+    try:
+        for k, size in enumerate(sizes):
+            step = f"({k + 1}/{len(sizes)})"
+            with clock.stage(f"calibrate+fit {step}"):
+                cut, result, scores = choose_and_fit(
+                    engine, plan, calibration, size, options, step, scorer, budget.total_bytes // 4
+                )
+            removed = [s.layer for s in plan[cut[0] : cut[1]]]
+            log_cut(step, cut, removed, scores, result, options.distance_tokens)
+            plan = cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
+            records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
+        guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
+        if scorer is not None and options.quality_guard:
+            with clock.stage("guard"):
+                plan, guard = _guard(scorer, plan)
+    finally:
+        if scorer is not None:
+            scorer.close()
 
     with clock.stage("checks"):
-        parity_windows = windows[: options.parity_windows]
-        folded_logits = _logits(model, parity_windows)
-        with explicit_maps(adapter, folds):
-            explicit_logits = _logits(model, parity_windows)
-        max_abs = float((folded_logits - explicit_logits).abs().max())
-        scale = float(explicit_logits.abs().max())
-        dtype_name = str(_source_dtype(config)).removeprefix("torch.")
-        tolerance = FOLD_PARITY_RTOL * max(scale, 1.0)
-        parity = {
-            "max_abs_logit_diff": max_abs,
-            "max_abs_logit": scale,
-            "atol": tolerance,
-            "tokens": int(parity_windows.numel()),
-            "passed": max_abs <= tolerance,
-        }
-        with plain_removal(adapter, folds):
-            ppl_removal = _perplexity(model, windows, "PPL plain removal")
-        ppl_pruned = _perplexity(model, windows, "PPL pruned")
-    if not parity["passed"]:
+        checks = run_checks(engine, plan, windows, options.parity_windows)
+    engine.close()
+    parity = FoldParity(
+        checks.parity_max_abs_logit_diff,
+        checks.parity_max_abs_logit,
+        checks.parity_atol,
+        checks.parity_tokens,
+        checks.parity_passed,
+    )
+    if not parity.passed:
         raise ToleranceError(
-            f"fold parity failed: max |Δlogit| {max_abs:.3g} > {tolerance:.3g} between the folded model "
-            "and the explicit map",
+            f"fold parity failed: max |Δlogit| {parity.max_abs_logit_diff:.3g} > {parity.atol:.3g} between "
+            "the folded model and the explicit map",
             hint="the map is ill-conditioned: use more calibration text or a ridge term (--alpha 1e-3)",
         )
 
-    record = {
-        **describe_cuts(source, config, adapter, options, kept, records, calibration),
-        "evaluation": {
-            "source": eval_corpus.name,
-            "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
-            "window": int(windows.shape[1] - 1),
-        },
-        "fold_parity": parity,
-        "quality": {"ppl_original": ppl_original, "ppl_plain_removal": ppl_removal, "ppl_pruned": ppl_pruned},
-        "timings_s": {k: round(v, 2) for k, v in clock.seconds.items()},
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "versions": _versions(),
-        "saved_dtype": dtype_name,
-    }
-    with clock.stage("save"):
-        _save(model, tokenizer, source, config, record, out_dir)
-    record["timings_s"]["save"] = round(clock.seconds["save"], 2)
-    write_json(out_dir / "prune.json", jsonable(record))
-    return record
-
-
-def describe_cuts(
-    source: ModelSource,
-    config: Any,
-    adapter: ArchAdapter,
-    options: PruneOptions,
-    kept: list[int],
-    records: list[CutRecord],
-    calibration: CalibrationSet,
-) -> dict[str, Any]:
-    """The part of prune.json that says what was cut and how, shared by both pruning paths."""
-    n_layers = config.num_hidden_layers
-    return {
-        "model": {
-            "spec": source.spec,
-            "kind": source.kind,
-            "location": source.location,
-            "architecture": (config.architectures or [adapter.hf_architectures[0]])[0],
-            "family": adapter.family,
-            "hidden_size": config.hidden_size,
-        },
-        "L": n_layers,
-        "n": n_layers - len(kept),
-        "N": len(kept),
-        "ratio": options.ratio if options.layers is None else None,
-        "kept_layers": kept,
-        "cuts": [
-            {
-                "cut": list(r.cut),
-                "removed_layers": r.removed_layers,
-                "fit": r.fit,
-                "scores": jsonable(r.scores),
-            }
-            for r in records
-        ],
-        "selection": {"rule": options.select, "distance_tokens": options.distance_tokens},
-        "solver": {
+    kept = [s.layer for s in plan]
+    folds = {s.layer: [m.transform for m in s.maps] for s in plan if s.maps}
+    record = PruneRecord(
+        model=ModelInfo(
+            spec=source.spec,
+            kind=source.kind,
+            location=source.location,
+            architecture=(config.architectures or [adapter.hf_architectures[0]])[0],
+            family=adapter.family,
+            hidden_size=config.hidden_size,
+        ),
+        L=n_layers,
+        n=n_layers - len(kept),
+        N=len(kept),
+        ratio=options.ratio if options.layers is None else None,
+        kept_layers=kept,
+        cuts=records,
+        selection={"rule": options.select, "distance_tokens": options.distance_tokens},
+        solver={
             "name": options.solver,
             "alpha": options.alpha,
             **({"cosine": asdict(options.cosine)} if options.solver == "cosine" else {}),
         },
-        "calibration": calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
+        calibration=calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
+        evaluation=Evaluation(eval_corpus.name, checks.tokens, int(windows.shape[1] - 1)),
+        fold_parity=parity,
+        quality=Quality(checks.ppl_original, checks.ppl_plain_removal, checks.ppl_pruned),
+        guard=guard,
+        memory=budget.describe(weights) | {"device": str(options.device)},
+        saved_dtype=str(checkpoint_dtype(config)).removeprefix("torch."),
+        versions=_versions(),
+    )
+    provenance = read_provenance(checkpoint) | {
+        "source": source.spec,
+        "original_num_hidden_layers": n_layers,
+        "kept_layers": kept,
     }
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with string keys and floats rounded to 6 decimals, for ``prune.json``."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 6)
-    return value
+    with clock.stage("save"):
+        save_pruned_checkpoint(checkpoint, out_dir / "hf", kept, folds, provenance=provenance)
+    record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
+    record.peak_rss_mib = round(_peak_rss_mib(), 1)
+    data = record.to_json()
+    write_json(out_dir / "prune.json", data)
+    return data
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -435,34 +430,6 @@ def _check_writable(out_dir: Path) -> None:
         probe.close()
     except OSError as e:
         raise ConfigError(f"cannot write to {out_dir}: {e.strerror}") from e
-
-
-def _save(model: Any, tokenizer: Any, source: ModelSource, config: Any, record: dict, out_dir: Path) -> None:
-    """Write ``out_dir/hf`` in the source checkpoint's dtype, atomically."""
-    target = out_dir / "hf"
-    tmp = Path(tempfile.mkdtemp(prefix=".hf.", dir=out_dir))
-    try:
-        dtype = _source_dtype(config)
-        model.to(dtype)
-        model.config.dtype = dtype
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        from .models import checkpoint_dir
-
-        provenance = read_provenance(checkpoint_dir(source))
-        write_provenance(
-            tmp,
-            provenance
-            | {
-                "source": source.spec,
-                "original_num_hidden_layers": record["L"],
-                "kept_layers": record["kept_layers"],
-            },
-        )
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -562,25 +529,35 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
         help="held-out tokens for the perplexity checks (default 16384)",
     )
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
-    parser.add_argument(
-        "--layer-by-layer",
-        choices=("auto", "on", "off"),
-        default="auto",
+    method.add_argument(
+        "--no-quality-guard",
+        action="store_true",
         help=(
-            "load one decoder block at a time from the checkpoint's safetensors and stream the pruned "
-            "checkpoint shard by shard; auto (default) does so when the float32 model exceeds half of RAM"
+            "keep the fitted maps even when plain removal of the same blocks does better on the 64 "
+            "set-aside calibration documents (by default the prune then saves plain removal and says so)"
+        ),
+    )
+    parser.add_argument(
+        "--memory-budget",
+        help=(
+            "memory the prune may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of RAM). "
+            "Weights stay resident when they fit half of it, otherwise every pass streams them from disk "
+            "one block at a time; activations beyond the rest spill to disk"
         ),
     )
     parser.add_argument(
         "--compute-dtype",
         choices=("float32", "bfloat16", "float16"),
-        help="forward dtype of the layer-by-layer path (default float32 on CPU, bfloat16 on CUDA)",
+        help="dtype of the forwards (default float32 on CPU, bfloat16 on CUDA)",
     )
     parser.epilog = (
         "Memory: one calibration pass collects the distance of every candidate cut and the float64 "
         "statistics (2·d² numbers per candidate) that the fit needs. When those do not fit in a quarter "
-        "of RAM, a first pass measures distances only and a second pass collects statistics for the best "
-        "candidates that fit, stopping at the deepest block they need."
+        "of the memory budget, a first pass measures distances only and a second pass collects statistics "
+        "for the best candidates that fit, stopping at the deepest block they need. Quality guard: the "
+        "fitted maps are kept only if the "
+        "pruned model's loss on 64 set-aside calibration documents is no worse than plain removal of the "
+        "same blocks; otherwise plain removal is saved and prune.json says so (guard.kept)."
     )
 
 
@@ -601,45 +578,14 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
         device=args.device,
+        compute_dtype=args.compute_dtype,
+        memory_budget=args.memory_budget,
+        quality_guard=not args.no_quality_guard,
     )
 
 
-def _ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _estimated_parameters(config: Any) -> int:
-    d, n_layers = config.hidden_size, config.num_hidden_layers
-    ff = getattr(config, "intermediate_size", 4 * d)
-    return n_layers * (4 * d * d + 3 * d * ff) + 2 * config.vocab_size * d
-
-
 def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """In memory, or layer by layer when asked to or when the model is too large for RAM."""
-    source = resolve(args.model)
-    options = options_from_args(args)
-    mode = getattr(args, "layer_by_layer", "off")
-    if mode == "off":
-        return prune(source, options, out_dir)
-    from safetensors import SafetensorError
-
-    from .prune_sequential import CHECK_MEMORY_FRACTION, prune_sequential, should_prune_sequentially
-
-    config = load_config(source)  # fails with a clear message (e.g. hub unreachable) before any work
-    adapter_for(config)
-    if mode == "auto":
-        too_big = 4 * _estimated_parameters(config) > CHECK_MEMORY_FRACTION * _ram_bytes()
-        if source.kind != "hub":
-            try:
-                too_big = should_prune_sequentially(source)
-            except (RMExportError, OSError, ValueError, SafetensorError) as e:
-                # Unreadable shard headers: the in-memory loader reports the problem precisely.
-                log.debug("could not size %s from its shards: %s", source.location, e)
-        if not too_big:
-            return prune(source, options, out_dir)
-    compute_dtype = getattr(torch, args.compute_dtype) if getattr(args, "compute_dtype", None) else None
-    log.info("layer-by-layer pruning on %s", args.device)
-    return prune_sequential(source, options, out_dir, device=args.device, compute_dtype=compute_dtype)
+    return prune(resolve(args.model), options_from_args(args), out_dir)
 
 
 def run(args: argparse.Namespace) -> int:

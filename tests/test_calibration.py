@@ -4,12 +4,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from rmexport.arch import adapter_for
-from rmexport.calib.collect import capture, collect
+from rmexport.calib.collect import collect
 from rmexport.calib.corpus import load_corpus
+from rmexport.calib.engine import Engine, original_plan
+from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches, heldout_windows
+from rmexport.calib.weights import ModelSkeleton
 from rmexport.errors import CalibrationError, ConfigError
 
 
@@ -92,34 +94,18 @@ def test_heldout_windows_follow_the_protocol(tiny_checkpoints, builtin_corpus):
 
 def test_statistics_do_not_depend_on_batch_size(tiny_checkpoints, builtin_corpus):
     path = tiny_checkpoints["qwen2"]
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    adapter = adapter_for(model.config)
     results = []
     for batch_size in (1, 5):
         calib = calibration_batches(
             builtin_corpus, tokenizer, n_samples=30, seq_len=32, batch_size=batch_size
         )
-        profile, stats = collect(model, adapter, calib, n=2, starts=[1, 3], stats_for=[1, 3])
+        engine = Engine(ModelSkeleton(path, resident=True), ActivationStore(torch.device("cpu"), 2**30))
+        profile, stats = collect(engine, original_plan(8), calib, n=2, starts=[1, 3], stats_for=[1, 3])
+        engine.close()
         results.append((profile.mean("all"), stats))
     (dist_a, stats_a), (dist_b, stats_b) = results
     for s in (1, 3):
         assert dist_a[s] == pytest.approx(dist_b[s], rel=1e-6)
         assert torch.allclose(stats_a[s].gram, stats_b[s].gram, rtol=1e-6)
         assert torch.allclose(stats_a[s].cross, stats_b[s].cross, rtol=1e-6, atol=1e-9)
-
-
-def test_capture_records_the_residual_stream_not_the_final_norm(tiny_checkpoints):
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
-    adapter = adapter_for(model.config)
-    ids = torch.randint(3, 300, (2, 16))
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states
-    with capture(model, adapter, {2, 7}, {2}, stop_early=False) as store, torch.no_grad():
-        model.model(input_ids=ids)
-    # hidden_states[j + 1] is the output of block j, except the last, which HF stores post-norm.
-    assert torch.allclose(store["residual"][2], hidden[3], atol=1e-6)
-    assert not torch.allclose(store["residual"][7], hidden[8], atol=1e-3)
-    block2 = adapter.block(model, 2)
-    assert store["mlp"][2].shape == store["residual"][2].shape
-    assert block2 is not None

@@ -8,14 +8,14 @@ calibration set of the default model:
   for every batch, keeps every hidden state of every batch, and takes the cut with the smallest
   last-token angular distance from them; pass 2 runs the full forward again to accumulate the
   float64 least-squares sums of the chosen cut, then solves.
-* ``in_memory``: ``survey_candidates`` (one pass: distances and sums of every candidate, stopping
-  after the deepest block needed) + ``fit_cut``.
-* ``sequential``: the same block by block (the same functions on a ``StreamedModel``).
-* ``sequential_distance``: block by block with the baseline's own rule (smallest last-token
-  distance): one pass keeps the activations the sums need and accumulates the chosen cut's only.
+* ``engine``: the block engine with resident weights: ``survey_candidates`` (one pass: distances
+  and sums of every candidate, stopping after the deepest block needed) + ``fit_cut``.
+* ``streamed``: the same with every block read from disk for every pass (a budget below the model).
+* ``engine_distance``: the baseline's own rule (smallest last-token distance): one pass keeps the
+  activations the sums need and accumulates the chosen cut's only.
 
-The baseline selects by distance; ``in_memory`` and ``sequential`` use ``--select`` (default
-``fit``, which needs every candidate's sums: more work than the baseline's rule).
+The baseline selects by distance; ``engine`` and ``streamed`` use ``--select`` (default ``fit``,
+which needs every candidate's sums: more work than the baseline's rule).
 
 Throughput is calibration tokens / wall time of calibration + fit (model loading is reported
 separately), and the same per CPU-second of the process (``time.process_time``), which other
@@ -24,7 +24,8 @@ jobs on a shared machine disturb much less than wall time. Peak memory: the chil
 the order, since the machine may be shared.
 
 ``--8b`` part: a Llama-3-8B-shaped checkpoint with random bf16 weights is written shard by
-shard (never whole in memory), then pruned end to end with ``prune_sequential``.
+shard (never whole in memory), then pruned end to end by ``rmexport.prune`` under a memory budget
+far below its size.
 
     python -m validation.bench_pipeline --out out/bench-pipeline.json [--skip-8b]
 """
@@ -61,7 +62,7 @@ LLAMA3_8B_SHAPE = dict(
     rope_theta=500000.0,
     rms_norm_eps=1e-5,
 )
-VARIANTS = ("baseline", "in_memory", "sequential", "sequential_distance")
+VARIANTS = ("baseline", "engine", "streamed", "engine_distance")
 
 
 class _RssSampler:
@@ -195,15 +196,17 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
         calibration = _calibration(args, tokenizer)
         result["calibration_tokens"] = calibration.n_tokens
         t0 = time.perf_counter()
-        if args.variant.startswith("sequential"):
-            from rmexport.sequential.blocks import ModelSkeleton
-            from rmexport.sequential.calibrate import StreamedModel
-
-            skeleton = ModelSkeleton(checkpoint_dir(source), device=args.device, compute_dtype=args.dtype)
-            adapter, n_layers = skeleton.adapter, len(skeleton.layers)
-        else:
+        if args.variant == "baseline":
             model = load_model(source, dtype=args.dtype, device=args.device)
             adapter, n_layers = adapter_for(model.config), model.config.num_hidden_layers
+        else:
+            from rmexport.calib.budget import MemoryBudget
+            from rmexport.prune import PruneOptions, open_engine
+
+            budget = "64KiB" if args.variant == "streamed" else None
+            options = PruneOptions(device=args.device, compute_dtype=str(args.dtype).removeprefix("torch."))
+            engine = open_engine(checkpoint_dir(source), options, MemoryBudget.from_option(budget))
+            adapter, n_layers = engine.adapter, engine.n_layers
         load_s = time.perf_counter() - t0
         n = cut_size(n_layers, args.ratio)
         t0 = time.perf_counter()
@@ -212,19 +215,24 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
             out = two_pass_baseline(model, adapter, calibration, n, args.alpha)
             result |= {"cut": out["cut"], "stages_s": out["timings_s"]}
         else:
-            from rmexport.replaceme.survey import WholeModel, fit_cut, survey_candidates
+            from rmexport.calib.engine import original_plan
+            from rmexport.replaceme.survey import fit_cut, survey_candidates
 
-            if args.variant == "in_memory":
-                model_source, select = WholeModel(model, adapter), args.select
-            else:
-                model_source = StreamedModel(skeleton)
-                select = "distance" if args.variant == "sequential_distance" else args.select
+            select = "distance" if args.variant == "engine_distance" else args.select
+            plan = original_plan(n_layers)
             survey = survey_candidates(
-                model_source, calibration, n, alpha=args.alpha, shortlist_only=select == "distance"
+                engine,
+                plan,
+                calibration,
+                n,
+                stats_budget_bytes=2**32,
+                alpha=args.alpha,
+                shortlist_only=select == "distance",
             )
             t1 = time.perf_counter()
             start = choose_start(survey.scores("last"), select)
-            fit_cut(model_source, calibration, survey, start, alpha=args.alpha)
+            fit_cut(engine, plan, calibration, survey, start, alpha=args.alpha)
+            engine.close()
             result |= {
                 "cut": [start, start + n],
                 "stages_s": {"survey": t1 - t0, "fit": time.perf_counter() - t1},
@@ -322,8 +330,7 @@ def write_random_checkpoint(
 
 def _run_8b(args: argparse.Namespace) -> dict[str, Any]:
     from rmexport.models import DEFAULT_MODEL, checkpoint_dir, resolve
-    from rmexport.prune import PruneOptions
-    from rmexport.prune_sequential import prune_sequential
+    from rmexport.prune import PruneOptions, prune
 
     torch.set_grad_enabled(False)
     result: dict[str, Any] = {"variant": "prune_8b", "shape": LLAMA3_8B_SHAPE}
@@ -341,23 +348,23 @@ def _run_8b(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size_8b,
             alpha=args.alpha_8b,
             select=args.select_8b,
+            eval_tokens=args.eval_tokens_8b,
+            selection_samples=args.documents_8b,
+            device=args.device,
+            compute_dtype=str(args.dtype_8b).removeprefix("torch."),
+            memory_budget=args.memory_budget_8b,
         )
         t0 = time.perf_counter()
-        record = prune_sequential(
-            resolve(str(checkpoint)),
-            options,
-            Path(args.dir_8b) / "out",
-            device=args.device,
-            compute_dtype=args.dtype_8b,
-        )
+        record = prune(resolve(str(checkpoint)), options, Path(args.dir_8b) / "out")
         result["prune_s"] = round(time.perf_counter() - t0, 1)
     sequences = record["calibration"]["sequences"]
     result |= {
         "calibration": record["calibration"],
         "cut": record["cuts"][0]["cut"],
         "timings_s": record["timings_s"],
-        "path": record["path"],
+        "memory": record["memory"],
         "fold_parity": record["fold_parity"],
+        "quality": record["quality"],
         "peak_rss_mib": _mib(sampler.peak),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "calibration_sequences": sequences,
@@ -398,6 +405,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--batch-size-8b", str(args.batch_size_8b), "--alpha-8b", str(args.alpha_8b),
         "--threads", str(args.threads), "--select-8b", args.select_8b,
         "--dtype-8b", str(args.dtype_8b).removeprefix("torch."),
+        "--eval-tokens-8b", str(args.eval_tokens_8b), "--memory-budget-8b", args.memory_budget_8b,
     ]  # fmt: skip
 
 
@@ -461,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size-8b", type=int, default=4)
     parser.add_argument("--alpha-8b", type=float, default=1e-2, help="ridge: fewer tokens than dimensions")
     parser.add_argument("--select-8b", default="fit", choices=("distance", "fit"))
-    parser.add_argument("--dtype-8b", default="bfloat16")
+    parser.add_argument("--dtype-8b", default="float32", help="compute dtype (bfloat16 on CUDA)")
+    parser.add_argument("--eval-tokens-8b", type=int, default=1024)
+    parser.add_argument("--memory-budget-8b", default="6GiB")
     parser.add_argument("--out", type=Path, default=Path("out/bench-pipeline.json"))
     parser.add_argument(
         "--work", default=None, help="folder for the children's JSON (default: next to --out)"

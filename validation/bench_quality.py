@@ -16,31 +16,21 @@ lstsq and cosine. ``--blocks`` adds multi-cut rows (each cut chosen on the alrea
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rmexport.arch import adapter_for
 from rmexport.atomic import write_json
+from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.corpus import load_corpus
+from rmexport.calib.engine import Map, cut_plan, original_plan
 from rmexport.calib.tokens import calibration_batches, heldout_windows
-from rmexport.models import load_model, load_tokenizer, resolve
-from rmexport.replaceme.apply import remove_blocks
-from rmexport.replaceme.checks import apply_fold
+from rmexport.models import checkpoint_dir, load_tokenizer, resolve
+from rmexport.prune import PruneOptions, open_engine
+from rmexport.replaceme.checks import perplexities
 from rmexport.replaceme.select import choose_start, cut_size, split_cut
 from rmexport.replaceme.solve import CosineSettings
-from rmexport.replaceme.survey import (
-    WholeModel,
-    fit_cut,
-    selection_loss,
-    selection_validator,
-    survey_candidates,
-)
-
-from .perplexity import perplexity, torch_forward
+from rmexport.replaceme.survey import SelectionScorer, fit_cut, survey_candidates
 
 __all__ = ["main", "run_benchmark"]
 
@@ -50,18 +40,7 @@ RULES = {
     "fit": ("fit", "last"),
     "loss": ("loss", "last"),
 }
-
-
-def _ppl(model: Any, windows: torch.Tensor) -> float:
-    return perplexity(torch_forward(model), windows).ppl
-
-
-def _pruned_copy(model: Any, adapter: Any, start: int, n: int, transform: torch.Tensor | None) -> Any:
-    pruned = copy.deepcopy(model)
-    if transform is not None:
-        apply_fold(adapter, adapter.block(pruned, start - 1), transform)
-    remove_blocks(pruned, adapter, (start, start + n))
-    return pruned
+STATS_BUDGET = 2**32
 
 
 def _cosine_summary(details: dict[str, Any]) -> dict[str, Any]:
@@ -85,79 +64,92 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         offset=args.calib_samples,
     )
     windows = heldout_windows(corpus, tokenizer, args.eval_tokens)
-    model = load_model(source, dtype=torch.float32)
-    adapter = adapter_for(model.config)
-    n_layers = model.config.num_hidden_layers
+    engine = open_engine(checkpoint_dir(source), PruneOptions(), MemoryBudget.from_option(None))
+    scorer = SelectionScorer(engine, selection)
+    n_layers = engine.n_layers
     n = cut_size(n_layers, args.ratio)
-    rows: list[dict[str, Any]] = []
+    full = original_plan(n_layers)
+    plans = {"original": full}
+    rows: list[dict[str, Any]] = [
+        {"rule": "original", "cut": None, "solver": "-", "plan": "original", "prune_s": 0.0}
+    ]
 
-    def add(rule: str, cut: Any, solver: str, ppl: float, seconds: float, **extra: Any) -> None:
-        row = {"rule": rule, "cut": cut, "solver": solver, "ppl": round(ppl, 3), "prune_s": round(seconds, 1)}
-        rows.append(row | extra)
-        print(f"{rule:36s} {str(cut):10s} {solver:14s} PPL {ppl:9.2f}  ({seconds:.0f} s)", flush=True)
-
-    add("original", None, "-", _ppl(model, windows), 0.0)
     started = time.perf_counter()
-    survey = survey_candidates(WholeModel(model, adapter), calibration, n)
+    survey = survey_candidates(engine, full, calibration, n, stats_budget_bytes=STATS_BUDGET)
     survey_s = time.perf_counter() - started
-    evaluated: dict[tuple[int, str], float] = {}
+    fitted: dict[tuple[int, str], tuple[str, float, dict[str, Any]]] = {}
     for label, (rule, tokens) in RULES.items():
         scores = survey.scores(tokens)
         rule_started = time.perf_counter()
         if rule == "loss":
             shortlist = sorted(scores.fit, key=lambda s: (scores.fit[s], s))[:5]
-            scores.loss = selection_loss(model, adapter, survey, shortlist, selection)
+            scores.loss = scorer.trial_losses(full, n, survey.maps, shortlist)
         start = choose_start(scores, rule)
         select_s = survey_s + time.perf_counter() - rule_started
-        cut = [start, start + n]
+        cut = (start, start + n)
         for solver in ["removal", *args.solvers]:
-            if (start, solver) not in evaluated:
+            if (start, solver) not in fitted:
                 fit_started = time.perf_counter()
-                transform, extra = None, {}
+                name, new_map, extra = f"{start}-{solver}", None, {}
                 if solver != "removal":
                     result = fit_cut(
-                        WholeModel(model, adapter),
+                        engine,
+                        full,
                         calibration,
                         survey,
                         start,
                         solver=solver,
                         cosine=CosineSettings(),
-                        validate=selection_validator(model, adapter, survey, start, selection),
+                        validate=scorer.validator(full, cut),
                     )
-                    transform = result.transform
+                    new_map = Map(result.transform, name)
                     extra = _cosine_summary(result.details) if solver == "cosine" else {}
-                fit_s = time.perf_counter() - fit_started
-                pruned = _pruned_copy(model, adapter, start, n, transform)
-                evaluated[(start, solver)] = (_ppl(pruned, windows), fit_s, extra)
-                del pruned
-            ppl, fit_s, extra = evaluated[(start, solver)]
+                plans[name] = cut_plan(full, cut, new_map)
+                fitted[(start, solver)] = (name, time.perf_counter() - fit_started, extra)
+            name, fit_s, extra = fitted[(start, solver)]
             solver_name = "plain removal" if solver == "removal" else solver
-            add(label, cut, solver_name, ppl, select_s + fit_s, **extra)
+            rows.append(
+                {
+                    "rule": label,
+                    "cut": list(cut),
+                    "solver": solver_name,
+                    "plan": name,
+                    "prune_s": round(select_s + fit_s, 1),
+                }
+                | extra
+            )
     for blocks in args.blocks:
         if blocks < 2:
             continue
         started = time.perf_counter()
-        pruned = copy.deepcopy(model)
-        kept = list(range(n_layers))
+        plan = full
         removed: list[list[int]] = []
         for size in split_cut(n, blocks):
-            pruned_source = WholeModel(pruned, adapter)
-            step_survey = survey_candidates(pruned_source, calibration, size)
+            step_survey = survey_candidates(engine, plan, calibration, size, stats_budget_bytes=STATS_BUDGET)
             start = choose_start(step_survey.scores("last"), "fit")
-            result = fit_cut(pruned_source, calibration, step_survey, start)
-            apply_fold(adapter, adapter.block(pruned, start - 1), result.transform)
-            kept_now = remove_blocks(pruned, adapter, (start, start + size))
-            removed.append(kept[start : start + size])
-            kept = [kept[i] for i in kept_now]
-        seconds = time.perf_counter() - started
-        add(
-            f"fit, {blocks} cuts",
-            [[r[0], r[-1] + 1] for r in removed],
-            "lstsq",
-            _ppl(pruned, windows),
-            seconds,
+            result = fit_cut(engine, plan, calibration, step_survey, start)
+            removed.append([s.layer for s in plan[start : start + size]])
+            plan = cut_plan(plan, (start, start + size), Map(result.transform))
+        name = f"fit-{blocks}-cuts"
+        plans[name] = plan
+        rows.append(
+            {
+                "rule": f"fit, {blocks} cuts",
+                "cut": [[r[0], r[-1] + 1] for r in removed],
+                "solver": "lstsq",
+                "plan": name,
+                "prune_s": round(time.perf_counter() - started, 1),
+            }
         )
-        del pruned
+    scorer.close()
+    ppl = perplexities(engine, plans, windows)
+    engine.close()
+    for row in rows:
+        row["ppl"] = round(ppl[row.pop("plan")], 3)
+        cut = "-" if row["cut"] is None else str(row["cut"])
+        print(
+            f"{row['rule']:36s} {cut:10s} {row['solver']:14s} PPL {row['ppl']:9.2f}  ({row['prune_s']:.0f} s)"
+        )
     return {
         "model": source.spec,
         "ratio": args.ratio,

@@ -1,10 +1,12 @@
 """llama.cpp vs PyTorch on held-out prompts: ``rmexport validate gguf GGUF_FILE --reference CKPT``.
 
 For each held-out prompt (BOS + up to ``max_tokens - 1`` tokens from the HF tokenizer), both
-backends compute logits at every position from the same token ids. Reported: top-1 agreement
-over all positions, max |Δlogit|, mean KL(PyTorch ‖ llama.cpp); greedy decoding of
-``new_tokens`` tokens from the first prompt (token ids compared); and whether llama.cpp's
-tokenizer splits sample text exactly as the HF tokenizer does.
+backends compute logits at every position from the same token ids. PyTorch runs through the
+block engine, so a reference bigger than memory streams from disk like a prune does. Reported:
+top-1 agreement over all positions, max |Δlogit|, mean KL(PyTorch ‖ llama.cpp); greedy decoding
+of ``new_tokens`` tokens from the first prompt (llama.cpp decodes; PyTorch's choice at every step
+of that same sequence is compared, which up to the first difference is PyTorch's own greedy
+decode); and whether llama.cpp's tokenizer splits sample text exactly as the HF tokenizer does.
 
 Tolerances per GGUF type are in ``TOLERANCES`` with how they were set. Out of tolerance:
 ToleranceError (exit 1) with the table; ``validate_gguf`` returns the same numbers as a dict.
@@ -114,18 +116,6 @@ def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (p.exp() * (p - q)).sum(-1).numpy()
 
 
-def _torch_greedy(model: Any, ids: list[int], n_new: int) -> list[int]:
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        new = [int(out.logits[0, -1].argmax())]
-        for _ in range(n_new - 1):
-            out = model(
-                input_ids=torch.tensor([[new[-1]]]), past_key_values=out.past_key_values, use_cache=True
-            )
-            new.append(int(out.logits[0, -1].argmax()))
-    return new
-
-
 def _llama_greedy(model: Any, ids: list[int], n_new: int) -> list[int]:
     model.reset()
     model.eval(list(ids))
@@ -172,41 +162,51 @@ def validate_gguf(
     check: bool = True,
 ) -> dict[str, Any]:
     """Compare llama.cpp running ``gguf_file`` with PyTorch running ``reference`` (HF dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from rmexport.calib.budget import MemoryBudget
+    from rmexport.calib.engine import Engine, original_plan
 
     start = time.perf_counter()
     gguf_type = gguf_type or gguf_type_of(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(str(reference))
-    model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
     prompts = _prompts(tokenizer, n_prompts, max_tokens)
     n_ctx = max(len(p) for p in prompts) + new_tokens + 8
-    agree = positions = 0
-    max_abs = 0.0
-    kls: list[np.ndarray] = []
-    f32_kv_cache = gguf_type == "f32"
-    with llama_cpp_tools.open_model(
-        gguf_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, f32_kv_cache=f32_kv_cache
-    ) as llm:
-        for ids in progress(prompts, desc="(1/2) Comparing logits", total=len(prompts)):
-            with torch.inference_mode():
-                ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-            got = llama_cpp_tools.eval_logits(llm, ids)
-            if got.shape != ref.shape:
-                from rmexport.errors import ShapeMismatchError
+    engine = Engine.open(reference, MemoryBudget.from_option(None))
+    try:
+        plan = original_plan(engine.n_layers)
+        references = [r.numpy() for r in engine.logits(plan, prompts, desc="(1/3) PyTorch logits")]
+        agree = positions = 0
+        max_abs = 0.0
+        kls: list[np.ndarray] = []
+        f32_kv_cache = gguf_type == "f32"
+        with llama_cpp_tools.open_model(
+            gguf_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, f32_kv_cache=f32_kv_cache
+        ) as llm:
+            for ids, ref in progress(
+                list(zip(prompts, references, strict=True)), desc="(2/3) llama.cpp logits", total=len(prompts)
+            ):
+                got = llama_cpp_tools.eval_logits(llm, ids)
+                if got.shape != ref.shape:
+                    from rmexport.errors import ShapeMismatchError
 
-                raise ShapeMismatchError(f"llama.cpp logits {got.shape} vs PyTorch {ref.shape}")
-            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-            positions += len(ids)
-            max_abs = max(max_abs, float(np.abs(got - ref).max()))
-            kls.append(_kl(ref, got))
-        torch_new = _torch_greedy(model, prompts[0], new_tokens)
-        llama_new = _llama_greedy(llm, prompts[0], new_tokens)
-        mismatches = []
-        for text in TOKENIZER_PROBES:
-            hf_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            llama_ids = llama_cpp_tools.tokenize(llm, text)
-            if hf_ids != llama_ids:
-                mismatches.append({"text": text, "hf": hf_ids, "llama_cpp": llama_ids})
+                    raise ShapeMismatchError(f"llama.cpp logits {got.shape} vs PyTorch {ref.shape}")
+                agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+                positions += len(ids)
+                max_abs = max(max_abs, float(np.abs(got - ref).max()))
+                kls.append(_kl(ref, got))
+            llama_new = _llama_greedy(llm, prompts[0], new_tokens)
+            mismatches = []
+            for text in TOKENIZER_PROBES:
+                hf_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                llama_ids = llama_cpp_tools.tokenize(llm, text)
+                if hf_ids != llama_ids:
+                    mismatches.append({"text": text, "hf": hf_ids, "llama_cpp": llama_ids})
+        decoded = prompts[0] + llama_new[:-1]
+        forced = engine.logits(plan, [decoded], desc="(3/3) PyTorch along llama.cpp's decode")[0]
+        torch_new = forced[len(prompts[0]) - 1 :].argmax(-1).tolist()
+    finally:
+        engine.close()
     matched = _matching_prefix(torch_new, llama_new)
     tol = TOLERANCES.get(gguf_type, Tolerance(None, None, None, None))
     result: dict[str, Any] = {

@@ -1,8 +1,7 @@
-"""Stream calibration batches through the model and keep only what the method needs.
+"""Calibration statistics of candidate cuts, streamed block by block through the engine.
 
-Hooks on the decoder blocks record the residual stream ``L_j`` after each block and the MLP's
-contribution ``M_j`` to it. The forward stops right after the deepest block any candidate needs
-(no later blocks, no final norm, no LM head). Per batch, the activations are reduced to:
+Per calibration batch, the residual stream ``L_j`` after each block and the MLP's contribution
+``M_j`` are reduced, as soon as the block closing a cut has run, to:
 
 * the angular distance between ``L_{s-1}`` and ``L_{s+n-1}`` for every candidate start ``s``,
   over the last real token of each sequence and over all real tokens;
@@ -10,37 +9,30 @@ contribution ``M_j`` to it. The forward stops right after the deepest block any 
   ``A = Σ MᵀM``, ``B = Σ Mᵀ·target`` with ``M = M_{s-1}`` and ``target = L_{s+n-1} − L_{s-1} + M``,
   plus ``Σ‖target‖²`` and ``Σ‖L_{s+n-1}‖²`` (for the residual of the fit and of plain removal).
 
-Nothing else is kept, so memory does not grow with the amount of calibration data.
+A pass stops after the deepest block any candidate needs (no later blocks, no LM head). Only the
+activations a candidate still needs are kept, in the engine's store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from torch import nn
 
-from ..arch import ArchAdapter
 from ..errors import CalibrationError
-from ..log import progress
+from .engine import Engine, Plan
 from .tokens import CalibrationSet
 
 __all__ = [
     "CutActivations",
     "CutStatistics",
     "DistanceProfile",
-    "capture",
     "collect",
     "collect_activations",
+    "distances_then_closest_sums",
 ]
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest needed block to skip the rest of the model."""
 
 
 @dataclass
@@ -76,123 +68,9 @@ class DistanceProfile:
         return {s: sums.get(s, 0.0) / max(count, 1) for s in self.starts}
 
 
-def _block_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextlib.contextmanager
-def capture(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    residual_layers: set[int],
-    mlp_layers: set[int],
-    stop_early: bool = True,
-) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
-    """Record block outputs (``residual[j]``) and MLP contributions (``mlp[j]``) during forwards.
-
-    With ``stop_early`` the forward is cut short after the deepest recorded block (callers run
-    it through ``_run_until_stop``).
-    """
-    store: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "mlp": {}}
-    deepest = max(residual_layers | mlp_layers)
-    blocks = adapter.blocks(model)
-    handles = []
-
-    def on_block(j: int):
-        def hook(_module, _inputs, output):
-            if j in residual_layers:
-                store["residual"][j] = _block_output(output).detach()
-            if stop_early and j == deepest:
-                raise _StopForward
-
-        return hook
-
-    def on_mlp(j: int):
-        def hook(_module, _inputs, output):
-            store["mlp"][j] = output.detach()
-
-        return hook
-
-    try:
-        for j in sorted(residual_layers | {deepest}):
-            handles.append(blocks[j].register_forward_hook(on_block(j)))
-        for j in sorted(mlp_layers):
-            handles.append(adapter.mlp_output_module(blocks[j]).register_forward_hook(on_mlp(j)))
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _run_until_stop(model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    base = model.get_submodule(adapter.layers_path.rpartition(".")[0])
-    device = next(model.parameters()).device
-    with torch.inference_mode(), contextlib.suppress(_StopForward):
-        base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-
-
 def _angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-
-
-def collect(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    calibration: CalibrationSet,
-    *,
-    n: int,
-    starts: list[int],
-    stats_for: list[int],
-    desc: str = "Calibrating",
-) -> tuple[DistanceProfile, dict[int, CutStatistics]]:
-    """One pass: the distance profile of every ``start`` and the sums of every ``stats_for`` start."""
-    d = model.config.hidden_size
-    profile = DistanceProfile(n=n, starts=list(starts))
-    stats = {
-        s: CutStatistics(s, n, torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64))
-        for s in stats_for
-    }
-    residual_layers = {s - 1 for s in starts} | {s + n - 1 for s in starts}
-    mlp_layers = {s - 1 for s in stats_for}
-    with capture(model, adapter, residual_layers, mlp_layers) as store:
-        for ids, mask in progress(calibration.batches, desc=desc, total=len(calibration.batches)):
-            _run_until_stop(model, adapter, ids, mask)
-            real = mask.bool().to(next(iter(store["residual"].values())).device)
-            last = real.sum(dim=1) - 1
-            rows = torch.arange(ids.shape[0])
-            for s in starts:
-                # With accelerate's device_map the two blocks may sit on different devices.
-                before = store["residual"][s - 1]
-                after = store["residual"][s + n - 1].to(before.device)
-                real = real.to(before.device)
-                last = last.to(before.device)
-                profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
-                    _angular(before[rows, last], after[rows, last]).sum()
-                )
-                profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(
-                    _angular(before[real], after[real]).sum()
-                )
-            profile.last_count += int(ids.shape[0])
-            profile.all_count += int(real.sum())
-            for s, acc in stats.items():
-                before = store["residual"][s - 1]
-                here = real.to(before.device)
-                _accumulate(
-                    acc,
-                    store["mlp"][s - 1][here],
-                    before[here],
-                    store["residual"][s + n - 1].to(before.device)[here],
-                )
-            store["residual"].clear()
-            store["mlp"].clear()
-    for acc in stats.values():
-        if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
-            raise CalibrationError(
-                f"non-finite statistics for cut {acc.cut}",
-                hint="check the weights, or use --compute-dtype float32",
-            )
-    return profile, stats
 
 
 def _accumulate(acc: CutStatistics, mlp_out: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
@@ -228,22 +106,199 @@ class CutActivations:
         return self.after - self.bypass
 
 
-def collect_activations(
-    model: nn.Module,
-    adapter: ArchAdapter,
+# callback(start, batch, before=L_{s-1}, after=L_{s+n-1}, mlp=M_{s-1} or None, real-token mask)
+CutCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+
+def _stream_cuts(
+    engine: Engine,
+    plan: Plan,
     calibration: CalibrationSet,
-    cut: tuple[int, int],
-    desc: str = "Collecting",
+    *,
+    n: int,
+    starts: list[int],
+    mlp_starts: list[int],
+    on_cut: CutCallback,
+    desc: str,
+    keep: bool = False,
+) -> None:
+    """Run the calibration set through ``plan`` and call ``on_cut`` for every (start, batch) once
+    the block closing the cut has run. With ``keep``, every ``("L", k, b)``/``("M", k, b)`` stays
+    in the engine's store afterwards (the caller drops them)."""
+    store = engine.store
+    residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts}
+    mlp_positions = {s - 1 for s in mlp_starts}
+    deepest = max(residual_positions | mlp_positions)
+    last_use: dict[tuple[str, int], int] = {}
+    for s in starts:
+        for key in (("L", s - 1), ("L", s + n - 1)):
+            last_use[key] = max(last_use.get(key, -1), s + n - 1)
+    for s in mlp_starts:
+        last_use[("M", s - 1)] = max(last_use.get(("M", s - 1), -1), s + n - 1)
+    ending_at: dict[int, list[int]] = {}
+    for s in starts:
+        ending_at.setdefault(s + n - 1, []).append(s)
+    masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in calibration.batches]
+
+    def on_block(position: int, b: int, hidden: torch.Tensor, mlp: torch.Tensor | None) -> None:
+        if position in residual_positions:
+            store.put(("L", position, b), hidden)
+        if position in mlp_positions:
+            store.put(("M", position, b), mlp)
+        for s in ending_at.get(position, []):
+            before_mlp = store.get(("M", s - 1, b)) if ("M", s - 1, b) in store else None
+            on_cut(s, b, store.get(("L", s - 1, b)), hidden, before_mlp, masks[b])
+        if not keep:
+            for (kind, k), last in last_use.items():
+                if last == position:
+                    store.drop((kind, k, b))
+
+    stream = engine.embed("calibration", calibration.batches)
+    try:
+        engine.walk(
+            "calibration", stream, plan, until=deepest, mlp_at=mlp_positions, on_block=on_block, desc=desc
+        )
+    finally:
+        engine.forget("calibration")
+
+
+def _empty_stats(starts: list[int], n: int, d: int) -> dict[int, CutStatistics]:
+    return {
+        s: CutStatistics(s, n, torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64))
+        for s in starts
+    }
+
+
+def collect(
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    *,
+    n: int,
+    starts: list[int],
+    stats_for: list[int],
+    desc: str = "Calibrating",
+) -> tuple[DistanceProfile, dict[int, CutStatistics]]:
+    """One pass: the distance profile of every ``start`` and the sums of every ``stats_for`` start
+    (starts index the steps of ``plan``)."""
+    profile = DistanceProfile(n=n, starts=list(starts))
+    stats = _empty_stats(list(stats_for), n, engine.config.hidden_size)
+
+    def on_cut(s, _b, before, after, mlp, real):
+        _add_distances(profile, s, before, after, real)
+        if s in stats:
+            _accumulate(stats[s], mlp[real], before[real], after[real])
+
+    _stream_cuts(
+        engine,
+        plan,
+        calibration,
+        n=n,
+        starts=list(starts),
+        mlp_starts=list(stats_for),
+        on_cut=on_cut,
+        desc=desc,
+    )
+    _count_tokens(profile, calibration)
+    _check_finite(stats)
+    return profile, stats
+
+
+def distances_then_closest_sums(
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    *,
+    n: int,
+    starts: list[int],
+    distance_tokens: str,
+    desc: str = "Calibrating",
+) -> tuple[DistanceProfile, dict[int, CutStatistics]]:
+    """One pass for the distance rule: distances of every candidate while the activations the sums
+    need are kept (spilled to disk beyond the budget); then the sums of the closest cut only."""
+    profile = DistanceProfile(n=n, starts=list(starts))
+
+    def on_cut(s, _b, before, after, _mlp, real):
+        _add_distances(profile, s, before, after, real)
+
+    store = engine.store
+    try:
+        _stream_cuts(
+            engine,
+            plan,
+            calibration,
+            n=n,
+            starts=list(starts),
+            mlp_starts=list(starts),
+            on_cut=on_cut,
+            desc=desc,
+            keep=True,
+        )
+        _count_tokens(profile, calibration)
+        distances = profile.mean(distance_tokens)
+        chosen = min(distances, key=lambda s: (distances[s], s))
+        stats = _empty_stats([chosen], n, engine.config.hidden_size)
+        for b, (_ids, mask) in enumerate(calibration.batches):
+            real = mask.bool().to(engine.skeleton.device)
+            _accumulate(
+                stats[chosen],
+                store.get(("M", chosen - 1, b))[real],
+                store.get(("L", chosen - 1, b))[real],
+                store.get(("L", chosen + n - 1, b))[real],
+            )
+    finally:
+        for b in range(len(calibration.batches)):
+            for s in starts:
+                for key in (("L", s - 1, b), ("L", s + n - 1, b), ("M", s - 1, b)):
+                    store.drop(key)
+    _check_finite(stats)
+    return profile, stats
+
+
+def collect_activations(
+    engine: Engine, plan: Plan, calibration: CalibrationSet, cut: tuple[int, int], desc: str = "Collecting"
 ) -> CutActivations:
+    """Every real token's activations around ``cut``, for solvers that need them raw."""
     start, end = cut
-    mlp, before, after = [], [], []
-    with capture(model, adapter, {start - 1, end - 1}, {start - 1}) as store:
-        for ids, mask in progress(calibration.batches, desc=desc, total=len(calibration.batches)):
-            _run_until_stop(model, adapter, ids, mask)
-            real = mask.bool()
-            mlp.append(store["mlp"][start - 1][real].float().cpu())
-            before.append(store["residual"][start - 1][real].float().cpu())
-            after.append(store["residual"][end - 1][real].float().cpu())
-            store["residual"].clear()
-            store["mlp"].clear()
-    return CutActivations.from_batches(mlp, before, after)
+    mlp: dict[int, torch.Tensor] = {}
+    before: dict[int, torch.Tensor] = {}
+    after: dict[int, torch.Tensor] = {}
+
+    def on_cut(_s, b, stream_before, stream_after, mlp_out, real):
+        mlp[b] = mlp_out[real].float().cpu()
+        before[b] = stream_before[real].float().cpu()
+        after[b] = stream_after[real].float().cpu()
+
+    _stream_cuts(
+        engine, plan, calibration, n=end - start, starts=[start], mlp_starts=[start], on_cut=on_cut, desc=desc
+    )
+    order = sorted(mlp)
+    return CutActivations.from_batches(
+        [mlp[b] for b in order], [before[b] for b in order], [after[b] for b in order]
+    )
+
+
+def _add_distances(
+    profile: DistanceProfile, s: int, before: torch.Tensor, after: torch.Tensor, real: torch.Tensor
+) -> None:
+    last = real.sum(dim=1) - 1
+    rows = torch.arange(real.shape[0], device=real.device)
+    profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
+        _angular(before[rows, last], after[rows, last]).sum()
+    )
+    profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(_angular(before[real], after[real]).sum())
+
+
+def _count_tokens(profile: DistanceProfile, calibration: CalibrationSet) -> None:
+    for ids, mask in calibration.batches:
+        profile.last_count += int(ids.shape[0])
+        profile.all_count += int(mask.bool().sum())
+
+
+def _check_finite(stats: dict[int, CutStatistics]) -> None:
+    for acc in stats.values():
+        if not (torch.isfinite(acc.gram).all() and torch.isfinite(acc.cross).all()):
+            raise CalibrationError(
+                f"non-finite statistics for cut {acc.cut}",
+                hint="check the weights, or use --compute-dtype float32",
+            )

@@ -1,86 +1,128 @@
-"""What the pruned model is checked against, rebuilt from the folds without copying the model.
+"""The prune's checks, streamed through the block engine in one pass over the held-out windows.
 
-Each fold remembers the block's original parameters and its map. From the pruned model that gives:
-* ``explicit_maps``: original weights back, the map applied as an extra step after the MLP — the
-  reference for fold parity (the fold must not change what the model computes);
-* ``plain_removal``: original weights back, no map — the baseline the fit has to beat.
+From the final plan (kept blocks, maps folded) follow three more plans over the same blocks:
+* ``original``: every block, no map;
+* ``plain_removal``: the same blocks removed, no map: the baseline the fit has to beat;
+* ``explicit``: the original weights with each map applied after its block's MLP: the reference
+  for fold parity (folding must not change what the model computes), on the first windows.
+All four share the blocks before the first cut, which therefore run once.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..arch import ArchAdapter
-from .apply import fold_map
+from ..calib.engine import Engine, Plan, Step, explicit, original_plan
 
-__all__ = ["Fold", "apply_fold", "explicit_maps", "plain_removal"]
+__all__ = ["FOLD_PARITY_RTOL", "CheckResults", "perplexities", "plain_removal", "run_checks"]
+
+# Fold parity: the folded model against the explicit map, both float32. The fold only reorders
+# float64 products before a float32 cast, so differences are rounding: ~1e-5 relative to the
+# logits (SmolLM2-135M: 4.8e-5 against logits up to 39, i.e. 1.2e-6). 2e-4 of the largest logit
+# leaves a wide margin and still catches any real error (a wrong transpose moves logits by O(1)).
+FOLD_PARITY_RTOL = 2e-4
+EVAL_BATCH_WINDOWS = 4
+
+
+def plain_removal(plan: Plan) -> Plan:
+    return tuple(Step(s.layer) for s in plan)
 
 
 @dataclass
-class Fold:
-    block: nn.Module
-    transform: torch.Tensor
-    original: dict[str, torch.Tensor]  # parameter name in block -> original value
+class CheckResults:
+    ppl_original: float
+    ppl_plain_removal: float
+    ppl_pruned: float
+    tokens: int
+    parity_max_abs_logit_diff: float
+    parity_max_abs_logit: float
+    parity_tokens: int
+
+    @property
+    def parity_atol(self) -> float:
+        return FOLD_PARITY_RTOL * max(self.parity_max_abs_logit, 1.0)
+
+    @property
+    def parity_passed(self) -> bool:
+        return self.parity_max_abs_logit_diff <= self.parity_atol
 
 
-def _folded_parameters(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Parameter]:
-    module_path = adapter.down_proj if adapter.dense_fold else adapter.post_mlp_norm
-    module = block.get_submodule(module_path)
-    return {f"{module_path}.{name}": p for name, p in module.named_parameters(recurse=False)}
+def _window_batches(windows: torch.Tensor, parity_windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The parity windows first (batch 0), then the rest in batches of ``EVAL_BATCH_WINDOWS``."""
+    cuts = [
+        0,
+        parity_windows,
+        *range(parity_windows + EVAL_BATCH_WINDOWS, windows.shape[0], EVAL_BATCH_WINDOWS),
+    ]
+    cuts.append(windows.shape[0])
+    bounds = sorted(set(c for c in cuts if 0 <= c <= windows.shape[0]))
+    return [
+        (windows[a:b], torch.ones_like(windows[a:b]))
+        for a, b in zip(bounds, bounds[1:], strict=False)
+        if b > a
+    ]
 
 
-def apply_fold(adapter: ArchAdapter, block: nn.Module, transform: torch.Tensor) -> Fold:
-    """Fold ``transform`` into ``block`` and return what is needed to undo or re-check it."""
-    original = {name: p.detach().clone() for name, p in _folded_parameters(adapter, block).items()}
-    fold_map(adapter, block, transform)
-    return Fold(block, transform, original)
+def _window_targets(batches):
+    return lambda b: (batches[b][0], torch.ones_like(batches[b][0][:, 1:], dtype=torch.bool))
 
 
-@contextlib.contextmanager
-def _original_weights(adapter: ArchAdapter, folds: list[Fold]) -> Iterator[None]:
-    saved = []
-    # Newest first, so a block folded twice ends with its weights from before the first fold.
-    for fold in reversed(folds):
-        params = _folded_parameters(adapter, fold.block)
-        for name, value in fold.original.items():
-            saved.append((params[name], params[name].detach().clone()))
-            params[name].data.copy_(value)
+def perplexities(engine: Engine, plans: dict[str, Plan], windows: torch.Tensor) -> dict[str, float]:
+    """Held-out perplexity of each plan, in one pass that shares common prefixes."""
+    batches = _window_batches(windows, min(EVAL_BATCH_WINDOWS, windows.shape[0]))
+    stream = engine.embed("heldout", batches)
+    ends = {}
     try:
-        yield
+        ends = engine.advance("heldout", stream, plans, desc="Perplexity")
+        sums, _ = engine.head_pass(
+            "heldout", ends, targets=_window_targets(batches), desc="Perplexity: LM head"
+        )
     finally:
-        for param, value in reversed(saved):
-            param.data.copy_(value)
+        engine.release(stream, *ends.values())
+        engine.forget("heldout")
+    return {name: math.exp(total / count) for name, (total, count) in sums.items()}
 
 
-@contextlib.contextmanager
-def plain_removal(adapter: ArchAdapter, folds: list[Fold]) -> Iterator[None]:
-    with _original_weights(adapter, folds):
-        yield
+def run_checks(engine: Engine, final: Plan, windows: torch.Tensor, parity_windows: int) -> CheckResults:
+    """Perplexity of the original, plain removal and pruned model on ``windows``, and fold parity
+    on the first ``parity_windows`` of them."""
+    parity_windows = max(1, min(parity_windows, windows.shape[0]))
+    batches = _window_batches(windows, parity_windows)
+    plans = {
+        "original": original_plan(engine.n_layers),
+        "plain_removal": plain_removal(final),
+        "pruned": final,
+        "explicit": explicit(final),
+    }
+    stream = engine.embed("heldout", batches)
+    ends = {}
+    try:
+        ends = engine.advance("heldout", stream, plans, only={"explicit": {0}}, desc="Checks")
+        sums, diffs = engine.head_pass(
+            "heldout",
+            ends,
+            targets=_window_targets(batches),
+            compare=[("pruned", "explicit")],
+            desc="Checks: LM head",
+        )
+    finally:
+        engine.release(stream, *ends.values())
+        engine.forget("heldout")
 
+    def ppl(name: str) -> float:
+        total, count = sums[name]
+        return math.exp(total / count)
 
-@contextlib.contextmanager
-def explicit_maps(adapter: ArchAdapter, folds: list[Fold]) -> Iterator[None]:
-    handles = []
-
-    def hook_for(transform: torch.Tensor):
-        def hook(_module, _inputs, output):
-            t = transform.to(torch.float64)
-            mapped = output.to(torch.float64) * t if t.dim() == 1 else output.to(torch.float64) @ t
-            return mapped.to(output.dtype)
-
-        return hook
-
-    with _original_weights(adapter, folds):
-        try:
-            for fold in folds:
-                module = adapter.mlp_output_module(fold.block)
-                handles.append(module.register_forward_hook(hook_for(fold.transform)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    worst, scale = diffs[("pruned", "explicit")]
+    return CheckResults(
+        ppl_original=ppl("original"),
+        ppl_plain_removal=ppl("plain_removal"),
+        ppl_pruned=ppl("pruned"),
+        tokens=sums["pruned"][1],
+        parity_max_abs_logit_diff=worst,
+        parity_max_abs_logit=scale,
+        parity_tokens=int(batches[0][0].numel()),
+    )

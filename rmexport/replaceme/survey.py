@@ -2,21 +2,26 @@
 
 The survey holds, per candidate start, the distance across the cut and (memory permitting) the
 streamed sums from which the least-squares map and its residual follow without another pass.
-Both steps run on a ``CalibrationSource``: a model held whole (``WholeModel``) or streamed block
-by block (``sequential.calibrate.StreamedModel``); they see the same numbers either way.
+Everything runs on the block engine, over the plan of the model as pruned so far.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ..arch import ArchAdapter
-from ..calib.collect import CutActivations, CutStatistics, DistanceProfile, collect, collect_activations
+from ..calib.collect import (
+    CutStatistics,
+    DistanceProfile,
+    collect,
+    collect_activations,
+    distances_then_closest_sums,
+)
+from ..calib.engine import Engine, Map, Plan, Stream, cut_plan
 from ..calib.tokens import CalibrationSet
 from .select import CutScores, candidate_starts
 from .solve import (
@@ -29,23 +34,12 @@ from .solve import (
 )
 
 __all__ = [
-    "CalibrationSource",
     "CandidateSurvey",
-    "WholeModel",
+    "SelectionScorer",
     "fit_cut",
     "least_squares_map",
-    "selection_loss",
-    "selection_validator",
     "survey_candidates",
 ]
-
-# Statistics of every candidate cut are kept in one pass while they fit in this much memory.
-STATS_MEMORY_FRACTION = 0.25
-
-
-def _stats_budget_bytes() -> int:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * STATS_MEMORY_FRACTION)
 
 
 def least_squares_map(adapter: ArchAdapter, stats: CutStatistics, alpha: float) -> torch.Tensor:
@@ -83,98 +77,53 @@ class CandidateSurvey:
         }
 
 
-class CalibrationSource(Protocol):
-    """A model that calibration text runs through, whole or block by block.
-
-    A source may also offer ``closest_by_distance(calibration, *, n, starts, distance_tokens,
-    desc)``: the distances of every start and the sums of the closest, in one pass."""
-
-    @property
-    def adapter(self) -> ArchAdapter: ...
-
-    @property
-    def n_blocks(self) -> int: ...
-
-    @property
-    def hidden_size(self) -> int: ...
-
-    def collect(
-        self, calibration: CalibrationSet, *, n: int, starts: list[int], stats_for: list[int], desc: str
-    ) -> tuple[DistanceProfile, dict[int, CutStatistics]]: ...
-
-    def collect_activations(
-        self, calibration: CalibrationSet, cut: tuple[int, int], desc: str
-    ) -> CutActivations: ...
-
-
-@dataclass
-class WholeModel:
-    """A model held in memory; each pass stops after the deepest block it needs."""
-
-    model: Any
-    adapter: ArchAdapter
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.adapter.blocks(self.model))
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
-
-    def collect(self, calibration, *, n, starts, stats_for, desc):
-        return collect(
-            self.model, self.adapter, calibration, n=n, starts=starts, stats_for=stats_for, desc=desc
-        )
-
-    def collect_activations(self, calibration, cut, desc):
-        return collect_activations(self.model, self.adapter, calibration, cut, desc=desc)
-
-
 def survey_candidates(
-    source: CalibrationSource,
+    engine: Engine,
+    plan: Plan,
     calibration: CalibrationSet,
     n: int,
     *,
+    stats_budget_bytes: int,
     alpha: float = 0.0,
     distance_tokens: str = "last",
     shortlist_only: bool = False,
     step: str = "",
 ) -> CandidateSurvey:
-    """One pass when the sums of every candidate fit in memory; otherwise distances first, then
-    sums for as many of the closest candidates as fit (only the closest with ``shortlist_only``,
-    which is all the distance rule needs)."""
-    starts = candidate_starts(source.n_blocks, n)
-    d = source.hidden_size
-    affordable = max(1, _stats_budget_bytes() // (2 * d * d * 8))
-    closest_by_distance = getattr(source, "closest_by_distance", None)
-    if shortlist_only and closest_by_distance is not None:
-        profile, stats = closest_by_distance(
-            calibration,
-            n=n,
-            starts=starts,
-            distance_tokens=distance_tokens,
-            desc=f"{step} Calibrating".strip(),
+    """One pass when the sums of every candidate fit in ``stats_budget_bytes``; otherwise distances
+    first, then sums for as many of the closest candidates as fit (only the closest with
+    ``shortlist_only``, which is all the distance rule needs)."""
+    starts = candidate_starts(len(plan), n)
+    d = engine.config.hidden_size
+    affordable = max(1, stats_budget_bytes // (2 * d * d * 8))
+    label = f"{step} Calibrating".strip()
+    if shortlist_only:
+        profile, stats = distances_then_closest_sums(
+            engine, plan, calibration, n=n, starts=starts, distance_tokens=distance_tokens, desc=label
         )
     elif affordable >= len(starts):
-        profile, stats = source.collect(
-            calibration, n=n, starts=starts, stats_for=starts, desc=f"{step} Calibrating".strip()
-        )
+        profile, stats = collect(engine, plan, calibration, n=n, starts=starts, stats_for=starts, desc=label)
     else:
-        profile, _ = source.collect(
-            calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
+        profile, _ = collect(
+            engine, plan, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
         )
         distances = profile.mean(distance_tokens)
-        shortlist = sorted(starts, key=lambda s: (distances[s], s))[: 1 if shortlist_only else affordable]
-        _, stats = source.collect(
-            calibration, n=n, starts=shortlist, stats_for=shortlist, desc=f"{step} Statistics".strip()
+        shortlist = sorted(starts, key=lambda s: (distances[s], s))[:affordable]
+        _, stats = collect(
+            engine,
+            plan,
+            calibration,
+            n=n,
+            starts=shortlist,
+            stats_for=shortlist,
+            desc=f"{step} Statistics".strip(),
         )
-    maps = {s: least_squares_map(source.adapter, acc, alpha) for s, acc in stats.items()}
+    maps = {s: least_squares_map(engine.adapter, acc, alpha) for s, acc in stats.items()}
     return CandidateSurvey(n, starts, profile, stats, maps)
 
 
 def fit_cut(
-    source: CalibrationSource,
+    engine: Engine,
+    plan: Plan,
     calibration: CalibrationSet,
     survey: CandidateSurvey,
     start: int,
@@ -187,18 +136,24 @@ def fit_cut(
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
 
-    ``validate`` (see ``selection_validator``) judges the cosine epochs by a loss that matters,
-    so the LS map is kept unless an epoch does better there."""
+    ``validate`` (see ``SelectionScorer.validator``) judges the cosine epochs by a loss that
+    matters, so the LS map is kept unless an epoch does better there."""
     cut = (start, start + survey.n)
     if start not in survey.stats:
-        _, extra = source.collect(
-            calibration, n=survey.n, starts=[start], stats_for=[start], desc=f"{step} Statistics".strip()
+        _, extra = collect(
+            engine,
+            plan,
+            calibration,
+            n=survey.n,
+            starts=[start],
+            stats_for=[start],
+            desc=f"{step} Statistics".strip(),
         )
         survey.stats[start] = extra[start]
-        survey.maps[start] = least_squares_map(source.adapter, extra[start], alpha)
+        survey.maps[start] = least_squares_map(engine.adapter, extra[start], alpha)
     stats = survey.stats[start]
     if solver == "cosine":
-        activations = source.collect_activations(calibration, cut, desc=f"{step} Collecting".strip())
+        activations = collect_activations(engine, plan, calibration, cut, desc=f"{step} Collecting".strip())
         result = cosine_fit(activations, survey.maps[start], cosine or CosineSettings(), validate)
         del activations
     else:
@@ -208,79 +163,64 @@ def fit_cut(
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
         "rel_residual_plain_removal": residual_energy(stats, identity) / stats.stream_energy,
         "tokens": stats.tokens,
-        "diagonal": not source.adapter.dense_fold,
+        "diagonal": not engine.adapter.dense_fold,
     }
     return result
 
 
-def selection_validator(
-    model: Any, adapter: ArchAdapter, survey: CandidateSurvey, start: int, selection: CalibrationSet
-) -> Callable[[torch.Tensor], float]:
-    """T → loss on the set-aside text of the model pruned at ``start`` with T folded in."""
+class SelectionScorer:
+    """Mean next-token loss of trial cuts on calibration text set aside for selection.
 
-    def loss(transform: torch.Tensor) -> float:
-        return selection_loss(model, adapter, survey, [start], selection, {start: transform})[start]
+    The set-aside batches are embedded once; the steps every trial shares (the blocks before the
+    earliest fold) run once per prefix and are reused by later trials."""
 
-    return loss
+    def __init__(self, engine: Engine, selection: CalibrationSet):
+        self.engine = engine
+        self.selection = selection
+        self._embedded = engine.embed("selection", selection.batches)
+        self._prefixes: dict[Plan, Stream] = {(): self._embedded}
 
+    def _prefix(self, steps: Plan) -> Stream:
+        if steps not in self._prefixes:
+            self._prefixes[steps] = self.engine.advance(
+                "selection", self._embedded, {"prefix": steps}, desc="Selection prefix"
+            )["prefix"]
+        return self._prefixes[steps]
 
-def selection_loss(
-    model: Any,
-    adapter: ArchAdapter,
-    survey: CandidateSurvey,
-    candidates: list[int],
-    selection: CalibrationSet,
-    maps: dict[int, torch.Tensor] | None = None,
-) -> dict[int, float]:
-    """Mean next-token loss of the model pruned at each candidate (with its map folded in: the LS
-    map unless ``maps`` gives another), on calibration text set aside for selection. The model is
-    restored after each trial."""
-    from .apply import remove_blocks
-    from .checks import apply_fold
+    def losses(self, plans: dict[str, Plan], shared: int) -> dict[str, float]:
+        """Loss of each plan; ``shared`` leading steps are the same in all of them."""
+        prefix = self._prefix(next(iter(plans.values()))[:shared])
+        ends = self.engine.advance("selection", prefix, plans, desc="Selection")
+        batches = self.selection.batches
 
-    losses: dict[int, float] = {}
-    for start in candidates:
-        blocks_before = adapter.blocks(model)
-        fold = apply_fold(adapter, blocks_before[start - 1], (maps or survey.maps)[start])
-        config_before = model.config.to_dict()
+        def targets(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids, mask = batches[b]
+            return ids, mask[:, 1:].bool()
+
         try:
-            remove_blocks(model, adapter, (start, start + survey.n))
-            losses[start] = _mean_loss(model, selection)
+            sums, _ = self.engine.head_pass("selection", ends, targets=targets, desc="Selection loss")
         finally:
-            _restore_blocks(model, adapter, blocks_before, config_before)
-            _undo_fold(adapter, fold)
-    return losses
+            self.engine.release(*ends.values())
+        return {name: total / max(count, 1) for name, (total, count) in sums.items()}
 
+    def trial_losses(
+        self, plan: Plan, n: int, maps: dict[int, torch.Tensor], candidates: list[int]
+    ) -> dict[int, float]:
+        """Loss of ``plan`` cut at each candidate start with its map folded in."""
+        plans = {str(s): cut_plan(plan, (s, s + n), Map(maps[s], f"trial {s}")) for s in candidates}
+        losses = self.losses(plans, shared=min(candidates) - 1)
+        return {s: losses[str(s)] for s in candidates}
 
-def _undo_fold(adapter: ArchAdapter, fold: Any) -> None:
-    from .checks import _folded_parameters
+    def validator(self, plan: Plan, cut: tuple[int, int]) -> Callable[[torch.Tensor], float]:
+        """T -> loss of ``plan`` cut at ``cut`` with T folded in (the cosine solver's judge)."""
 
-    params = _folded_parameters(adapter, fold.block)
-    for name, value in fold.original.items():
-        params[name].data.copy_(value)
+        def loss(transform: torch.Tensor) -> float:
+            trial = cut_plan(plan, cut, Map(transform, "epoch"))
+            return self.losses({"trial": trial}, shared=cut[0] - 1)["trial"]
 
+        return loss
 
-def _restore_blocks(model: Any, adapter: ArchAdapter, blocks: torch.nn.ModuleList, config: dict) -> None:
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, attr, blocks)
-    for layer_idx, block in enumerate(blocks):
-        attention = getattr(block, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = layer_idx
-    for key in ("num_hidden_layers", *adapter.per_layer_keys, "max_window_layers"):
-        if key in config:
-            setattr(model.config, key, config[key])
-
-
-def _mean_loss(model: Any, selection: CalibrationSet) -> float:
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for ids, mask in selection.batches:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            picked = log_probs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            real = mask[:, 1:].bool().to(device)
-            total += float(-picked[real].sum())
-            count += int(real.sum())
-    return total / max(count, 1)
+    def close(self) -> None:
+        self.engine.release(*self._prefixes.values())
+        self._prefixes.clear()
+        self.engine.forget("selection")

@@ -1,14 +1,11 @@
-"""Read a safetensors checkpoint one module at a time into a model skeleton on the meta device.
+"""A checkpoint's weights, one module at a time, in a model skeleton on the meta device.
 
 ``ModelSkeleton`` builds the causal LM with transformers' own classes for the config under
 ``accelerate.init_empty_weights()``: every parameter is on the meta device and costs nothing.
-Single modules (the embedding, one decoder block, the final norm) are then materialised from
-the checkpoint's shards on demand and sent back to the meta device when done, so at most one
-block's weights are in memory at a time.
-
-A skeleton can describe a model that has already been pruned: ``layers`` lists the original
-block indices in their new order, and ``folds`` maps an original block index to the fitted maps
-folded into it (applied, in order, each time that block is loaded).
+Single modules (the embedding, one decoder block, the final norm and LM head) are materialised
+from the checkpoint on demand. A *resident* skeleton keeps what it loaded (a model that fits the
+memory budget is read once); otherwise each module goes back to the meta device when freed, so at
+most one block's weights are in memory at a time. Either way the callers run the same code.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from torch import nn
 from ..arch import ArchAdapter, adapter_for
 from ..errors import ModelLoadError
 from ..log import get_logger
-from ..replaceme.apply import fold_map
 
 __all__ = ["CheckpointReader", "ModelSkeleton", "checkpoint_dtype", "model_bytes"]
 
@@ -117,9 +113,8 @@ class ModelSkeleton:
         *,
         device: str | torch.device = "cpu",
         compute_dtype: torch.dtype = torch.float32,
+        resident: bool = False,
         attn_implementation: str | None = None,
-        layers: list[int] | None = None,
-        folds: dict[int, list[torch.Tensor]] | None = None,
     ):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -127,6 +122,7 @@ class ModelSkeleton:
         self.directory = Path(directory)
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
+        self.resident = resident
         self.config = AutoConfig.from_pretrained(self.directory)
         self.adapter: ArchAdapter = adapter_for(self.config)
         self.reader = CheckpointReader(self.directory)
@@ -134,9 +130,8 @@ class ModelSkeleton:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, **kwargs)
         self.model.eval()
-        self.original_layers = len(self.adapter.blocks(self.model))
-        self.layers = list(range(self.original_layers)) if layers is None else list(layers)
-        self.folds = {j: list(ts) for j, ts in (folds or {}).items()}
+        self.n_layers = len(self.adapter.blocks(self.model))
+        self._loaded: set[str] = set()
         # Non-persistent buffers (rotary frequencies, embedding scales) are real tensors already.
         for name, buffer in list(self.model.named_buffers()):
             if buffer.device.type != "meta":
@@ -150,6 +145,10 @@ class ModelSkeleton:
     @property
     def base(self) -> nn.Module:
         return self.model.get_submodule(self.base_path)
+
+    @property
+    def embedding_path(self) -> str:
+        return f"{self.base_path}.embed_tokens"
 
     def block_path(self, layer_idx: int) -> str:
         return f"{self.adapter.layers_path}.{layer_idx}"
@@ -165,30 +164,46 @@ class ModelSkeleton:
             dtype = self.compute_dtype
         set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
 
-    def load_module(self, path: str) -> nn.Module:
-        """Materialise every parameter of the module at ``path`` from the checkpoint."""
+    def load_module(self, path: str, *, aliases: dict[str, str] | None = None) -> nn.Module:
+        """Materialise every parameter of the module at ``path`` (once, if resident).
+
+        ``aliases`` maps a parameter name to the checkpoint tensor it shares (tied weights)."""
         module = self.model.get_submodule(path)
+        if path in self._loaded:
+            return module
         found = dict(self.reader.with_prefix(path))
+        for name, tensor_name in (aliases or {}).items():
+            found.setdefault(name, self.reader.get(tensor_name))
         # Unmap the shards: mapped pages count as resident memory for as long as a file is open.
         self.reader.close()
         for name, _ in module.named_parameters():
             if name not in found:
                 raise ModelLoadError(f"tensor {path}.{name} is missing from {self.directory}")
             self._set(f"{path}.{name}", found[name])
+        if self.resident:
+            self._loaded.add(path)
         return module
 
     def load_embedding(self) -> nn.Module:
-        return self.load_module(f"{self.base_path}.embed_tokens")
+        return self.load_module(self.embedding_path)
 
     def load_block(self, layer_idx: int) -> nn.Module:
-        """Original block ``layer_idx`` with its weights (and any folded maps) in compute dtype."""
-        block = self.load_module(self.block_path(layer_idx))
-        for transform in self.folds.get(layer_idx, []):
-            fold_map(self.adapter, block, transform)
-        return block
+        """Original block ``layer_idx`` with its weights in the compute dtype."""
+        return self.load_module(self.block_path(layer_idx))
+
+    def load_head(self) -> tuple[nn.Module, nn.Module]:
+        """The final norm and the LM head (tied to the embedding when the checkpoint says so)."""
+        norm = self.load_module(f"{self.base_path}.norm")
+        head_name = "lm_head.weight"
+        aliases = {}
+        if head_name not in self.reader.weight_map:
+            aliases = {"weight": f"{self.embedding_path}.weight"}
+        return norm, self.load_module("lm_head", aliases=aliases)
 
     def free(self, path: str) -> None:
-        """Send the module's parameters back to the meta device."""
+        """Send the module's parameters back to the meta device (unless resident)."""
+        if self.resident:
+            return
         module = self.model.get_submodule(path)
         for name, param in list(module.named_parameters(recurse=True)):
             owner_path, _, attr = name.rpartition(".")

@@ -23,11 +23,11 @@ from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
 from ..atomic import replace_dir
+from ..calib.weights import INDEX_FILE, SINGLE_FILE, CheckpointReader, checkpoint_dtype
 from ..errors import ExportError
 from ..log import get_logger, progress
 from ..models import PROVENANCE_FILE, write_provenance
-from ..replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm
-from .blocks import INDEX_FILE, SINGLE_FILE, CheckpointReader, checkpoint_dtype
+from .apply import fold_into_down_proj, fold_into_post_mlp_norm
 
 __all__ = ["fold_tensor", "save_pruned_checkpoint"]
 

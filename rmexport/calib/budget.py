@@ -1,0 +1,78 @@
+"""How much memory a prune may use, and what that decides: resident weights, spilled activations."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+__all__ = ["DEFAULT_RAM_FRACTION", "MemoryBudget", "parse_bytes", "ram_bytes"]
+
+# Without --memory-budget / RMEXPORT_MEMORY_BUDGET a prune may use this share of RAM.
+DEFAULT_RAM_FRACTION = 0.5
+# Resident weights may take at most this share of the budget; the rest is for activations.
+WEIGHTS_SHARE = 0.5
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
+
+
+def ram_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GiB"``, ``"500MB"``, ``"0.5g"``, ``"1048576"`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"cannot read memory size {text!r}", hint="write e.g. 8GiB, 500MB or 0.5GiB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"memory size {text!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes a prune may hold: weights stay resident when they fit ``WEIGHTS_SHARE`` of it,
+    activations live in memory up to what is left and spill to disk beyond."""
+
+    total_bytes: int
+
+    @classmethod
+    def from_option(cls, text: str | None) -> MemoryBudget:
+        text = text or os.environ.get("RMEXPORT_MEMORY_BUDGET")
+        return cls(parse_bytes(text) if text else int(DEFAULT_RAM_FRACTION * ram_bytes()))
+
+    def weights_resident(self, weights_bytes: int) -> bool:
+        return weights_bytes <= WEIGHTS_SHARE * self.total_bytes
+
+    def activation_bytes(self, weights_bytes: int) -> int:
+        held = weights_bytes if self.weights_resident(weights_bytes) else 0
+        return max(0, self.total_bytes - held)
+
+    def describe(self, weights_bytes: int) -> dict[str, object]:
+        return {
+            "budget_bytes": self.total_bytes,
+            "weights_bytes": weights_bytes,
+            "weights_resident": self.weights_resident(weights_bytes),
+            "activation_budget_bytes": self.activation_bytes(weights_bytes),
+        }

@@ -1,0 +1,468 @@
+"""The block engine: every forward a prune needs, one decoder block at a time.
+
+A *plan* is the model as a sequence of steps, each an original block (with the fitted maps
+folded into it, or applied explicitly after its MLP for the fold-parity reference). The original
+model, plain removal and the pruned model are three plans over the same blocks. The engine
+embeds a set of token batches once (recording the masks and position embeddings that the model
+itself builds for its blocks), then walks the original blocks in order: each block is loaded
+once (or is already resident), every plan that uses it advances through it, and it is freed.
+Plans that agree on their first steps share those activations, so the three held-out
+evaluations cost one pass over the common prefix. Activations live in an ``ActivationStore``
+(in memory up to the budget, on disk beyond), so a model on disk and a model in memory take the
+same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..log import get_logger, progress
+from ..replaceme.apply import fold_map
+from .budget import MemoryBudget
+from .store import ActivationStore
+from .weights import ModelSkeleton, model_bytes
+
+__all__ = [
+    "Batches",
+    "Engine",
+    "Map",
+    "Plan",
+    "Step",
+    "Stream",
+    "cut_plan",
+    "original_plan",
+]
+
+log = get_logger(__name__)
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask) per batch
+
+
+@dataclass(frozen=True, eq=False)
+class Map:
+    """A fitted map (d×d, or a length-d diagonal); compared by identity."""
+
+    transform: torch.Tensor
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """Original block ``layer`` with ``maps`` folded in (or, ``explicit``, applied after its MLP)."""
+
+    layer: int
+    maps: tuple[Map, ...] = ()
+    explicit: bool = False
+
+
+Plan = tuple[Step, ...]
+
+
+def original_plan(n_layers: int) -> Plan:
+    return tuple(Step(j) for j in range(n_layers))
+
+
+def cut_plan(plan: Plan, cut: tuple[int, int], new_map: Map | None = None) -> Plan:
+    """``plan`` without steps ``[start, end)``; ``new_map`` is folded into step ``start - 1``."""
+    start, end = cut
+    steps = list(plan)
+    if new_map is not None:
+        folded = steps[start - 1]
+        steps[start - 1] = Step(folded.layer, folded.maps + (new_map,), folded.explicit)
+    return tuple(steps[:start] + steps[end:])
+
+
+def explicit(plan: Plan) -> Plan:
+    """The same plan with every map applied after its block's MLP instead of folded."""
+    return tuple(Step(s.layer, s.maps, explicit=bool(s.maps)) for s in plan)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _RecordInputs(nn.Module):
+    """Stands in for a decoder block and records what the model passes to blocks of its type."""
+
+    def __init__(self, attention_type: str | None, record: dict, last: bool):
+        super().__init__()
+        if attention_type is not None:
+            self.attention_type = attention_type
+        self._type = attention_type
+        self._record = record
+        self._last = last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        if args:
+            raise AssertionError(
+                "decoder blocks are expected to get everything but the hidden states by name"
+            )
+        self._record.setdefault("hidden", hidden_states)
+        self._record[self._type] = kwargs
+        if self._last:
+            raise _StopForward
+        return (hidden_states,)
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class Stream:
+    """Hidden states of some batches, all at the same point of a plan (``done`` steps run)."""
+
+    keys: dict[int, Any]  # batch index -> store key
+    done: Plan = ()
+
+    @property
+    def batch_indices(self) -> list[int]:
+        return sorted(self.keys)
+
+
+@dataclass
+class _Branch:
+    """Plans that agree on every step so far, and the store key of their shared activations."""
+
+    key: Any
+    plans: list[str]
+    position: int  # steps of these plans already run
+    owned: bool = True  # created by this walk, so it may be dropped once unused
+
+
+@dataclass
+class Engine:
+    """Forwards of token batches through plans over ``skeleton``'s blocks."""
+
+    skeleton: ModelSkeleton
+    store: ActivationStore
+    batches: dict[str, Batches] = field(default_factory=dict)
+    _kwargs: dict[tuple[str, int], dict[str | None, dict[str, Any]]] = field(default_factory=dict)
+    _counter: int = 0
+
+    @classmethod
+    def open(
+        cls,
+        checkpoint: str | Path,
+        budget: MemoryBudget,
+        *,
+        device: str = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> Engine:
+        """The engine over a local checkpoint: weights resident when they fit the budget."""
+        weights = model_bytes(checkpoint, compute_dtype)
+        skeleton = ModelSkeleton(
+            checkpoint, device=device, compute_dtype=compute_dtype, resident=budget.weights_resident(weights)
+        )
+        return cls(skeleton, ActivationStore(torch.device(device), budget.activation_bytes(weights)))
+
+    @property
+    def adapter(self):
+        return self.skeleton.adapter
+
+    @property
+    def config(self):
+        return self.skeleton.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.skeleton.n_layers
+
+    def _new_key(self, tag: str) -> tuple[str, int]:
+        self._counter += 1
+        return (tag, self._counter)
+
+    def _attention_types(self) -> list[str | None]:
+        blocks = self.adapter.blocks(self.skeleton.model)
+        return list(dict.fromkeys(getattr(block, "attention_type", None) for block in blocks))
+
+    # --- embedding ------------------------------------------------------------------------
+    def embed(self, name: str, batches: Batches) -> Stream:
+        """Embed ``batches`` and record each attention type's block arguments for them."""
+        self.batches[name] = batches
+        skeleton = self.skeleton
+        parent_path, _, attr = self.adapter.layers_path.rpartition(".")
+        parent = skeleton.model.get_submodule(parent_path)
+        real_blocks = getattr(parent, attr)
+        types = self._attention_types()
+        keys: dict[int, Any] = {}
+        skeleton.load_embedding()
+        try:
+            for b, (ids, mask) in enumerate(batches):
+                record: dict[Any, Any] = {}
+                stand_ins = nn.ModuleList(
+                    _RecordInputs(t, record, last=k == len(types) - 1) for k, t in enumerate(types)
+                )
+                setattr(parent, attr, stand_ins)
+                try:
+                    with torch.inference_mode(), contextlib.suppress(_StopForward):
+                        skeleton.base(
+                            input_ids=ids.to(skeleton.device),
+                            attention_mask=mask.to(skeleton.device),
+                            use_cache=False,
+                        )
+                finally:
+                    setattr(parent, attr, real_blocks)
+                self._kwargs[(name, b)] = {t: record[t] for t in types}
+                keys[b] = self._new_key(name)
+                self.store.put(keys[b], record["hidden"])
+        finally:
+            skeleton.free(skeleton.embedding_path)
+        return Stream(keys)
+
+    def release(self, *streams: Stream) -> None:
+        for stream in streams:
+            for key in stream.keys.values():
+                self.store.drop(key)
+
+    def forget(self, name: str) -> None:
+        """Drop the batches and block arguments recorded for ``name``."""
+        for b in range(len(self.batches.pop(name, []))):
+            self._kwargs.pop((name, b), None)
+
+    # --- running blocks -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _variant(self, block: nn.Module, step: Step) -> Iterator[None]:
+        """``block`` as ``step`` wants it: maps folded in, or applied after the MLP."""
+        if not step.maps:
+            yield
+            return
+        adapter = self.adapter
+        target = (
+            adapter.down_proj_module(block) if adapter.dense_fold else adapter.post_mlp_norm_module(block)
+        )
+        original = target.weight.data.clone()
+        handle = None
+        try:
+            if step.explicit:
+                handle = adapter.mlp_output_module(block).register_forward_hook(_apply_maps(step.maps))
+            else:
+                for m in step.maps:
+                    fold_map(adapter, block, m.transform)
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+            target.weight.data.copy_(original)
+
+    def _run_block(self, name: str, b: int, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        kwargs = self._kwargs[(name, b)][getattr(block, "attention_type", None)]
+        return _block_output(block(hidden, **kwargs))
+
+    def advance(
+        self,
+        name: str,
+        stream: Stream,
+        plans: dict[str, Plan],
+        *,
+        only: dict[str, set[int]] | None = None,
+        desc: str = "Forward",
+    ) -> dict[str, Stream]:
+        """Run every plan from ``stream`` (whose ``done`` steps each plan starts with) to its end.
+
+        ``only`` restricts a plan to some batches. Plans that share steps share the work. The
+        input stream is left untouched; each plan gets a stream of its own."""
+        start = len(stream.done)
+        for plan_name, plan in plans.items():
+            if plan[:start] != stream.done:
+                raise ValueError(f"plan {plan_name!r} does not continue the stream")
+        branches: dict[int, list[_Branch]] = {}
+        for b, key in stream.keys.items():
+            wanted = [p for p in plans if only is None or p not in only or b in only[p]]
+            if wanted:
+                branches[b] = [_Branch(key, wanted, start, owned=False)]
+        layers = sorted({step.layer for plan in plans.values() for step in plan[start:]})
+        with torch.inference_mode():
+            for layer in progress(layers, desc=desc, total=len(layers)):
+                block = self.skeleton.load_block(layer)
+                try:
+                    for b in branches:
+                        branches[b] = self._advance_branches(name, b, block, layer, branches[b], plans)
+                finally:
+                    self.skeleton.free_block(layer)
+        result: dict[str, Stream] = {p: Stream({}, plans[p]) for p in plans}
+        for b, group in branches.items():
+            for branch in group:
+                for i, plan_name in enumerate(branch.plans):
+                    if branch.owned and i == 0:
+                        result[plan_name].keys[b] = branch.key
+                    else:  # plans that never diverged each get their own key for the same tensor
+                        copy = self._new_key(name)
+                        self.store.put(copy, self.store.get(branch.key))
+                        result[plan_name].keys[b] = copy
+        return result
+
+    def _advance_branches(
+        self, name: str, b: int, block: nn.Module, layer: int, group: list[_Branch], plans: dict[str, Plan]
+    ) -> list[_Branch]:
+        out: list[_Branch] = []
+        for branch in group:
+            by_step: dict[Step | None, list[str]] = {}
+            for plan_name in branch.plans:
+                plan = plans[plan_name]
+                step = plan[branch.position] if branch.position < len(plan) else None
+                by_step.setdefault(step if step is not None and step.layer == layer else None, []).append(
+                    plan_name
+                )
+            if None in by_step:
+                out.append(_Branch(branch.key, by_step.pop(None), branch.position, branch.owned))
+            for step, names in by_step.items():
+                with self._variant(block, step):
+                    hidden = self._run_block(name, b, block, self.store.get(branch.key))
+                key = self._new_key(name)
+                self.store.put(key, hidden)
+                out.append(_Branch(key, names, branch.position + 1))
+            if branch.owned and all(o.key != branch.key for o in out):
+                self.store.drop(branch.key)
+        return out
+
+    def walk(
+        self,
+        name: str,
+        stream: Stream,
+        plan: Plan,
+        *,
+        until: int,
+        mlp_at: set[int],
+        on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None], None],
+        desc: str = "Calibrating",
+    ) -> None:
+        """Run steps ``0 .. until`` of ``plan`` and call ``on_block(position, batch, L, M)`` after
+        each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at``. Consumes
+        ``stream`` (which must be at the start of the plan)."""
+        if stream.done:
+            raise ValueError("walk starts from embedded batches")
+        captured: dict[str, torch.Tensor] = {}
+
+        def on_mlp(_module, _inputs, output):
+            captured["mlp"] = output.detach()
+
+        with torch.inference_mode():
+            for position in progress(range(until + 1), desc=desc, total=until + 1):
+                step = plan[position]
+                block = self.skeleton.load_block(step.layer)
+                handle = None
+                try:
+                    with self._variant(block, step):
+                        if position in mlp_at:
+                            handle = self.adapter.mlp_output_module(block).register_forward_hook(on_mlp)
+                        for b, key in stream.keys.items():
+                            hidden = self._run_block(name, b, block, self.store.get(key))
+                            self.store.put(key, hidden)
+                            on_block(position, b, hidden, captured.pop("mlp", None))
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                    self.skeleton.free_block(step.layer)
+        self.release(stream)
+
+    # --- the LM head ----------------------------------------------------------------------------
+    def head_pass(
+        self,
+        name: str,
+        streams: dict[str, Stream],
+        *,
+        targets: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        compare: list[tuple[str, str]] = (),
+        on_logits: Callable[[str, int, torch.Tensor], None] | None = None,
+        chunk_bytes: int = 64 * 2**20,
+        desc: str = "LM head",
+    ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], tuple[float, float]]]:
+        """Next-token loss of each stream, and the largest logit difference between pairs.
+
+        ``targets(b)`` gives batch ``b``'s token ids and a mask of the predictions that count
+        (position ``t`` predicts token ``t + 1``). Logits are computed a few positions at a time,
+        so memory does not grow with vocabulary × batch. Returns ``{stream: (Σ nll, count)}`` and
+        ``{(a, b): (max |logit_a − logit_b|, max |logit_b|)}`` over the batches both hold.
+        ``on_logits(stream, b, logits)`` receives every position's logits, chunk by chunk."""
+        norm, head = self.skeleton.load_head()
+        vocab = head.weight.shape[0]
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        losses = {s: (0.0, 0) for s in streams}
+        diffs = {pair: (0.0, 0.0) for pair in compare}
+        batches = sorted({b for s in streams.values() for b in s.keys})
+        try:
+            with torch.inference_mode():
+                for b in progress(batches, desc=desc, total=len(batches)):
+                    ids, counted = targets(b)
+                    present = [s for s in streams if b in streams[s].keys]
+                    normed = {s: norm(self.store.get(streams[s].keys[b])) for s in present}
+                    rows, predicted = ids.shape[0], ids.shape[1] - 1
+                    end = ids.shape[1] if on_logits else predicted  # the last position predicts nothing
+                    step = max(1, chunk_bytes // max(1, rows * vocab * 8))
+                    for lo in range(0, end, step):
+                        hi = min(end, lo + step)
+                        logits = {s: self._logits(head, normed[s][:, lo:hi], cap) for s in present}
+                        for s, chunk in logits.items():
+                            if on_logits:
+                                on_logits(s, b, chunk.float().cpu())
+                            upto = min(hi, predicted) - lo
+                            if upto <= 0:
+                                continue
+                            scored = chunk[:, :upto]
+                            nll = torch.logsumexp(scored, -1) - scored.gather(
+                                -1, ids[:, lo + 1 : lo + 1 + upto].to(chunk.device).unsqueeze(-1)
+                            ).squeeze(-1)
+                            real = counted[:, lo : lo + upto].to(chunk.device)
+                            total, count = losses[s]
+                            losses[s] = (total + float(nll[real].sum()), count + int(real.sum()))
+                        for a, ref in compare:
+                            if a in logits and ref in logits:
+                                worst, scale = diffs[(a, ref)]
+                                diffs[(a, ref)] = (
+                                    max(worst, float((logits[a] - logits[ref]).abs().max())),
+                                    max(scale, float(logits[ref].abs().max())),
+                                )
+        finally:
+            self.skeleton.free(f"{self.skeleton.base_path}.norm")
+            self.skeleton.free("lm_head")
+        return losses, diffs
+
+    @staticmethod
+    def _logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+        logits = head(hidden).to(torch.float64)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def logits(
+        self, plan: Plan, sequences: list[list[int]], desc: str = "Reference logits"
+    ) -> list[torch.Tensor]:
+        """Every position's float32 logits of ``plan`` for a few token sequences (one batch each)."""
+        batches = [(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in sequences]
+        stream = self.embed("logits", batches)
+        ends: dict[str, Stream] = {}
+        pieces: dict[int, list[torch.Tensor]] = {b: [] for b in range(len(batches))}
+        try:
+            ends = self.advance("logits", stream, {"model": plan}, desc=desc)
+            self.head_pass(
+                "logits",
+                ends,
+                targets=lambda b: (batches[b][0], batches[b][1][:, 1:].bool()),
+                on_logits=lambda _s, b, chunk: pieces[b].append(chunk),
+                desc=f"{desc}: LM head",
+            )
+        finally:
+            self.release(stream, *ends.values())
+            self.forget("logits")
+        return [torch.cat(pieces[b], dim=1)[0] for b in range(len(batches))]
+
+    def close(self) -> None:
+        self.store.close()
+        self.skeleton.close()
+
+
+def _apply_maps(maps: tuple[Map, ...]):
+    def hook(_module, _inputs, output):
+        mapped = output.to(torch.float64)
+        for m in maps:
+            t = m.transform.to(device=output.device, dtype=torch.float64)
+            mapped = mapped * t if t.dim() == 1 else mapped @ t
+        return mapped.to(output.dtype)
+
+    return hook

@@ -1,0 +1,94 @@
+"""The typed record of a prune, written as ``prune.json``: one schema for every model size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "CutRecord",
+    "Evaluation",
+    "FoldParity",
+    "ModelInfo",
+    "PruneRecord",
+    "Quality",
+    "jsonable",
+]
+
+
+@dataclass
+class ModelInfo:
+    spec: str
+    kind: str
+    location: str
+    architecture: str
+    family: str
+    hidden_size: int
+
+
+@dataclass
+class CutRecord:
+    cut: list[int]  # [start, end) in the model as it was when this cut was chosen
+    removed_layers: list[int]  # original indices
+    fit: dict[str, Any]
+    scores: dict[str, Any]
+
+
+@dataclass
+class Evaluation:
+    source: str
+    tokens: int
+    window: int
+
+
+@dataclass
+class FoldParity:
+    max_abs_logit_diff: float
+    max_abs_logit: float
+    atol: float
+    tokens: int
+    passed: bool
+
+
+@dataclass
+class Quality:
+    ppl_original: float
+    ppl_plain_removal: float
+    ppl_pruned: float
+
+
+@dataclass
+class PruneRecord:
+    model: ModelInfo
+    L: int
+    n: int
+    N: int
+    ratio: float | None
+    kept_layers: list[int]
+    cuts: list[CutRecord]
+    selection: dict[str, Any]
+    solver: dict[str, Any]
+    calibration: dict[str, Any]
+    evaluation: Evaluation
+    fold_parity: FoldParity
+    quality: Quality
+    guard: dict[str, Any]
+    memory: dict[str, Any]
+    saved_dtype: str
+    versions: dict[str, str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable(asdict(self))
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with string keys and floats rounded to 6 significant decimals, for JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value

@@ -1,0 +1,208 @@
+"""The block engine computes what the whole model computes, resident or streamed, and shares work."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rmexport.arch import adapter_for
+from rmexport.calib.collect import _accumulate, _angular, collect
+from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, original_plan
+from rmexport.calib.store import ActivationStore
+from rmexport.calib.tokens import calibration_batches
+from rmexport.calib.weights import ModelSkeleton
+from rmexport.models import load_tokenizer, resolve
+from rmexport.replaceme.apply import fold_map, remove_blocks
+from rmexport.replaceme.checks import plain_removal, run_checks
+from rmexport.replaceme.select import candidate_starts
+from rmexport.replaceme.survey import SelectionScorer
+
+from .conftest import FAMILIES
+
+STREAMING = ["llama", "qwen2", "gemma3"]
+
+
+def _engine(checkpoint, *, resident: bool, activation_bytes: int = 2**30) -> Engine:
+    skeleton = ModelSkeleton(checkpoint, resident=resident)
+    return Engine(skeleton, ActivationStore(torch.device("cpu"), activation_bytes))
+
+
+def _hf(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def _hf_nll(model, windows) -> float:
+    with torch.inference_mode():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1].double()
+    nll = torch.logsumexp(logits, -1) - logits.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return float(nll.mean())
+
+
+def _random_windows(vocab: int, rows: int = 3, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checks_equal_whole_model_forwards(family, tiny_checkpoints):
+    """Original, plain removal and pruned perplexity from one streamed pass equal transformers'
+    own forwards of the three models, for every family."""
+    checkpoint = tiny_checkpoints[family]
+    model = _hf(checkpoint)
+    adapter = adapter_for(model.config)
+    d = model.config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    transform = torch.eye(d) + torch.randn(d, d, generator=generator, dtype=torch.float64) / d**0.5
+    if not adapter.dense_fold:  # a diagonal map, strong enough to matter behind the norm
+        transform = 0.2 + 3 * torch.rand(d, generator=generator, dtype=torch.float64)
+    windows = _random_windows(model.config.vocab_size, rows=5)
+    final = cut_plan(original_plan(8), (3, 5), Map(transform))
+
+    engine = _engine(checkpoint, resident=False)
+    try:
+        checks = run_checks(engine, final, windows, parity_windows=2)
+    finally:
+        engine.close()
+
+    expected_original = _hf_nll(model, windows)
+    remove_blocks(model, adapter, (3, 5))
+    expected_removal = _hf_nll(model, windows)
+    fold_map(adapter, adapter.block(model, 2), transform)
+    expected_pruned = _hf_nll(model, windows)
+    assert checks.tokens == windows[:, 1:].numel()
+    assert math.log(checks.ppl_original) == pytest.approx(expected_original, rel=1e-6)
+    assert math.log(checks.ppl_plain_removal) == pytest.approx(expected_removal, rel=1e-6)
+    assert math.log(checks.ppl_pruned) == pytest.approx(expected_pruned, rel=1e-6)
+    assert abs(expected_pruned - expected_removal) > 1e-4  # the map matters
+    assert checks.parity_passed and checks.parity_max_abs_logit > 0
+
+
+def test_resident_streamed_and_spilled_runs_agree(tiny_checkpoints):
+    checkpoint = tiny_checkpoints["qwen2"]
+    windows = _random_windows(300, rows=6)
+    final = cut_plan(original_plan(8), (2, 4), Map(torch.eye(64, dtype=torch.float64) * 1.1))
+    results = []
+    for resident, budget in ((True, 2**30), (False, 2**30), (False, 0)):
+        engine = _engine(checkpoint, resident=resident, activation_bytes=budget)
+        try:
+            results.append(run_checks(engine, final, windows, parity_windows=1))
+            if budget == 0:
+                assert engine.store.offloaded_bytes > 0 and engine.store.peak_resident_bytes == 0
+            if not resident:  # nothing stays loaded once a pass is over
+                assert all(p.device.type == "meta" for p in engine.skeleton.model.parameters())
+        finally:
+            engine.close()
+    assert results[0] == results[1] == results[2]
+
+
+def test_plans_share_their_common_prefix(tiny_checkpoints):
+    """Blocks 0..2 are shared by all three plans and run once; block 3 runs folded and unfolded."""
+    engine = _engine(tiny_checkpoints["llama"], resident=True)
+    calls: dict[int, int] = {}
+    for j, block in enumerate(engine.adapter.blocks(engine.skeleton.model)):
+        block.register_forward_pre_hook(lambda *_args, j=j: calls.__setitem__(j, calls.get(j, 0) + 1))
+    final = cut_plan(original_plan(8), (4, 6), Map(torch.eye(64, dtype=torch.float64)))
+    windows = _random_windows(300, rows=2)
+    batches = [(windows, torch.ones_like(windows))]
+    stream = engine.embed("w", batches)
+    plans = {"original": original_plan(8), "removal": plain_removal(final), "pruned": final}
+    ends = engine.advance("w", stream, plans)
+    assert [calls[j] for j in range(8)] == [1, 1, 1, 2, 1, 1, 3, 3]
+    assert {name: s.done for name, s in ends.items()} == plans
+    engine.release(stream, *ends.values())
+    assert engine.store.resident_bytes == 0
+    engine.close()
+
+
+def test_explicit_plan_applies_maps_after_the_mlp():
+    plan = cut_plan(original_plan(6), (2, 4), Map(torch.eye(3), "t"))
+    assert [s.layer for s in plan] == [0, 1, 4, 5]
+    assert plan[1].maps and not plan[1].explicit
+    assert explicit(plan)[1] == Step(1, plan[1].maps, explicit=True)
+    assert plain_removal(plan) == tuple(Step(j) for j in (0, 1, 4, 5))
+
+
+def _reference_statistics(model, adapter, calibration, n, starts):
+    """Distances and sums from hooks on the whole transformers model (no engine involved)."""
+    outputs, mlps = {}, {}
+    handles = []
+    for j, block in enumerate(adapter.blocks(model)):
+        handles.append(
+            block.register_forward_hook(
+                lambda _m, _i, out, j=j: outputs.__setitem__(j, out[0] if isinstance(out, tuple) else out)
+            )
+        )
+        handles.append(
+            adapter.mlp_output_module(block).register_forward_hook(
+                lambda _m, _i, out, j=j: mlps.__setitem__(j, out)
+            )
+        )
+    distances = dict.fromkeys(starts, 0.0)
+    from rmexport.calib.collect import _empty_stats
+
+    stats = _empty_stats(starts, n, model.config.hidden_size)
+    count = 0
+    with torch.inference_mode():
+        for ids, mask in calibration.batches:
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            real = mask.bool()
+            count += int(real.sum())
+            for s in starts:
+                before, after = outputs[s - 1], outputs[s + n - 1]
+                distances[s] += float(_angular(before[real], after[real]).sum())
+                _accumulate(stats[s], mlps[s - 1][real], before[real], after[real])
+    for h in handles:
+        h.remove()
+    return {s: v / count for s, v in distances.items()}, stats
+
+
+@pytest.mark.parametrize("family", STREAMING)
+def test_calibration_statistics_equal_hooks_on_the_whole_model(family, tiny_checkpoints, builtin_corpus):
+    checkpoint = tiny_checkpoints[family]
+    tokenizer = load_tokenizer(resolve(str(checkpoint)))
+    calibration = calibration_batches(builtin_corpus, tokenizer, n_samples=24, seq_len=32, batch_size=8)
+    model = _hf(checkpoint)
+    n, starts = 3, candidate_starts(8, 3)
+    distances, expected = _reference_statistics(model, adapter_for(model.config), calibration, n, starts)
+    engine = _engine(checkpoint, resident=False, activation_bytes=0)
+    try:
+        profile, stats = collect(engine, original_plan(8), calibration, n=n, starts=starts, stats_for=starts)
+    finally:
+        engine.close()
+    got = profile.mean("all")
+    for s in starts:
+        assert got[s] == pytest.approx(distances[s], rel=1e-6)
+        torch.testing.assert_close(stats[s].gram, expected[s].gram, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stats[s].cross, expected[s].cross, rtol=1e-6, atol=1e-6)
+        assert stats[s].tokens == expected[s].tokens > 0
+
+
+def test_selection_losses_equal_transformers_on_the_trial_models(tiny_checkpoints, builtin_corpus):
+    checkpoint = tiny_checkpoints["llama"]
+    tokenizer = load_tokenizer(resolve(str(checkpoint)))
+    selection = calibration_batches(builtin_corpus, tokenizer, n_samples=16, seq_len=32, batch_size=8)
+    d = 64
+    maps = {s: torch.eye(d, dtype=torch.float64) * (1 + 0.1 * s) for s in (1, 3, 5)}
+    engine = _engine(checkpoint, resident=True)
+    scorer = SelectionScorer(engine, selection)
+    try:
+        losses = scorer.trial_losses(original_plan(8), 2, maps, [1, 3, 5])
+        again = scorer.trial_losses(original_plan(8), 2, maps, [3])  # reuses the cached prefix
+    finally:
+        scorer.close()
+        engine.close()
+    assert again[3] == losses[3]
+    for s in (1, 3, 5):
+        model = _hf(checkpoint)
+        adapter = adapter_for(model.config)
+        fold_map(adapter, adapter.block(model, s - 1), maps[s])
+        remove_blocks(model, adapter, (s, s + 2))
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for ids, mask in selection.batches:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].double()
+                nll = torch.logsumexp(logits, -1) - logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                real = mask[:, 1:].bool()
+                total += float(nll[real].sum())
+                count += int(real.sum())
+        assert losses[s] == pytest.approx(total / count, rel=1e-6)
