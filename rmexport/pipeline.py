@@ -110,6 +110,7 @@ def _read_json(path: Path) -> Any:
 
 def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
     from converters.onnx_export import export_onnx
+    from validation.onnx_bench import DEFAULT_PROTOCOL as ONNX_PROTOCOL
     from validation.onnx_bench import bench_onnx
     from validation.onnx_parity import validate_onnx
 
@@ -149,10 +150,15 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
         runner.run(
             Stage(
                 "bench_onnx",
-                {"eval_tokens": args.eval_tokens, "original": base_runner.hashes["export_onnx"]},
+                {
+                    "eval_tokens": args.eval_tokens,
+                    "speed": ONNX_PROTOCOL.as_dict(),
+                    "original": base_runner.hashes["export_onnx"],
+                },
                 [bench_file],
                 lambda: write_json(
-                    bench_file, bench_onnx(base_onnx, pruned_onnx, eval_tokens=args.eval_tokens)
+                    bench_file,
+                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=args.eval_tokens, protocol=ONNX_PROTOCOL),
                 ),
                 needs=["export_onnx"],
             )
@@ -165,6 +171,7 @@ def _gguf_stages(
     args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, slug, ratio_label
 ) -> dict:
     from converters.gguf_export import export_gguf
+    from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
     from validation.gguf_bench import bench_gguf
     from validation.gguf_parity import validate_gguf
 
@@ -211,6 +218,7 @@ def _gguf_stages(
                 {
                     "eval_tokens": args.eval_tokens,
                     "types": types,
+                    "speed": GGUF_PROTOCOL.as_dict(),
                     "original": [base_runner.hashes[f"export_gguf_{t}"] for t in types],
                 },
                 [bench_file],
@@ -221,6 +229,7 @@ def _gguf_stages(
                             base_files[t],
                             pruned_files[t],
                             eval_tokens=args.eval_tokens,
+                            protocol=GGUF_PROTOCOL,
                             torch_reference=False,
                         )
                         for t in types

@@ -226,8 +226,10 @@ def test_cli_export_and_bench(tiny_checkpoints, tmp_path, capsys):
         "16",
         "--gen-tokens",
         "4",
-        "--repeats",
+        "--min-rounds",
         "1",
+        "--max-rounds",
+        "2",
         "--threads",
         "2",
         "--json",
@@ -238,12 +240,19 @@ def test_cli_export_and_bench(tiny_checkpoints, tmp_path, capsys):
     entry = result["types"]["f32"]
     assert result["windows"] == 2
     assert entry["original"]["block_count"] == 8 and entry["pruned"]["block_count"] == 6
-    assert entry["ideal_speedup"] == pytest.approx(8 / 6)
+    speed = entry["speed"]
+    assert list(speed["phases"]) == ["pp16", "tg4"] and speed["protocol"]["threads"] == 2
+    # The head stays: the FLOP ideal is below L/N, prompt processing (head once) closest to it.
+    assert 1 < speed["phases"]["tg4"]["ideal"] < speed["phases"]["pp16"]["ideal"] < 8 / 6
     for role in ("original", "pruned"):
         # Same windows, same perplexity function: llama.cpp f32 equals PyTorch's perplexity.
         assert entry[role]["ppl"] == pytest.approx(result["torch"][role]["ppl"], rel=1e-3)
-        assert math.isfinite(entry[role]["pp_tokens_per_s"]) and entry[role]["tg_tokens_per_s"] > 0
-    assert "speedup" in capsys.readouterr().out
+        for phase in speed["phases"].values():
+            assert (
+                math.isfinite(phase[role]["tokens_per_s"]["median"])
+                and phase[role]["tokens_per_s"]["min"] > 0
+            )
+    assert "speed-up" in capsys.readouterr().out
 
 
 def test_our_writer_agrees_with_llama_cpp_converter(pruned_default_checkpoint):
@@ -309,7 +318,9 @@ def test_bench_accepts_gguf_files(tiny_checkpoints, tmp_path, capsys):
         "8",
         "--gen-tokens",
         "2",
-        "--repeats",
+        "--min-rounds",
+        "1",
+        "--max-rounds",
         "1",
         "--json",
         str(tmp_path / "b.json"),
@@ -318,5 +329,6 @@ def test_bench_accepts_gguf_files(tiny_checkpoints, tmp_path, capsys):
     result = json.loads((tmp_path / "b.json").read_text())
     assert list(result["types"]) == ["f16"] and result["windows"] == 2 and result["torch"] == {}
     entry = result["types"]["f16"]
-    assert entry["original"]["ppl"] == entry["pruned"]["ppl"] and entry["ideal_speedup"] == 1.0
+    assert entry["original"]["ppl"] == entry["pruned"]["ppl"]
+    assert {p["ideal"] for p in entry["speed"]["phases"].values()} == {1.0}
     assert "f16" in capsys.readouterr().out

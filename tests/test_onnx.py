@@ -240,14 +240,21 @@ def test_genai_int4_runs_and_is_smaller(og, genai_exports, tiny_checkpoints, tmp
 @pytest.mark.slow
 def test_bench_original_vs_pruned(default_checkpoint, pruned_default_onnx, tmp_path):
     from validation.onnx_bench import bench_onnx
+    from validation.speed import SpeedProtocol
 
     original = export_onnx(default_checkpoint, tmp_path / "original")
-    result = bench_onnx(original, pruned_default_onnx, eval_tokens=1024, new_tokens=32, runs=3)
+    protocol = SpeedProtocol(prompt_tokens=(128, 512), gen_tokens=32, min_rounds=3, max_rounds=5)
+    result = bench_onnx(original, pruned_default_onnx, eval_tokens=1024, protocol=protocol)
     orig, pruned = result["models"]["original"], result["models"]["pruned"]
     assert (orig["num_hidden_layers"], pruned["num_hidden_layers"]) == (30, 22)
-    assert result["speedup"]["ideal_layers_ratio"] == pytest.approx(30 / 22)
-    assert set(orig["prefill"]) == {"128", "512"} and orig["decode"]["runs"] == 3
+    phases = result["speed"]["phases"]
+    assert list(phases) == ["pp128", "pp512", "tg32"] and 3 <= result["speed"]["rounds"] <= 5
+    # The graph returns logits for every position: the head runs on the whole prompt, so even
+    # prefill's ideal stays below L/N.
+    assert all(1.2 < p["ideal"] < 30 / 22 for p in phases.values())
     assert pruned["ppl"] > orig["ppl"] > 1  # eight blocks removed without any fit cost quality
-    assert result["speedup"]["decode"] > 1.0 and result["speedup"]["prefill_512"] > 1.0
+    for p in phases.values():  # no timing threshold here: the report's speed check judges that
+        assert p["slower_than_original"] == (p["speedup"]["median"] < 1)
+        assert p["speedup"]["min"] <= p["speedup"]["median"] <= p["speedup"]["max"]
     (tmp_path / "bench.json").write_text(json.dumps(result))
     assert EXPORT_INFO_FILE in {p.name for p in original.iterdir()}

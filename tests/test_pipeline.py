@@ -7,6 +7,8 @@ import pytest
 
 from rmexport.cli import main
 
+from .test_speed import assert_every_linked_image_exists
+
 FAST = ["--calib-samples", "48", "--seq-len", "32", "--eval-tokens", "1024"]
 
 
@@ -49,6 +51,22 @@ def test_run_writes_every_artefact_and_a_report(tiny_run):
     assert "prune" in report["timings_s"]
     markdown = (run_dir / "report.md").read_text()
     assert "8 → 6 blocks" in markdown and "plots/selection.png" in markdown
+    # Every image the report links was written, the speed plot included.
+    assert "plots/speed.png" in assert_every_linked_image_exists(run_dir)
+    # Speed: every runtime and type, each phase with its ideal, the median and the spread.
+    phases = {(r["runtime"], r["type"], r["phase"]) for r in report["speed"]}
+    assert phases == {
+        (runtime, kind, phase)
+        for runtime, kind, names in (
+            ("onnxruntime", "fp32", ("pp128", "pp512", "tg128")),
+            ("llama.cpp", "f16", ("pp512", "tg128")),
+            ("llama.cpp", "q4_k_m", ("pp512", "tg128")),
+        )
+        for phase in names
+    }
+    for row in report["speed"]:
+        assert 1 < row["ideal"] < 8 / 6 and row["measured_min"] <= row["measured"] <= row["measured_max"]
+    assert report["speed_checks"]["passed"] is True and report["machines"]
 
 
 def test_rerun_reuses_stages_and_interrupted_output_recovers(tiny_run, tiny_checkpoints, capsys):

@@ -2,16 +2,17 @@
 
 Perplexity: llama.cpp's logits over the SAME held-out windows every backend uses
 (``heldout_windows``) and the same ``perplexity`` function as PyTorch; llama-perplexity is not
-used because it chunks text its own way. Speed: prompt processing (a ``prompt_tokens`` prompt from
-an empty cache) and generation (``gen_tokens`` single-token decodes after it), timed around
-libllama's decode through llama-cpp-python with all cores, median of ``repeats`` runs after a
-warm-up. The pruned model's speedup is shown next to the ideal, original blocks / pruned blocks.
+used because it chunks text its own way. Speed: ``validation.speed``'s protocol (llama-bench's
+pp512 and tg128, original and pruned alternating round by round until the median speed-up
+settles), timed around libllama's decode through llama-cpp-python, both models loaded once with
+the same threads, context and batch. Each phase's speed-up is shown next to its ideal, the FLOP
+ratio of what llama.cpp computes in that phase (``validation.flops``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,24 @@ from rmexport.atomic import write_json
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
 
-__all__ = ["add_arguments", "bench_gguf", "format_table", "llama_cpp_forward", "run", "speed"]
+from . import speed as speed_protocol
+from .flops import ModelShape, ideal_speedups
+from .latency import machine_info
+
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "add_arguments",
+    "bench_gguf",
+    "format_table",
+    "llama_cpp_forward",
+    "run",
+    "speed",
+]
 
 log = get_logger(__name__)
+
+DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(512,), gen_tokens=128)
+_VERSIONS = ("llama-cpp-python", "gguf", "numpy")
 
 
 def llama_cpp_forward(model: Any):
@@ -39,37 +55,64 @@ def llama_cpp_forward(model: Any):
     return forward
 
 
+def _prompt_call(model: Any, tokens: list[int]):
+    """pp: the whole prompt in one batch from an empty cache (logits of the last position only)."""
+
+    def call() -> float:
+        model.reset()  # n_tokens = 0: the next eval drops the whole KV cache, untimed
+        start = time.perf_counter()
+        model.eval(tokens)
+        return time.perf_counter() - start
+
+    return call
+
+
+def _generation_call(model: Any, tokens: list[int]):
+    """tg: one token per decode from an empty cache, as llama-bench's tg test."""
+
+    def call() -> float:
+        model.reset()
+        start = time.perf_counter()
+        for token in tokens:
+            model.eval([token])
+        return time.perf_counter() - start
+
+    return call
+
+
 def speed(
-    path: str | Path, *, prompt_tokens: int, gen_tokens: int, repeats: int, n_threads: int
+    original: str | Path, pruned: str | Path, protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL
 ) -> dict[str, Any]:
-    """Median prompt-processing and generation tokens/s of a GGUF in llama.cpp."""
-    rng = np.random.default_rng(0)
-    with llama_cpp_tools.open_model(path, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=n_threads) as model:
-        vocab = model.n_vocab()
-        prompt = rng.integers(10, vocab, size=prompt_tokens).tolist()
-        continuation = rng.integers(10, vocab, size=gen_tokens).tolist()
-        pp, tg = [], []
-        for run_index in range(repeats + 1):  # run 0 warms up caches and is not counted
-            model.reset()
-            start = time.perf_counter()
-            model.eval(prompt)
-            prompt_s = time.perf_counter() - start
-            start = time.perf_counter()
-            for token in continuation:
-                model.eval([token])
-            gen_s = time.perf_counter() - start
-            if run_index:
-                pp.append(prompt_tokens / prompt_s)
-                tg.append(gen_tokens / gen_s)
-    return {
-        "pp_tokens_per_s": statistics.median(pp),
-        "tg_tokens_per_s": statistics.median(tg),
-        "pp_tokens_per_s_runs": pp,
-        "tg_tokens_per_s_runs": tg,
-        "prompt_tokens": prompt_tokens,
-        "gen_tokens": gen_tokens,
-        "repeats": repeats,
+    """The speed protocol on two GGUF files in llama.cpp, with each phase's ideal speed-up."""
+    paths = {"original": Path(original), "pruned": Path(pruned)}
+    threads = protocol.resolved_threads()
+    context = protocol.context
+    with contextlib.ExitStack() as stack:
+        models = {
+            role: stack.enter_context(llama_cpp_tools.open_model(path, n_ctx=context, n_threads=threads))
+            for role, path in paths.items()
+        }
+        vocab = min(model.n_vocab() for model in models.values())
+        ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=context).tolist()
+        calls = {}
+        for role, model in models.items():
+            calls[role] = {
+                name: (_prompt_call if name.startswith("pp") else _generation_call)(model, ids[:tokens])
+                for name, tokens in protocol.phases.items()
+            }
+        result = speed_protocol.run_protocol(calls["original"], calls["pruned"], protocol)
+        # llama.cpp may round the context up (to a multiple of 256); record what it used.
+        actual_ctx = {role: model.n_ctx() for role, model in models.items()}
+    shapes = {role: ModelShape.from_gguf(path) for role, path in paths.items()}
+    ideals = ideal_speedups(shapes["original"], shapes["pruned"], protocol.phases, prompt_head="last")
+    result["settings"] = {
+        "n_ctx_requested": context,
+        "n_ctx": actual_ctx,
+        "n_batch": context,
+        "n_ubatch": context,
+        "n_threads": threads,
     }
+    return speed_protocol.attach_ideal(result, ideals)
 
 
 class _LlamaTokenizer:
@@ -124,28 +167,20 @@ def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str) -> P
     return export_gguf(spec, work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
 
 
-def _measure(path: Path, windows: torch.Tensor, args: dict[str, Any]) -> dict[str, Any]:
+def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
+    """Size, blocks and perplexity of one GGUF over the held-out windows."""
     from validation.gguf_parity import gguf_type_of
     from validation.perplexity import perplexity
 
     f32 = gguf_type_of(path) == "f32"  # f32 weights: keep the KV cache in f32 too, as parity does
     with llama_cpp_tools.open_model(
-        path, n_ctx=windows.shape[1], n_threads=args["n_threads"], logits_all=True, f32_kv_cache=f32
+        path, n_ctx=windows.shape[1], n_threads=n_threads, logits_all=True, f32_kv_cache=f32
     ) as model:
         ppl = perplexity(
             llama_cpp_forward(model), windows, batch_size=1, desc=f"llama.cpp perplexity {path.name}"
         )
     result = {"file": str(path), "size_bytes": path.stat().st_size, "block_count": _block_count(path)}
     result.update(ppl.as_dict())
-    result.update(
-        speed(
-            path,
-            prompt_tokens=args["prompt_tokens"],
-            gen_tokens=args["gen_tokens"],
-            repeats=args["repeats"],
-            n_threads=args["n_threads"],
-        )
-    )
     return result
 
 
@@ -156,10 +191,7 @@ def bench_gguf(
     types: tuple[str, ...] = ("f16", "q4_k_m"),
     eval_tokens: int = 2048,
     window: int = 512,
-    prompt_tokens: int = 128,
-    gen_tokens: int = 32,
-    repeats: int = 3,
-    n_threads: int | None = None,
+    protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
     torch_reference: bool = True,
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -171,14 +203,8 @@ def bench_gguf(
         raise ConfigError(f"--original and --pruned GGUF files have different types: {sorted(file_types)}")
     if file_types:
         types = tuple(file_types)
-    threads = n_threads or llama_cpp_tools.default_threads()
+    threads = protocol.resolved_threads()
     windows = _windows(original, pruned, eval_tokens, window)
-    args = {
-        "n_threads": threads,
-        "prompt_tokens": prompt_tokens,
-        "gen_tokens": gen_tokens,
-        "repeats": repeats,
-    }
     result: dict[str, Any] = {
         "original": str(original),
         "pruned": str(pruned),
@@ -186,6 +212,7 @@ def bench_gguf(
         "window_tokens": window,
         "n_threads": threads,
         "library": llama_cpp_tools.library_info(),
+        "machine": machine_info(*_VERSIONS, threads=threads),
         "torch": {},
         "types": {},
     }
@@ -197,45 +224,28 @@ def bench_gguf(
         folder = Path(work_dir) if work_dir else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         for gguf_type in types:
-            entry: dict[str, Any] = {}
-            for role, spec in (("original", original), ("pruned", pruned)):
-                path = _gguf_file(spec, gguf_type, folder, role)
-                entry[role] = _measure(path, windows, args)
+            paths = {
+                role: _gguf_file(spec, gguf_type, folder, role)
+                for role, spec in (("original", original), ("pruned", pruned))
+            }
+            entry: dict[str, Any] = {role: _quality(path, windows, threads) for role, path in paths.items()}
+            entry["size_ratio"] = entry["pruned"]["size_bytes"] / entry["original"]["size_bytes"]
+            entry["speed"] = speed(paths["original"], paths["pruned"], protocol)
+            for phase, measured in entry["speed"]["phases"].items():
                 log.info(
-                    "%s %s: ppl %.3f, pp %.1f tok/s, tg %.1f tok/s",
+                    "%s %s: x%.2f (ideal x%.2f) over %d rounds",
                     gguf_type,
-                    role,
-                    entry[role]["ppl"],
-                    entry[role]["pp_tokens_per_s"],
-                    entry[role]["tg_tokens_per_s"],
+                    phase,
+                    measured["speedup"]["median"],
+                    measured["ideal"],
+                    entry["speed"]["rounds"],
                 )
-            entry.update(_ratios(entry["original"], entry["pruned"]))
             result["types"][gguf_type] = entry
     return result
 
 
-def _ratios(original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
-    ideal = (
-        original["block_count"] / pruned["block_count"]
-        if original["block_count"] and pruned["block_count"]
-        else None
-    )
-    out: dict[str, Any] = {
-        "ideal_speedup": ideal,
-        "size_ratio": pruned["size_bytes"] / original["size_bytes"],
-    }
-    for key in ("pp", "tg"):
-        speedup = pruned[f"{key}_tokens_per_s"] / original[f"{key}_tokens_per_s"]
-        out[f"{key}_speedup"] = speedup
-        out[f"{key}_fraction_of_ideal"] = speedup / ideal if ideal else None
-    return out
-
-
 def format_table(result: dict[str, Any]) -> str:
-    header = (
-        f"{'type':<7} {'model':<9} {'blocks':>6} {'MiB':>7} {'ppl':>9} {'torch ppl':>9} "
-        f"{'pp tok/s':>9} {'tg tok/s':>9}"
-    )
+    header = f"{'type':<7} {'model':<9} {'blocks':>6} {'MiB':>7} {'ppl':>9} {'torch ppl':>9}"
     lines = [
         f"{result['windows']} windows x {result['window_tokens']} tokens, {result['n_threads']} threads",
         header,
@@ -248,15 +258,10 @@ def format_table(result: dict[str, Any]) -> str:
             torch_text = "-" if torch_ppl is None else f"{torch_ppl:.3f}"
             lines.append(
                 f"{gguf_type:<7} {role:<9} {r['block_count'] or '?':>6} {r['size_bytes'] / 2**20:>7.1f} "
-                f"{r['ppl']:>9.3f} {torch_text:>9} {r['pp_tokens_per_s']:>9.1f} {r['tg_tokens_per_s']:>9.1f}"
+                f"{r['ppl']:>9.3f} {torch_text:>9}"
             )
-        ideal = entry["ideal_speedup"]
-        lines.append(
-            f"{gguf_type:<7} speedup   pp x{entry['pp_speedup']:.2f}  tg x{entry['tg_speedup']:.2f}  "
-            f"(ideal x{ideal:.2f}: {entry['pp_fraction_of_ideal']:.0%} / {entry['tg_fraction_of_ideal']:.0%})"
-            if ideal
-            else f"{gguf_type:<7} speedup   pp x{entry['pp_speedup']:.2f}  tg x{entry['tg_speedup']:.2f}"
-        )
+    for gguf_type, entry in result["types"].items():
+        lines += ["", f"{gguf_type} speed:", *speed_protocol.format_phases(entry["speed"])]
     return "\n".join(lines)
 
 
@@ -274,17 +279,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)"
     )
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
-    parser.add_argument(
-        "--prompt-tokens", type=int, default=128, help="prompt length for speed (default 128)"
-    )
-    parser.add_argument("--gen-tokens", type=int, default=32, help="generated tokens for speed (default 32)")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch perplexity reference")
     parser.add_argument("--work-dir", help="keep the exported GGUFs here (default: a temporary folder)")
     parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    speed_protocol.add_arguments(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,18 +296,13 @@ def run(args: argparse.Namespace) -> int:
         spec = getattr(args, role)
         if not (Path(spec).is_file() if _is_gguf(spec) else (Path(spec) / "config.json").is_file()):
             raise ConfigError(f"--{role} {spec} is neither a .gguf file nor an HF checkpoint directory")
-    if args.repeats < 1 or args.prompt_tokens < 1 or args.gen_tokens < 1:
-        raise ConfigError("--repeats, --prompt-tokens and --gen-tokens must be >= 1")
     result = bench_gguf(
         args.original,
         args.pruned,
         types=types,
         eval_tokens=args.eval_tokens,
         window=args.window,
-        prompt_tokens=args.prompt_tokens,
-        gen_tokens=args.gen_tokens,
-        repeats=args.repeats,
-        n_threads=args.threads,
+        protocol=speed_protocol.protocol_from_args(args),
         torch_reference=not args.no_torch,
         work_dir=args.work_dir,
     )

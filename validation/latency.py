@@ -1,8 +1,8 @@
-"""Timing helpers shared by the benchmarks: warm-up runs, then N timed runs, median and p90.
+"""The machine a speed number was measured on: CPU model and flags, cores, threads, load, versions.
 
-Every timing result is reported together with the machine it was measured on
-(``hardware_info``), because a latency number without its CPU, thread count and runtime
-versions cannot be compared with anything.
+A tokens/s figure without its CPU, its SIMD flags, the thread count and the library versions
+cannot be compared with anything, so every benchmark stores ``machine_info`` beside its numbers.
+The load average before and after a measurement says whether the machine was quiet.
 """
 
 from __future__ import annotations
@@ -10,89 +10,82 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from rmexport.errors import ConfigError
+__all__ = ["SIMD_FLAGS", "cpu_flags", "load_average", "machine_info", "package_versions", "usable_cores"]
 
-__all__ = ["Timing", "time_runs", "time_interleaved", "hardware_info", "package_versions"]
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Wall-clock seconds of each timed run (warm-up runs excluded)."""
-
-    samples_s: tuple[float, ...]
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.samples_s)
-
-    @property
-    def p90_s(self) -> float:
-        ordered = sorted(self.samples_s)
-        # Nearest-rank p90: the smallest sample with at least 90 % of the samples at or below it.
-        rank = max(1, -(-9 * len(ordered) // 10))
-        return ordered[rank - 1]
-
-    def as_dict(self, prefix: str = "latency") -> dict[str, Any]:
-        return {
-            f"{prefix}_ms_p50": self.median_s * 1e3,
-            f"{prefix}_ms_p90": self.p90_s * 1e3,
-            f"{prefix}_ms_min": min(self.samples_s) * 1e3,
-            "runs": len(self.samples_s),
-        }
+# The /proc/cpuinfo flags that decide which kernels llama.cpp and onnxruntime pick (x86, then Arm).
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+)
 
 
-def time_runs(fn: Callable[[], Any], *, runs: int = 5, warmup: int = 1) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed (perf_counter)."""
-    if runs < 1 or warmup < 0:
-        raise ConfigError(f"need runs >= 1 and warmup >= 0, got runs={runs} warmup={warmup}")
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return Timing(tuple(samples))
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], *, runs: int = 5, warmup: int = 1, self_timed: bool = False
-) -> dict[str, Timing]:
-    """Time several functions round-robin (a, b, a, b, ...) so that they share the machine's state.
-
-    On a shared or throttling CPU the load drifts over minutes; timing one model after the other
-    would charge that drift to the comparison. With ``self_timed`` each function returns the
-    seconds to record itself (e.g. the decode steps only, without the prefill before them).
-    """
-    if runs < 1 or warmup < 0:
-        raise ConfigError(f"need runs >= 1 and warmup >= 0, got runs={runs} warmup={warmup}")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            value = fn()
-            samples[name].append(float(value) if self_timed else time.perf_counter() - start)
-    return {name: Timing(tuple(values)) for name, values in samples.items()}
-
-
-def _cpu_model() -> str:
+def _cpuinfo() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return f.read().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return []
+
+
+def _field(lines: list[str], *names: str) -> str | None:
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in names:
+            return value.strip()
+    return None
+
+
+def cpu_flags(lines: list[str] | None = None) -> list[str]:
+    """The SIMD flags of ``SIMD_FLAGS`` that the first CPU reports, in that order."""
+    lines = _cpuinfo() if lines is None else lines
+    present = set((_field(lines, "flags", "Features") or "").split())
+    return [flag for flag in SIMD_FLAGS if flag in present]
+
+
+def _physical_cores(lines: list[str]) -> int | None:
+    cores, package = set(), "0"
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            package = value.strip()
+        elif key.strip() == "core id":
+            cores.add((package, value.strip()))
+    return len(cores) or None
+
+
+def usable_cores() -> int:
+    """Logical CPUs this process may run on (its affinity mask), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """1-, 5- and 15-minute load averages, or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _memory_gib() -> float | None:
@@ -116,12 +109,18 @@ def package_versions(*names: str) -> dict[str, str | None]:
     return versions
 
 
-def hardware_info(*packages: str) -> dict[str, Any]:
-    """CPU, cores, memory, OS and the versions of ``packages`` (installed distribution names)."""
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+def machine_info(*packages: str, threads: int | None = None) -> dict[str, Any]:
+    """CPU model and SIMD flags, cores, the threads a benchmark used, memory, OS and versions."""
+    lines = _cpuinfo()
     return {
-        "cpu": _cpu_model(),
-        "cpu_count": len(cores) if cores is not None else os.cpu_count(),
+        "cpu": _field(lines, "model name", "Model name", "Hardware")
+        or platform.processor()
+        or platform.machine(),
+        "cpu_flags": cpu_flags(lines),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": _physical_cores(lines),
+        "usable_cores": usable_cores(),
+        "threads": threads,
         "memory_gib": _memory_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -1,20 +1,22 @@
-"""Original vs pruned ONNX exports in onnxruntime: held-out perplexity, prefill latency, decode speed.
+"""Original vs pruned ONNX exports in onnxruntime: held-out perplexity and speed.
 
 - Perplexity: ``validation.perplexity.perplexity`` over ``heldout_windows`` (the same windows and
   the same computation as the PyTorch and llama.cpp numbers), logits from the plain session.
-- Prefill: one forward over a 128- and a 512-token held-out prompt, batch 1, empty cache.
-- Decode: batch 1, a short held-out prompt, then ``new_tokens`` single-token steps through
-  the KV cache with IO binding (the cache stays in onnxruntime buffers); tokens/s of the steps.
-Each latency is the median (and p90) of ``runs`` timed runs after ``warmup`` untimed ones, taken
-round-robin between the two models so that load drift on a shared CPU hits both alike.
-Depth pruning removes whole blocks, so the ideal speed-up is L/N (blocks before/after); the
-embedding, final norm and LM head do not shrink, so the measured speed-up stays below it.
+- Speed: ``validation.speed``'s protocol, the same as in llama.cpp: prefill of 128 and 512
+  tokens (batch 1, empty cache) and generation of 128 tokens one at a time from an empty cache
+  through the KV cache with IO binding (the cache stays in onnxruntime buffers); original and
+  pruned sessions are created once, with the same threads, and alternate round by round until
+  the median speed-up settles.
+- Ideal: the FLOP ratio of what the graph computes in each phase (``validation.flops``). An
+  exported graph that returns logits for every position runs the LM head on the whole prompt,
+  so its prefill ideal is below L/N, like generation's.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,62 +25,69 @@ import numpy as np
 from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ModelLoadError
 
-from .latency import hardware_info, time_interleaved
+from . import speed as speed_protocol
+from .flops import ModelShape, ideal_speedups
+from .latency import machine_info
 
-__all__ = ["bench_onnx", "add_arguments", "run"]
+__all__ = ["DEFAULT_PROTOCOL", "add_arguments", "bench_onnx", "format_table", "run"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_TOKENS = 4096
-DEFAULT_PREFILL_LENGTHS = (128, 512)
-DEFAULT_NEW_TOKENS = 128
-DECODE_PROMPT_TOKENS = 16
+DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(128, 512), gen_tokens=128)
 _VERSIONS = ("onnxruntime", "onnxruntime-gpu", "onnx", "optimum-onnx", "torch", "transformers", "numpy")
 
 
-def _prompt(windows: Any, length: int) -> np.ndarray:
-    """The first ``length`` held-out tokens (BOS first), taken across windows if needed."""
-    flat = np.concatenate([windows[0].numpy(), windows[1:, 1:].reshape(-1).numpy()])
-    if len(flat) < length:
-        raise ConfigError(
-            f"need {length} held-out tokens for the prefill prompt; --eval-tokens gives {len(flat)}"
-        )
-    return flat[:length]
+def _prompt_call(decoder: Any, ids: np.ndarray):
+    def call() -> float:
+        start = time.perf_counter()
+        decoder.prefill(ids)
+        return time.perf_counter() - start
+
+    return call
 
 
-def _latencies(
-    decoders: dict[str, Any],
-    windows: Any,
-    *,
-    prefill_lengths: tuple[int, ...],
-    new_tokens: int,
-    runs: int,
-    warmup: int,
-) -> dict[str, dict[str, Any]]:
-    """Prefill and decode timings of every model, measured round-robin between the models."""
-    results: dict[str, dict[str, Any]] = {name: {"prefill": {}} for name in decoders}
-    for length in prefill_lengths:
-        prompt = _prompt(windows, length)
-        fns = {name: (lambda d=d, p=prompt: d.prefill(p)) for name, d in decoders.items()}
-        for name, timing in time_interleaved(fns, runs=runs, warmup=warmup).items():
-            results[name]["prefill"][str(length)] = {
-                **timing.as_dict("latency"),
-                "tokens_per_s": length / timing.median_s,
-            }
-    prompt = _prompt(windows, DECODE_PROMPT_TOKENS)
-    fns = {name: (lambda d=d: d.greedy_timed(prompt, new_tokens)[1]) for name, d in decoders.items()}
-    for name, timing in time_interleaved(fns, runs=runs, warmup=warmup, self_timed=True).items():
-        results[name]["decode"] = {
-            "prompt_tokens": DECODE_PROMPT_TOKENS,
-            "new_tokens": new_tokens,
-            "batch_size": 1,
-            "io_binding": True,
-            "latency_ms_per_token_p50": timing.median_s / new_tokens * 1e3,
-            "tokens_per_s": new_tokens / timing.median_s,
-            "tokens_per_s_runs": [new_tokens / s for s in timing.samples_s],
-            "runs": runs,
+def _generation_call(decoder: Any, first: int, tokens: int):
+    """``tokens`` single-token steps from an empty cache: the first token, then tokens - 1 decodes."""
+
+    def call() -> float:
+        first_s, rest_s = decoder.greedy_timed([first], tokens - 1)
+        return first_s + rest_s
+
+    return call
+
+
+def _head_positions(decoder: Any, ids: np.ndarray) -> str:
+    """``all`` when the graph returns logits for every position of a prompt, else ``last``."""
+    return "all" if decoder.forward(ids[None, :2]).shape[1] == 2 else "last"
+
+
+def speed(decoders: dict[str, Any], protocol: speed_protocol.SpeedProtocol) -> dict[str, Any]:
+    """The speed protocol on two loaded ``OrtDecoder``s, with each phase's ideal speed-up."""
+    vocab = min(int(d.config["vocab_size"]) for d in decoders.values())
+    ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=protocol.context, dtype=np.int64)
+    calls = {}
+    for role, decoder in decoders.items():
+        calls[role] = {
+            name: _prompt_call(decoder, ids[:tokens])
+            if name.startswith("pp")
+            else _generation_call(decoder, int(ids[0]), tokens)
+            for name, tokens in protocol.phases.items()
         }
-    return results
+    result = speed_protocol.run_protocol(calls["original"], calls["pruned"], protocol)
+    heads = {role: _head_positions(d, ids) for role, d in decoders.items()}
+    if heads["original"] != heads["pruned"]:
+        raise ConfigError(
+            f"the original graph computes logits for the {heads['original']} position(s), "
+            f"the pruned one for the {heads['pruned']}",
+            hint="export both with the same flavor",
+        )
+    shapes = {role: ModelShape.from_config(d.config) for role, d in decoders.items()}
+    ideals = ideal_speedups(
+        shapes["original"], shapes["pruned"], protocol.phases, prompt_head=heads["original"]
+    )
+    result["settings"] = {"intra_op_threads": protocol.resolved_threads(), "io_binding": True, "batch": 1}
+    return speed_protocol.attach_ideal(result, ideals)
 
 
 def _windows(onnx_dir: Path, eval_tokens: int, window: int):
@@ -97,15 +106,9 @@ def bench_onnx(
     *,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int = 512,
-    prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
-    runs: int = 5,
-    warmup: int = 1,
-    threads: int = 0,
+    protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
 ) -> dict[str, Any]:
-    """Perplexity and speed of two ONNX exports side by side, with speed-ups against L/N."""
-    if runs < 1 or new_tokens < 1 or not prefill_lengths:
-        raise ConfigError("need --runs >= 1, --new-tokens >= 1 and at least one prefill length")
+    """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal."""
     original_dir, pruned_dir = Path(original_dir), Path(pruned_dir)
     for path in (original_dir, pruned_dir):
         if not (path / "model.onnx").is_file():
@@ -121,6 +124,7 @@ def bench_onnx(
     from .ort_decoder import OrtDecoder
     from .perplexity import perplexity
 
+    threads = protocol.resolved_threads()
     paths = {"original": original_dir, "pruned": pruned_dir}
     decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
     models: dict[str, dict[str, Any]] = {}
@@ -134,79 +138,36 @@ def bench_onnx(
             "size_bytes": sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
             **ppl.as_dict(),
         }
-    options = dict(prefill_lengths=tuple(prefill_lengths), new_tokens=new_tokens, runs=runs, warmup=warmup)
-    timings = _latencies(decoders, windows, **options)
-    for name in models:
-        models[name].update(timings[name])
     original, pruned = models["original"], models["pruned"]
-    ideal = original["num_hidden_layers"] / pruned["num_hidden_layers"]
-    speedup: dict[str, float] = {"ideal_layers_ratio": ideal}
-    for length in prefill_lengths:
-        key = str(length)
-        speedup[f"prefill_{key}"] = (
-            original["prefill"][key]["latency_ms_p50"] / pruned["prefill"][key]["latency_ms_p50"]
-        )
-    speedup["decode"] = pruned["decode"]["tokens_per_s"] / original["decode"]["tokens_per_s"]
     return {
         "backend": "onnxruntime",
         "eval": {"source": "builtin", "tokens": int(original["tokens"]), "window": window},
-        "threads": threads or "onnxruntime default",
-        "hardware": hardware_info(*_VERSIONS),
+        "threads": threads,
+        "machine": machine_info(*_VERSIONS, threads=threads),
         "models": models,
         "ppl_ratio": pruned["ppl"] / original["ppl"],
-        "speedup": speedup,
+        "size_ratio": pruned["size_bytes"] / original["size_bytes"],
+        "speed": speed(decoders, protocol),
     }
 
 
-def _table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    original, pruned, speed = result["models"]["original"], result["models"]["pruned"], result["speedup"]
-    rows = [
-        (
-            "blocks",
-            str(original["num_hidden_layers"]),
-            str(pruned["num_hidden_layers"]),
-            f"ideal L/N = {speed['ideal_layers_ratio']:.3f}",
-        ),
-        (
-            f"perplexity ({original['tokens']} tokens)",
-            f"{original['ppl']:.3f}",
-            f"{pruned['ppl']:.3f}",
-            f"x{result['ppl_ratio']:.3f}",
-        ),
+def format_table(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    lines = [
+        f"onnxruntime {machine['versions'].get('onnxruntime')} on {machine['cpu']} "
+        f"({machine['usable_cores']} cores, {result['threads']} threads)",
+        f"{'model':<9} {'blocks':>6} {'MiB':>8} {'perplexity':>11}",
     ]
-    for key in original["prefill"]:
-        rows.append(
-            (
-                f"prefill {key} tokens, ms (p50)",
-                f"{original['prefill'][key]['latency_ms_p50']:.1f}",
-                f"{pruned['prefill'][key]['latency_ms_p50']:.1f}",
-                f"speed-up {speed[f'prefill_{key}']:.3f}",
-            )
+    for role, m in result["models"].items():
+        lines.append(
+            f"{role:<9} {m['num_hidden_layers']:>6} {m['size_bytes'] / 2**20:>8.1f} {m['ppl']:>11.3f}"
         )
-    rows.append(
-        (
-            f"decode {original['decode']['new_tokens']} tokens, tok/s",
-            f"{original['decode']['tokens_per_s']:.1f}",
-            f"{pruned['decode']['tokens_per_s']:.1f}",
-            f"speed-up {speed['decode']:.3f}",
-        )
-    )
-    return rows
-
-
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    hw = result["hardware"]
-    table = Table(
-        title=f"onnxruntime {hw['versions'].get('onnxruntime')} on {hw['cpu']} ({hw['cpu_count']} cores)"
-    )
-    for column in ("", "original", "pruned", "pruned vs original"):
-        table.add_column(column)
-    for row in _table_rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    lines += [
+        f"perplexity ratio x{result['ppl_ratio']:.3f}",
+        "",
+        *speed_protocol.format_phases(result["speed"]),
+    ]
+    return "\n".join(lines)
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -217,11 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens for PPL"
     )
     parser.add_argument("--window", type=int, default=512, help="perplexity window")
-    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help="decode steps to time")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
     parser.add_argument("--json", help="write the result to this JSON file")
+    speed_protocol.add_arguments(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,12 +188,9 @@ def run(args: argparse.Namespace) -> int:
         args.pruned,
         eval_tokens=args.eval_tokens,
         window=args.window,
-        new_tokens=args.new_tokens,
-        runs=args.runs,
-        warmup=args.warmup,
-        threads=args.threads,
+        protocol=speed_protocol.protocol_from_args(args),
     )
-    print_table(result)
+    print(format_table(result))
     if args.json:
         write_json(args.json, result)
     return 0

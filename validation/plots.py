@@ -1,7 +1,12 @@
-"""Plots for the report: the cut-selection profile, and original-vs-pruned bars per runtime."""
+"""Plots for the report: the cut-selection profile, and original-vs-pruned bars per runtime.
+
+Each function writes its PNG whole (into a temporary sibling, then renamed) and returns its path.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def plot_selection_profile(prune_record: dict[str, Any], path: Path) -> Path:
@@ -53,10 +71,7 @@ def plot_selection_profile(prune_record: dict[str, Any], path: Path) -> Path:
         f"{prune_record['model']['spec']}: where to cut {prune_record['n']} of {prune_record['L']} blocks"
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], path: Path) -> Path:
@@ -75,28 +90,39 @@ def plot_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], path
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_speedups(speedups: dict[str, float], ideal: float | None, path: Path) -> Path:
-    """Pruned-over-original speed per runtime and phase, against the ideal L/N."""
+def plot_speedups(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Measured speed-up per runtime, type and phase (median, min–max bar), each against its ideal.
+
+    ``rows``: ``label``, ``median``, ``min``, ``max``, ``ideal`` (None when unknown).
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(speedups)), 3.8))
-    labels = list(speedups)
-    bars = ax.bar(range(len(labels)), [speedups[k] for k in labels], color="tab:orange")
-    ax.bar_label(bars, fmt="×%.2f", fontsize=8)
-    if ideal:
-        ax.axhline(ideal, color="tab:green", linestyle="--", label=f"ideal L/N = ×{ideal:.2f}")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    xs = range(len(rows))
+    medians = [r["median"] for r in rows]
+    errors = [[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]]
+    colors = ["tab:red" if m < 1 else "tab:orange" for m in medians]
+    bars = ax.bar(xs, medians, color=colors, yerr=errors, capsize=4, label="measured (median, min–max)")
+    ax.bar_label(bars, labels=[f"×{m:.2f}" for m in medians], fontsize=8, label_type="center")
+    ideal_x = [x for x, r in zip(xs, rows, strict=True) if r.get("ideal")]
+    ax.scatter(
+        ideal_x,
+        [r["ideal"] for r in rows if r.get("ideal")],
+        marker="_",
+        s=900,
+        linewidths=2.5,
+        color="tab:green",
+        zorder=3,
+        label="ideal (FLOPs of the phase)",
+    )
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("pruned / original speed")
     ax.set_title("Speed-up of the pruned model (higher is better)")
-    ax.legend(fontsize=8)
+    top = max([r["max"] for r in rows] + [r["ideal"] or 0 for r in rows] + [1.0])
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

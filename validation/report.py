@@ -9,7 +9,7 @@ from typing import Any
 
 from .plots import plot_bars, plot_selection_profile, plot_speedups
 
-__all__ = ["print_summary", "runtime_rows", "write_report"]
+__all__ = ["machines", "print_summary", "runtime_rows", "speed_check", "speed_rows", "write_report"]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -67,70 +67,109 @@ def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def runtime_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per runtime × model: blocks, perplexity and speed, from the benchmark outputs."""
-    rows: list[dict[str, Any]] = []
+def _bench_entries(outputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(runtime, type, models by role, speed result) for every benchmarked runtime and type."""
+    entries = []
     onnx = outputs.get("onnx_bench")
     if onnx:
-        for role in ("original", "pruned"):
-            m = _get(onnx, "models", role) or {}
-            rows.append(
-                {
-                    "runtime": "onnxruntime",
-                    "type": "fp32",
-                    "model": role,
-                    "blocks": m.get("num_hidden_layers"),
-                    "ppl": m.get("ppl"),
-                    "prefill_128_ms": _get(m, "prefill", "128", "latency_ms_p50"),
-                    "prefill_512_ms": _get(m, "prefill", "512", "latency_ms_p50"),
-                    "prompt_tokens_per_s": _get(m, "prefill", "512", "tokens_per_s"),
-                    "decode_tokens_per_s": _get(m, "decode", "tokens_per_s"),
-                    "size_mib": m["size_bytes"] / 2**20 if m.get("size_bytes") else None,
-                }
-            )
+        entries.append(("onnxruntime", "fp32", onnx.get("models") or {}, onnx.get("speed") or {}))
     for gguf_type, result in (outputs.get("gguf_bench") or {}).items():
         entry = _get(result, "types", gguf_type) or {}
+        models = {role: entry.get(role) or {} for role in ("original", "pruned")}
+        entries.append(("llama.cpp", gguf_type, models, entry.get("speed") or {}))
+    return entries
+
+
+def _phase_median(speed: dict[str, Any], role: str, kind: str) -> float | None:
+    """Median tokens/s of ``role`` in the longest phase of ``kind`` (prompt or generation)."""
+    phases = [e for e in (speed.get("phases") or {}).values() if e.get("kind") == kind]
+    if not phases:
+        return None
+    longest = max(phases, key=lambda e: e["tokens"])
+    return _get(longest, role, "tokens_per_s", "median")
+
+
+def runtime_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per runtime × type × model: blocks, size, perplexity and median speeds."""
+    rows: list[dict[str, Any]] = []
+    for runtime, kind, models, speed in _bench_entries(outputs):
         for role in ("original", "pruned"):
-            m = entry.get(role) or {}
+            m = models.get(role) or {}
             rows.append(
                 {
-                    "runtime": "llama.cpp",
-                    "type": gguf_type,
+                    "runtime": runtime,
+                    "type": kind,
                     "model": role,
-                    "blocks": m.get("block_count"),
+                    "blocks": m.get("num_hidden_layers", m.get("block_count")),
                     "ppl": m.get("ppl"),
-                    "prefill_128_ms": None,
-                    "prefill_512_ms": None,
-                    "prompt_tokens_per_s": m.get("pp_tokens_per_s"),
-                    "decode_tokens_per_s": m.get("tg_tokens_per_s"),
+                    "prompt_tokens_per_s": _phase_median(speed, role, "prompt"),
+                    "decode_tokens_per_s": _phase_median(speed, role, "generation"),
                     "size_mib": m["size_bytes"] / 2**20 if m.get("size_bytes") else None,
                 }
             )
     return rows
 
 
-def _speedups(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    out = []
+def speed_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per runtime × type × phase: ideal, measured median speed-up, measured/ideal, spread."""
+    rows = []
+    for runtime, kind, _models, speed in _bench_entries(outputs):
+        for phase, e in (speed.get("phases") or {}).items():
+            s = e["speedup"]
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "type": kind,
+                    "phase": phase,
+                    "kind": e["kind"],
+                    "original_tokens_per_s": e["original"]["tokens_per_s"]["median"],
+                    "pruned_tokens_per_s": e["pruned"]["tokens_per_s"]["median"],
+                    "ideal": e.get("ideal"),
+                    "measured": s["median"],
+                    "measured_min": s["min"],
+                    "measured_max": s["max"],
+                    "measured_q1": s["q1"],
+                    "measured_q3": s["q3"],
+                    "measured_over_ideal": e.get("measured_over_ideal"),
+                    "rounds": speed.get("rounds"),
+                    "settled": speed.get("settled"),
+                    "slower_than_original": s["median"] < 1.0,
+                    "above_ideal": bool(e.get("ideal")) and s["median"] > e["ideal"],
+                }
+            )
+    return rows
+
+
+def speed_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Failed when any phase of any runtime has the pruned model slower than its original."""
+    slower = [f"{r['runtime']} {r['type']} {r['phase']}" for r in rows if r["slower_than_original"]]
+    return {"passed": not slower, "slower_than_original": slower}
+
+
+def machines(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The machine record of each runtime's benchmark."""
+    out = {}
+    if _get(outputs, "onnx_bench", "machine"):
+        out["onnxruntime"] = outputs["onnx_bench"]["machine"]
+    for gguf_type, result in (outputs.get("gguf_bench") or {}).items():
+        if result.get("machine"):
+            out[f"llama.cpp {gguf_type}"] = result["machine"] | {"llama_cpp": result.get("library")}
+    return out
+
+
+def _quality_ratios(rows: list[dict[str, Any]]) -> list[list[Any]]:
     keyed = {(r["runtime"], r["type"], r["model"]): r for r in rows}
+    out = []
     for (runtime, kind, model), pruned in keyed.items():
-        if model != "pruned" or (runtime, kind, "original") not in keyed:
+        original = keyed.get((runtime, kind, "original"))
+        if model != "pruned" or original is None:
             continue
-        original = keyed[(runtime, kind, "original")]
-        ideal = original["blocks"] / pruned["blocks"] if original["blocks"] and pruned["blocks"] else None
 
         def ratio(key: str, original=original, pruned=pruned) -> float | None:
             a, b = original.get(key), pruned.get(key)
             return b / a if a and b else None
 
-        out.append(
-            [
-                f"{runtime} {kind}",
-                ratio("prompt_tokens_per_s"),
-                ratio("decode_tokens_per_s"),
-                ideal,
-                ratio("ppl"),
-            ]
-        )
+        out.append([runtime, kind, ratio("size_mib"), ratio("ppl")])
     return out
 
 
@@ -140,6 +179,41 @@ def _passed(section: Any) -> bool:
             return False
         return all(_passed(v) for v in section.values() if isinstance(v, dict))
     return True
+
+
+def _plots(run_dir: Path, prune: dict[str, Any], rows: list[dict], speed: list[dict]) -> dict[str, str]:
+    """Write every plot; returns name -> path relative to ``run_dir`` of each file written."""
+    plots = run_dir / "plots"
+    written = {"selection": plot_selection_profile(prune, plots / "selection.png")}
+    quality = prune["quality"]
+    ppl_groups = {
+        "PyTorch": {
+            "original": quality["ppl_original"],
+            "plain removal": quality["ppl_plain_removal"],
+            "pruned": quality["ppl_pruned"],
+        }
+    }
+    for row in rows:
+        if row["ppl"] is not None:
+            ppl_groups.setdefault(f"{row['runtime']} {row['type']}", {})[row["model"]] = row["ppl"]
+    written["perplexity"] = plot_bars(
+        "Held-out perplexity (lower is better)", "perplexity", ppl_groups, plots / "perplexity.png"
+    )
+    if speed:
+        written["speed"] = plot_speedups(
+            [
+                {
+                    "label": f"{r['runtime']} {r['type']} {r['phase']}",
+                    "median": r["measured"],
+                    "min": r["measured_min"],
+                    "max": r["measured_max"],
+                    "ideal": r["ideal"],
+                }
+                for r in speed
+            ],
+            plots / "speed.png",
+        )
+    return {name: path.relative_to(run_dir).as_posix() for name, path in written.items() if path.is_file()}
 
 
 def write_report(
@@ -152,6 +226,8 @@ def write_report(
 ) -> dict[str, Any]:
     checks = {k: v for k, v in outputs.items() if k.endswith("parity")}
     rows = runtime_rows(outputs)
+    speed = speed_rows(outputs)
+    speed_checks = speed_check(speed)
     report = {
         "model": prune["model"],
         "ratio": prune["ratio"],
@@ -163,42 +239,110 @@ def write_report(
             for key in ("quality", "fold_parity", "calibration", "evaluation", "solver", "selection")
         },
         "runtimes": rows,
+        "speed": speed,
+        "speed_checks": speed_checks,
+        "machines": machines(outputs),
         **outputs,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "reused_stages": reused,
         "wall_s": round(wall_s, 1),
         "all_checks_passed": bool(
-            prune["fold_parity"]["passed"] and all(_passed(v) for v in checks.values())
+            prune["fold_parity"]["passed"]
+            and all(_passed(v) for v in checks.values())
+            and speed_checks["passed"]
         ),
     }
-    plots = run_dir / "plots"
-    plot_selection_profile(prune, plots / "selection.png")
-    quality = prune["quality"]
-    ppl_groups = {
-        "PyTorch": {
-            "original": quality["ppl_original"],
-            "plain removal": quality["ppl_plain_removal"],
-            "pruned": quality["ppl_pruned"],
-        }
-    }
-    for row in rows:
-        if row["ppl"] is not None:
-            ppl_groups.setdefault(f"{row['runtime']} {row['type']}", {})[row["model"]] = row["ppl"]
-    plot_bars("Held-out perplexity (lower is better)", "perplexity", ppl_groups, plots / "perplexity.png")
-    speedups = {}
-    for label, prompt, decode, _ideal, _ppl in _speedups(rows):
-        if prompt:
-            speedups[f"{label} prompt"] = prompt
-        if decode:
-            speedups[f"{label} decode"] = decode
-    if speedups:
-        plot_speedups(speedups, prune["L"] / prune["N"], plots / "speed.png")
+    images = _plots(run_dir, prune, rows, speed)
+    report["plots"] = images
     _write(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, bool(speedups)))
+    _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, images))
     return report
 
 
-def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_speed: bool) -> str:
+def _image(images: dict[str, str], name: str, alt: str) -> list[str]:
+    """A Markdown image link, only for a plot that was written."""
+    return [f"![{alt}]({images[name]})", ""] if name in images else []
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"×{value:.2f}"
+
+
+def _speed_section(report: dict) -> list[str]:
+    speed = report["speed"]
+    if not speed:
+        return []
+    table = []
+    for r in speed:
+        flag = (
+            "**slower than original**"
+            if r["slower_than_original"]
+            else ("above ideal" if r["above_ideal"] else "")
+        )
+        table.append(
+            [
+                r["runtime"],
+                r["type"],
+                r["phase"],
+                r["original_tokens_per_s"],
+                r["pruned_tokens_per_s"],
+                _x(r["ideal"]),
+                _x(r["measured"]),
+                "–" if r["measured_over_ideal"] is None else f"{r['measured_over_ideal']:.0%}",
+                f"{_x(r['measured_min'])}–{_x(r['measured_max'])} "
+                f"(IQR {_x(r['measured_q1'])}–{_x(r['measured_q3'])})",
+                f"{r['rounds']}{'' if r['settled'] else ' (not settled)'}",
+                flag,
+            ]
+        )
+    lines = [
+        "## Speed",
+        "",
+        "Measured like llama-bench: pp*N* processes an *N*-token prompt from an empty cache, tg*N* "
+        "generates *N* tokens one at a time from an empty cache. Both models are loaded once; after a "
+        "warm-up, original and pruned alternate (A B A B …) with the same threads, context and batch, "
+        "round after round until the median speed-up stops moving. Each round's speed-up is the ratio of "
+        "two adjacent runs; the table gives their median and spread.",
+        "",
+        "The ideal is the ratio of the FLOPs each phase really computes, from the config: the blocks "
+        "(projections, MLP, attention over the context the phase has), plus the LM head for every "
+        "generated token, and for prompts once (llama.cpp: last position only) or for every position "
+        "(an ONNX graph that returns all logits). The embedding is a lookup. So generation's ideal is "
+        "below L/N = "
+        f"{report['L']}/{report['N']} = {report['L'] / report['N']:.2f}, prompt processing's close to it.",
+        "",
+        _table(
+            [
+                "runtime",
+                "type",
+                "phase",
+                "original tok/s",
+                "pruned tok/s",
+                "ideal",
+                "measured (median)",
+                "measured / ideal",
+                "spread (min–max)",
+                "rounds",
+                "flag",
+            ],
+            table,
+        ),
+        "",
+    ]
+    slower = report["speed_checks"]["slower_than_original"]
+    if slower:
+        lines += [f"**The pruned model was measured slower than its original in: {', '.join(slower)}.**", ""]
+    for name, m in report["machines"].items():
+        versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+        lines.append(
+            f"- {name}: {m.get('cpu')}, {m.get('usable_cores')} usable cores "
+            f"({m.get('physical_cores')} physical), {m.get('threads')} threads, "
+            f"flags {' '.join(m.get('cpu_flags') or []) or 'none found'}; {versions}"
+        )
+    return [*lines, ""]
+
+
+def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images: dict[str, str]) -> str:
     q = prune["quality"]
     lines = [
         f"# {prune['model']['spec']}: {prune['L']} → {prune['N']} blocks",
@@ -221,8 +365,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_sp
         f"- calibration: {cal['documents']} documents of `{cal['source']}` packed={cal['packed']}, "
         f"{cal['tokens']} tokens (sha256 {cal['sha256']})",
         "",
-        "![selection profile](plots/selection.png)",
-        "",
+        *_image(images, "selection", "selection profile"),
         "## Quality",
         "",
         f"Held-out perplexity over {prune['evaluation']['tokens']} tokens of "
@@ -241,8 +384,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_sp
         f"Fold parity (folded weights vs the map applied explicitly): max |Δlogit| "
         f"{prune['fold_parity']['max_abs_logit_diff']:.2e}, tolerance {prune['fold_parity']['atol']:.2e}.",
         "",
-        "![perplexity](plots/perplexity.png)",
-        "",
+        *_image(images, "perplexity", "perplexity"),
     ]
     parity = parity_rows(outputs)
     if parity:
@@ -275,10 +417,8 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_sp
                     "blocks",
                     "size MiB",
                     "perplexity",
-                    "prefill 128 ms",
-                    "prefill 512 ms",
-                    "prompt tok/s",
-                    "decode tok/s",
+                    "prompt tok/s (median)",
+                    "decode tok/s (median)",
                 ],
                 [
                     [
@@ -288,8 +428,6 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_sp
                         r["blocks"],
                         r["size_mib"],
                         r["ppl"],
-                        r["prefill_128_ms"],
-                        r["prefill_512_ms"],
                         r["prompt_tokens_per_s"],
                         r["decode_tokens_per_s"],
                     ]
@@ -297,14 +435,11 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], has_sp
                 ],
             ),
             "",
-            _table(
-                ["runtime", "prompt speed-up", "decode speed-up", "ideal (L/N)", "perplexity ratio"],
-                _speedups(rows),
-            ),
+            _table(["runtime", "type", "size ratio", "perplexity ratio"], _quality_ratios(rows)),
             "",
         ]
-    if has_speed:
-        lines += ["![speed](plots/speed.png)", ""]
+    lines += _speed_section(report)
+    lines += _image(images, "speed", "speed")
     lines += [
         "## Time per stage",
         "",
@@ -363,5 +498,20 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
             pair("decode_tokens_per_s"),
         )
     console.print(results)
+    if report.get("speed"):
+        speed = Table(title="speed-up of the pruned model (median of alternating rounds)")
+        for column in ("runtime", "phase", "measured [min–max]", "ideal", "measured/ideal", "rounds"):
+            speed.add_column(column)
+        for r in report["speed"]:
+            flag = " SLOWER" if r["slower_than_original"] else ""
+            speed.add_row(
+                f"{r['runtime']} {r['type']}",
+                r["phase"],
+                f"{_x(r['measured'])} [{_x(r['measured_min'])}–{_x(r['measured_max'])}]{flag}",
+                _x(r["ideal"]),
+                "" if r["measured_over_ideal"] is None else f"{r['measured_over_ideal']:.0%}",
+                str(r["rounds"]),
+            )
+        console.print(speed)
     status = "all checks passed" if report["all_checks_passed"] else "SOME CHECKS FAILED"
     console.print(f"{status}; report: {run_dir / 'report.md'}")

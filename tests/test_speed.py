@@ -1,0 +1,347 @@
+"""The speed protocol, the FLOP ideal and the report's speed section (tiny models, real runtimes).
+
+No test here asserts a timing threshold: they check the structure and the invariants that a
+broken protocol would violate (alternation, round bounds, spread order, ideal = hand count,
+a slowdown failing the checks, every linked image written).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rmexport.cli import main
+from rmexport.errors import ConfigError
+from validation.flops import ModelShape, attended_keys, ideal_speedups, phase_flops
+from validation.speed import SpeedProtocol, attach_ideal, median_settled, run_protocol, spread
+
+TINY = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=1, min_rounds=2, max_rounds=3)
+
+# Tiny config (tests/tiny.py): hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=320,
+)
+
+
+def _constant_calls(seconds: dict[str, float], log: list) -> dict:
+    def make(phase: str, s: float):
+        def call() -> float:
+            log.append(phase)
+            return s
+
+        return call
+
+    return {phase: make(phase, s) for phase, s in seconds.items()}
+
+
+# --- protocol ------------------------------------------------------------------------------
+def test_rounds_alternate_and_stop_once_the_median_settles():
+    calls: dict[str, list] = {"original": [], "pruned": []}
+    protocol = SpeedProtocol(prompt_tokens=(8, 16), gen_tokens=4, warmup=2, min_rounds=3, max_rounds=9)
+    original = _constant_calls({"pp8": 0.02, "pp16": 0.04, "tg4": 0.01}, calls["original"])
+    pruned = _constant_calls({"pp8": 0.01, "pp16": 0.02, "tg4": 0.008}, calls["pruned"])
+    result = run_protocol(original, pruned, protocol)
+    # Constant times: the median cannot move, so the protocol stops at the minimum.
+    assert result["rounds"] == 3 and result["settled"] is True
+    assert list(result["phases"]) == ["pp8", "pp16", "tg4"]
+    order = result["order"]
+    assert len(order) == 3 * 3 * 2
+    for i in range(0, len(order), 2):  # A B A B ...: every original run is followed by the pruned one
+        assert order[i][2] == "original" and order[i + 1][2] == "pruned"
+        assert order[i][:2] == order[i + 1][:2]
+    assert [r for r, _, _ in order] == sorted(r for r, _, _ in order)
+    # Warm-up runs are not timed but do run: (2 warm-up + 3 rounds) per phase and model.
+    assert len(calls["original"]) == len(calls["pruned"]) == 5 * 3
+    pp16 = result["phases"]["pp16"]
+    assert pp16["original"]["tokens_per_s"]["median"] == pytest.approx(16 / 0.04)
+    assert pp16["speedup"]["median"] == pytest.approx(2.0) and pp16["speedup"]["rounds"] == [2.0] * 3
+    assert result["phases"]["tg4"]["speedup"]["median"] == pytest.approx(1.25)
+
+
+def test_rounds_stop_at_the_maximum_when_the_median_keeps_moving():
+    state = {"k": 0}
+
+    def drifting() -> float:  # the pruned model gets 10 % faster every round
+        state["k"] += 1
+        return 0.01 / 1.1 ** state["k"]
+
+    protocol = SpeedProtocol(prompt_tokens=(8,), gen_tokens=2, warmup=0, min_rounds=2, max_rounds=6)
+    result = run_protocol(
+        {"pp8": lambda: 0.01, "tg2": lambda: 0.01}, {"pp8": drifting, "tg2": lambda: 0.01}, protocol
+    )
+    assert result["rounds"] == 6 and result["settled"] is False
+    s = result["phases"]["pp8"]["speedup"]
+    assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    assert s["min"] == pytest.approx(1.1) and s["max"] == pytest.approx(1.1**6)
+
+
+def test_median_settled_and_spread():
+    assert median_settled([1.0, 1.0, 1.0], rel_tol=0.02, window=2)
+    assert not median_settled([1.0, 1.0], rel_tol=0.02, window=2)  # too few rounds to judge
+    assert not median_settled([1.0, 1.2, 1.0, 1.3], rel_tol=0.02, window=2)
+    assert median_settled([1.0, 1.3, 1.1, 1.1, 1.1, 1.1], rel_tol=0.02, window=2)
+    assert spread([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25}
+    assert spread([5.0]) == {"median": 5.0, "min": 5.0, "max": 5.0, "q1": 5.0, "q3": 5.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(min_rounds=0), dict(min_rounds=5, max_rounds=4), dict(gen_tokens=0), dict(prompt_tokens=())],
+)
+def test_impossible_protocols_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        SpeedProtocol(**kwargs)
+
+
+def test_protocol_needs_the_same_phases_for_both_models():
+    with pytest.raises(ConfigError, match="phases"):
+        run_protocol({"pp16": lambda: 1.0}, {"pp16": lambda: 1.0, "tg4": lambda: 1.0}, TINY)
+
+
+# --- the ideal -----------------------------------------------------------------------------
+def test_ideal_equals_a_hand_count_for_the_tiny_config():
+    shape = ModelShape.from_config(TINY_CONFIG)
+    # Per block and token: q 64x64, k and v 64x32 each, o 64x64, gate/up/down 64x128: 36864 MACs.
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    per_key = 2 * 2 * 4 * 16  # q.k and p.v over 4 heads of 16
+    head = 2 * 64 * 320
+    assert linear == 73728 and per_key == 256 and head == 40960
+    # tg2 from an empty cache: step 1 attends 1 key, step 2 attends 2; the head runs twice.
+    assert phase_flops(shape, "generation", 2)["total"] == 8 * (2 * linear + 3 * per_key) + 2 * head
+    # pp3: keys 1 + 2 + 3; the head once (last position) or three times (every position).
+    assert (
+        phase_flops(shape, "prompt", 3, head_positions="last")["total"]
+        == 8 * (3 * linear + 6 * per_key) + head
+    )
+    assert (
+        phase_flops(shape, "prompt", 3, head_positions="all")["total"]
+        == 8 * (3 * linear + 6 * per_key) + 3 * head
+    )
+    pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
+    ideal = ideal_speedups(shape, pruned, {"pp3": 3, "tg2": 2})
+    assert ideal["tg2"]["ideal"] == pytest.approx(
+        (8 * (2 * linear + 3 * per_key) + 2 * head) / (6 * (2 * linear + 3 * per_key) + 2 * head)
+    )
+    assert ideal["pp3"]["ideal"] == pytest.approx(
+        (8 * (3 * linear + 6 * per_key) + head) / (6 * (3 * linear + 6 * per_key) + head)
+    )
+
+
+def test_sliding_window_caps_the_attended_keys():
+    assert attended_keys(5, None) == 15 and attended_keys(5, 2) == 1 + 2 + 2 + 2 + 2
+    config = TINY_CONFIG | {
+        "num_hidden_layers": 2,
+        "sliding_window": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
+    flops = phase_flops(ModelShape.from_config(config), "prompt", 5)
+    assert flops["blocks_attention"] == 256 * (9 + 15)
+
+
+def test_smollm2_135m_decode_ideal_is_well_below_l_over_n():
+    """The issue's numbers: 30 -> 22 blocks, L/N 1.36; decode runs the 49k head for every token."""
+    config = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    )
+    ideal = ideal_speedups(
+        ModelShape.from_config(config),
+        ModelShape.from_config(config | {"num_hidden_layers": 22}),
+        {"pp512": 512, "tg128": 128},
+    )
+    assert ideal["tg128"]["ideal"] == pytest.approx(1.27, abs=0.01)
+    assert 1.34 < ideal["pp512"]["ideal"] < 30 / 22
+    tg = ideal["tg128"]["flops"]["original"]
+    assert 0.19 < tg["lm_head"] / tg["total"] < 0.22  # "a fifth of the work"
+
+
+def test_gguf_metadata_gives_the_same_shape_as_the_config(tiny_checkpoints, tmp_path):
+    from converters.gguf_export import export_gguf
+
+    for family in ("llama", "gemma3"):
+        config = json.loads((tiny_checkpoints[family] / "config.json").read_text())
+        path = export_gguf(tiny_checkpoints[family], tmp_path / f"{family}.gguf", "f16")
+        assert ModelShape.from_gguf(path) == ModelShape.from_config(config), family
+
+
+# --- the runtimes, with tiny models --------------------------------------------------------
+@pytest.fixture(scope="module")
+def pruned_llama(tiny_checkpoints, tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmexport.arch import adapter_for
+    from rmexport.replaceme.apply import remove_blocks
+
+    original = tiny_checkpoints["llama"]
+    out = tmp_path_factory.mktemp("speed") / "pruned"
+    model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+    remove_blocks(model, adapter_for(model.config), (4, 6))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(original).save_pretrained(out)
+    return out
+
+
+def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> None:
+    assert protocol.min_rounds <= result["rounds"] <= protocol.max_rounds
+    assert result["settled"] or result["rounds"] == protocol.max_rounds
+    assert len(result["order"]) == 2 * len(protocol.phases) * result["rounds"]
+    assert [o[2] for o in result["order"]] == ["original", "pruned"] * (len(result["order"]) // 2)
+    assert list(result["phases"]) == list(protocol.phases)
+    assert result["protocol"]["threads"] >= 1
+    for phase, entry in result["phases"].items():
+        for stats in (entry["speedup"], entry["original"]["tokens_per_s"], entry["pruned"]["tokens_per_s"]):
+            assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+        assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == result["rounds"]
+        assert entry["ideal"] == pytest.approx(ideals[phase]["ideal"])
+        assert entry["measured_over_ideal"] == pytest.approx(entry["speedup"]["median"] / entry["ideal"])
+        assert entry["slower_than_original"] == (entry["speedup"]["median"] < 1)
+    assert result["slower_than_original"] == [
+        p for p, e in result["phases"].items() if e["slower_than_original"]
+    ]
+
+
+def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, pruned_llama, tmp_path):
+    from converters.gguf_export import export_gguf
+    from validation.gguf_bench import speed
+
+    original = export_gguf(tiny_checkpoints["llama"], tmp_path / "o.gguf", "f16")
+    pruned = export_gguf(pruned_llama, tmp_path / "p.gguf", "f16")
+    result = speed(original, pruned, TINY)
+    ideals = ideal_speedups(
+        ModelShape.from_config(json.loads((tiny_checkpoints["llama"] / "config.json").read_text())),
+        ModelShape.from_config(json.loads((pruned_llama / "config.json").read_text())),
+        TINY.phases,
+        prompt_head="last",
+    )
+    _check_speed_result(result, TINY, ideals)
+    settings = result["settings"]
+    assert settings["n_ctx_requested"] == 16 + 4 and settings["n_threads"] >= 1
+    assert settings["n_ctx"]["original"] == settings["n_ctx"]["pruned"] >= 16 + 4  # same settings
+    assert 1 < result["phases"]["pp16"]["ideal"] < 8 / 6
+
+
+def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpoints, pruned_llama, tmp_path):
+    from converters.onnx_export import export_onnx
+    from validation.onnx_bench import bench_onnx, format_table
+
+    original = export_onnx(tiny_checkpoints["llama"], tmp_path / "o")
+    pruned = export_onnx(pruned_llama, tmp_path / "p")
+    protocol = SpeedProtocol(prompt_tokens=(8, 16), gen_tokens=4, warmup=1, min_rounds=2, max_rounds=3)
+    result = bench_onnx(original, pruned, eval_tokens=64, window=32, protocol=protocol)
+    config = json.loads((original / "config.json").read_text())
+    ideals = ideal_speedups(
+        ModelShape.from_config(config),
+        ModelShape.from_config(config | {"num_hidden_layers": 6}),
+        protocol.phases,
+        prompt_head="all",  # the optimum graph returns logits for every position
+    )
+    _check_speed_result(result["speed"], protocol, ideals)
+    assert result["models"]["pruned"]["ppl"] > 0 and result["machine"]["threads"] == result["threads"]
+    assert "pp16" in format_table(result)
+
+
+def test_cli_rejects_an_impossible_protocol(tiny_checkpoints, capsys):
+    ckpt = str(tiny_checkpoints["llama"])
+    code = main(
+        ["bench", "gguf", "--original", ckpt, "--pruned", ckpt, "--min-rounds", "4", "--max-rounds", "2"]
+    )
+    assert code == 2 and "min rounds" in capsys.readouterr().err
+
+
+# --- the report ----------------------------------------------------------------------------
+def _prune_record() -> dict:
+    scores = {
+        "candidates": [1, 2],
+        "distance_last": {"1": 0.2, "2": 0.1},
+        "distance_all": {"1": 0.3, "2": 0.2},
+    }
+    return {
+        "model": {"spec": "tiny"},
+        "ratio": 0.25,
+        "L": 8,
+        "N": 6,
+        "n": 2,
+        "cuts": [
+            {
+                "cut": [2, 4],
+                "removed_layers": [2, 3],
+                "fit": {"solver": "lstsq", "rel_residual": 0.1, "rel_residual_plain_removal": 0.2},
+                "scores": scores,
+            }
+        ],
+        "quality": {"ppl_original": 10.0, "ppl_plain_removal": 20.0, "ppl_pruned": 12.0},
+        "fold_parity": {"passed": True, "max_abs_logit_diff": 1e-6, "atol": 1e-4},
+        "calibration": {"documents": 4, "source": "builtin", "packed": True, "tokens": 128, "sha256": "0"},
+        "evaluation": {"tokens": 64, "source": "builtin", "window": 32},
+        "solver": {"name": "lstsq"},
+        "selection": {"rule": "distance"},
+    }
+
+
+def _gguf_bench(pruned_seconds: float) -> dict:
+    protocol = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=0, min_rounds=3, max_rounds=3)
+    result = run_protocol(
+        {"pp16": lambda: 0.02, "tg4": lambda: 0.02},
+        {"pp16": lambda: 0.01, "tg4": lambda: pruned_seconds},
+        protocol,
+    )
+    shape = ModelShape.from_config(TINY_CONFIG)
+    pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
+    attach_ideal(result, ideal_speedups(shape, pruned, protocol.phases))
+    models = {
+        role: {"block_count": blocks, "ppl": 10.0, "size_bytes": 1000 * blocks}
+        for role, blocks in (("original", 8), ("pruned", 6))
+    }
+    return {"f16": {"machine": {"cpu": "test", "threads": 1}, "types": {"f16": {**models, "speed": result}}}}
+
+
+def _linked_images(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", markdown)
+
+
+def assert_every_linked_image_exists(run_dir: Path) -> list[str]:
+    links = _linked_images((run_dir / "report.md").read_text())
+    missing = [link for link in links if not (run_dir / link).is_file()]
+    assert not missing, f"report.md links images that were not written: {missing}"
+    return links
+
+
+@pytest.mark.parametrize(("pruned_seconds", "slower"), [(0.01, False), (0.03, True)])
+def test_report_flags_a_slowdown_and_links_only_written_plots(tmp_path, pruned_seconds, slower):
+    from validation.report import write_report
+
+    report = write_report(tmp_path, _prune_record(), {"gguf_bench": _gguf_bench(pruned_seconds)}, {}, [], 1.0)
+    rows = {r["phase"]: r for r in report["speed"]}
+    assert set(rows) == {"pp16", "tg4"} and rows["pp16"]["measured"] == pytest.approx(2.0)
+    assert rows["tg4"]["slower_than_original"] is slower
+    assert report["speed_checks"]["passed"] is not slower
+    assert report["all_checks_passed"] is not slower
+    assert json.loads((tmp_path / "report.json").read_text())["all_checks_passed"] is not slower
+    markdown = (tmp_path / "report.md").read_text()
+    assert ("slower than original" in markdown) is slower
+    assert "measured / ideal" in markdown and "| llama.cpp | f16 | pp16 |" in markdown
+    links = assert_every_linked_image_exists(tmp_path)
+    assert "plots/speed.png" in links and "plots/selection.png" in links
+
+
+def test_report_without_benchmarks_links_no_speed_plot(tmp_path):
+    from validation.report import write_report
+
+    report = write_report(tmp_path, _prune_record(), {}, {}, [], 1.0)
+    assert report["speed"] == [] and report["all_checks_passed"] is True
+    assert "plots/speed.png" not in assert_every_linked_image_exists(tmp_path)
+    assert not (tmp_path / "plots" / "speed.png").exists()
