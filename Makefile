@@ -43,8 +43,8 @@ test-slow: $(STAMP)
 
 # Benchmarks print their numbers and write JSON under $(OUT)/bench.
 bench: $(STAMP)
-	$(PY) -m validation.bench_quality --out $(OUT)/bench
-	$(PY) -m validation.bench_pipeline --skip-8b --out $(OUT)/bench/pipeline.json
+	$(PY) -m bench.quality --out $(OUT)/bench
+	$(PY) -m bench.pipeline --out $(OUT)/bench/pipeline.json
 
 qwen-gguf: $(QWEN_GGUF)
 
@@ -55,7 +55,7 @@ export-qwen: $(QWEN_GGUF)
 	$(VENV)/bin/rmexport run $(QWEN_GGUF) --ratio $(RATIO) --out-root $(OUT) $(QWEN_OPTIONS)
 
 bench-8b: $(STAMP)
-	$(PY) -m validation.bench_pipeline --only-8b --dir-8b $(OUT)/bench-8b-model --out $(OUT)/bench/pipeline-8b.json
+	$(PY) -m bench.run_8b --dir $(OUT)/bench-8b --out $(OUT)/bench/run-8b.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmexport converters validation bench tests

@@ -117,14 +117,15 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
     outputs: dict[str, Any] = {}
     onnx_key = {"flavor": args.onnx_flavor, "dtype": args.onnx_dtype}
     base_onnx, pruned_onnx = base_dir / "onnx", run_dir / "onnx"
-    base_runner.run(
-        Stage(
-            "export_onnx",
-            {"model": model_key, **onnx_key},
-            [base_onnx],
-            lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+    if not args.skip_bench:  # the original's ONNX only serves the side-by-side benchmark
+        base_runner.run(
+            Stage(
+                "export_onnx",
+                {"model": model_key, **onnx_key},
+                [base_onnx],
+                lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+            )
         )
-    )
     runner.run(
         Stage(
             "export_onnx",
@@ -180,14 +181,15 @@ def _gguf_stages(
     pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
     base_files = {t: base_dir / "gguf" / f"{slug}-{t}.gguf" for t in types}
     for t in types:
-        base_runner.run(
-            Stage(
-                f"export_gguf_{t}",
-                {"model": model_key, "type": t},
-                [base_files[t]],
-                lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
+        if not args.skip_bench:  # the original's GGUFs only serve the side-by-side benchmark
+            base_runner.run(
+                Stage(
+                    f"export_gguf_{t}",
+                    {"model": model_key, "type": t},
+                    [base_files[t]],
+                    lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
+                )
             )
-        )
         runner.run(
             Stage(
                 f"export_gguf_{t}",

@@ -362,6 +362,10 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
 
     with clock.stage("checks"):
         checks = run_checks(engine, plan, windows, options.parity_windows)
+    activations = {
+        "activations_peak_resident_bytes": engine.store.peak_resident_bytes,
+        "activations_spilled_bytes": engine.store.offloaded_bytes,
+    }
     engine.close()
     parity = FoldParity(
         checks.parity_max_abs_logit_diff,
@@ -405,7 +409,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         fold_parity=parity,
         quality=Quality(checks.ppl_original, checks.ppl_plain_removal, checks.ppl_pruned),
         guard=guard,
-        memory=budget.describe(weights) | {"device": str(options.device)},
+        memory=budget.describe(weights) | activations | {"device": str(options.device)},
         saved_dtype=str(checkpoint_dtype(config)).removeprefix("torch."),
         versions=_versions(),
     )
@@ -514,6 +518,15 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     data.add_argument(
+        "--selection-samples",
+        type=int,
+        default=64,
+        help=(
+            "calibration documents set aside (after the calibration ones) to judge the quality guard, "
+            "--select loss and the cosine epochs (default 64)"
+        ),
+    )
+    data.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -575,6 +588,7 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
+        selection_samples=args.selection_samples,
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
         device=args.device,

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from validation import bench_pipeline, bench_quality
+from bench import pipeline as bench_pipeline
+from bench import quality as bench_quality
 
 
 def test_quality_benchmark_rows(tiny_checkpoints, tmp_path):
@@ -37,11 +38,11 @@ def test_quality_benchmark_rows(tiny_checkpoints, tmp_path):
 def test_pipeline_benchmark_variants_agree_on_the_cut(tiny_checkpoints, tmp_path, select):
     out = tmp_path / "pipeline.json"
     argv = ["--model", str(tiny_checkpoints["llama"]), "--documents", "16", "--seq-len", "32"]
-    argv += ["--select", select, "--threads", "1", "--skip-8b", "--out", str(out)]
+    argv += ["--select", select, "--threads", "1", "--eval-tokens", "1024", "--out", str(out)]
     assert bench_pipeline.main(argv) == 0
     summary = json.loads(out.read_text())["summary"]
     assert set(summary) == set(bench_pipeline.VARIANTS)
-    assert summary["engine"]["cut"] == summary["streamed"]["cut"]
+    assert summary["engine"]["cut"] == summary["streamed"]["cut"] == summary["prune"]["cut"]
     assert summary["engine_distance"]["cut"] == summary["baseline"]["cut"]
     if select == "distance":
         assert summary["engine"]["cut"] == summary["baseline"]["cut"]

@@ -113,6 +113,26 @@ def test_same_command_twice_gives_the_same_cut_and_files(tiny_run, tiny_checkpoi
         assert (first / "gguf" / name).read_bytes() == (second / "gguf" / name).read_bytes()
 
 
+def test_a_budget_below_the_model_size_runs_to_a_complete_report(tiny_checkpoints, tmp_path):
+    """Weights streamed block by block, activations spilled to disk: every check is still measured."""
+    code = main(
+        ["run", str(tiny_checkpoints["qwen2"]), "--out-root", str(tmp_path), "--memory-budget", "1600KiB"]
+        + ["--skip-onnx", "--skip-bench", *FAST]
+    )
+    assert code == 0
+    run_dir = tmp_path / "qwen2-r0.25"
+    prune = json.loads((run_dir / "prune.json").read_text())
+    memory = prune["memory"]
+    assert not memory["weights_resident"] and memory["weights_bytes"] > memory["budget_bytes"] / 2
+    assert memory["activations_spilled_bytes"] > 0
+    assert all(v > 0 for v in prune["quality"].values()) and prune["fold_parity"]["passed"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["all_checks_passed"] is True
+    assert set(report["gguf_parity"]) == {"f16", "q4_k_m"}
+    assert all(entry["positions"] > 0 for entry in report["gguf_parity"].values())
+    assert "8 → 6 blocks" in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -8,6 +8,10 @@ calibration set of the default model:
   for every batch, keeps every hidden state of every batch, and takes the cut with the smallest
   last-token angular distance from them; pass 2 runs the full forward again to accumulate the
   float64 least-squares sums of the chosen cut, then solves.
+* ``prune``: the whole ``rmexport prune`` (rule ``--select``, default ``fit``) on the same documents:
+  calibration, fit, the quality guard on 64 set-aside documents, and every check (fold parity,
+  held-out perplexity of the original, plain removal and pruned model over ``--eval-tokens``),
+  then the save. Its time includes loading and saving.
 * ``engine``: the block engine with resident weights: ``survey_candidates`` (one pass: distances
   and sums of every candidate, stopping after the deepest block needed) + ``fit_cut``.
 * ``streamed``: the same with every block read from disk for every pass (a budget below the model).
@@ -23,11 +27,9 @@ jobs on a shared machine disturb much less than wall time. Peak memory: the chil
 (sampled, and ``ru_maxrss``), and CUDA ``max_memory_allocated`` on GPUs. Repeats alternate
 the order, since the machine may be shared.
 
-``--8b`` part: a Llama-3-8B-shaped checkpoint with random bf16 weights is written shard by
-shard (never whole in memory), then pruned end to end by ``rmexport.prune`` under a memory budget
-far below its size.
+The 8B-shaped end-to-end run is ``python -m bench.run_8b`` (``make bench-8b``).
 
-    python -m validation.bench_pipeline --out out/bench-pipeline.json [--skip-8b]
+    python -m bench.pipeline --out out/bench/pipeline.json
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import threading
@@ -49,20 +50,9 @@ import torch
 
 from rmexport.atomic import write_json
 
-__all__ = ["LLAMA3_8B_SHAPE", "main", "two_pass_baseline", "write_random_checkpoint"]
+__all__ = ["VARIANTS", "main", "two_pass_baseline"]
 
-LLAMA3_8B_SHAPE = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
-VARIANTS = ("baseline", "engine", "streamed", "engine_distance")
+VARIANTS = ("baseline", "prune", "engine", "streamed", "engine_distance")
 
 
 class _RssSampler:
@@ -196,6 +186,8 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
         calibration = _calibration(args, tokenizer)
         result["calibration_tokens"] = calibration.n_tokens
         t0 = time.perf_counter()
+        if args.variant == "prune":
+            return result | _run_prune(args, source, calibration.n_tokens, sampler)
         if args.variant == "baseline":
             model = load_model(source, dtype=args.dtype, device=args.device)
             adapter, n_layers = adapter_for(model.config), model.config.num_hidden_layers
@@ -254,127 +246,38 @@ def _run_variant(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# --- the 8B-shaped model ------------------------------------------------------------------------
-def write_random_checkpoint(
-    target: Path,
-    shape: dict[str, Any],
-    tokenizer_dir: Path,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-) -> Path:
-    """A Llama checkpoint of ``shape`` with random weights, written one shard (≈ 4 blocks) at a
-    time; tokenizer files are copied from ``tokenizer_dir`` (their ids must be < vocab_size)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+def _run_prune(args: argparse.Namespace, source: Any, tokens: int, sampler: _RssSampler) -> dict[str, Any]:
+    import tempfile
 
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = dtype
-    d, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = d // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    generator = torch.Generator().manual_seed(seed)
-
-    def random(*size: int, fan_in: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=generator) / math.sqrt(fan_in)).to(dtype)
-
-    def block(j: int) -> dict[str, torch.Tensor]:
-        p = f"model.layers.{j}."
-        return {
-            p + "self_attn.q_proj.weight": random(d, d, fan_in=d),
-            p + "self_attn.k_proj.weight": random(kv, d, fan_in=d),
-            p + "self_attn.v_proj.weight": random(kv, d, fan_in=d),
-            p + "self_attn.o_proj.weight": random(d, d, fan_in=d),
-            p + "mlp.gate_proj.weight": random(f, d, fan_in=d),
-            p + "mlp.up_proj.weight": random(f, d, fan_in=d),
-            p + "mlp.down_proj.weight": random(d, f, fan_in=f),
-            p + "input_layernorm.weight": torch.ones(d, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(d, dtype=dtype),
-        }
-
-    groups: list[list[Any]] = (
-        [["embed"]] + [list(range(j, min(j + 4, L))) for j in range(0, L, 4)] + [["head"]]
-    )
-    weight_map: dict[str, str] = {}
-    total = 0
-    for number, group in enumerate(groups, 1):
-        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        for item in group:
-            if item == "embed":
-                tensors["model.embed_tokens.weight"] = random(config.vocab_size, d, fan_in=1)
-            elif item == "head":
-                tensors["model.norm.weight"] = torch.ones(d, dtype=dtype)
-                tensors["lm_head.weight"] = random(config.vocab_size, d, fan_in=d)
-            else:
-                tensors |= block(item)
-        save_file(tensors, tmp / name, metadata={"format": "pt"})
-        for key, value in tensors.items():
-            weight_map[key] = name
-            total += value.numel() * value.element_size()
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config.save_pretrained(tmp)
-    for item in tokenizer_dir.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens")) or item.name == "chat_template.jinja":
-            shutil.copy2(item, tmp / item.name)
-    os.replace(tmp, target)
-    return target
-
-
-def _run_8b(args: argparse.Namespace) -> dict[str, Any]:
-    from rmexport.models import DEFAULT_MODEL, checkpoint_dir, resolve
     from rmexport.prune import PruneOptions, prune
 
-    torch.set_grad_enabled(False)
-    result: dict[str, Any] = {"variant": "prune_8b", "shape": LLAMA3_8B_SHAPE}
-    checkpoint = Path(args.dir_8b) / "hf"
-    with _RssSampler() as sampler:
-        t0 = time.perf_counter()
-        write_random_checkpoint(checkpoint, LLAMA3_8B_SHAPE, Path(checkpoint_dir(resolve(DEFAULT_MODEL))))
-        result["write_s"] = round(time.perf_counter() - t0, 1)
-        result["write_peak_rss_mib"] = _mib(sampler.peak)
-        result["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-        options = PruneOptions(
-            ratio=args.ratio,
-            calib_samples=args.documents_8b,
-            seq_len=args.seq_len_8b,
-            batch_size=args.batch_size_8b,
-            alpha=args.alpha_8b,
-            select=args.select_8b,
-            eval_tokens=args.eval_tokens_8b,
-            selection_samples=args.documents_8b,
-            device=args.device,
-            compute_dtype=str(args.dtype_8b).removeprefix("torch."),
-            memory_budget=args.memory_budget_8b,
-        )
-        t0 = time.perf_counter()
-        record = prune(resolve(str(checkpoint)), options, Path(args.dir_8b) / "out")
-        result["prune_s"] = round(time.perf_counter() - t0, 1)
-    sequences = record["calibration"]["sequences"]
-    result |= {
-        "calibration": record["calibration"],
+    options = PruneOptions(
+        ratio=args.ratio,
+        calib_samples=args.documents,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        select=args.select,
+        eval_tokens=args.eval_tokens,
+        device=args.device,
+        compute_dtype=str(args.dtype).removeprefix("torch."),
+    )
+    with tempfile.TemporaryDirectory(dir=args.work) as out:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        record = prune(source, options, Path(out))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
         "cut": record["cuts"][0]["cut"],
-        "timings_s": record["timings_s"],
-        "memory": record["memory"],
-        "fold_parity": record["fold_parity"],
+        "load_s": record["timings_s"].get("load", 0.0),
+        "calibrate_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "calibrate_cpu_s": round(cpu, 2),
+        "tokens_per_cpu_s": round(tokens / cpu, 2),
+        "stages_s": record["timings_s"],
         "quality": record["quality"],
         "peak_rss_mib": _mib(sampler.peak),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "calibration_sequences": sequences,
-        "output_bytes": sum(
-            p.stat().st_size for p in (Path(args.dir_8b) / "out" / "hf").glob("*.safetensors")
-        ),
     }
-    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
-        result["cuda_max_memory_allocated_mib"] = _mib(torch.cuda.max_memory_allocated())
-    return result
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -383,7 +286,7 @@ def _child(variant: str, args: argparse.Namespace, extra: list[str]) -> dict[str
     command = [
         sys.executable,
         "-m",
-        "validation.bench_pipeline",
+        "bench.pipeline",
         "--child",
         variant,
         "--child-json",
@@ -400,12 +303,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--model", args.model, "--documents", str(args.documents), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--ratio", str(args.ratio), "--alpha", str(args.alpha),
         "--select", args.select, "--device", args.device, "--dtype", str(args.dtype).removeprefix("torch."),
-        "--dir-8b", args.dir_8b, "--documents-8b", str(args.documents_8b),
-        "--seq-len-8b", str(args.seq_len_8b),
-        "--batch-size-8b", str(args.batch_size_8b), "--alpha-8b", str(args.alpha_8b),
-        "--threads", str(args.threads), "--select-8b", args.select_8b,
-        "--dtype-8b", str(args.dtype_8b).removeprefix("torch."),
-        "--eval-tokens-8b", str(args.eval_tokens_8b), "--memory-budget-8b", args.memory_budget_8b,
+        "--threads", str(args.threads), "--eval-tokens", str(args.eval_tokens), "--work", args.work,
     ]  # fmt: skip
 
 
@@ -440,9 +338,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m validation.bench_pipeline", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -460,33 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per run (0: torch's default); 1 on a busy machine",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--skip-8b", action="store_true", help="skip the Llama-3-8B-shaped run")
-    parser.add_argument("--only-8b", action="store_true")
-    parser.add_argument("--dir-8b", default="/work/bench-8b", help="where the 8B-shaped model is written")
-    parser.add_argument("--keep-8b", action="store_true", help="keep the 8B-shaped checkpoint afterwards")
-    parser.add_argument("--documents-8b", type=int, default=8, help="calibration documents (≈ sequences)")
-    parser.add_argument("--seq-len-8b", type=int, default=128)
-    parser.add_argument("--batch-size-8b", type=int, default=4)
-    parser.add_argument("--alpha-8b", type=float, default=1e-2, help="ridge: fewer tokens than dimensions")
-    parser.add_argument("--select-8b", default="fit", choices=("distance", "fit"))
-    parser.add_argument("--dtype-8b", default="float32", help="compute dtype (bfloat16 on CUDA)")
-    parser.add_argument("--eval-tokens-8b", type=int, default=1024)
-    parser.add_argument("--memory-budget-8b", default="6GiB")
     parser.add_argument("--out", type=Path, default=Path("out/bench-pipeline.json"))
     parser.add_argument(
         "--work", default=None, help="folder for the children's JSON (default: next to --out)"
     )
-    parser.add_argument("--child", choices=(*VARIANTS, "prune_8b"), help=argparse.SUPPRESS)
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens of the prune variant")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    args.dtype_8b = getattr(torch, args.dtype_8b)
 
     if args.child:
         args.variant = args.child
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = _run_8b(args) if args.child == "prune_8b" else _run_variant(args)
+        result = _run_variant(args)
         Path(args.child_json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
 
@@ -495,49 +379,30 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     extra = _passthrough(args)
     report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": []}
-    if not args.only_8b:
-        variants = [v for v in args.variants.split(",") if v]
-        for repeat in range(args.repeats):
-            order = variants if repeat % 2 == 0 else variants[::-1]
-            for variant in order:
-                run = _child(variant, args, extra)
-                report["runs"].append(run)
-                print(
-                    f"{variant:>10}: {run['tokens_per_s']:8.1f} tok/s "
-                    f"({run['tokens_per_cpu_s']:.2f} tok/CPU-s), "
-                    f"calibrate {run['calibrate_s']:6.1f} s "
-                    f"{run['stages_s']}, load {run['load_s']} s, peak RSS {run['peak_rss_mib']:.0f} MiB, "
-                    f"cut {run['cut']}",
-                    flush=True,
-                )
-        report["summary"] = _summary(report["runs"])
-        for variant, row in report["summary"].items():
-            ratio = row.get("throughput_vs_baseline")
+    variants = [v for v in args.variants.split(",") if v]
+    for repeat in range(args.repeats):
+        order = variants if repeat % 2 == 0 else variants[::-1]
+        for variant in order:
+            run = _child(variant, args, extra)
+            report["runs"].append(run)
             print(
-                f"{variant:>10}: median {row['tokens_per_s_median']:.1f} tok/s"
-                + (f", {ratio:.2f}x baseline" if ratio else "")
-                + f"; {row['tokens_per_cpu_s_median']:.2f} tok/CPU-s"
-                + (f", {row['cpu_throughput_vs_baseline']:.2f}x baseline" if ratio else "")
-                + f", peak RSS {row['peak_rss_mib_max']:.0f} MiB"
+                f"{variant:>10}: {run['tokens_per_s']:8.1f} tok/s "
+                f"({run['tokens_per_cpu_s']:.2f} tok/CPU-s), "
+                f"calibrate {run['calibrate_s']:6.1f} s "
+                f"{run['stages_s']}, load {run['load_s']} s, peak RSS {run['peak_rss_mib']:.0f} MiB, "
+                f"cut {run['cut']}",
+                flush=True,
             )
-    if not args.skip_8b:
-        free = shutil.disk_usage(
-            Path(args.dir_8b).parent if not Path(args.dir_8b).exists() else args.dir_8b
-        ).free
-        if free < 40e9 and not (Path(args.dir_8b) / "hf" / "config.json").is_file():
-            print(f"skipping the 8B-shaped run: {free / 1e9:.0f} GB free, it needs ~30 GB")
-        else:
-            try:
-                run = _child("prune_8b", args, extra)
-            finally:
-                if not args.keep_8b:
-                    shutil.rmtree(args.dir_8b, ignore_errors=True)
-            report["prune_8b"] = run
-            print(
-                f"8B-shaped: prune {run['prune_s']} s {run['timings_s']}, "
-                f"peak RSS {run['peak_rss_mib']:.0f} MiB "
-                f"(ru_maxrss {run['ru_maxrss_mib']:.0f} MiB), written in {run['write_s']} s, cut {run['cut']}"
-            )
+    report["summary"] = _summary(report["runs"])
+    for variant, row in report["summary"].items():
+        ratio = row.get("throughput_vs_baseline")
+        print(
+            f"{variant:>10}: median {row['tokens_per_s_median']:.1f} tok/s"
+            + (f", {ratio:.2f}x baseline" if ratio else "")
+            + f"; {row['tokens_per_cpu_s_median']:.2f} tok/CPU-s"
+            + (f", {row['cpu_throughput_vs_baseline']:.2f}x baseline" if ratio else "")
+            + f", peak RSS {row['peak_rss_mib_max']:.0f} MiB"
+        )
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0

@@ -10,7 +10,7 @@ One calibration pass measures every candidate cut; each rule's cut is then fitte
 a copy of the model and evaluated. Rows: original, and per rule its cut with plain removal,
 lstsq and cosine. ``--blocks`` adds multi-cut rows (each cut chosen on the already pruned model).
 
-    python -m validation.bench_quality --out out/bench
+    python -m bench.quality --out out/bench
 """
 
 from __future__ import annotations
