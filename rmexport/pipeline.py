@@ -70,12 +70,16 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
             raise ConfigError(
                 f"--gguf-type {args.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
             )
-        period = getattr(adapter, "llama_cpp_swa_period", None)
-        if period and any(size % period for size in sizes):
+        workable = adapter.gguf_cut_sizes(config.num_hidden_layers)
+        if workable is not None and any(size not in workable for size in sizes):
+            nearest = sorted(workable, key=lambda k: (abs(k - n), k))[:2]
             raise ConfigError(
-                f"llama.cpp derives {adapter.family}'s sliding/global layer pattern from the layer index "
-                f"(period {period}); removing {sizes} block(s) would shift it",
-                hint=f"use --layers with a multiple of {period}, or --skip-gguf",
+                f"llama.cpp derives {adapter.family}'s sliding/global layer pattern from the layer "
+                f"index, and no cut of {' + '.join(map(str, sizes))} of its {config.num_hidden_layers} "
+                "blocks keeps it; "
+                f"cuts of {', '.join(map(str, workable)) or 'no size'} block(s) do",
+                hint=(f"use --layers {nearest[0]}" if nearest else "this model is too shallow for a GGUF cut")
+                + " (with --blocks 1), or --skip-gguf",
             )
     if not args.skip_onnx:
         params = _estimate_params(config)

@@ -76,6 +76,7 @@ class PruneOptions:
     compute_dtype: str | None = None
     memory_budget: str | None = None
     quality_guard: bool = True
+    gguf_compatible: bool = False  # only cuts llama.cpp can run (layer patterns fixed by the index)
     cosine: CosineSettings = field(default_factory=CosineSettings)
 
     def validate(self) -> None:
@@ -236,6 +237,7 @@ def choose_and_fit(
         alpha=options.alpha,
         distance_tokens=options.distance_tokens,
         shortlist_only=options.select == "distance",
+        allowed=_gguf_filter(engine, plan, n) if options.gguf_compatible else None,
         step=step,
     )
     scores = survey.scores(options.distance_tokens)
@@ -260,6 +262,16 @@ def choose_and_fit(
         step=step,
     )
     return cut, result, table
+
+
+def _gguf_filter(engine: Engine, plan: Plan, n: int):
+    """Starts whose cut leaves a model llama.cpp runs correctly (Gemma's index-derived pattern)."""
+
+    def allowed(start: int) -> bool:
+        kept = [step.layer for step in cut_plan(plan, (start, start + n))]
+        return engine.adapter.gguf_keeps_pattern(engine.config, kept)
+
+    return allowed
 
 
 def _guard(scorer: SelectionScorer, final: Plan) -> tuple[Plan, dict[str, Any]]:
@@ -595,6 +607,7 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
         compute_dtype=args.compute_dtype,
         memory_budget=args.memory_budget,
         quality_guard=not args.no_quality_guard,
+        gguf_compatible=not getattr(args, "skip_gguf", True),
     )
 
 

@@ -152,6 +152,21 @@ def test_gemma3_cut_that_breaks_llama_cpp_pattern_is_refused(capsys, tmp_path, t
         capsys, str(tiny_checkpoints["gemma3"]), "--out-root", str(tmp_path), "--layers", "2", *FAST
     )
     assert code == 2 and "layer pattern" in err and "--skip-gguf" in err
+    assert "cuts of 6 block(s) do" in err and "--layers 6" in err
+    assert not (tmp_path / "gemma3-r2l").exists() or not any((tmp_path / "gemma3-r2l").iterdir())
+
+
+def test_gemma3_with_a_workable_size_runs_in_llama_cpp(tmp_path, tiny_checkpoints):
+    code = main(
+        ["run", str(tiny_checkpoints["gemma3"]), "--out-root", str(tmp_path), "--layers", "6"]
+        + ["--skip-onnx", "--skip-bench", *FAST]
+    )
+    assert code == 0
+    run_dir = tmp_path / "gemma3-r6l"
+    prune = json.loads((run_dir / "prune.json").read_text())
+    assert prune["N"] == 2 and prune["fold_parity"]["passed"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["all_checks_passed"] and report["gguf_parity"]["f16"]["passed"]
 
 
 def test_full_disk_is_refused(capsys, tmp_path, tiny_checkpoints, monkeypatch):

@@ -78,3 +78,11 @@ class ArchAdapter:
     def gguf_cut_problem(self, config: Any) -> str | None:
         """Why llama.cpp would run this (possibly pruned) config wrongly, or None if it is fine."""
         return None
+
+    def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
+        """Whether llama.cpp can run the model that keeps original blocks ``kept`` of ``config``."""
+        return True
+
+    def gguf_cut_sizes(self, n_layers: int) -> list[int] | None:
+        """Block counts a single cut may remove for llama.cpp; None when any count works."""
+        return None

@@ -34,6 +34,18 @@ class GemmaAdapter(ArchAdapter):
         period = self.llama_cpp_swa_period
         return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(n_layers)]
 
+    def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        if not layer_types:
+            return True
+        return [layer_types[i] for i in kept] == self.llama_cpp_layer_types(len(kept))
+
+    def gguf_cut_sizes(self, n_layers: int) -> list[int] | None:
+        """Whole periods keep every later block's place in the pattern (a cut at the very end keeps
+        it too, but removing the last blocks is never a cut worth making)."""
+        period = self.llama_cpp_swa_period
+        return [n for n in range(period, n_layers - 1, period)]
+
     def gguf_cut_problem(self, config: Any) -> str | None:
         layer_types = list(getattr(config, "layer_types", None) or [])
         expected = self.llama_cpp_layer_types(config.num_hidden_layers)

@@ -23,6 +23,7 @@ from ..calib.collect import (
 )
 from ..calib.engine import Engine, Map, Plan, Stream, cut_plan
 from ..calib.tokens import CalibrationSet
+from ..errors import ConfigError
 from .select import CutScores, candidate_starts
 from .solve import (
     CosineSettings,
@@ -87,12 +88,16 @@ def survey_candidates(
     alpha: float = 0.0,
     distance_tokens: str = "last",
     shortlist_only: bool = False,
+    allowed: Callable[[int], bool] | None = None,
     step: str = "",
 ) -> CandidateSurvey:
     """One pass when the sums of every candidate fit in ``stats_budget_bytes``; otherwise distances
     first, then sums for as many of the closest candidates as fit (only the closest with
-    ``shortlist_only``, which is all the distance rule needs)."""
-    starts = candidate_starts(len(plan), n)
+    ``shortlist_only``, which is all the distance rule needs). ``allowed`` keeps only the starts a
+    deployment target can represent."""
+    starts = [s for s in candidate_starts(len(plan), n) if allowed is None or allowed(s)]
+    if not starts:
+        raise ConfigError(f"no cut of {n} blocks of {len(plan)} is allowed", hint="choose another --layers")
     d = engine.config.hidden_size
     affordable = max(1, stats_budget_bytes // (2 * d * d * 8))
     label = f"{step} Calibrating".strip()
