@@ -104,7 +104,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
 def _is_sentencepiece_bpe(tokenizer_json: dict[str, Any]) -> bool:
     model = tokenizer_json.get("model", {})
     steps = _steps(tokenizer_json.get("pre_tokenizer"))
-    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {}, ensure_ascii=False)
     uses_metaspace = _Step("metaspace") in steps or "\u2581" in normalizer
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and uses_metaspace
 
@@ -210,5 +210,5 @@ def _adds_prefix_space(tokenizer_json: dict[str, Any]) -> bool:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "Metaspace":
         return pre.get("prepend_scheme", "always") != "never"
-    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {}, ensure_ascii=False)
     return '"Prepend"' in normalizer

@@ -159,31 +159,60 @@ def _hub_error(source: ModelSource, err: Exception) -> ModelLoadError:
 
 
 def checkpoint_dir(source: ModelSource) -> str:
-    """A name ``from_pretrained`` accepts: a hub id, a local directory, or a cached conversion."""
+    """A name ``from_pretrained`` accepts: a hub id, a local directory, or a cached conversion.
+
+    A GGUF source is converted once; its tokenizer is checked against llama.cpp then (and again
+    when the saved verdict no longer applies), and a GGUF whose tokenizer can not be reproduced
+    is refused with ModelLoadError before any weights are read.
+    """
     if not source.is_gguf:
         return source.location
     gguf_path = Path(source.location)
-    target = (
-        cache_dir()
-        / f"gguf-hf-v{_CONVERSION_VERSION}"
-        / f"{_slugify(gguf_path.stem)}-{_file_fingerprint(gguf_path)}"
-    )
+    fingerprint = _file_fingerprint(gguf_path)
+    target = cache_dir() / f"gguf-hf-v{_CONVERSION_VERSION}" / f"{_slugify(gguf_path.stem)}-{fingerprint}"
     if (target / "config.json").is_file():
-        return str(target)
-    _convert_gguf(gguf_path, target)
+        from .tokenizer_parity import check_saved
+
+        if check_saved(gguf_path, target, fingerprint):
+            return str(target)
+        log.warning(
+            "the cached conversion of %s has a tokenizer llama.cpp disagrees with; converting again",
+            gguf_path.name,
+        )
+    _convert_gguf(gguf_path, target, fingerprint)
     return str(target)
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _transformers_tokenizer(gguf_path: Path) -> Any:
+    """transformers' reading of the GGUF tokenizer, with the file's special tokens; None if it fails."""
+    from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        log.warning(
+            "transformers can not build the tokenizer of %s (%s: %s)", gguf_path.name, type(e).__name__, e
+        )
+        return None
+    _apply_gguf_special_tokens(gguf_path, tokenizer)
+    return tokenizer
+
+
+def _convert_gguf(gguf_path: Path, target: Path, fingerprint: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .atomic import replace_dir
+    from .tokenizer_parity import ensure_parity, write_record
+
+    # The tokenizer first: a file whose tokenizer llama.cpp reads differently is refused before
+    # any weights are dequantized.
+    tokenizer, parity = ensure_parity(gguf_path, _transformers_tokenizer(gguf_path), fingerprint)
     log.info("dequantizing %s into a cached HF checkpoint (once)", gguf_path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(
             f"could not read GGUF file {gguf_path} ({type(e).__name__}: {str(e)[:160]})",
@@ -192,7 +221,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _apply_gguf_special_tokens(gguf_path, tokenizer, model)
+    _copy_special_token_ids(tokenizer, model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -203,6 +232,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         if (tmp / "tokenizer.json").is_file():
             (tmp / "tokenizer.model").unlink(missing_ok=True)
         write_provenance(tmp, {"gguf_file": str(gguf_path)})
+        write_record(tmp, parity)
+        if (target / "config.json").is_file():
+            replace_dir(tmp, target)  # a conversion whose tokenizer failed its check again
+            return
         try:
             os.replace(tmp, target)
         except OSError:
@@ -214,7 +247,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise
 
 
-def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any, model: Any) -> None:
+def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any) -> None:
     """transformers' GGUF tokenizer import guesses BOS/EOS handling; the file states it."""
     from gguf import GGUFReader
 
@@ -231,6 +264,10 @@ def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any, model: Any) -> N
     add_bos = value("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = bool(add_bos)
+
+
+def _copy_special_token_ids(tokenizer: Any, model: Any) -> None:
+    """The model's config and generation config name the same BOS/EOS/pad as the tokenizer."""
     for role in ("bos", "eos", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id")
         if token_id is not None:
