@@ -34,6 +34,7 @@ from .replaceme.save import save_pruned_checkpoint
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
 from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
+from .tokenizer_parity import tokenizer_parity_record
 
 __all__ = [
     "PruneOptions",
@@ -421,6 +422,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         fold_parity=parity,
         quality=Quality(checks.ppl_original, checks.ppl_plain_removal, checks.ppl_pruned),
         guard=guard,
+        tokenizer_parity=tokenizer_parity_record(source),
         memory=budget.describe(weights) | activations | {"device": str(options.device)},
         saved_dtype=str(checkpoint_dtype(config)).removeprefix("torch."),
         versions=_versions(),

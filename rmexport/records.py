@@ -73,6 +73,7 @@ class PruneRecord:
     fold_parity: FoldParity
     quality: Quality
     guard: dict[str, Any]
+    tokenizer_parity: dict[str, Any]
     memory: dict[str, Any]
     saved_dtype: str
     versions: dict[str, str]
