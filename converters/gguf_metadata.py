@@ -31,6 +31,7 @@ __all__ = [
     "KV",
     "Metadata",
     "carry_over",
+    "fields_metadata",
     "llama3_rope_factors",
     "model_metadata",
     "read_metadata",
@@ -201,9 +202,13 @@ def _gemma_metadata(config: Any, arch: str, family: str) -> Metadata:
 
 def read_metadata(path: str) -> Metadata:
     """Every key/value of a GGUF file (header pseudo-keys ``GGUF.*`` excluded), typed."""
-    reader = gguf.GGUFReader(path)
+    return fields_metadata(gguf.GGUFReader(path).fields)
+
+
+def fields_metadata(fields: Any) -> Metadata:
+    """``read_metadata`` for the ``fields`` of an open ``gguf.GGUFReader``."""
     meta: Metadata = {}
-    for key, field in reader.fields.items():
+    for key, field in fields.items():
         if key.startswith("GGUF."):
             continue
         vtype = field.types[0]

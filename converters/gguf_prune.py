@@ -1,0 +1,370 @@
+"""Prune a GGUF file directly: drop blocks, fold the fitted maps, keep every other byte.
+
+``prune_gguf`` writes a GGUF of the same architecture and quantization as its source:
+- every tensor of a kept block, the embeddings, the output head and the norms are copied byte for
+  byte, in their own type; block tensors are renamed ``blk.{old}`` -> ``blk.{new}``;
+- the tensor a fitted map is folded into is rewritten: ``ffn_down`` for dense families
+  (``W_down <- Tᵀ·W_down`` with ``W_down`` as transformers holds it, [d, d_ff], which is also the
+  GGUF data's numpy orientation), or, for Gemma, the ``post_ffw_norm`` weight scaled per channel.
+  It is computed in float64 from the dequantized source and quantized back to the source's type
+  (``ggml_quant.quantize_like``: gguf-py, or llama.cpp's own quantizer for K-quants);
+- metadata is the source's, except ``{arch}.block_count`` and the per-layer arrays (any
+  ``{arch}.*`` array as long as the old block count), which are sliced to the kept blocks.
+
+The file is written beside the target and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
+
+from rmexport.arch import ADAPTERS
+from rmexport.errors import ConfigError, ExportError, ModelLoadError
+from rmexport.log import get_logger, progress
+
+from . import gguf_metadata
+from .ggml_quant import quantize_like
+
+__all__ = ["prune_gguf"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order
+    offset: int
+    n_bytes: int
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        return gguf.quants.quant_shape_to_byte_shape(self.shape, self.qtype)
+
+    @property
+    def block(self) -> int | None:
+        parts = self.name.split(".")
+        return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
+
+    def renamed(self, new_block: int) -> str:
+        parts = self.name.split(".")
+        return ".".join([parts[0], str(new_block), *parts[2:]])
+
+
+class _Source:
+    """The source file's metadata and tensor table; tensor bytes are read on demand."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
+            raise ModelLoadError(
+                f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
+                hint="the file may be truncated or corrupt; download or convert it again",
+            ) from e
+        self.path = path
+        size = path.stat().st_size
+        self.tensors: list[_Tensor] = []
+        for t in reader.tensors:
+            tensor = _Tensor(
+                t.name,
+                t.tensor_type,
+                tuple(int(d) for d in reversed(t.shape.tolist())),
+                int(t.data_offset),
+                int(t.n_bytes),
+            )
+            if tensor.offset + tensor.n_bytes > size:
+                raise ModelLoadError(
+                    f"{path} is truncated: tensor {t.name} ends at byte {tensor.offset + tensor.n_bytes}, "
+                    f"the file has {size}",
+                    hint="download or convert the file again",
+                )
+            self.tensors.append(tensor)
+        self.by_name = {t.name: t for t in self.tensors}
+        self.metadata = gguf_metadata.fields_metadata(reader.fields)
+        del reader
+        arch = self.metadata.get(Keys.General.ARCHITECTURE)
+        if arch is None:
+            raise ModelLoadError(f"{path} has no general.architecture key")
+        self.arch = str(arch.value)
+        block_key = Keys.LLM.BLOCK_COUNT.format(arch=self.arch)
+        if block_key not in self.metadata:
+            raise ModelLoadError(f"{path} has no {block_key} key")
+        self.block_key = block_key
+        self.block_count = int(self.metadata[block_key].value)
+
+    def read(self, tensor: _Tensor) -> np.ndarray:
+        """The tensor's bytes (uint8, GGUF byte shape)."""
+        buf = bytearray(tensor.n_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(tensor.offset)
+            if f.readinto(buf) != tensor.n_bytes:
+                raise ModelLoadError(f"{self.path} is truncated inside tensor {tensor.name}")
+        return np.frombuffer(buf, dtype=np.uint8).reshape(tensor.byte_shape)
+
+    def dequantized(self, tensor: _Tensor) -> np.ndarray:
+        try:
+            data = gguf.quants.dequantize(self.read(tensor), tensor.qtype)
+        except NotImplementedError as e:
+            raise ExportError(
+                f"tensor {tensor.name} is {tensor.qtype.name}, which the gguf package cannot dequantize"
+            ) from e
+        return np.asarray(data, dtype=np.float32).reshape(tensor.shape)
+
+
+# --- checks --------------------------------------------------------------------------------------
+def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch.Tensor]]) -> None:
+    n = source.block_count
+    if not kept:
+        raise ConfigError("no blocks would be kept", hint="keep at least one block")
+    if sorted(set(kept)) != list(kept):
+        raise ConfigError(f"kept_layers must be increasing and unique, got {kept}")
+    if kept[0] < 0 or kept[-1] >= n:
+        raise ConfigError(f"kept_layers {kept} are outside blocks 0..{n - 1} of {source.path.name}")
+    stray = sorted(set(folds) - set(kept))
+    if stray:
+        raise ConfigError(
+            f"maps are folded into blocks {stray}, which are removed", hint="fold into kept blocks"
+        )
+    problem = _runtime_pattern_problem(source.arch, n, kept)
+    if problem:
+        raise ExportError(f"llama.cpp cannot represent this cut: {problem}", hint="choose another cut")
+
+
+def _runtime_pattern_problem(arch: str, n_blocks: int, kept: list[int]) -> str | None:
+    """llama.cpp's Gemma loaders derive the sliding/global pattern from the layer index."""
+    for adapter in ADAPTERS.values():
+        if adapter.gguf_arch == arch and hasattr(adapter, "llama_cpp_layer_types"):
+            before = adapter.llama_cpp_layer_types(n_blocks)
+            after = adapter.llama_cpp_layer_types(len(kept))
+            if [before[i] for i in kept] != after:
+                return (
+                    f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
+                    f"(every {adapter.llama_cpp_swa_period}th layer global)"
+                )
+    return None
+
+
+# --- the fold ------------------------------------------------------------------------------------
+def _as_matrix(transform: torch.Tensor) -> np.ndarray:
+    t = transform.detach().to("cpu", torch.float64).numpy()
+    return np.diag(t) if t.ndim == 1 else t
+
+
+def _as_scale(transform: torch.Tensor) -> np.ndarray:
+    t = transform.detach().to("cpu", torch.float64).numpy()
+    if t.ndim == 2:
+        if np.abs(t - np.diag(np.diagonal(t))).max() > 0:
+            raise ConfigError("this architecture has a norm after the MLP; only a diagonal map folds exactly")
+        t = np.diagonal(t)
+    return t
+
+
+def _folded(
+    source: _Source,
+    block: int,
+    transforms: list[torch.Tensor],
+    dense_fold: bool,
+    norm_weight_offset: float,
+) -> dict[str, np.ndarray]:
+    """Source tensor name -> its folded values (float64, numpy orientation)."""
+    if dense_fold:
+        weight_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN].format(bid=block) + ".weight"
+        tensor = _require(source, weight_name)
+        w = source.dequantized(tensor).astype(np.float64)  # [d, d_ff]: transformers' W_down
+        bias_tensor = source.by_name.get(weight_name.removesuffix(".weight") + ".bias")
+        b = None if bias_tensor is None else source.dequantized(bias_tensor).astype(np.float64)
+        for transform in transforms:
+            t = _as_matrix(transform)
+            if t.shape != (w.shape[0], w.shape[0]):
+                raise ConfigError(f"map of shape {t.shape} does not fit {weight_name} of shape {w.shape}")
+            w = t.T @ w
+            if b is not None:
+                b = b @ t
+        out = {weight_name: w}
+        if b is not None:
+            out[bias_tensor.name] = b
+        return out
+    norm_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_POST_NORM].format(bid=block) + ".weight"
+    tensor = _require(source, norm_name)
+    w = source.dequantized(tensor).astype(np.float64)
+    for transform in transforms:
+        s = _as_scale(transform)
+        if s.shape != w.shape:
+            raise ConfigError(f"scale of shape {s.shape} does not fit {norm_name} of shape {w.shape}")
+        w = (norm_weight_offset + w) * s - norm_weight_offset
+    return {norm_name: w}
+
+
+def _require(source: _Source, name: str) -> Any:
+    if name not in source.by_name:
+        raise ExportError(f"{source.path.name} has no tensor {name!r} to fold the map into")
+    return source.by_name[name]
+
+
+def _relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    norm = float(np.linalg.norm(exact))
+    return float(np.linalg.norm(approx.astype(np.float64) - exact)) / norm if norm else 0.0
+
+
+# --- metadata ------------------------------------------------------------------------------------
+def _pruned_metadata(source: _Source, kept: list[int]) -> gguf_metadata.Metadata:
+    meta: gguf_metadata.Metadata = {}
+    for key, kv in source.metadata.items():
+        if key == source.block_key:
+            kv = gguf_metadata.KV(len(kept), kv.vtype, kv.sub_type)
+        elif (
+            kv.vtype == GGUFValueType.ARRAY
+            and key.startswith(source.arch + ".")
+            and isinstance(kv.value, list)
+            and len(kv.value) == source.block_count
+        ):
+            kv = gguf_metadata.KV([kv.value[i] for i in kept], kv.vtype, kv.sub_type)
+        meta[key] = kv
+    return meta
+
+
+# --- writing -------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def prune_gguf(
+    source_gguf: str | Path,
+    out_file: str | Path,
+    kept_layers: list[int],
+    folds: dict[int, list[torch.Tensor]],
+    *,
+    dense_fold: bool,
+    norm_weight_offset: float = 0.0,
+) -> dict[str, Any]:
+    """Write ``source_gguf`` with only ``kept_layers`` (original indices, in order) to ``out_file``.
+
+    ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, or a
+    length-d diagonal). ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
+    (False, Gemma). ``norm_weight_offset`` is what the runtime adds to the *stored* norm weight:
+    0 for llama.cpp, whose Gemma files store ``1 + w`` already, so the stored weight is scaled as is.
+
+    Returns what was done: counts, and per output tensor its source name, type and action
+    (``copied``, ``requantized``, or ``requantized`` with a different ``type`` than ``source_type``).
+    """
+    start = time.perf_counter()
+    source = _Source(Path(source_gguf))
+    kept = [int(i) for i in kept_layers]
+    folds = {int(i): list(ts) for i, ts in folds.items() if len(ts)}
+    _check_request(source, kept, folds)
+    new_index = {old: new for new, old in enumerate(kept)}
+
+    rewritten: dict[str, Any] = {}
+    for block, transforms in sorted(folds.items()):
+        for name, exact in _folded(source, block, transforms, dense_fold, norm_weight_offset).items():
+            tensor = source.by_name[name]
+            q = quantize_like(exact.astype(np.float32), tensor.qtype, name=name)
+            back = np.asarray(gguf.quants.dequantize(q.data, q.qtype), dtype=np.float32).reshape(tensor.shape)
+            rewritten[name] = (q, _relative_error(back, exact))
+
+    plan: list[tuple[str, _Tensor]] = []
+    dropped = 0
+    for tensor in source.tensors:
+        block = tensor.block
+        if block is None:
+            plan.append((tensor.name, tensor))
+        elif block in new_index:
+            plan.append((tensor.renamed(new_index[block]), tensor))
+        else:
+            dropped += 1
+
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    per_tensor: dict[str, dict[str, Any]] = {}
+    try:
+        writer = GGUFWriter(None, source.arch)
+        try:
+            meta = _pruned_metadata(source, kept)
+            alignment = meta.pop(Keys.General.ALIGNMENT, None)
+            if alignment is not None:
+                writer.add_custom_alignment(int(alignment.value))
+            gguf_metadata.write_metadata(writer, meta)
+            for new_name, tensor in plan:
+                if tensor.name in rewritten:
+                    q, _ = rewritten[tensor.name]
+                    writer.add_tensor_info(new_name, q.data.shape, np.dtype(np.uint8), q.data.nbytes, q.qtype)
+                else:
+                    writer.add_tensor_info(
+                        new_name, tensor.byte_shape, np.dtype(np.uint8), tensor.n_bytes, tensor.qtype
+                    )
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for new_name, tensor in progress(plan, desc="Writing tensors", total=len(plan)):
+                if tensor.name in rewritten:
+                    q, rel_error = rewritten[tensor.name]
+                    writer.write_tensor_data(q.data)
+                    per_tensor[new_name] = {
+                        "source": tensor.name,
+                        "action": "requantized",
+                        "source_type": tensor.qtype.name,
+                        "type": q.qtype.name,
+                        "quantizer": q.quantizer,
+                        "relative_error": rel_error,
+                    }
+                else:
+                    writer.write_tensor_data(source.read(tensor))
+                    per_tensor[new_name] = {
+                        "source": tensor.name,
+                        "action": "copied",
+                        "type": tensor.qtype.name,
+                    }
+        finally:
+            writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    requantized = {n: r for n, r in per_tensor.items() if r["action"] == "requantized"}
+    changed_type = {n: r["type"] for n, r in requantized.items() if r["type"] != r["source_type"]}
+    record = {
+        "source": str(source.path),
+        "output": str(out),
+        "arch": source.arch,
+        "block_count": {"before": source.block_count, "after": len(kept)},
+        "kept_layers": kept,
+        "copied": sum(1 for r in per_tensor.values() if r["action"] == "copied"),
+        "requantized": len(requantized),
+        "type_changed": changed_type,
+        "dropped": dropped,
+        "folded": requantized,
+        "tensors": per_tensor,
+        "size_bytes": {"source": source.path.stat().st_size, "output": out.stat().st_size},
+        "seconds": time.perf_counter() - start,
+    }
+    log.info(
+        "pruned GGUF %s: %d -> %d blocks, %d tensors copied, %d requantized%s (%.1f s)",
+        out.name,
+        source.block_count,
+        len(kept),
+        record["copied"],
+        record["requantized"],
+        f", type changed: {changed_type}" if changed_type else "",
+        record["seconds"],
+    )
+    return record

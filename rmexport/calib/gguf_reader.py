@@ -1,0 +1,346 @@
+"""Read a GGUF file one tensor at a time, under Hugging Face tensor names, like ``CheckpointReader``.
+
+``GGUFCheckpointReader`` parses the header once (``gguf.GGUFReader``), records where each tensor's
+bytes lie, and closes the mapping again. ``get(hf_name)`` then reads that tensor's bytes from the
+file, dequantizes them with ``gguf.quants.dequantize`` and returns float32 in transformers'
+layout, so a block engine can materialise one decoder block at a time from a quantized file.
+
+GGUF names are mapped to HF names with the ``gguf`` package's ``TensorNameMap``, applied to the
+parameter names of the transformers model for the file's config (built on the meta device, so it
+costs nothing). What llama.cpp's converter changed is undone here:
+- llama arch (Llama, Mistral): q/k rows are stored in llama.cpp's pairwise rotary order; they are
+  permuted back per head (biases too);
+- Gemma 2/3: RMSNorm weights are stored as ``1 + w``; ``w`` is returned;
+- tied embeddings: a file without ``output.weight`` has no ``lm_head.weight``, as an HF checkpoint
+  with tied embeddings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..arch import ArchAdapter, adapter_for
+from ..errors import ModelLoadError
+from ..log import get_logger
+
+__all__ = [
+    "GGUFCheckpointReader",
+    "GGUFFacts",
+    "GGUFTensorInfo",
+    "config_from_gguf",
+    "gguf_block_bytes",
+    "gguf_model_bytes",
+    "read_gguf_facts",
+]
+
+log = get_logger(__name__)
+
+# GGUF tensors with no transformers parameter: derived data that transformers recomputes.
+_DERIVED = ("rope_freqs.weight",)
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor's bytes lie in the file, and what they are."""
+
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (rows last), i.e. transformers' [out, in] for a weight
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        from gguf.quants import quant_shape_to_byte_shape
+
+        return quant_shape_to_byte_shape(self.shape, self.qtype)
+
+    @property
+    def block(self) -> int | None:
+        """The decoder block index of a ``blk.N.*`` tensor, else None."""
+        parts = self.name.split(".")
+        return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    """What a GGUF file is, read from its header alone."""
+
+    path: Path
+    arch: str
+    block_count: int
+    tensors: dict[str, GGUFTensorInfo]
+    tied_embeddings: bool
+    file_type: int | None
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _field_value(fields: Any, key: str) -> Any:
+    item = fields.get(key)
+    return None if item is None else item.contents()
+
+
+def read_gguf_facts(path: str | Path) -> GGUFFacts:
+    """Parse the header of ``path``; ModelLoadError when it is not a complete GGUF file."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
+            hint="the file may be truncated or corrupt; download or convert it again",
+        ) from e
+    size = path.stat().st_size
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for t in reader.tensors:
+        info = GGUFTensorInfo(
+            name=t.name,
+            qtype=t.tensor_type,
+            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+            offset=int(t.data_offset),
+            n_bytes=int(t.n_bytes),
+        )
+        if info.offset + info.n_bytes > size:
+            raise ModelLoadError(
+                f"{path} is truncated: tensor {t.name} ends at byte {info.offset + info.n_bytes}, "
+                f"the file has {size}",
+                hint="download or convert the file again",
+            )
+        tensors[t.name] = info
+    fields = reader.fields
+    arch = _field_value(fields, gguf.Keys.General.ARCHITECTURE)
+    if not arch:
+        raise ModelLoadError(f"{path} has no general.architecture key", hint="is it a llama.cpp model file?")
+    block_count = _field_value(fields, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    if block_count is None:
+        raise ModelLoadError(f"{path} has no {arch}.block_count key")
+    file_type = _field_value(fields, gguf.Keys.General.FILE_TYPE)
+    metadata = {k: _field_value(fields, k) for k in fields if not k.startswith(("GGUF.", "tokenizer.ggml."))}
+    facts = GGUFFacts(
+        path=path,
+        arch=str(arch),
+        block_count=int(block_count),
+        tensors=tensors,
+        tied_embeddings="output.weight" not in tensors,
+        file_type=None if file_type is None else int(file_type),
+        tensor_types=dict(Counter(t.qtype.name for t in tensors.values())),
+        metadata=metadata,
+    )
+    del reader  # unmap the file: the header is all we keep
+    return facts
+
+
+def config_from_gguf(path: str | Path) -> Any:
+    """The transformers config of a GGUF file (transformers' own GGUF metadata mapping)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ModelLoadError(
+            f"transformers could not read the config of {path} ({type(e).__name__}: {str(e)[:160]})",
+            hint="the file may be truncated, or of an architecture transformers cannot load from GGUF",
+        ) from e
+    adapter = adapter_for(config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [adapter.hf_architectures[0]]
+    return config
+
+
+def _model_arch(arch: str) -> Any:
+    import gguf
+
+    for key, name in gguf.MODEL_ARCH_NAMES.items():
+        if name == arch:
+            return key
+    raise ModelLoadError(f"the installed gguf package does not know architecture {arch!r}")
+
+
+def _hf_parameter_names(config: Any) -> list[str]:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return list(model.state_dict())
+
+
+def _gguf_to_hf(facts: GGUFFacts, config: Any) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name, for every tensor in the file."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(_model_arch(facts.arch), facts.block_count)
+    candidates: dict[str, str] = {}
+    for hf_name in _hf_parameter_names(config):
+        found = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is not None:
+            candidates.setdefault(found, hf_name)
+    mapping: dict[str, str] = {}
+    for gguf_name in facts.tensors:
+        if gguf_name in _DERIVED:
+            continue
+        if gguf_name not in candidates:
+            raise ModelLoadError(
+                f"can not map GGUF tensor {gguf_name!r} of {facts.path.name} to a "
+                f"{type(config).__name__} parameter",
+                hint="the file holds tensors this architecture's transformers model does not have",
+            )
+        mapping[gguf_name] = candidates[gguf_name]
+    return mapping
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of q/k from llama.cpp's pairwise rotary layout back to transformers' half-split one."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpointReader:
+    """HF tensor name -> GGUF file; reads and dequantizes tensors one at a time.
+
+    The same interface as ``CheckpointReader``: ``weight_map``, ``names()``, ``get()``,
+    ``with_prefix()``, ``shards``, ``close()``. ``bytes_read`` / ``bytes_dequantized`` /
+    ``tensors_read`` count what ``get`` has done (``reset_counters()`` zeroes them).
+    """
+
+    def __init__(self, path: str | Path, config: Any | None = None):
+        self.path = Path(path)
+        self.directory = self.path.parent
+        self.facts = read_gguf_facts(self.path)
+        self.config = config if config is not None else config_from_gguf(self.path)
+        self.adapter: ArchAdapter = adapter_for(self.config)
+        self._gguf_names = {hf: g for g, hf in _gguf_to_hf(self.facts, self.config).items()}
+        self.weight_map: dict[str, str] = {hf: self.path.name for hf in self._gguf_names}
+        self._file: Any = None
+        self.reset_counters()
+
+    # --- facts -----------------------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.facts.arch
+
+    @property
+    def block_count(self) -> int:
+        return self.facts.block_count
+
+    @property
+    def shards(self) -> list[str]:
+        return [self.path.name]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def gguf_name(self, hf_name: str) -> str:
+        if hf_name not in self._gguf_names:
+            raise ModelLoadError(f"tensor {hf_name!r} is missing from {self.path}")
+        return self._gguf_names[hf_name]
+
+    def info(self, hf_name: str) -> GGUFTensorInfo:
+        return self.facts.tensors[self.gguf_name(hf_name)]
+
+    # --- reading -----------------------------------------------------------------------------
+    def reset_counters(self) -> None:
+        self.bytes_read = 0
+        self.bytes_dequantized = 0
+        self.tensors_read = 0
+
+    def raw(self, hf_name: str) -> np.ndarray:
+        """The tensor's bytes as stored (uint8, GGUF byte shape)."""
+        info = self.info(hf_name)
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        buf = bytearray(info.n_bytes)
+        self._file.seek(info.offset)
+        if self._file.readinto(buf) != info.n_bytes:
+            raise ModelLoadError(f"{self.path} is truncated inside tensor {info.name}")
+        self.bytes_read += info.n_bytes
+        return np.frombuffer(buf, dtype=np.uint8).reshape(info.byte_shape)
+
+    def get(self, hf_name: str) -> torch.Tensor:
+        """The tensor as transformers holds it, in float32."""
+        from gguf.quants import dequantize
+
+        info = self.info(hf_name)
+        try:
+            data = dequantize(self.raw(hf_name), info.qtype)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"tensor {info.name} of {self.path.name} is {info.qtype.name}, which the gguf package "
+                "cannot dequantize",
+                hint="upgrade the gguf package",
+            ) from e
+        data = np.asarray(data, dtype=np.float32).reshape(info.shape)
+        data = self._to_transformers(hf_name, data)
+        self.bytes_dequantized += data.nbytes
+        self.tensors_read += 1
+        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+
+    def _to_transformers(self, hf_name: str, data: np.ndarray) -> np.ndarray:
+        import gguf
+
+        offset = self.adapter.norm_weight_offset
+        if offset and hf_name.endswith("norm.weight"):
+            data = data - np.float32(offset)
+        if self.arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]:
+            name = self.gguf_name(hf_name)
+            cfg = self.config
+            if name.split(".")[-2] == "attn_q":
+                data = _unpermute_rope_rows(data, cfg.num_attention_heads)
+            elif name.split(".")[-2] == "attn_k":
+                kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+                data = _unpermute_rope_rows(data, kv_heads)
+        return data
+
+    def with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name without prefix, tensor)`` for every tensor under ``prefix.``."""
+        head = prefix + "."
+        for name in self.weight_map:
+            if name.startswith(head):
+                yield name[len(head) :], self.get(name)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> GGUFCheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self.close()
+
+
+def gguf_model_bytes(path: str | Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the file's tensors would take in ``dtype`` once dequantized (header only)."""
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    return sum(t.numel for t in read_gguf_facts(path).tensors.values()) * element_size
+
+
+def gguf_block_bytes(reader: GGUFCheckpointReader, layer_idx: int, prefix: str = "model.layers") -> int:
+    """Float32 bytes of one decoder block's tensors (what loading that block dequantizes)."""
+    head = f"{prefix}.{layer_idx}."
+    return sum(reader.info(n).numel * 4 for n in reader.names() if n.startswith(head))
