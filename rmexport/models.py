@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import ModelLoadError
@@ -29,6 +30,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "metadata_dir",
     "read_provenance",
     "resolve",
     "write_provenance",
@@ -78,7 +80,7 @@ ALIASES: dict[str, str | PackagedGGUF] = {
 }
 
 # Bump when the cached conversion of a GGUF source changes, so stale caches are not reused.
-_CONVERSION_VERSION = 2
+_CONVERSION_VERSION = 3
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -158,12 +160,13 @@ def _hub_error(source: ModelSource, err: Exception) -> ModelLoadError:
     )
 
 
-def checkpoint_dir(source: ModelSource) -> str:
-    """A name ``from_pretrained`` accepts: a hub id, a local directory, or a cached conversion.
+def metadata_dir(source: ModelSource) -> str:
+    """Where the config and tokenizer are: the checkpoint itself, or a GGUF source's cached
+    conversion (config, tokenizer, no weights: pruning reads those from the GGUF, one block at a time).
 
-    A GGUF source is converted once; its tokenizer is checked against llama.cpp then (and again
-    when the saved verdict no longer applies), and a GGUF whose tokenizer can not be reproduced
-    is refused with ModelLoadError before any weights are read.
+    The conversion is made once; its tokenizer is checked against llama.cpp then (and again when the
+    saved verdict no longer applies), and a GGUF whose tokenizer can not be reproduced is refused
+    with ModelLoadError before any weights are read.
     """
     if not source.is_gguf:
         return source.location
@@ -183,6 +186,35 @@ def checkpoint_dir(source: ModelSource) -> str:
     return str(target)
 
 
+def checkpoint_dir(source: ModelSource) -> str:
+    """A name ``from_pretrained`` accepts, weights included: a hub id, a local directory, or a GGUF
+    source's cached conversion, whose float32 weights are written (streamed from the GGUF) the first
+    time a whole checkpoint is asked for (the original model's ONNX export, for example)."""
+    directory = metadata_dir(source)
+    if source.is_gguf:
+        _materialize_weights(Path(directory))
+    return directory
+
+
+def _materialize_weights(directory: Path) -> None:
+    from .calib.weights import INDEX_FILE, SINGLE_FILE, open_weights, write_shards
+
+    if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        return
+    log.info("dequantizing %s's weights into the cached checkpoint (once)", directory.name)
+    reader = open_weights(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=directory))
+    try:
+        tensors = [(n, reader.numel(n) * 4, lambda n=n: reader.get(n)) for n in reader.names()]
+        write_shards(tensors, tmp)
+        reader.close()
+        finished = [tmp / INDEX_FILE, tmp / SINGLE_FILE]  # moved last: they mark the weights complete
+        for item in sorted(tmp.iterdir(), key=lambda f: f in finished):
+            os.replace(item, directory / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _transformers_tokenizer(gguf_path: Path) -> Any:
     """transformers' reading of the GGUF tokenizer, with the file's special tokens; None if it fails."""
     from transformers import AutoTokenizer
@@ -199,33 +231,30 @@ def _transformers_tokenizer(gguf_path: Path) -> Any:
 
 
 def _convert_gguf(gguf_path: Path, target: Path, fingerprint: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Config, generation config and tokenizer of a GGUF, checked against llama.cpp; no weights."""
+    from transformers import GenerationConfig
 
     from .atomic import replace_dir
+    from .calib.gguf_reader import config_from_gguf
     from .tokenizer_parity import ensure_parity, write_record
 
     # The tokenizer first: a file whose tokenizer llama.cpp reads differently is refused before
-    # any weights are dequantized.
+    # anything else is read.
     tokenizer, parity = ensure_parity(gguf_path, _transformers_tokenizer(gguf_path), fingerprint)
-    log.info("dequantizing %s into a cached HF checkpoint (once)", gguf_path.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        config = config_from_gguf(gguf_path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(
             f"could not read GGUF file {gguf_path} ({type(e).__name__}: {str(e)[:160]})",
-            hint="the file may be truncated or of an architecture transformers cannot dequantize",
+            hint="the file may be truncated or of an architecture transformers cannot read",
         ) from e
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = SimpleNamespace(config=config, generation_config=GenerationConfig.from_model_config(config))
     _copy_special_token_ids(tokenizer, model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # transformers saves the whole GGUF as a bogus "tokenizer.model" for GGUF-born tokenizers;
         # tokenizer.json is complete, and that file would mislead every later reader.
@@ -295,7 +324,7 @@ def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(checkpoint_dir(source))
+        return AutoConfig.from_pretrained(metadata_dir(source))
     except OSError as e:
         if source.kind == "hub":
             raise _hub_error(source, e) from e
@@ -308,7 +337,7 @@ def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(checkpoint_dir(source))
+        return AutoTokenizer.from_pretrained(metadata_dir(source))
     except (OSError, ValueError) as e:
         if source.kind == "hub":
             raise _hub_error(source, e) from e

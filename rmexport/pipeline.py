@@ -19,7 +19,7 @@ from .calib.budget import ram_bytes
 from .calib.corpus import BUILTIN
 from .errors import ConfigError
 from .log import get_logger
-from .models import ModelSource, checkpoint_dir, load_config, resolve
+from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
@@ -173,7 +173,7 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
 
 
 def _gguf_stages(
-    args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, slug, ratio_label
+    args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
 ) -> dict:
     from converters.gguf_export import export_gguf
     from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
@@ -181,10 +181,28 @@ def _gguf_stages(
     from validation.gguf_parity import validate_gguf
 
     outputs: dict[str, Any] = {}
-    types = list(dict.fromkeys([args.gguf_type, "q4_k_m"]))
+    slug = source.slug
+    # A quantized GGUF source is pruned into a GGUF of its own type directly (untouched tensors
+    # copied byte for byte), and compared with the source file itself; the HF route still gives
+    # the --gguf-type file. Other sources get --gguf-type and q4_k_m through the HF checkpoint.
+    native = _native_gguf_type(source) if source.is_gguf else None
+    converted = [args.gguf_type] if native else ["q4_k_m"]
+    types = list(dict.fromkeys([args.gguf_type, *converted, *([native] if native else [])]))
     pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
     base_files = {t: base_dir / "gguf" / f"{slug}-{t}.gguf" for t in types}
-    for t in types:
+    if native:
+        base_files[native] = Path(source.location)
+        runner.run(
+            Stage(
+                f"export_gguf_{native}",
+                {"type": native, "native": True},
+                [pruned_files[native]],
+                lambda: _prune_gguf_natively(source, run_dir, pruned_files[native]),
+                needs=["prune"],
+            )
+        )
+        base_runner.hashes[f"export_gguf_{native}"] = model_key["location"]
+    for t in [t for t in types if t != native]:
         if not args.skip_bench:  # the original's GGUFs only serve the side-by-side benchmark
             base_runner.run(
                 Stage(
@@ -248,6 +266,34 @@ def _gguf_stages(
     return outputs
 
 
+def _native_gguf_type(source: ModelSource) -> str:
+    """The source GGUF's type, as llama.cpp names it (``q4_1``, ``q4_k_m``, ...)."""
+    import gguf
+
+    field = gguf.GGUFReader(source.location).fields.get(gguf.Keys.General.FILE_TYPE)
+    if field is None:
+        return "native"
+    return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").lower()
+
+
+def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
+    from converters.gguf_prune import prune_gguf
+
+    from .arch import adapter_for
+    from .replaceme.save import MAPS_FILE, load_maps
+
+    record = json.loads((run_dir / "prune.json").read_text())
+    adapter = adapter_for(load_config(source))
+    result = prune_gguf(
+        source.location,
+        out,
+        record["kept_layers"],
+        load_maps(run_dir / MAPS_FILE),
+        dense_fold=adapter.dense_fold,
+    )
+    write_json(run_dir / "checks" / "gguf_native.json", result)
+
+
 def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     source = resolve(args.model)
     ratio_label = _ratio_label(args)
@@ -259,7 +305,9 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     runner = StageRunner(run_dir / ".stages", force=args.force)
     base_runner = StageRunner(base_dir / ".stages", force=args.force)
     options = options_from_args(args)
-    original_ckpt = Path(checkpoint_dir(source))
+    # The original's weights as a checkpoint serve only the side-by-side benchmarks' exports (for a
+    # GGUF source that means dequantizing them once into the cache).
+    original_ckpt = Path(metadata_dir(source) if args.skip_bench else checkpoint_dir(source))
     model_key = {"spec": source.spec, "location": source.location, "layers": config.num_hidden_layers}
     pruned_ckpt = run_dir / "hf"
     started = time.perf_counter()
@@ -292,7 +340,7 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
             pruned_ckpt,
             run_dir,
             base_dir,
-            source.slug,
+            source,
             ratio_label,
         )
 

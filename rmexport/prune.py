@@ -27,10 +27,17 @@ from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
 from .calib.weights import checkpoint_dtype, model_bytes
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
-from .models import ModelSource, checkpoint_dir, load_config, load_tokenizer, read_provenance, resolve
+from .models import (
+    ModelSource,
+    load_config,
+    load_tokenizer,
+    metadata_dir,
+    read_provenance,
+    resolve,
+)
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality
 from .replaceme.checks import plain_removal, run_checks
-from .replaceme.save import save_pruned_checkpoint
+from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
 from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
@@ -176,7 +183,7 @@ def calibration_set(corpus: Any, tokenizer: Any, options: PruneOptions) -> Calib
 
 def _local_checkpoint(source: ModelSource) -> str:
     """A local directory: hub checkpoints are read from the local Hugging Face cache (or fetched)."""
-    location = checkpoint_dir(source)
+    location = metadata_dir(source)
     if source.kind != "hub":
         return location
     from huggingface_hub import snapshot_download
@@ -434,6 +441,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     }
     with clock.stage("save"):
         save_pruned_checkpoint(checkpoint, out_dir / "hf", kept, folds, provenance=provenance)
+        save_maps(out_dir / MAPS_FILE, folds)
     record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
     record.peak_rss_mib = round(_peak_rss_mib(), 1)
     data = record.to_json()

@@ -443,7 +443,7 @@ def check_saved(gguf_path: str | Path, checkpoint: str | Path, fingerprint: str)
 def tokenizer_parity_record(source: Any) -> dict[str, Any]:
     """What ``prune.json`` records about tokenizer parity for ``source`` (a ``models.ModelSource``).
 
-    For a GGUF source: the verdict saved beside its cached conversion (``checkpoint_dir`` checks
+    For a GGUF source: the verdict saved beside its cached conversion (``metadata_dir`` checks
     it, or refuses the model, before returning). An HF checkpoint is its own reference.
     """
     if not source.is_gguf:
@@ -451,9 +451,9 @@ def tokenizer_parity_record(source: Any) -> dict[str, Any]:
             "method": "the checkpoint's own tokenizer",
             "verdict": "not checked: the source is not a GGUF",
         }
-    from .models import checkpoint_dir
+    from .models import metadata_dir
 
-    record = read_record(checkpoint_dir(source))
-    if record is None:  # pragma: no cover - checkpoint_dir never returns a conversion without one
+    record = read_record(metadata_dir(source))
+    if record is None:  # pragma: no cover - metadata_dir never returns a conversion without one
         raise ModelLoadError(f"no tokenizer parity record beside the conversion of {source.location}")
     return record

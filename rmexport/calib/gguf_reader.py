@@ -258,6 +258,9 @@ class GGUFCheckpointReader:
     def info(self, hf_name: str) -> GGUFTensorInfo:
         return self.facts.tensors[self.gguf_name(hf_name)]
 
+    def numel(self, hf_name: str) -> int:
+        return self.info(hf_name).numel
+
     # --- reading -----------------------------------------------------------------------------
     def reset_counters(self) -> None:
         self.bytes_read = 0

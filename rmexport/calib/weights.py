@@ -20,9 +20,18 @@ from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
 from ..errors import ModelLoadError
-from ..log import get_logger
+from ..log import get_logger, progress
 
-__all__ = ["CheckpointReader", "ModelSkeleton", "checkpoint_dtype", "model_bytes"]
+__all__ = [
+    "CheckpointReader",
+    "ModelSkeleton",
+    "checkpoint_dtype",
+    "model_bytes",
+    "open_weights",
+    "write_shards",
+]
+
+MAX_SHARD_BYTES = 2 * 2**30
 
 log = get_logger(__name__)
 
@@ -69,6 +78,12 @@ class CheckpointReader:
             raise ModelLoadError(f"tensor {name!r} is missing from {self.directory}")
         return self._handle(self.weight_map[name]).get_tensor(name)
 
+    def numel(self, name: str) -> int:
+        count = 1
+        for size in self._handle(self.weight_map[name]).get_slice(name).get_shape():
+            count *= size
+        return count
+
     def with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name without prefix, tensor)`` for every tensor under ``prefix.``."""
         head = prefix + "."
@@ -87,21 +102,64 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
     return dtype
 
 
-def model_bytes(directory: str | Path, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the checkpoint's tensors would take in ``dtype`` (read from shard headers only)."""
-    from safetensors import safe_open
+def open_weights(directory: str | Path) -> Any:
+    """The reader of a checkpoint's weights: its safetensors shards, or, for a GGUF source's cached
+    conversion (config and tokenizer only), the GGUF file itself, dequantized one tensor at a time."""
+    from ..models import read_provenance
 
-    reader = CheckpointReader(directory)
-    elements = 0
-    for shard in reader.shards:
-        with safe_open(reader.directory / shard, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
-                shape = f.get_slice(name).get_shape()
-                count = 1
-                for size in shape:
-                    count *= size
-                elements += count
+    directory = Path(directory)
+    if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        return CheckpointReader(directory)
+    gguf_file = read_provenance(directory).get("gguf_file")
+    if gguf_file and Path(gguf_file).is_file():
+        from transformers import AutoConfig
+
+        from .gguf_reader import GGUFCheckpointReader
+
+        return GGUFCheckpointReader(gguf_file, config=AutoConfig.from_pretrained(directory))
+    return CheckpointReader(directory)  # raises the clear "no weights" error
+
+
+def model_bytes(directory: str | Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the checkpoint's tensors would take in ``dtype`` (read from headers only)."""
+    reader = open_weights(directory)
+    try:
+        elements = sum(reader.numel(name) for name in reader.names())
+    finally:
+        reader.close()
     return elements * torch.tensor([], dtype=dtype).element_size()
+
+
+def write_shards(
+    tensors: list[tuple[str, int, Any]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> int:
+    """Write ``(name, bytes, produce)`` items as safetensors shards of at most ``max_shard_bytes``
+    (``model.safetensors`` when one is enough, else numbered shards and an index). Tensors are
+    produced one shard at a time, so memory holds one shard. Returns the total bytes."""
+    from safetensors.torch import save_file
+
+    groups: list[list[tuple[str, int, Any]]] = [[]]
+    size = 0
+    for item in tensors:
+        if groups[-1] and size + item[1] > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item[1]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, group in enumerate(progress(groups, desc="Writing shards", total=len(groups)), 1):
+        name = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        shard = {key: produce().contiguous() for key, _, produce in group}
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        for key, value in shard.items():
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+        del shard
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return total
 
 
 class ModelSkeleton:
@@ -125,7 +183,7 @@ class ModelSkeleton:
         self.resident = resident
         self.config = AutoConfig.from_pretrained(self.directory)
         self.adapter: ArchAdapter = adapter_for(self.config)
-        self.reader = CheckpointReader(self.directory)
+        self.reader = open_weights(self.directory)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, **kwargs)

@@ -11,7 +11,6 @@ only when complete.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -23,13 +22,16 @@ from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
 from ..atomic import replace_dir
-from ..calib.weights import INDEX_FILE, SINGLE_FILE, CheckpointReader, checkpoint_dtype
+from ..calib.weights import checkpoint_dtype, open_weights, write_shards
 from ..errors import ExportError
-from ..log import get_logger, progress
+from ..log import get_logger
 from ..models import PROVENANCE_FILE, write_provenance
 from .apply import fold_into_down_proj, fold_into_post_mlp_norm
 
-__all__ = ["fold_tensor", "save_pruned_checkpoint"]
+__all__ = ["MAPS_FILE", "fold_tensor", "load_maps", "save_maps", "save_pruned_checkpoint"]
+
+# The fitted maps of a prune, by original block index: what a GGUF-to-GGUF export folds in.
+MAPS_FILE = "maps.safetensors"
 
 log = get_logger(__name__)
 
@@ -88,14 +90,14 @@ def save_pruned_checkpoint(
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``source_dir`` keeping original blocks ``kept`` (in order), with
-    ``folds[layer_idx]`` (maps, in order) folded into those blocks, to ``target``."""
-    from safetensors.torch import save_file
+    ``folds[layer_idx]`` (maps, in order) folded into those blocks, to ``target``. The weights come
+    from the source's shards, or from its GGUF file (dequantized), one shard's worth at a time."""
     from transformers import AutoConfig
 
     source_dir, target = Path(source_dir), Path(target)
     config = AutoConfig.from_pretrained(source_dir)
     adapter = adapter_for(config)
-    reader = CheckpointReader(source_dir)
+    reader = open_weights(source_dir)
     rename = _renamer(adapter, kept)
     folded_name = _folded_name(adapter)
     if adapter.dense_fold and any(
@@ -106,35 +108,25 @@ def save_pruned_checkpoint(
     if missing:
         raise ExportError(f"no {folded_name} tensor for block(s) {sorted(missing)} in {source_dir}")
 
+    def producer(name: str, layer_idx: int | None, rest: str | None):
+        def produce() -> torch.Tensor:
+            tensor = reader.get(name)
+            if layer_idx in folds and rest == folded_name:
+                tensor = fold_tensor(adapter, rest, tensor, folds[layer_idx])
+            return tensor
+
+        return produce
+
+    tensors = []
+    for name in reader.names():
+        new_name, layer_idx, rest = rename(name)
+        if new_name is not None:
+            tensors.append((new_name, reader.numel(name) * 4, producer(name, layer_idx, rest)))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        shards = reader.shards
-        sharded = len(shards) > 1 or not (source_dir / SINGLE_FILE).is_file()
-        weight_map: dict[str, str] = {}
-        total_bytes = 0
-        for number, shard in enumerate(progress(shards, desc="Writing shards", total=len(shards)), 1):
-            out_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors" if sharded else SINGLE_FILE
-            tensors: dict[str, torch.Tensor] = {}
-            for name in [n for n, s in reader.weight_map.items() if s == shard]:
-                new_name, layer_idx, rest = rename(name)
-                if new_name is None:
-                    continue
-                tensor = reader.get(name)
-                if layer_idx in folds and rest == folded_name:
-                    tensor = fold_tensor(adapter, rest, tensor, folds[layer_idx])
-                tensors[new_name] = tensor.contiguous()
-                weight_map[new_name] = out_name
-                total_bytes += tensor.numel() * tensor.element_size()
-            reader.close()
-            if tensors:
-                save_file(tensors, tmp / out_name, metadata={"format": "pt"})
-            del tensors
+        total_bytes = write_shards(tensors, tmp)
         reader.close()
-        if sharded:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
         adapter.slice_config(config, kept)
         config.dtype = checkpoint_dtype(config)
         config.save_pretrained(tmp)
@@ -150,3 +142,27 @@ def save_pruned_checkpoint(
         raise
     log.info("wrote %s: %d blocks, %.1f MB", target, len(kept), total_bytes / 1e6)
     return target
+
+
+def save_maps(path: Path, folds: dict[int, list[torch.Tensor]]) -> None:
+    """The fitted maps (float64), ``block.{layer_idx}.{k}`` in folding order, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"block.{j}.{k}": t.to(torch.float64).contiguous()
+        for j, ts in folds.items()
+        for k, t in enumerate(ts)
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"format": "rmexport-maps"})
+    tmp.replace(path)
+
+
+def load_maps(path: Path) -> dict[int, list[torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    folds: dict[int, list[torch.Tensor]] = {}
+    for name in sorted(tensors, key=lambda n: tuple(int(x) for x in n.split(".")[1:])):
+        folds.setdefault(int(name.split(".")[1]), []).append(tensors[name])
+    return folds
