@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rmexport.sequential.blocks import CheckpointReader, model_bytes
 
 from converters.gguf_export import export_gguf
 from rmexport.arch import ADAPTERS
@@ -20,7 +21,6 @@ from rmexport.calib.gguf_reader import (
 )
 from rmexport.errors import ModelLoadError
 from rmexport.models import DEFAULT_MODEL, resolve
-from rmexport.sequential.blocks import CheckpointReader, model_bytes
 
 from .conftest import FAMILIES
 
