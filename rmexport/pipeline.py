@@ -178,14 +178,14 @@ def _gguf_stages(
     from converters.gguf_export import export_gguf
     from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
     from validation.gguf_bench import bench_gguf
-    from validation.gguf_parity import validate_gguf
+    from validation.gguf_parity import gguf_type_of, validate_gguf
 
     outputs: dict[str, Any] = {}
     slug = source.slug
     # A quantized GGUF source is pruned into a GGUF of its own type directly (untouched tensors
     # copied byte for byte), and compared with the source file itself; the HF route still gives
     # the --gguf-type file. Other sources get --gguf-type and q4_k_m through the HF checkpoint.
-    native = _native_gguf_type(source) if source.is_gguf else None
+    native = gguf_type_of(source.location) if source.is_gguf else None
     converted = [args.gguf_type] if native else ["q4_k_m"]
     types = list(dict.fromkeys([args.gguf_type, *converted, *([native] if native else [])]))
     pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
@@ -264,16 +264,6 @@ def _gguf_stages(
         )
         outputs["gguf_bench"] = _read_json(bench_file)
     return outputs
-
-
-def _native_gguf_type(source: ModelSource) -> str:
-    """The source GGUF's type, as llama.cpp names it (``q4_1``, ``q4_k_m``, ...)."""
-    import gguf
-
-    field = gguf.GGUFReader(source.location).fields.get(gguf.Keys.General.FILE_TYPE)
-    if field is None:
-        return "native"
-    return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").lower()
 
 
 def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:

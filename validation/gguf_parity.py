@@ -86,7 +86,10 @@ def gguf_type_of(path: str | Path) -> str:
     for name, t in GGUF_TYPES.items():
         if int(t.file_type) == file_type:
             return name
-    return f"file_type_{file_type}"
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file_type_{file_type}"
 
 
 def _prompts(tokenizer: Any, n_prompts: int, max_tokens: int) -> list[list[int]]:
