@@ -31,9 +31,10 @@ log = get_logger(__name__)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 RUN_EVAL_TOKENS = 8192
 ONNX_FLAVORS = ("optimum", "genai")
-# Bytes written per parameter, per model, for the default artefacts (hf fp32 + onnx fp32 + gguf f16
-# + q4_k_m), with a margin; used to refuse a run that cannot fit on the disk before any work.
-_BYTES_PER_PARAM_ESTIMATE = 4 + 4 + 2 + 1 + 1
+# Bytes per parameter on disk, by artefact, to refuse a run that cannot fit before any work. K-quants
+# are made from a float32 GGUF written first; the margin covers that and rounding.
+_DISK_BYTES_PER_PARAM = {"onnx": 4, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.1, "q4_k_m": 4.6}
+_DISK_MARGIN = 1.1
 # The ONNX exporters hold the whole float32 model and its traced copy: about this many bytes per
 # parameter at peak (an estimate with a margin; it only has to catch models far too big).
 _ONNX_EXPORT_BYTES_PER_PARAM = 8
@@ -47,14 +48,11 @@ def _ratio_label(args: argparse.Namespace) -> str:
     return f"{args.ratio:g}" if args.layers is None else f"{args.layers}l"
 
 
-def _estimate_params(config: Any) -> int:
-    d, ff, n = (
-        config.hidden_size,
-        getattr(config, "intermediate_size", 4 * config.hidden_size),
-        config.num_hidden_layers,
-    )
-    vocab = config.vocab_size
-    return n * (4 * d * d + 3 * d * ff) + 2 * vocab * d
+def _estimate_params(config: Any, blocks: int | None = None) -> int:
+    """Parameters of the model with ``blocks`` decoder blocks (default: all of them)."""
+    d, ff = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    n = config.num_hidden_layers if blocks is None else blocks
+    return n * (4 * d * d + 3 * d * ff) + 2 * config.vocab_size * d
 
 
 def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> Any:
@@ -98,7 +96,12 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to {run_dir}: {e.strerror}") from e
-    needed = 2 * _estimate_params(config) * _BYTES_PER_PARAM_ESTIMATE
+    import torch
+
+    from .calib.weights import checkpoint_dtype
+
+    dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
+    needed = _disk_needed(args, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
     free = shutil.disk_usage(run_dir).free
     if free < needed:
         raise ConfigError(
@@ -106,6 +109,19 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
             hint="free some space or choose another --out-root",
         )
     return config
+
+
+def _disk_needed(args: argparse.Namespace, params: int, checkpoint_bytes: int = 4) -> float:
+    """Bytes the run writes: the pruned checkpoint and each deployable, twice when the original is
+    exported for the side-by-side benchmarks (an upper bound: the pruned model is smaller)."""
+    copies = 1 if args.skip_bench else 2
+    per_param = checkpoint_bytes  # the pruned checkpoint keeps the source's dtype
+    if not args.skip_onnx:
+        per_param += copies * _DISK_BYTES_PER_PARAM["onnx"]
+    if not args.skip_gguf:
+        types = dict.fromkeys([args.gguf_type, "q4_k_m"])
+        per_param += copies * sum(_DISK_BYTES_PER_PARAM.get(t, 4) for t in types)
+    return params * per_param * _DISK_MARGIN
 
 
 def _read_json(path: Path) -> Any:

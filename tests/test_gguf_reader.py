@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rmexport.sequential.blocks import CheckpointReader, model_bytes
+from rmexport.calib.weights import CheckpointReader, model_bytes
 
 from converters.gguf_export import export_gguf
 from rmexport.arch import ADAPTERS
