@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from rmexport.arch import ArchAdapter, adapter_for
+from rmexport.atomic import staged_file
 from rmexport.errors import ConfigError, ExportError
 from rmexport.log import get_logger, progress
 
@@ -272,30 +271,18 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16")
             f"llama.cpp cannot represent this model: {problem}", hint="choose another cut, or export ONNX"
         )
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    f32_tmp = tmp.with_name(tmp.name + ".f32")
-    try:
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give the GGUF file to write", hint=f"e.g. {out}/model.gguf")
+    # Staged beside ``out`` as .rmexport-staging-<pid>-<name>.*, renamed into place when complete.
+    with staged_file(out) as tmp:
         if gtype.by_llama_cpp:
+            f32_tmp = tmp.with_name(tmp.name + ".f32")
             _write(checkpoint, config, adapter, f32_tmp, GGUF_TYPES["f32"])
             llama_cpp_tools.quantize(f32_tmp, tmp, gtype.name)
         else:
             _write(checkpoint, config, adapter, tmp, gtype)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it the usual mode
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        f32_tmp.unlink(missing_ok=True)
     log.info("wrote %s (%s, %.1f MiB)", out, gtype.name, out.stat().st_size / 2**20)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
@@ -330,6 +317,9 @@ def _checkpoint_path(spec: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmexport.inputs import check_export_gguf_args
+
+    check_export_gguf_args(args)
     out = export_gguf(_checkpoint_path(args.checkpoint), args.out, type=args.type)
     info = describe_gguf(out)
     types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())

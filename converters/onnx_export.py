@@ -22,12 +22,11 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from rmexport.atomic import replace_dir
+from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ToolchainError
 
 __all__ = [
@@ -139,8 +138,8 @@ def _check_graph(tmp: Path, n_layers: int) -> dict[str, Any]:
     return {"inputs": other_inputs, "external_data": external, "opsets": opsets}
 
 
-def _replace_export(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an earlier export at ``out`` is replaced."""
+def _check_target(out: Path) -> None:
+    """``out`` may be new, empty, or an earlier export (which is replaced); nothing else."""
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"{out} exists and is not a directory")
@@ -149,7 +148,6 @@ def _replace_export(tmp: Path, out: Path) -> None:
                 f"{out} is not empty and is not an ONNX export; refusing to overwrite it",
                 hint="choose another --out or remove the folder",
             )
-    replace_dir(tmp, out)
 
 
 def export_onnx(
@@ -178,12 +176,12 @@ def export_onnx(
 
     ckpt, config = _check_checkpoint(checkpoint)
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(out)
     n_layers = int(config.num_hidden_layers)
     log.info("export onnx: %s (%d blocks) -> %s [%s, %s, %s]", ckpt, n_layers, out, flavor, dtype, precision)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # Staged beside ``out`` as .rmexport-staging-<pid>-<name>.*, moved into place when complete.
+    with staged_dir(out) as tmp:
         if flavor == "optimum":
             _export_optimum(ckpt, tmp, dtype)
         else:
@@ -211,10 +209,6 @@ def export_onnx(
             "versions": _versions(flavor),
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_export(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("export onnx: done in %.1f s (%s)", info["export_s"], out)
     return out
 
@@ -245,6 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmexport.inputs import check_export_onnx_args
+
+    check_export_onnx_args(args)
     out = export_onnx(
         args.checkpoint, args.out, dtype=args.dtype, flavor=args.flavor, precision=args.precision
     )

@@ -40,6 +40,15 @@ _GROUP_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and a hint, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
@@ -59,7 +68,7 @@ def _module_parser(sub: argparse._SubParsersAction, name: str, module: str, help
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rmexport",
         description="Depth-prune an LLM without training (ReplaceMe) and ship it as ONNX and GGUF.",
     )
@@ -112,7 +121,10 @@ def _stderr_console():
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return int(e.code or 0)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import STAGING_PREFIX, is_stale_staging
 from .log import get_logger
 
 __all__ = ["Stage", "StageRunner", "remove_partial_outputs"]
@@ -89,17 +90,34 @@ class StageRunner:
         return result
 
 
-def remove_partial_outputs(folder: Path) -> None:
-    """Delete temporaries an interrupted run left behind (they all start with a dot and '.tmp'/'.hf')."""
+def _is_partial(entry: Path) -> bool:
+    name = entry.name
+    if name.startswith(STAGING_PREFIX):
+        return is_stale_staging(entry)
+    # Temporaries of earlier versions (no writer pid in the name): '.hf.*', '.onnx.tmp-*', '.x.tmp'.
+    return (
+        name.startswith(".")
+        and name != ".stages"
+        and (".tmp" in name or name.startswith((".hf", ".onnx", ".gguf")))
+    )
+
+
+def remove_partial_outputs(folder: Path) -> list[Path]:
+    """Delete the temporaries interrupted runs left in ``folder`` and its direct subfolders
+    (``gguf/``, ``checks/`` ...): staging entries of processes that are gone, and the older
+    dot-named temporaries. Staging entries of a live process are kept. Returns what was removed."""
     if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if (
-            entry.name.startswith(".")
-            and entry.name != ".stages"
-            and (".tmp" in entry.name or entry.name.startswith((".hf", ".onnx", ".gguf")))
-        ):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        return []
+    removed = []
+    folders = [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    for parent in folders:
+        for entry in parent.iterdir():
+            if _is_partial(entry):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    if removed:
+        log.info("removed %d partial output(s) of an interrupted run under %s", len(removed), folder)
+    return removed

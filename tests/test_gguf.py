@@ -20,6 +20,7 @@ from rmexport.models import read_provenance
 from validation.gguf_parity import validate_gguf
 
 from .conftest import FAMILIES
+from .tiny import make_tiny_checkpoint
 
 # Small budgets: parity over a couple of prompts is enough to catch a wrong layout or key.
 TINY_CHECK = dict(n_prompts=2, max_tokens=48, new_tokens=8)
@@ -42,8 +43,11 @@ def test_tiny_model_of_every_family_runs_in_llama_cpp_like_pytorch(family, tiny_
     assert result["tokenization_mismatches"] == []
 
 
-def test_wrong_reference_fails_parity_with_exit_code_1(tiny_checkpoints, gguf_dir, capsys):
-    out = export_gguf(tiny_checkpoints["qwen2"], gguf_dir / "tiny-qwen2-f32-other.gguf", "f32")
+def test_wrong_reference_fails_parity_with_exit_code_1(tiny_checkpoints, builtin_corpus, gguf_dir, capsys):
+    """Same family and block count, other weights: the comparison runs and fails. (A reference of
+    another family or block count is refused up front as a different model, exit 2.)"""
+    other = make_tiny_checkpoint("llama", gguf_dir / "llama-seed1", builtin_corpus.pool[:300], seed=1)
+    out = export_gguf(other, gguf_dir / "tiny-llama-seed1-f32.gguf", "f32")
     with pytest.raises(ToleranceError):
         validate_gguf(out, tiny_checkpoints["llama"], **TINY_CHECK)
     code = main(

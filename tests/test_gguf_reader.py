@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from rmexport.calib.weights import CheckpointReader, model_bytes
 
 from converters.gguf_export import export_gguf
 from rmexport.arch import ADAPTERS
@@ -19,6 +18,7 @@ from rmexport.calib.gguf_reader import (
     gguf_model_bytes,
     read_gguf_facts,
 )
+from rmexport.calib.weights import CheckpointReader, model_bytes
 from rmexport.errors import ModelLoadError
 from rmexport.models import DEFAULT_MODEL, resolve
 

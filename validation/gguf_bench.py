@@ -286,16 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from converters.gguf_export import GGUF_TYPES
+    from rmexport.inputs import check_bench_gguf_args
 
-    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
-    unknown = [t for t in types if t not in GGUF_TYPES]
-    if unknown or not types:
-        raise ConfigError(f"unknown GGUF types {unknown}", hint="choose from " + ", ".join(GGUF_TYPES))
-    for role in ("original", "pruned"):
-        spec = getattr(args, role)
-        if not (Path(spec).is_file() if _is_gguf(spec) else (Path(spec) / "config.json").is_file()):
-            raise ConfigError(f"--{role} {spec} is neither a .gguf file nor an HF checkpoint directory")
+    types = check_bench_gguf_args(args)
     result = bench_gguf(
         args.original,
         args.pruned,

@@ -281,10 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.gguf_file).is_file():
-        raise ConfigError(f"GGUF file not found: {args.gguf_file}")
-    if not (Path(args.reference) / "config.json").is_file():
-        raise ConfigError(f"--reference {args.reference} is not an HF checkpoint directory")
+    from rmexport.inputs import check_validate_gguf_args
+
+    check_validate_gguf_args(args)
     result = validate_gguf(
         args.gguf_file,
         args.reference,

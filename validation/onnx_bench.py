@@ -183,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmexport.inputs import check_bench_onnx_args
+
+    check_bench_onnx_args(args)
     result = bench_onnx(
         args.original,
         args.pruned,

@@ -328,6 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmexport.inputs import check_validate_onnx_args
+
+    check_validate_onnx_args(args)
     result = validate_onnx(
         args.onnx_dir,
         args.reference,

@@ -1,0 +1,957 @@
+"""Every check of what a user typed, for every subcommand, before any heavy work and before any
+folder is created.
+
+Each ``check_*`` raises an RMExportError (exit 2: one line and a hint) or returns what it
+learnt. They read headers only: a config.json, the JSON header of each safetensors shard, the
+key/value and tensor-info part of a GGUF, an ONNX graph without its external data, a text file.
+
+- model sources: alias, hub id (config only), HF directory (config.json, supported family, block
+  count matching the weights, safetensors headers consistent with the file sizes), GGUF file
+  (magic, version, header, file size against the end of the tensor data);
+- numbers: counts are >= 1 (no value means "everything"), ratios and ridge terms are finite;
+- text sources: readable, UTF-8, mostly letters, enough real documents for what is asked;
+- output paths: the parent is, or can be made, a writable folder; a file is not where a folder is
+  expected nor the reverse; an existing folder is replaced only if an earlier run wrote it.
+
+``check_<command>_args(args)`` bundles them per subcommand; the subcommand's ``run(args)`` calls
+it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .atomic import STAGING_PREFIX
+from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from .models import ModelSource, resolve
+
+__all__ = [
+    "CheckedSource",
+    "CheckpointFacts",
+    "GGUFFacts",
+    "MIN_LETTER_SHARE",
+    "OnnxFacts",
+    "check_bench_gguf_args",
+    "check_bench_onnx_args",
+    "check_checkpoint_dir",
+    "check_count",
+    "check_cut",
+    "check_device",
+    "check_export_gguf_args",
+    "check_export_onnx_args",
+    "check_gguf_file",
+    "check_model_source",
+    "check_number",
+    "check_onnx_dir",
+    "check_output_path",
+    "check_prune_args",
+    "check_run_args",
+    "check_safetensors",
+    "check_same_model",
+    "check_text_source",
+    "check_validate_gguf_args",
+    "check_validate_onnx_args",
+    "existing_ancestor",
+    "is_gguf_file",
+]
+
+# Folders an earlier run wrote, recognised by what they contain (so they may be replaced).
+PRUNE_MARKERS = ("prune.json", "hf")
+RUN_MARKERS = (".stages", "prune.json", "report.json", "hf")
+ONNX_MARKERS = ("model.onnx", "rmexport_onnx.json")
+
+# Text sources: a "real" document has this many words, mostly letters, words of sane length.
+MIN_LETTER_SHARE = 0.5
+MIN_WORDS = 4
+MAX_MEAN_WORD_CHARS = 20
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+# --- model sources --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointFacts:
+    path: Path
+    n_layers: int
+    family: str
+    gguf_arch: str
+    has_safetensors: bool
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    path: Path
+    version: int
+    architecture: str | None
+    block_count: int | None
+    tensor_count: int
+    data_end: int
+    size: int
+
+
+@dataclass(frozen=True)
+class OnnxFacts:
+    path: Path
+    n_layers: int
+
+
+@dataclass(frozen=True)
+class CheckedSource(ModelSource):
+    """A ModelSource whose header-level checks passed, with what they found."""
+
+    n_layers: int | None = None
+    family: str | None = None
+    gguf_arch: str | None = None
+
+
+def _families_hint() -> str:
+    from .arch import ADAPTERS, supported_architectures
+
+    return "supported families: " + ", ".join(ADAPTERS) + " (" + ", ".join(supported_architectures()) + ")"
+
+
+def _family(config: dict[str, Any], where: str) -> tuple[str, str]:
+    """(family, GGUF architecture) of a raw config dict, or UnsupportedArchitectureError."""
+    from .arch import adapter_for
+
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    try:
+        adapter = adapter_for(SimpleNamespace(architectures=architectures, model_type=model_type))
+    except UnsupportedArchitectureError:
+        found = ", ".join(map(str, architectures)) or "no architectures"
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {model_type!r} ({found}) is not supported", hint=_families_hint()
+        ) from None
+    return adapter.family, adapter.gguf_arch
+
+
+def _n_layers(config: dict[str, Any], where: str) -> int:
+    value = config.get("num_hidden_layers")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("num_hidden_layers")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelLoadError(f"{where}: config.json has no valid num_hidden_layers ({value!r})")
+    return value
+
+
+def _read_config(path: Path, where: str) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{where} {path} is a folder but has no config.json",
+            hint="pass a Hugging Face checkpoint directory (config.json + *.safetensors)",
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{where}: cannot read {config_file} ({type(e).__name__})") from e
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(
+            f"{where}: {config_file} is not valid JSON (line {e.lineno}: {e.msg})",
+            hint="re-save the checkpoint with save_pretrained",
+        ) from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where}: {config_file} does not hold a JSON object")
+    return config
+
+
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def check_safetensors(path: Path | str, where: str = "weights") -> dict[str, Any]:
+    """The header of a safetensors file, after checking that it parses and that the tensors it
+    declares exactly fill the rest of the file."""
+    path = Path(path)
+
+    def corrupt(detail: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{where}: {path.name} is corrupt or truncated ({detail})",
+            hint="re-download the checkpoint or save it again",
+        )
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise corrupt(f"{size} bytes, shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 << 20:
+                raise corrupt(f"header length {n} exceeds the file")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelLoadError(f"{where}: cannot read {path} ({e.strerror})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise corrupt("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad header entry for {name!r}") from None
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise corrupt(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+        spans.append((begin, end))
+    spans.sort()
+    buffer = size - 8 - n
+    position = 0
+    for begin, end in spans:
+        if begin != position or end < begin:
+            raise corrupt("tensor data overlaps or leaves holes")
+        position = end
+    if position != buffer:
+        if position > buffer:
+            raise corrupt(f"the header promises {position} bytes of tensor data, the file holds {buffer}")
+        raise corrupt(f"{buffer - position} bytes after the last tensor")
+    return header
+
+
+def check_checkpoint_dir(
+    path: Path | str, where: str = "checkpoint", *, need_safetensors: bool = False
+) -> CheckpointFacts:
+    """An HF checkpoint folder that loads: config.json of a supported family, tokenizer files,
+    weights whose headers parse, fit their files and hold the blocks the config announces."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{where} {path} not found")
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{where} {path} is a file, not a checkpoint folder",
+            hint="pass the folder that holds config.json and the *.safetensors files",
+        )
+    config = _read_config(path, where)
+    family, gguf_arch = _family(config, where)
+    n_layers = _n_layers(config, where)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{where} {path} has no tokenizer files", hint="save the tokenizer beside the model"
+        )
+    shards = _safetensors_shards(path, where)
+    if not shards:
+        if need_safetensors or not any(path.glob("pytorch_model*.bin")):
+            raise ModelLoadError(
+                f"{where} {path} has no *.safetensors weights",
+                hint="save the model with save_pretrained(safe_serialization=True)",
+            )
+        return CheckpointFacts(path, n_layers, family, gguf_arch, False)
+    names: set[str] = set()
+    for shard in shards:
+        names.update(k for k in check_safetensors(shard, where) if k != "__metadata__")
+    _check_index_names(path, names, where)
+    from .arch import ADAPTERS
+
+    layer_index = re.compile(rf"(?:^|\.){re.escape(ADAPTERS[family].layers_path)}\.(\d+)\.")
+    blocks = {int(m.group(1)) for name in names if (m := layer_index.search(name))}
+    if blocks and blocks != set(range(n_layers)):
+        raise ModelLoadError(
+            f"{where}: config.json says {n_layers} blocks but the weights hold {len(blocks)} "
+            f"(indices {min(blocks)}..{max(blocks)})",
+            hint="the checkpoint was edited or copied only in part; save it again",
+        )
+    return CheckpointFacts(path, n_layers, family, gguf_arch, True)
+
+
+def _safetensors_shards(path: Path, where: str) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(
+            f"{where}: {index.name} is not a valid shard index", hint="save the checkpoint again"
+        ) from None
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"{where}: shard {missing[0]} listed in {index.name} is missing "
+            f"({len(missing)} of {len(shards)} missing)",
+            hint="download or copy every shard",
+        )
+    return [path / s for s in shards]
+
+
+def _check_index_names(path: Path, names: set[str], where: str) -> None:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    listed = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    absent = sorted(listed - names)
+    if absent:
+        raise ModelLoadError(
+            f"{where}: {index.name} lists {len(absent)} tensor(s) no shard holds, e.g. {absent[0]!r}",
+            hint="download or copy every shard",
+        )
+
+
+# --- GGUF -----------------------------------------------------------------------------------
+_GGUF_MAGIC = b"GGUF"
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_VERSIONS = (2, 3)
+_GGUF_MAX_ENTRIES = 1 << 24
+
+
+class _GGUFCursor:
+    """Reads the GGUF header from a memory map; running off the end is a truncated file."""
+
+    def __init__(self, buf: Any, fail: Callable[[str], ModelLoadError]) -> None:
+        self.buf, self.pos, self.fail = buf, 0, fail
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail("truncated header")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > 1 << 30:
+            raise self.fail("corrupt header (string length)")
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("corrupt header (a key or string is not UTF-8)") from None
+
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[vtype])
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype == _GGUF_ARRAY and depth < 4:
+            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if count > 1 << 32:
+                raise self.fail("corrupt header (array length)")
+            if item_type in _GGUF_SCALARS:
+                self.take(count * struct.calcsize(_GGUF_SCALARS[item_type]))
+            else:
+                for _ in range(count):
+                    self.value(item_type, depth + 1)
+            return None
+        raise self.fail(f"corrupt header (value type {vtype})")
+
+
+def check_gguf_file(path: Path | str, where: str = "GGUF file") -> GGUFFacts:
+    """A GGUF file whose header parses (magic, a version llama.cpp reads, key/values, tensor
+    infos) and whose size covers every tensor the header declares."""
+    import gguf
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{where} {path} not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{where} {path} is a folder, not a GGUF file")
+    size = path.stat().st_size
+
+    def fail(detail: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{where} {path} is not a readable GGUF file: {detail}",
+            hint="export it again (rmexport export gguf) or download it again",
+        )
+
+    if size == 0:
+        raise fail("it is empty")
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _GGUFCursor(buf, fail)
+            magic = cur.take(4) if size >= 4 else b""
+            if magic != _GGUF_MAGIC:
+                raise fail(f"wrong magic {bytes(buf[:4])!r}")
+            version = cur.unpack("<I")
+            if version not in _GGUF_VERSIONS:
+                raise fail(f"GGUF version {version} (llama.cpp reads versions 2 and 3)")
+            n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+            if n_tensors > _GGUF_MAX_ENTRIES or n_kv > _GGUF_MAX_ENTRIES:
+                raise fail("corrupt header (entry counts)")
+            kv: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                kv[key] = cur.value(cur.unpack("<I"))
+            alignment = kv.get("general.alignment", 32)
+            if not isinstance(alignment, int) or alignment < 1:
+                raise fail(f"corrupt header (alignment {alignment!r})")
+            data_size = 0
+            for _ in range(n_tensors):
+                name = cur.string()
+                n_dims = cur.unpack("<I")
+                if n_dims > 8:
+                    raise fail(f"corrupt tensor info for {name!r}")
+                dims = [cur.unpack("<Q") for _ in range(n_dims)]
+                ttype, offset = cur.unpack("<I"), cur.unpack("<Q")
+                try:
+                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+                except (ValueError, KeyError):
+                    raise fail(f"tensor {name!r} has unknown type {ttype}") from None
+                elements = math.prod(dims)
+                if elements % block:
+                    raise fail(f"corrupt tensor info for {name!r}")
+                data_size = max(data_size, offset + elements // block * type_size)
+            data_start = -(-cur.pos // alignment) * alignment
+    except (OSError, ValueError) as e:  # ValueError: mmap of a special file
+        raise ModelLoadError(f"{where}: cannot read {path} ({e})") from e
+    data_end = data_start + data_size
+    if data_end > size:
+        raise ModelLoadError(
+            f"{where} {path} is truncated: its tensor data ends at byte {data_end}, the file has {size}",
+            hint="the copy or export was cut short; write or download it again",
+        )
+    arch = kv.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    blocks = kv.get(f"{arch}.block_count") if arch else None
+    return GGUFFacts(
+        path=path,
+        version=version,
+        architecture=arch,
+        block_count=blocks if isinstance(blocks, int) else None,
+        tensor_count=n_tensors,
+        data_end=data_end,
+        size=size,
+    )
+
+
+def is_gguf_file(path: Path) -> bool:
+    try:
+        with Path(path).open("rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _gguf_family(facts: GGUFFacts, where: str) -> str:
+    from .arch import ADAPTERS
+
+    for adapter in ADAPTERS.values():
+        if adapter.gguf_arch == facts.architecture:
+            return adapter.family
+    raise UnsupportedArchitectureError(
+        f"{where}: GGUF architecture {facts.architecture!r} is not supported", hint=_families_hint()
+    )
+
+
+def check_model_source(
+    spec: str, where: str = "MODEL", *, need_local: bool = False, need_safetensors: bool = False
+) -> CheckedSource:
+    """Resolve ``spec`` (alias, hub id, folder, .gguf) and check it as far as headers allow."""
+    if not str(spec).strip():
+        raise ConfigError(f"{where} is empty", hint="give an alias, a hub id, a folder or a .gguf file")
+    path = Path(str(spec)).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_dir():
+        raise ModelLoadError(f"{where} {spec} is a folder, not a GGUF file")
+    source = resolve(str(spec))
+    base = {k: getattr(source, k) for k in ("spec", "kind", "location", "slug")}
+    if source.kind == "local":
+        facts = check_checkpoint_dir(source.location, where, need_safetensors=need_safetensors)
+        return CheckedSource(**base, n_layers=facts.n_layers, family=facts.family, gguf_arch=facts.gguf_arch)
+    if source.kind == "gguf":
+        gguf_facts = check_gguf_file(source.location, where)
+        family = _gguf_family(gguf_facts, where)
+        return CheckedSource(
+            **base, n_layers=gguf_facts.block_count, family=family, gguf_arch=gguf_facts.architecture
+        )
+    if need_local:
+        raise ConfigError(
+            f"{where} {spec} is a hub id; this command needs a local checkpoint folder",
+            hint=f"download it first, e.g. huggingface-cli download {source.location} --local-dir DIR",
+        )
+    config = _hub_config(source, where)
+    family, gguf_arch = _family(config, where)
+    return CheckedSource(**base, n_layers=_n_layers(config, where), family=family, gguf_arch=gguf_arch)
+
+
+def _hub_config(source: ModelSource, where: str) -> dict[str, Any]:
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source.location)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load {source.location!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
+            hint="check the network and your HF token, or download the model and pass its local directory",
+        ) from e
+    return config
+
+
+# --- ONNX -----------------------------------------------------------------------------------
+def check_onnx_dir(path: Path | str, where: str = "ONNX folder") -> OnnxFacts:
+    """A folder written by ``rmexport export onnx``: a decoder graph with past key/values whose
+    external data is all there, plus config and tokenizer."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path).expanduser()
+    hint = "create it with: rmexport export onnx CKPT --out DIR"
+    if not path.exists():
+        raise ModelLoadError(f"no model.onnx in {where} {path}: folder not found", hint=hint)
+    if not path.is_dir():
+        raise ModelLoadError(f"{where} {path} is a file; give the folder of an ONNX export", hint=hint)
+    model_file = path / "model.onnx"
+    if not model_file.is_file():
+        raise ModelLoadError(f"no model.onnx in {where} {path}", hint=hint)
+    if model_file.stat().st_size == 0:
+        raise ModelLoadError(f"{where}: {model_file} is empty", hint=hint)
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"{where}: {model_file} is not a readable ONNX model ({type(e).__name__})", hint=hint
+        ) from e
+    past = [i.name for i in model.graph.input if i.name.startswith("past_key_values.")]
+    if not past or len(past) % 2:
+        raise ModelLoadError(
+            f"{where}: {model_file} is not a decoder with a KV cache ({len(past)} past key/value inputs)",
+            hint=hint,
+        )
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data_file = path / info.get("location", "")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if not data_file.is_file():
+            raise ModelLoadError(
+                f"{where}: external data file {info.get('location')!r} is missing", hint=hint
+            )
+        if data_file.stat().st_size < end:
+            raise ModelLoadError(f"{where}: external data file {data_file.name} is truncated", hint=hint)
+    if not (path / "config.json").is_file() or not any((path / n).is_file() for n in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{where} {path} has no config.json or tokenizer files beside model.onnx", hint=hint
+        )
+    return OnnxFacts(path, len(past) // 2)
+
+
+# --- numbers --------------------------------------------------------------------------------
+def check_count(value: int | None, option: str, minimum: int = 1, *, optional: bool = False) -> None:
+    """A count of something to do: an int of at least ``minimum`` (None only when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"{option} must be at least {minimum} (got {value})",
+            hint="no value of an option means 'everything'; give the number you want",
+        )
+
+
+def check_number(
+    value: float | None, option: str, *, minimum: float | None = None, optional: bool = False
+) -> None:
+    if value is None and optional:
+        return
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"{option} must be a finite number (got {value})")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{option} must be at least {minimum:g} (got {value:g})")
+
+
+def check_cut(n_layers: int, ratio: float | None, layers: int | None, blocks: int = 1) -> list[int]:
+    """Sizes of the cuts ``--ratio``/``--layers``/``--blocks`` ask of a model of ``n_layers``."""
+    from .replaceme.select import cut_size, split_cut
+
+    if n_layers < 3:
+        raise ConfigError(f"the model has only {n_layers} blocks; at least 2 must remain, so none can go")
+    if layers is not None:
+        if layers < 1:
+            raise ConfigError(f"--layers must be at least 1 (got {layers})", hint=f"use 1..{n_layers - 2}")
+        if layers >= n_layers:
+            raise ConfigError(
+                f"--layers {layers}: the model has only {n_layers} blocks",
+                hint=f"remove 1..{n_layers - 2} blocks (at least 2 must remain)",
+            )
+        if n_layers - layers < 2:
+            raise ConfigError(
+                f"--layers {layers} would leave {n_layers - layers} of {n_layers} blocks; "
+                "at least 2 must remain",
+                hint=f"use --layers 1..{n_layers - 2}",
+            )
+    elif ratio is not None:
+        check_number(ratio, "--ratio")
+    check_count(blocks, "--blocks")
+    return split_cut(cut_size(n_layers, ratio, layers), blocks)
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(
+            f"{option} {device!r} is not a torch device", hint="use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option} {device}: no CUDA device is available", hint="use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{option} {device}: there are only {count} CUDA device(s)")
+        return
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ConfigError(f"{option} {device}: not available here", hint="use cpu or cuda")
+
+
+# --- text sources ---------------------------------------------------------------------------
+def _document_text(doc: Any) -> str:
+    return doc if isinstance(doc, str) else "\n".join(str(m.get("content", "")) for m in doc)
+
+
+def _letter_share(text: str) -> float:
+    visible = [c for c in text if not c.isspace()]
+    return sum(c.isalpha() for c in visible) / len(visible) if visible else 0.0
+
+
+def _is_real(text: str) -> bool:
+    words = text.split()
+    if len(words) < MIN_WORDS:
+        return False
+    return (
+        sum(map(len, words)) / len(words) <= MAX_MEAN_WORD_CHARS and _letter_share(text) >= MIN_LETTER_SHARE
+    )
+
+
+def check_text_source(
+    spec: str, option: str, *, pool_documents: int = 0, heldout_documents: int = 0, count_option: str = ""
+) -> None:
+    """A text file that is UTF-8 natural language with at least ``pool_documents`` real documents
+    in its calibration pool and ``heldout_documents`` in its held-out part. ``builtin`` and hub
+    datasets are not read here (the first is known good, the second needs the network)."""
+    from .calib.corpus import BUILTIN, HUB_DATASETS, load_corpus
+
+    if spec == BUILTIN or spec in HUB_DATASETS or spec.startswith("hf:"):
+        return
+    path = Path(spec).expanduser()
+    hint = "give plain text (documents separated by a blank line) or JSON lines with a 'text' field"
+    if not path.exists():
+        raise ConfigError(
+            f"{option}: text source not found: {spec}",
+            hint="use 'builtin', a .txt or .jsonl file, or one of: " + ", ".join(HUB_DATASETS),
+        )
+    if not path.is_file():
+        raise ConfigError(f"{option} {spec} is a folder, not a text file", hint=hint)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot read {spec} ({e.strerror})") from e
+    if not raw.strip():
+        raise ConfigError(f"{option} {spec} is empty", hint=hint)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{option} {spec} is not UTF-8 text (undecodable byte at offset {e.start})", hint=hint
+        ) from e
+    if b"\x00" in raw:
+        raise ConfigError(f"{option} {spec} contains NUL bytes; it is not a text file", hint=hint)
+    corpus = load_corpus(spec)
+    texts = [_document_text(d) for d in (*corpus.pool, *corpus.heldout)]
+    share = _letter_share("".join(texts))
+    if share < MIN_LETTER_SHARE:
+        raise ConfigError(
+            f"{option} {spec} does not look like natural-language text: {share:.0%} of its characters "
+            f"are letters (need {MIN_LETTER_SHARE:.0%})",
+            hint=hint,
+        )
+    total = len(texts)
+    pool_real = sum(_is_real(_document_text(d)) for d in corpus.pool)
+    if pool_real < pool_documents:
+        raise ConfigError(
+            f"{option} {spec} has {pool_real} usable calibration documents (of {total}, 10% held out); "
+            f"{count_option or 'the calibration'} asks for {pool_documents}",
+            hint="give more text (documents separated by a blank line) or ask for fewer documents",
+        )
+    heldout_real = sum(_is_real(_document_text(d)) for d in corpus.heldout)
+    if heldout_real < heldout_documents:
+        raise ConfigError(
+            f"{option} {spec} leaves {heldout_real} usable held-out documents (of {total}); "
+            f"need {heldout_documents}",
+            hint="give more text (documents separated by a blank line)",
+        )
+
+
+# --- output paths ---------------------------------------------------------------------------
+def _writable(folder: Path, option: str, target: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {option} {target}: no write permission in {folder}")
+
+
+def existing_ancestor(path: Path | str) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (e.g. for a free-space check
+    before the output folder is created)."""
+    ancestor = Path(path).expanduser().absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def check_output_path(
+    path: Path | str,
+    option: str,
+    kind: str = "dir",
+    *,
+    markers: Iterable[str] | None = (),
+    replace_file: Callable[[Path], bool] | None = None,
+    file_kind: str = "an output of rmexport",
+) -> Path:
+    """The absolute path of an output that can be written, without creating anything.
+
+    ``kind="dir"``: an existing file there is refused; an existing non-empty folder is replaced
+    only if it holds one of ``markers`` (an earlier run's output); ``markers=None`` accepts any
+    folder (a root others write into). ``kind="file"``: an existing folder is refused; an existing
+    file is replaced only if ``replace_file(path)`` says so (when given). The nearest existing
+    parent must be a writable folder."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', not {kind!r}")
+    if not str(path).strip():
+        raise ConfigError(f"{option} is empty")
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if kind == "dir":
+            if not target.is_dir():
+                raise ConfigError(
+                    f"cannot write {option} {target}: it is a file, not a folder",
+                    hint="give a new folder or an earlier output folder",
+                )
+            entries = [e for e in target.iterdir() if not e.name.startswith(STAGING_PREFIX)]
+            if markers is not None and entries and not any((target / m).exists() for m in markers):
+                raise ConfigError(
+                    f"{option} {target} is a folder rmexport did not write; refusing to replace its contents",
+                    hint="choose a new or empty folder",
+                )
+            _writable(target, option, target)
+        else:
+            if target.is_dir():
+                raise ConfigError(
+                    f"{option} {target} is a folder; give a file name", hint=f"e.g. {target}/NAME"
+                )
+            if replace_file is not None and not replace_file(target):
+                raise ConfigError(
+                    f"{option} {target} exists and is not {file_kind}; refusing to overwrite it",
+                    hint="choose another file name or remove the file",
+                )
+    ancestor = existing_ancestor(target.parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot write {option} {target}: {ancestor} is a file, not a folder")
+    _writable(ancestor, option, target)
+    return target
+
+
+def _check_apart(output: Path, inputs: Iterable[str | Path | None], option: str) -> None:
+    """An output must not be, or contain, one of the inputs it is made from."""
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser().resolve()
+        output = Path(output).resolve()
+        if output == source or output in source.parents:
+            raise ConfigError(
+                f"{option} {output} would overwrite the input {source}", hint="choose another path"
+            )
+
+
+def check_same_model(what: str, n_layers: int | None, reference_layers: int | None, where: str) -> None:
+    if n_layers is not None and reference_layers is not None and n_layers != reference_layers:
+        raise ConfigError(
+            f"{what} has {n_layers} blocks and {where} has {reference_layers}: they are different models",
+            hint=f"compare against the checkpoint {what} was made from",
+        )
+
+
+def _json_output(args: argparse.Namespace) -> None:
+    if getattr(args, "json", None):
+        check_output_path(args.json, "--json", "file")
+
+
+# --- per subcommand -------------------------------------------------------------------------
+def _check_calibration_numbers(args: argparse.Namespace) -> None:
+    from .calib.tokens import DEFAULT_EVAL_WINDOW
+
+    check_count(args.calib_samples, "--calib-samples")
+    check_count(args.batch_size, "--batch-size")
+    check_count(args.seq_len, "--seq-len", 8)
+    check_count(args.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)
+    check_number(args.alpha, "--alpha", minimum=0.0)
+    check_number(args.ratio, "--ratio", optional=True)
+    check_count(args.layers, "--layers", optional=True)
+    check_count(args.blocks, "--blocks")
+
+
+def _selection_documents(args: argparse.Namespace) -> int:
+    """Documents after the calibration ones that --select loss / --solver cosine set aside."""
+    if getattr(args, "select", None) != "loss" and getattr(args, "solver", None) != "cosine":
+        return 0
+    from .prune import PruneOptions
+
+    return int(getattr(PruneOptions, "selection_samples", 0))
+
+
+def _check_texts(args: argparse.Namespace) -> None:
+    needed = args.calib_samples + _selection_documents(args)
+    check_text_source(args.calib_data, "--calib-data", pool_documents=needed, count_option="--calib-samples")
+    check_text_source(args.eval_data, "--eval-data", heldout_documents=1)
+
+
+def check_prune_args(args: argparse.Namespace) -> CheckedSource:
+    """Everything ``rmexport prune`` can check before loading weights; creates nothing."""
+    _check_calibration_numbers(args)
+    source = check_model_source(args.model, "MODEL")
+    if source.n_layers is not None:
+        check_cut(source.n_layers, args.ratio, args.layers, args.blocks)
+    check_device(args.device)
+    out = check_output_path(args.out, "--out", "dir", markers=PRUNE_MARKERS)
+    _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
+    _check_texts(args)
+    return source
+
+
+def check_run_args(args: argparse.Namespace) -> CheckedSource:
+    """Everything ``rmexport run`` can check before loading weights; creates nothing."""
+    from .calib.tokens import DEFAULT_EVAL_WINDOW
+    from .pipeline import GGUF_TYPES, _ratio_label, run_dir_for
+
+    _check_calibration_numbers(args)
+    check_count(args.bench_eval_tokens, "--bench-eval-tokens", DEFAULT_EVAL_WINDOW)
+    source = check_model_source(args.model, "MODEL")
+    if source.n_layers is not None:
+        check_cut(source.n_layers, args.ratio, args.layers, args.blocks)
+    if not args.skip_gguf and args.gguf_type not in GGUF_TYPES:
+        raise ConfigError(
+            f"--gguf-type {args.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
+        )
+    check_device(args.device)
+    root = check_output_path(args.out_root, "--out-root", "dir", markers=None)
+    run_dir = check_output_path(
+        run_dir_for(root, source, _ratio_label(args)), "--out-root", "dir", markers=RUN_MARKERS
+    )
+    check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
+    _check_apart(run_dir, [source.location if source.kind != "hub" else None], "--out-root")
+    _check_texts(args)
+    return source
+
+
+def check_export_gguf_args(args: argparse.Namespace) -> tuple[CheckedSource, Path]:
+    source = check_model_source(args.checkpoint, "CKPT", need_local=True, need_safetensors=True)
+    out = check_output_path(args.out, "--out", "file", replace_file=is_gguf_file, file_kind="a GGUF file")
+    _check_apart(out, [source.location], "--out")
+    return source, out
+
+
+def check_export_onnx_args(args: argparse.Namespace) -> tuple[CheckedSource, Path]:
+    source = check_model_source(args.checkpoint, "CHECKPOINT")
+    out = check_output_path(args.out, "--out", "dir", markers=ONNX_MARKERS)
+    _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
+    return source, out
+
+
+def check_validate_gguf_args(args: argparse.Namespace) -> tuple[GGUFFacts, CheckpointFacts]:
+    check_count(args.prompts, "--prompts")
+    check_count(args.tokens, "--tokens", 2)
+    check_count(args.new_tokens, "--new-tokens")
+    check_count(args.threads, "--threads")
+    facts = check_gguf_file(args.gguf_file, "GGUF_FILE")
+    reference = check_checkpoint_dir(args.reference, "--reference")
+    if facts.architecture != reference.gguf_arch:
+        raise ConfigError(
+            f"GGUF_FILE is a {facts.architecture!r} model and --reference a {reference.family!r} one: "
+            "they are different models",
+            hint="validate against the checkpoint the GGUF was written from",
+        )
+    check_same_model("GGUF_FILE", facts.block_count, reference.n_layers, "--reference")
+    _json_output(args)
+    return facts, reference
+
+
+def check_validate_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, CheckedSource]:
+    check_count(args.prompts, "--prompts")
+    check_count(args.prompt_tokens, "--prompt-tokens", 2)
+    check_count(args.new_tokens, "--new-tokens")
+    facts = check_onnx_dir(args.onnx_dir, "ONNX_DIR")
+    reference = check_model_source(args.reference, "--reference")
+    check_same_model("ONNX_DIR", facts.n_layers, reference.n_layers, "--reference")
+    _json_output(args)
+    return facts, reference
+
+
+def check_bench_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, OnnxFacts]:
+    check_count(args.window, "--window")
+    check_count(args.eval_tokens, "--eval-tokens", args.window)
+    check_count(args.new_tokens, "--new-tokens")
+    check_count(args.runs, "--runs")
+    check_count(args.warmup, "--warmup", 0)
+    check_count(args.threads, "--threads", 0)
+    original = check_onnx_dir(args.original, "--original")
+    pruned = check_onnx_dir(args.pruned, "--pruned")
+    _json_output(args)
+    return original, pruned
+
+
+def check_bench_gguf_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Checks of ``bench gguf``; returns the GGUF types asked for."""
+    from converters.gguf_export import GGUF_TYPES
+
+    types = tuple(t.strip() for t in str(args.types).split(",") if t.strip())
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if unknown or not types:
+        raise ConfigError(
+            f"--types {args.types!r}: unknown GGUF type(s) {unknown}",
+            hint="choose from " + ", ".join(GGUF_TYPES),
+        )
+    check_count(args.window, "--window")
+    check_count(args.eval_tokens, "--eval-tokens", args.window)
+    check_count(args.prompt_tokens, "--prompt-tokens")
+    check_count(args.gen_tokens, "--gen-tokens")
+    check_count(args.repeats, "--repeats")
+    check_count(args.threads, "--threads", optional=True)
+    for role in ("original", "pruned"):
+        spec = getattr(args, role)
+        if str(spec).lower().endswith(".gguf"):
+            check_gguf_file(spec, f"--{role}")
+        else:
+            check_checkpoint_dir(spec, f"--{role}", need_safetensors=True)
+    if args.work_dir:
+        check_output_path(args.work_dir, "--work-dir", "dir", markers=None)
+    _json_output(args)
+    return types
