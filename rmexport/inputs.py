@@ -915,13 +915,17 @@ def check_validate_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, Check
     return facts, reference
 
 
+def _check_speed_protocol(args: argparse.Namespace) -> None:
+    """Every timing option in range (the benchmark protocol raises ConfigError otherwise)."""
+    from validation.speed import protocol_from_args
+
+    protocol_from_args(args)
+
+
 def check_bench_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, OnnxFacts]:
     check_count(args.window, "--window")
     check_count(args.eval_tokens, "--eval-tokens", args.window)
-    check_count(args.new_tokens, "--new-tokens")
-    check_count(args.runs, "--runs")
-    check_count(args.warmup, "--warmup", 0)
-    check_count(args.threads, "--threads", 0)
+    _check_speed_protocol(args)
     original = check_onnx_dir(args.original, "--original")
     pruned = check_onnx_dir(args.pruned, "--pruned")
     _json_output(args)
@@ -941,10 +945,7 @@ def check_bench_gguf_args(args: argparse.Namespace) -> tuple[str, ...]:
         )
     check_count(args.window, "--window")
     check_count(args.eval_tokens, "--eval-tokens", args.window)
-    check_count(args.prompt_tokens, "--prompt-tokens")
-    check_count(args.gen_tokens, "--gen-tokens")
-    check_count(args.repeats, "--repeats")
-    check_count(args.threads, "--threads", optional=True)
+    _check_speed_protocol(args)
     for role in ("original", "pruned"):
         spec = getattr(args, role)
         if str(spec).lower().endswith(".gguf"):

@@ -16,8 +16,8 @@ from typing import Any
 
 from .atomic import write_json
 from .calib.budget import ram_bytes
-from .calib.corpus import BUILTIN
 from .errors import ConfigError
+from .inputs import existing_ancestor
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
@@ -89,20 +89,13 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
                 hint="add --skip-onnx (pruning, GGUF, parity and the report still run), or export ONNX "
                 "on a machine with more memory",
             )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test.tmp"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to {run_dir}: {e.strerror}") from e
     import torch
 
     from .calib.weights import checkpoint_dtype
 
     dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
     needed = _disk_needed(args, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
-    free = shutil.disk_usage(run_dir).free
+    free = shutil.disk_usage(existing_ancestor(run_dir)).free
     if free < needed:
         raise ConfigError(
             f"{free / 2**30:.1f} GiB free under {run_dir}, about {needed / 2**30:.1f} GiB needed",
@@ -406,8 +399,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.eval_data != BUILTIN and not Path(args.eval_data).exists():
-        raise ConfigError(f"--eval-data {args.eval_data} not found")
+    from .inputs import check_run_args
+
+    check_run_args(args)
     run_dir, report = run_pipeline(args)
     from validation.report import print_summary
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -319,7 +318,6 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     n = cut_size(n_layers, options.ratio, options.layers)
     sizes = split_cut(n, options.blocks)
     budget = MemoryBudget.from_option(options.memory_budget)
-    _check_writable(out_dir)
 
     with clock.stage("load"):
         checkpoint = _local_checkpoint(source)
@@ -447,15 +445,6 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     data = record.to_json()
     write_json(out_dir / "prune.json", data)
     return data
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as e:
-        raise ConfigError(f"cannot write to {out_dir}: {e.strerror}") from e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -626,6 +615,9 @@ def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .inputs import check_prune_args
+
+    check_prune_args(args)
     record = prune_from_args(args, args.out)
     _print_summary(record, args.out)
     return 0

@@ -31,7 +31,6 @@ from rmexport.cli import build_parser, main
 from rmexport.errors import RMExportError
 
 REPO = Path(__file__).resolve().parents[1]
-NEEDS_WIRING = pytest.mark.xfail(strict=False, reason="needs wiring in prune.py/pipeline.py")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 # Small enough that a case which today runs to the end (the xfail ones) still takes seconds.
 PRUNE_FAST = "--calib-samples 16 --seq-len 32 --eval-tokens 512"
@@ -212,7 +211,6 @@ def case(case_id: str, command: str, fragment: str, *marks) -> pytest.param:
     return pytest.param(command, fragment, id=case_id, marks=marks)
 
 
-W = NEEDS_WIRING
 CASES = [
     # prune
     case("prune-unknown-alias", "prune llama9-1t --out {out}/p", "unknown model"),
@@ -220,39 +218,35 @@ CASES = [
     case("prune-dir-without-config", "prune {nocfg} --out {out}/p", "no config.json"),
     case("prune-config-not-json", "prune {badjson} --out {out}/p", "config.json"),
     case("prune-unsupported-family", "prune {gpt2} --out {out}/p", "GPT2LMHeadModel"),
-    case("prune-unknown-model-type", "prune {alien} --out {out}/p", "supported families", W),
-    case("prune-truncated-weights", "prune {trunc} --out {out}/p", "corrupt or truncated", W),
-    case("prune-config-blocks-vs-weights", "prune {edited} --out {out}/p", "weights hold 8", W),
+    case("prune-unknown-model-type", "prune {alien} --out {out}/p", "supported families"),
+    case("prune-truncated-weights", "prune {trunc} --out {out}/p", "corrupt or truncated"),
+    case("prune-config-blocks-vs-weights", "prune {edited} --out {out}/p", "weights hold 8"),
     case("prune-ratio-out-of-range", "prune {llama} --out {out}/p --ratio 1.5", "out of range"),
     case("prune-ratio-nan", "prune {llama} --out {out}/p --ratio nan", "--ratio"),
-    case("prune-layers-too-many", "prune {llama} --out {out}/p --layers 40", "only 8 blocks", W),
-    case("prune-layers-zero", "prune {llama} --out {out}/p --layers 0", "--layers must be at least 1", W),
+    case("prune-layers-too-many", "prune {llama} --out {out}/p --layers 40", "only 8 blocks"),
+    case("prune-layers-zero", "prune {llama} --out {out}/p --layers 0", "--layers must be at least 1"),
     case("prune-blocks-too-many", "prune {llama} --out {out}/p --blocks 5", "cannot split"),
     case("prune-alpha-negative", "prune {llama} --out {out}/p --alpha -1", "--alpha"),
-    case("prune-calib-samples-zero", "prune {llama} --out {out}/p --calib-samples 0", "--calib-samples", W),
-    case("prune-batch-size-zero", "prune {llama} --out {out}/p --batch-size 0", "--batch-size", W),
-    case("prune-seq-len-one", "prune {llama} --out {out}/p --seq-len 1", "--seq-len", W),
+    case("prune-calib-samples-zero", "prune {llama} --out {out}/p --calib-samples 0", "--calib-samples"),
+    case("prune-batch-size-zero", "prune {llama} --out {out}/p --batch-size 0", "--batch-size"),
+    case("prune-seq-len-one", "prune {llama} --out {out}/p --seq-len 1", "--seq-len"),
     case("prune-eval-tokens-short", "prune {llama} --out {out}/p --eval-tokens 100", "--eval-tokens"),
     case("prune-calib-samples-not-int", "prune {llama} --out {out}/p --calib-samples many", "invalid int"),
-    case("prune-calib-missing", "prune {llama} --out {out}/p --calib-data {out}/none.txt", "not found", W),
-    case("prune-calib-random-bytes", "prune {llama} --out {out}/p --calib-data {txt_random}", "not UTF-8", W),
-    case("prune-calib-empty", "prune {llama} --out {out}/p --calib-data {txt_empty}", "empty", W),
-    case("prune-calib-symbols", "prune {llama} --out {out}/p --calib-data {txt_symbols}", "letters", W),
-    case("prune-calib-base64", "prune {llama} --out {out}/p --calib-data {txt_base64}", "usable", W),
-    case("prune-calib-too-few", "prune {llama} --out {out}/p --calib-data {txt_few}", "asks for 16", W),
-    case(
-        "prune-calib-bad-jsonl", "prune {llama} --out {out}/p --calib-data {jsonl_bad}", "not valid JSON", W
-    ),
-    case(
-        "prune-calib-jsonl-no-text", "prune {llama} --out {out}/p --calib-data {jsonl_nofield}", "'text'", W
-    ),
-    case("prune-calib-folder", "prune {llama} --out {out}/p --calib-data {txt_dir}", "folder", W),
-    case("prune-eval-one-document", "prune {llama} --out {out}/p --eval-data {txt_one}", "document", W),
+    case("prune-calib-missing", "prune {llama} --out {out}/p --calib-data {out}/none.txt", "not found"),
+    case("prune-calib-random-bytes", "prune {llama} --out {out}/p --calib-data {txt_random}", "not UTF-8"),
+    case("prune-calib-empty", "prune {llama} --out {out}/p --calib-data {txt_empty}", "empty"),
+    case("prune-calib-symbols", "prune {llama} --out {out}/p --calib-data {txt_symbols}", "letters"),
+    case("prune-calib-base64", "prune {llama} --out {out}/p --calib-data {txt_base64}", "usable"),
+    case("prune-calib-too-few", "prune {llama} --out {out}/p --calib-data {txt_few}", "asks for 16"),
+    case("prune-calib-bad-jsonl", "prune {llama} --out {out}/p --calib-data {jsonl_bad}", "not valid JSON"),
+    case("prune-calib-jsonl-no-text", "prune {llama} --out {out}/p --calib-data {jsonl_nofield}", "'text'"),
+    case("prune-calib-folder", "prune {llama} --out {out}/p --calib-data {txt_dir}", "folder"),
+    case("prune-eval-one-document", "prune {llama} --out {out}/p --eval-data {txt_one}", "document"),
     case("prune-out-parent-is-file", "prune {llama} --out {file}/p", "cannot write"),
     case("prune-out-is-file", "prune {llama} --out {file}", "cannot write"),
-    case("prune-out-foreign-folder", "prune {llama} --out {foreign}", "did not write", W),
-    case("prune-device-without-cuda", "prune {llama} --out {out}/p --device cuda", "CUDA", W, NO_CUDA),
-    case("prune-device-nonsense", "prune {llama} --out {out}/p --device toaster", "torch device", W),
+    case("prune-out-foreign-folder", "prune {llama} --out {foreign}", "did not write"),
+    case("prune-device-without-cuda", "prune {llama} --out {out}/p --device cuda", "CUDA", NO_CUDA),
+    case("prune-device-nonsense", "prune {llama} --out {out}/p --device toaster", "torch device"),
     # export onnx
     case("onnx-export-missing-checkpoint", "export onnx {out}/none --out {out}/o", "not found"),
     case("onnx-export-no-config", "export onnx {nocfg} --out {out}/o", "no config.json"),
@@ -364,7 +358,11 @@ CASES = [
         "--eval-tokens",
     ),
     case("gguf-bench-repeats-zero", "bench gguf --original {gguf} --pruned {gguf} --repeats 0", "--repeats"),
-    case("gguf-bench-threads-zero", "bench gguf --original {gguf} --pruned {gguf} --threads 0", "--threads"),
+    case(
+        "gguf-bench-threads-negative",
+        "bench gguf --original {gguf} --pruned {gguf} --threads -1",
+        "--threads",
+    ),
     case(
         "gguf-bench-work-dir-is-file",
         "bench gguf --original {gguf} --pruned {llama} --work-dir {file}",
@@ -379,33 +377,27 @@ CASES = [
         "at least 2 must remain",
     ),
     case("run-out-root-is-file", "run {llama} --out-root {file} " + RUN_LIGHT, "cannot write"),
-    case(
-        "run-layers-too-many", "run {llama} --out-root {out}/r --layers 40 " + RUN_LIGHT, "only 8 blocks", W
-    ),
+    case("run-layers-too-many", "run {llama} --out-root {out}/r --layers 40 " + RUN_LIGHT, "only 8 blocks"),
     case(
         "run-calib-samples-zero",
         "run {llama} --out-root {out}/r " + RUN_LIGHT + " --calib-samples 0",
         "--calib-samples",
-        W,
     ),
     case(
         "run-calib-random-bytes",
         "run {llama} --out-root {out}/r --calib-data {txt_random} " + RUN_LIGHT,
         "not UTF-8",
-        W,
     ),
     case(
         "run-eval-random-bytes",
         "run {llama} --out-root {out}/r --eval-data {txt_random} " + RUN_LIGHT,
         "not UTF-8",
-        W,
     ),
-    case("run-truncated-weights", "run {trunc} --out-root {out}/r " + RUN_LIGHT, "corrupt or truncated", W),
+    case("run-truncated-weights", "run {trunc} --out-root {out}/r " + RUN_LIGHT, "corrupt or truncated"),
     case(
         "run-bench-eval-tokens-zero",
         "run {llama} --out-root {out}/r --bench-eval-tokens 0 " + RUN_LIGHT,
         "--bench-eval-tokens",
-        W,
     ),
 ]
 
@@ -459,7 +451,7 @@ def test_table_covers_every_subcommand():
 
 # The same prune and run cases, checked by the check functions alone (no xfail: they work now).
 CHECKED_NOW = [
-    pytest.param(*c.values, id=c.id, marks=[m for m in c.marks if m is not NEEDS_WIRING])
+    pytest.param(*c.values, id=c.id, marks=list(c.marks))
     for c in CASES
     if _command(c.values[0]) in ("prune", "run")
 ]
@@ -689,14 +681,13 @@ PRUNE_ARGS = PRUNE_FAST.split() + ["--ratio", "0.5"]
 
 
 def _check_pruned(out: Path) -> None:
-    assert sorted(p.name for p in out.iterdir()) == ["hf", "prune.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "maps.safetensors", "prune.json"]
     assert [p.name for p in out.parent.iterdir()] == [out.name], "no staging or temporary is left"
     mask = umask()
     assert ((out / "hf").stat().st_mode & 0o777) == 0o777 & ~mask
     assert ((out / "hf" / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~mask
 
 
-@NEEDS_WIRING
 def test_prune_killed_leaves_nothing_after_next_run(tmp_path, medium_checkpoint, capsys):
     """SIGKILL during calibration and during the save (two processes at once): no output appears,
     and after the next run the folder holds exactly hf/ and prune.json, no staging left."""
@@ -723,7 +714,6 @@ def test_prune_killed_leaves_nothing_after_next_run(tmp_path, medium_checkpoint,
             _check_pruned(out)
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize("moment", ["calibrate", "save ..."])
 def test_prune_interrupted_leaves_nothing(moment, tmp_path, medium_checkpoint, capsys):
     """SIGINT (Ctrl-C) during calibration or the save: exit 130, nothing left behind at once."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
-from ..atomic import replace_dir
+from ..atomic import staged_dir
 from ..calib.weights import checkpoint_dtype, open_weights, write_shards
 from ..errors import ExportError
 from ..log import get_logger
@@ -122,9 +121,7 @@ def save_pruned_checkpoint(
         new_name, layer_idx, rest = rename(name)
         if new_name is not None:
             tensors.append((new_name, reader.numel(name) * 4, producer(name, layer_idx, rest)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         total_bytes = write_shards(tensors, tmp)
         reader.close()
         adapter.slice_config(config, kept)
@@ -136,10 +133,6 @@ def save_pruned_checkpoint(
                     shutil.copy2(item, tmp / item.name)
         if provenance is not None:
             write_provenance(tmp, provenance)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s: %d blocks, %.1f MB", target, len(kept), total_bytes / 1e6)
     return target
 
