@@ -181,3 +181,16 @@ def test_full_disk_is_refused(capsys, tmp_path, tiny_checkpoints, monkeypatch):
 def test_unknown_model(capsys, tmp_path):
     code, _, err = _run(capsys, "no-such-model", "--out-root", str(tmp_path))
     assert code == 2 and "unknown model" in err
+
+
+def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny_run, tmp_path):
+    from validation.report import write_report
+
+    _, _, run_dir = tiny_run
+    prune = json.loads((run_dir / "prune.json").read_text())
+    prune["quality"]["ppl_pruned"] = prune["quality"]["ppl_plain_removal"] * 1.01
+    shutil.copytree(run_dir / "plots", tmp_path / "plots")
+    report = write_report(tmp_path, prune, {}, {}, reused=[], wall_s=1.0)
+    assert report["quality_check"]["pruned_worse_than_plain_removal"]
+    assert report["all_checks_passed"] is False
+    assert "worse than plain removal" in (tmp_path / "report.md").read_text()

@@ -173,6 +173,13 @@ def _quality_ratios(rows: list[dict[str, Any]]) -> list[list[Any]]:
     return out
 
 
+def quality_check(prune: dict[str, Any]) -> dict[str, Any]:
+    """A pruned model worse than plain removal of the same blocks on held-out text is a failure."""
+    q = prune["quality"]
+    worse = q["ppl_pruned"] > q["ppl_plain_removal"]
+    return {"passed": not worse, "pruned_worse_than_plain_removal": worse}
+
+
 def _passed(section: Any) -> bool:
     if isinstance(section, dict):
         if section.get("passed") is False:
@@ -236,8 +243,10 @@ def write_report(
         "cuts": [{"cut": c["cut"], "removed_layers": c["removed_layers"]} for c in prune["cuts"]],
         "prune": {
             key: prune[key]
-            for key in ("quality", "fold_parity", "calibration", "evaluation", "solver", "selection")
+            for key in ("quality", "fold_parity", "calibration", "evaluation", "solver", "selection", "guard")
+            if key in prune
         },
+        "quality_check": quality_check(prune),
         "runtimes": rows,
         "speed": speed,
         "speed_checks": speed_checks,
@@ -248,6 +257,7 @@ def write_report(
         "wall_s": round(wall_s, 1),
         "all_checks_passed": bool(
             prune["fold_parity"]["passed"]
+            and quality_check(prune)["passed"]
             and all(_passed(v) for v in checks.values())
             and speed_checks["passed"]
         ),
@@ -342,6 +352,21 @@ def _speed_section(report: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _guard_lines(prune: dict) -> list[str]:
+    lines = []
+    guard = prune.get("guard") or {}
+    if guard.get("judged_on"):
+        kept = "the fitted map" if guard["kept"] == "fitted" else "**plain removal** (the map did worse)"
+        lines += [
+            f"Quality guard, on {guard['judged_on']}: loss {guard['selection_loss_fitted']:.4f} with "
+            f"the map, {guard['selection_loss_plain_removal']:.4f} without; kept {kept}.",
+            "",
+        ]
+    if quality_check(prune)["pruned_worse_than_plain_removal"]:
+        lines += ["**The pruned model is worse than plain removal of the same blocks on held-out text.**", ""]
+    return lines
+
+
 def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images: dict[str, str]) -> str:
     q = prune["quality"]
     lines = [
@@ -384,6 +409,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         f"Fold parity (folded weights vs the map applied explicitly): max |Δlogit| "
         f"{prune['fold_parity']['max_abs_logit_diff']:.2e}, tolerance {prune['fold_parity']['atol']:.2e}.",
         "",
+        *_guard_lines(prune),
         *_image(images, "perplexity", "perplexity"),
     ]
     parity = parity_rows(outputs)
