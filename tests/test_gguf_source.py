@@ -9,6 +9,8 @@ import pytest
 from converters.gguf_export import export_gguf
 from rmexport.cli import main
 
+from .test_pipeline import assert_checks_passed
+
 FAST = ["--calib-samples", "48", "--seq-len", "32", "--eval-tokens", "1024", "--selection-samples", "16"]
 
 
@@ -23,11 +25,11 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
     monkeypatch.setenv("RMEXPORT_CACHE", str(cache))
     out_root = tmp_path / "runs"
     code = main(["run", str(q8_gguf), "--out-root", str(out_root), "--skip-onnx", "--skip-bench", *FAST])
-    assert code == 0
     # The weights were read from the GGUF one block at a time, never converted to a checkpoint.
     (conversion,) = (cache / "gguf-hf-v3").iterdir()
     assert not list(conversion.glob("*.safetensors"))
     run_dir = out_root / "tiny-llama-q8-0-r0.25"
+    report = assert_checks_passed(code, run_dir)
     prune = json.loads((run_dir / "prune.json").read_text())
     assert prune["fold_parity"]["passed"] and prune["tokenizer_parity"]["verdict"]
     native = run_dir / "gguf" / "tiny-llama-q8-0-r0.25-q8_0.gguf"
@@ -36,5 +38,4 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
     assert done["requantized"] == 1 and done["copied"] > 0 and not done["type_changed"]
     reader = gguf.GGUFReader(str(native))
     assert int(reader.fields["llama.block_count"].contents()) == prune["N"]
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["gguf_parity"]["q8_0"]["passed"] and report["all_checks_passed"]
+    assert report["gguf_parity"]["q8_0"]["passed"]
