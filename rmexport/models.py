@@ -206,7 +206,7 @@ def _materialize_weights(directory: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=directory))
     try:
         tensors = [(n, reader.numel(n) * 4, lambda n=n: reader.get(n)) for n in reader.names()]
-        write_shards(tensors, tmp)
+        write_shards(tensors, tmp, after_shard=reader.close)
         reader.close()
         finished = [tmp / INDEX_FILE, tmp / SINGLE_FILE]  # moved last: they mark the weights complete
         for item in sorted(tmp.iterdir(), key=lambda f: f in finished):

@@ -94,6 +94,8 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
     from .calib.weights import checkpoint_dtype
 
     dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
+    if (run_dir / "hf" / "config.json").is_file():  # an earlier run's checkpoint is reused in place
+        dtype_bytes = 0
     needed = _disk_needed(args, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
     free = shutil.disk_usage(existing_ancestor(run_dir)).free
     if free < needed:

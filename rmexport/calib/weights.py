@@ -131,11 +131,16 @@ def model_bytes(directory: str | Path, dtype: torch.dtype = torch.float32) -> in
 
 
 def write_shards(
-    tensors: list[tuple[str, int, Any]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES
+    tensors: list[tuple[str, int, Any]],
+    directory: Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    after_shard: Any = None,
 ) -> int:
     """Write ``(name, bytes, produce)`` items as safetensors shards of at most ``max_shard_bytes``
     (``model.safetensors`` when one is enough, else numbered shards and an index). Tensors are
-    produced one shard at a time, so memory holds one shard. Returns the total bytes."""
+    produced one shard at a time, so memory holds one shard; ``after_shard()`` runs after each (a
+    reader closes its memory-mapped files there: mapped pages count as resident memory). Returns
+    the total bytes."""
     from safetensors.torch import save_file
 
     groups: list[list[tuple[str, int, Any]]] = [[]]
@@ -156,6 +161,8 @@ def write_shards(
             weight_map[key] = name
             total += value.numel() * value.element_size()
         del shard
+        if after_shard is not None:
+            after_shard()
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

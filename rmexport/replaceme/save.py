@@ -122,7 +122,7 @@ def save_pruned_checkpoint(
         if new_name is not None:
             tensors.append((new_name, reader.numel(name) * 4, producer(name, layer_idx, rest)))
     with staged_dir(target) as tmp:
-        total_bytes = write_shards(tensors, tmp)
+        total_bytes = write_shards(tensors, tmp, after_shard=reader.close)
         reader.close()
         adapter.slice_config(config, kept)
         config.dtype = checkpoint_dtype(config)
