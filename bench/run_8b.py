@@ -129,26 +129,35 @@ class _TreeRss:
         self._process = psutil.Process(pid)
         self._interval = interval
         self.peak = 0
+        self.peak_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
+        """(RSS, anonymous RSS) of the tree; RSS also counts mapped file pages (llama.cpp's
+        quantizer memory-maps its input), which the kernel can drop, anonymous memory it cannot."""
         import psutil
 
-        total = 0
+        total = anon = 0
         try:
             for proc in [self._process, *self._process.children(recursive=True)]:
                 try:
                     total += proc.memory_info().rss
-                except psutil.NoSuchProcess:
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    anon += (
+                        int(next(x for x in status.splitlines() if x.startswith("RssAnon")).split()[1]) * 1024
+                    )
+                except (psutil.NoSuchProcess, FileNotFoundError, StopIteration):
                     pass
         except psutil.NoSuchProcess:
             pass
-        return total
+        return total, anon
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            total, anon = self._sample()
+            self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, anon)
             time.sleep(self._interval)
 
     def __enter__(self) -> _TreeRss:
@@ -198,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": code,
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(rss.peak / 2**20, 1),
+        "peak_anonymous_rss_mib": round(rss.peak_anon / 2**20, 1),
         "report": report,
     }
     write_json(args.out or args.dir / "run-8b.json", result)
     written = args.out or args.dir / "run-8b.json"
-    print(f"exit {code}, {wall:.0f} s, peak RSS {rss.peak / 2**30:.2f} GiB; wrote {written}")
+    print(
+        f"exit {code}, {wall:.0f} s, peak RSS {rss.peak / 2**30:.2f} GiB "
+        f"(anonymous {rss.peak_anon / 2**30:.2f} GiB); wrote {written}"
+    )
     if not args.keep:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return code

@@ -79,6 +79,9 @@ class ArchAdapter:
         """Why llama.cpp would run this (possibly pruned) config wrongly, or None if it is fine."""
         return None
 
+    def complete_config_from_gguf(self, config: Any) -> None:
+        """Set what a GGUF leaves implicit (llama.cpp derives it) on a config read from one."""
+
     def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
         """Whether llama.cpp can run the model that keeps original blocks ``kept`` of ``config``."""
         return True

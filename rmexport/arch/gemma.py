@@ -34,6 +34,17 @@ class GemmaAdapter(ArchAdapter):
         period = self.llama_cpp_swa_period
         return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(n_layers)]
 
+    # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 27B models, by 1/sqrt(head_dim)
+    # for every other size; a GGUF stores no query_pre_attn_scalar.
+    llama_cpp_27b_blocks: int = 0
+
+    def complete_config_from_gguf(self, config: Any) -> None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if config.num_hidden_layers == self.llama_cpp_27b_blocks:
+            config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
+        else:
+            config.query_pre_attn_scalar = head_dim
+
     def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
         layer_types = list(getattr(config, "layer_types", None) or [])
         if not layer_types:
@@ -64,6 +75,7 @@ GEMMA2 = GemmaAdapter(
     model_type="gemma2",
     gguf_arch="gemma2",
     llama_cpp_swa_period=2,
+    llama_cpp_27b_blocks=46,
 )
 
 GEMMA3 = GemmaAdapter(
@@ -73,4 +85,5 @@ GEMMA3 = GemmaAdapter(
     gguf_arch="gemma3",
     has_qk_norm=True,
     llama_cpp_swa_period=6,
+    llama_cpp_27b_blocks=62,
 )

@@ -164,6 +164,7 @@ def config_from_gguf(path: str | Path) -> Any:
     adapter = adapter_for(config)
     if not getattr(config, "architectures", None):
         config.architectures = [adapter.hf_architectures[0]]
+    adapter.complete_config_from_gguf(config)
     return config
 
 
