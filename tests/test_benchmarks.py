@@ -1,4 +1,6 @@
-"""The benchmark scripts run end to end on a tiny model and write what their READMEs promise."""
+"""The benchmark scripts run end to end on a tiny model and write what their READMEs promise.
+
+Slow (two minutes on 2 cores) and about scripts, not the product: `make test-slow` runs them."""
 
 import json
 
@@ -6,6 +8,9 @@ import pytest
 
 from bench import pipeline as bench_pipeline
 from bench import quality as bench_quality
+
+
+pytestmark = pytest.mark.slow
 
 
 def test_quality_benchmark_rows(tiny_checkpoints, tmp_path):
