@@ -9,7 +9,6 @@ import pytest
 from bench import pipeline as bench_pipeline
 from bench import quality as bench_quality
 
-
 pytestmark = pytest.mark.slow
 
 
