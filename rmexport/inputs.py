@@ -849,11 +849,9 @@ def check_prune_args(args: argparse.Namespace) -> CheckedSource:
 
 def check_run_args(args: argparse.Namespace) -> CheckedSource:
     """Everything ``rmexport run`` can check before loading weights; creates nothing."""
-    from .calib.tokens import DEFAULT_EVAL_WINDOW
     from .pipeline import GGUF_TYPES, _ratio_label, run_dir_for
 
     _check_calibration_numbers(args)
-    check_count(args.bench_eval_tokens, "--bench-eval-tokens", DEFAULT_EVAL_WINDOW)
     source = check_model_source(args.model, "MODEL")
     if source.n_layers is not None:
         check_cut(source.n_layers, args.ratio, args.layers, args.blocks)

@@ -383,12 +383,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
     )
-    parser.add_argument(
-        "--bench-eval-tokens",
-        type=int,
-        default=4096,
-        help="held-out tokens for runtime perplexity (default 4096)",
-    )
     add_prune_options(parser)
     # One set of held-out windows for every backend, so the report compares like with like.
     parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS)

@@ -394,9 +394,9 @@ CASES = [
     ),
     case("run-truncated-weights", "run {trunc} --out-root {out}/r " + RUN_LIGHT, "corrupt or truncated"),
     case(
-        "run-bench-eval-tokens-zero",
-        "run {llama} --out-root {out}/r --bench-eval-tokens 0 " + RUN_LIGHT,
-        "--bench-eval-tokens",
+        "run-eval-tokens-zero",
+        "run {llama} --out-root {out}/r " + RUN_LIGHT + " --eval-tokens 0",
+        "--eval-tokens",
     ),
 ]
 
