@@ -8,6 +8,7 @@ runtimes → report. Every stage is resumable (see ``stages.py``); ``--force`` r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import time
@@ -19,7 +20,7 @@ from .calib.budget import ram_bytes
 from .errors import ConfigError
 from .inputs import existing_ancestor
 from .log import get_logger
-from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
+from .models import ModelSource, checkpoint_dir, load_config, resolve
 from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
@@ -138,7 +139,9 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
                 "export_onnx",
                 {"model": model_key, **onnx_key},
                 [base_onnx],
-                lambda: export_onnx(original_ckpt, base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+                lambda: export_onnx(
+                    original_ckpt(), base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor
+                ),
             )
         )
     runner.run(
@@ -220,7 +223,7 @@ def _gguf_stages(
                     f"export_gguf_{t}",
                     {"model": model_key, "type": t},
                     [base_files[t]],
-                    lambda t=t: export_gguf(original_ckpt, base_files[t], type=t),
+                    lambda t=t: export_gguf(original_ckpt(), base_files[t], type=t),
                 )
             )
         runner.run(
@@ -307,8 +310,8 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     base_runner = StageRunner(base_dir / ".stages", force=args.force)
     options = options_from_args(args)
     # The original's weights as a checkpoint serve only the side-by-side benchmarks' exports (for a
-    # GGUF source that means dequantizing them once into the cache).
-    original_ckpt = Path(metadata_dir(source) if args.skip_bench else checkpoint_dir(source))
+    # GGUF source that means dequantizing them once into the cache), so they are asked for then.
+    original_ckpt = functools.cache(lambda: Path(checkpoint_dir(source)))
     model_key = {"spec": source.spec, "location": source.location, "layers": config.num_hidden_layers}
     pruned_ckpt = run_dir / "hf"
     started = time.perf_counter()

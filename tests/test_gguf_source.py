@@ -24,14 +24,16 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
     cache = tmp_path / "cache"
     monkeypatch.setenv("RMEXPORT_CACHE", str(cache))
     out_root = tmp_path / "runs"
-    code = main(["run", str(q8_gguf), "--out-root", str(out_root), "--skip-onnx", "--skip-bench", *FAST])
-    # The weights were read from the GGUF one block at a time, never converted to a checkpoint.
-    (conversion,) = (cache / "gguf-hf-v3").iterdir()
-    assert not list(conversion.glob("*.safetensors"))
+    code = main(["run", str(q8_gguf), "--out-root", str(out_root), "--skip-onnx", *FAST])
     run_dir = out_root / "tiny-llama-q8-0-r0.25"
     report = assert_checks_passed(code, run_dir)
     prune = json.loads((run_dir / "prune.json").read_text())
     assert prune["fold_parity"]["passed"] and prune["tokenizer_parity"]["verdict"]
+    # The prune read the weights from the GGUF one block at a time; the original's float32 weights
+    # were written into the cache only afterwards, for the benchmark's f16 export of the original.
+    (conversion,) = (cache / "gguf-hf-v3").iterdir()
+    (weights,) = conversion.glob("*.safetensors")
+    assert weights.stat().st_mtime > (run_dir / "prune.json").stat().st_mtime
     native = run_dir / "gguf" / "tiny-llama-q8-0-r0.25-q8_0.gguf"
     assert native.is_file() and (run_dir / "gguf" / "tiny-llama-q8-0-r0.25-f16.gguf").is_file()
     done = json.loads((run_dir / "checks" / "gguf_native.json").read_text())
@@ -39,6 +41,13 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
     reader = gguf.GGUFReader(str(native))
     assert int(reader.fields["llama.block_count"].contents()) == prune["N"]
     assert report["gguf_parity"]["q8_0"]["passed"]
+    # Benchmarked against the source file itself: same windows, fewer blocks.
+    bench = report["gguf_bench"]["q8_0"]["types"]["q8_0"]
+    assert bench["original"]["file"] == str(q8_gguf) and bench["original"]["block_count"] == 8
+    assert (
+        bench["pruned"]["block_count"] == prune["N"]
+        and bench["pruned"]["tokens"] == bench["original"]["tokens"]
+    )
 
 
 def test_a_gemma3_gguf_with_a_sentencepiece_vocabulary_is_cut_only_where_llama_cpp_can_run_it(
