@@ -18,7 +18,7 @@ from rmexport.calib.gguf_reader import (
     gguf_model_bytes,
     read_gguf_facts,
 )
-from rmexport.calib.weights import CheckpointReader, model_bytes
+from rmexport.calib.weights import CheckpointReader, model_bytes, tensors_under
 from rmexport.errors import ModelLoadError
 from rmexport.models import DEFAULT_MODEL, resolve
 
@@ -90,7 +90,7 @@ def test_default_model_matches_transformers_dequantization(default_reader, defau
 def test_reading_one_block_reads_nothing_else(default_reader):
     reader = default_reader
     reader.reset_counters()
-    block = dict(reader.with_prefix("model.layers.7"))
+    block = dict(tensors_under(reader, "model.layers.7"))
     assert len(block) == 9 and "mlp.down_proj.weight" in block
     infos = [reader.info(f"model.layers.7.{n}") for n in block]
     assert reader.tensors_read == 9

@@ -18,7 +18,6 @@ costs nothing). What llama.cpp's converter changed is undone here:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +219,7 @@ class GGUFCheckpointReader:
     """HF tensor name -> GGUF file; reads and dequantizes tensors one at a time.
 
     The same interface as ``CheckpointReader``: ``weight_map``, ``names()``, ``get()``,
-    ``with_prefix()``, ``shards``, ``close()``. ``bytes_read`` / ``bytes_dequantized`` /
+    ``shards``, ``close()``. ``bytes_read`` / ``bytes_dequantized`` /
     ``tensors_read`` count what ``get`` has done (``reset_counters()`` zeroes them).
     """
 
@@ -314,13 +313,6 @@ class GGUFCheckpointReader:
                 kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
                 data = _unpermute_rope_rows(data, kv_heads)
         return data
-
-    def with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name without prefix, tensor)`` for every tensor under ``prefix.``."""
-        head = prefix + "."
-        for name in self.weight_map:
-            if name.startswith(head):
-                yield name[len(head) :], self.get(name)
 
     def close(self) -> None:
         if self._file is not None:

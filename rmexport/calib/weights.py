@@ -28,6 +28,7 @@ __all__ = [
     "checkpoint_dtype",
     "model_bytes",
     "open_weights",
+    "tensors_under",
     "write_shards",
 ]
 
@@ -84,15 +85,16 @@ class CheckpointReader:
             count *= size
         return count
 
-    def with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name without prefix, tensor)`` for every tensor under ``prefix.``."""
-        head = prefix + "."
-        for name in self.weight_map:
-            if name.startswith(head):
-                yield name[len(head) :], self.get(name)
-
     def close(self) -> None:
         self._handles.clear()
+
+
+def tensors_under(reader: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name without prefix, tensor)`` for every tensor of ``reader`` under ``prefix.``."""
+    head = prefix + "."
+    for name in reader.weight_map:
+        if name.startswith(head):
+            yield name[len(head) :], reader.get(name)
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype:
@@ -236,7 +238,7 @@ class ModelSkeleton:
         module = self.model.get_submodule(path)
         if path in self._loaded:
             return module
-        found = dict(self.reader.with_prefix(path))
+        found = dict(tensors_under(self.reader, path))
         for name, tensor_name in (aliases or {}).items():
             found.setdefault(name, self.reader.get(tensor_name))
         # Unmap the shards: mapped pages count as resident memory for as long as a file is open.
