@@ -32,7 +32,7 @@ __all__ = [
     "write_shards",
 ]
 
-MAX_SHARD_BYTES = 2 * 2**30
+MAX_SHARD_BYTES = 2**30  # one shard is in memory while it is written, twice during serialization
 
 log = get_logger(__name__)
 
