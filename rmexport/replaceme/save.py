@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
-from ..atomic import staged_dir
+from ..atomic import staged_dir, staged_file
 from ..calib.weights import checkpoint_dtype, open_weights, write_shards
 from ..errors import ExportError
 from ..log import get_logger
@@ -146,9 +146,8 @@ def save_maps(path: Path, folds: dict[int, list[torch.Tensor]]) -> None:
         for j, ts in folds.items()
         for k, t in enumerate(ts)
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"format": "rmexport-maps"})
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "rmexport-maps"})
 
 
 def load_maps(path: Path) -> dict[int, list[torch.Tensor]]:
