@@ -305,6 +305,41 @@ def _guard(scorer: SelectionScorer, final: Plan) -> tuple[Plan, dict[str, Any]]:
     return final, record
 
 
+def _cut_and_fit(
+    engine: Engine,
+    options: PruneOptions,
+    sizes: list[int],
+    calibration: CalibrationSet,
+    selection: CalibrationSet,
+    clock: _Clock,
+    budget: MemoryBudget,
+) -> tuple[Plan, list[CutRecord], dict[str, Any]]:
+    """Each cut chosen and fitted on the model the previous ones left, then the quality guard."""
+    plan = original_plan(engine.n_layers)
+    records: list[CutRecord] = []
+    guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
+    needs_selection = options.quality_guard or options.select == "loss" or options.solver == "cosine"
+    scorer = SelectionScorer(engine, selection) if needs_selection else None
+    try:
+        for k, size in enumerate(sizes):
+            step = f"({k + 1}/{len(sizes)})"
+            with clock.stage(f"calibrate+fit {step}"):
+                cut, result, scores = choose_and_fit(
+                    engine, plan, calibration, size, options, step, scorer, budget.total_bytes // 4
+                )
+            removed = [s.layer for s in plan[cut[0] : cut[1]]]
+            log_cut(step, cut, removed, scores, result, options.distance_tokens)
+            plan = cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
+            records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
+        if scorer is not None and options.quality_guard:
+            with clock.stage("guard"):
+                plan, guard = _guard(scorer, plan)
+    finally:
+        if scorer is not None:
+            scorer.close()
+    return plan, records, guard
+
+
 def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str, Any]:
     """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record.
 
@@ -355,36 +390,16 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     )
     log.info("calibration: %s", calibration.describe())
 
-    plan = original_plan(n_layers)
-    records: list[CutRecord] = []
-    needs_selection = options.quality_guard or options.select == "loss" or options.solver == "cosine"
-    scorer = SelectionScorer(engine, selection) if needs_selection else None
     try:
-        for k, size in enumerate(sizes):
-            step = f"({k + 1}/{len(sizes)})"
-            with clock.stage(f"calibrate+fit {step}"):
-                cut, result, scores = choose_and_fit(
-                    engine, plan, calibration, size, options, step, scorer, budget.total_bytes // 4
-                )
-            removed = [s.layer for s in plan[cut[0] : cut[1]]]
-            log_cut(step, cut, removed, scores, result, options.distance_tokens)
-            plan = cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
-            records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
-        guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
-        if scorer is not None and options.quality_guard:
-            with clock.stage("guard"):
-                plan, guard = _guard(scorer, plan)
+        plan, records, guard = _cut_and_fit(engine, options, sizes, calibration, selection, clock, budget)
+        with clock.stage("checks"):
+            checks = run_checks(engine, plan, windows, options.parity_windows)
+        activations = {
+            "activations_peak_resident_bytes": engine.store.peak_resident_bytes,
+            "activations_spilled_bytes": engine.store.offloaded_bytes,
+        }
     finally:
-        if scorer is not None:
-            scorer.close()
-
-    with clock.stage("checks"):
-        checks = run_checks(engine, plan, windows, options.parity_windows)
-    activations = {
-        "activations_peak_resident_bytes": engine.store.peak_resident_bytes,
-        "activations_spilled_bytes": engine.store.offloaded_bytes,
-    }
-    engine.close()
+        engine.close()  # also removes activations spilled to disk
     parity = FoldParity(
         checks.parity_max_abs_logit_diff,
         checks.parity_max_abs_logit,
