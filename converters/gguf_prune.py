@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 from rmexport.arch import ADAPTERS
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
 from rmexport.log import get_logger, progress
+from rmexport.models import open_gguf
 
 from . import gguf_metadata
 from .ggml_quant import quantize_like
@@ -66,15 +67,7 @@ class _Source:
     """The source file's metadata and tensor table; tensor bytes are read on demand."""
 
     def __init__(self, path: Path):
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
-            raise ModelLoadError(
-                f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
-                hint="the file may be truncated or corrupt; download or convert it again",
-            ) from e
+        reader = open_gguf(path)
         self.path = path
         size = path.stat().st_size
         self.tensors: list[_Tensor] = []

@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "metadata_dir",
+    "open_gguf",
     "read_provenance",
     "resolve",
     "write_provenance",
@@ -133,6 +134,22 @@ def resolve(spec: str) -> ModelSource:
         f"unknown model {spec!r}",
         hint="known aliases: " + ", ".join(ALIASES) + "; or give a hub id, a directory or a .gguf",
     )
+
+
+def open_gguf(path: str | Path) -> Any:
+    """``gguf.GGUFReader`` over ``path`` (memory-mapped); ModelLoadError when it is not a whole GGUF."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
+            hint="the file may be truncated or corrupt; download or convert it again",
+        ) from e
 
 
 def cache_dir() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -452,13 +453,19 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         "original_num_hidden_layers": n_layers,
         "kept_layers": kept,
     }
-    with clock.stage("save"):
-        save_pruned_checkpoint(checkpoint, out_dir / "hf", kept, folds, provenance=provenance)
-        save_maps(out_dir / MAPS_FILE, folds)
-    record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
-    record.peak_rss_mib = round(_peak_rss_mib(), 1)
-    data = record.to_json()
-    write_json(out_dir / "prune.json", data)
+    outputs = [out_dir / "hf", out_dir / MAPS_FILE, out_dir / "prune.json"]
+    made_out_dir = not out_dir.exists()
+    try:
+        with clock.stage("save"):
+            save_pruned_checkpoint(checkpoint, outputs[0], kept, folds, provenance=provenance)
+            save_maps(outputs[1], folds)
+        record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
+        record.peak_rss_mib = round(_peak_rss_mib(), 1)
+        data = record.to_json()
+        write_json(outputs[2], data)
+    except BaseException:  # Ctrl-C included: all three outputs, or none
+        _remove_outputs(outputs, out_dir if made_out_dir else None)
+        raise
     return data
 
 
@@ -623,6 +630,16 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
         quality_guard=not args.no_quality_guard,
         gguf_compatible=not getattr(args, "skip_gguf", True),
     )
+
+
+def _remove_outputs(outputs: list[Path], made_dir: Path | None) -> None:
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if made_dir is not None and made_dir.is_dir() and not any(made_dir.iterdir()):
+        made_dir.rmdir()
 
 
 def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:

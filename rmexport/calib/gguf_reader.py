@@ -98,16 +98,10 @@ def read_gguf_facts(path: str | Path) -> GGUFFacts:
     """Parse the header of ``path``; ModelLoadError when it is not a complete GGUF file."""
     import gguf
 
+    from ..models import open_gguf
+
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
-        raise ModelLoadError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
-            hint="the file may be truncated or corrupt; download or convert it again",
-        ) from e
+    reader = open_gguf(path)
     size = path.stat().st_size
     tensors: dict[str, GGUFTensorInfo] = {}
     for t in reader.tensors:
