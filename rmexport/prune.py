@@ -170,7 +170,22 @@ def _versions() -> dict[str, str]:
     }
 
 
-def calibration_set(corpus: Any, tokenizer: Any, options: PruneOptions) -> CalibrationSet:
+def calibration_set(
+    corpus: Any, tokenizer: Any, options: PruneOptions, *, set_aside: bool = False
+) -> CalibrationSet:
+    """The calibration documents, or (``set_aside``) the ones after them that judge the guard,
+    ``--select loss`` and the cosine epochs."""
+    if set_aside:
+        return calibration_batches(
+            corpus,
+            tokenizer,
+            n_samples=options.selection_samples,
+            seq_len=options.seq_len,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            offset=options.calib_samples,
+            min_tokens=options.seq_len,
+        )
     return calibration_batches(
         corpus,
         tokenizer,
@@ -363,16 +378,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             calib_corpus if options.eval_data == options.calib_data else load_corpus(options.eval_data)
         )
         calibration = calibration_set(calib_corpus, tokenizer, options)
-        selection = calibration_batches(
-            calib_corpus,
-            tokenizer,
-            n_samples=options.selection_samples,
-            seq_len=options.seq_len,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            offset=options.calib_samples,
-            min_tokens=options.seq_len,
-        )
+        selection = calibration_set(calib_corpus, tokenizer, options, set_aside=True)
         windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)
         engine = open_engine(checkpoint, options, budget)
     weights = model_bytes(checkpoint, engine.skeleton.compute_dtype)

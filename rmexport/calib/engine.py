@@ -122,10 +122,6 @@ class Stream:
     keys: dict[int, Any]  # batch index -> store key
     done: Plan = ()
 
-    @property
-    def batch_indices(self) -> list[int]:
-        return sorted(self.keys)
-
 
 @dataclass
 class _Branch:
