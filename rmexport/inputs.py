@@ -659,16 +659,16 @@ def check_text_source(
     """A text file that is UTF-8 natural language with at least ``pool_documents`` real documents
     in its calibration pool and ``heldout_documents`` in its held-out part. ``builtin`` and hub
     datasets are not read here (the first is known good, the second needs the network)."""
-    from .calib.corpus import BUILTIN, HUB_DATASETS, load_corpus
+    from .calib.corpus import HUB_DATASETS, OFFLINE_SOURCES, load_corpus
 
-    if spec == BUILTIN or spec in HUB_DATASETS or spec.startswith("hf:"):
+    if spec in OFFLINE_SOURCES or spec in HUB_DATASETS or spec.startswith("hf:"):
         return
     path = Path(spec).expanduser()
     hint = "give plain text (documents separated by a blank line) or JSON lines with a 'text' field"
     if not path.exists():
         raise ConfigError(
             f"{option}: text source not found: {spec}",
-            hint="use 'builtin', a .txt or .jsonl file, or one of: " + ", ".join(HUB_DATASETS),
+            hint="use a .txt or .jsonl file, or one of: " + ", ".join(OFFLINE_SOURCES + tuple(HUB_DATASETS)),
         )
     if not path.is_file():
         raise ConfigError(f"{option} {spec} is a folder, not a text file", hint=hint)
@@ -813,6 +813,8 @@ def _check_calibration_numbers(args: argparse.Namespace) -> None:
     check_count(args.batch_size, "--batch-size")
     check_count(args.seq_len, "--seq-len", 8)
     check_count(args.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)
+    if args.ood_data:
+        check_count(args.ood_tokens, "--ood-tokens", DEFAULT_EVAL_WINDOW)
     check_number(args.alpha, "--alpha", minimum=0.0)
     check_number(args.ratio, "--ratio", optional=True)
     check_count(args.layers, "--layers", optional=True)
@@ -832,6 +834,8 @@ def _check_texts(args: argparse.Namespace) -> None:
     needed = args.calib_samples + _selection_documents(args)
     check_text_source(args.calib_data, "--calib-data", pool_documents=needed, count_option="--calib-samples")
     check_text_source(args.eval_data, "--eval-data", heldout_documents=1)
+    for spec in args.ood_data:
+        check_text_source(spec, "--ood-data", heldout_documents=1)
 
 
 def check_prune_args(args: argparse.Namespace) -> CheckedSource:

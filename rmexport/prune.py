@@ -21,7 +21,7 @@ from . import __version__
 from .arch import adapter_for
 from .atomic import write_json
 from .calib.budget import MemoryBudget
-from .calib.corpus import BUILTIN, load_corpus
+from .calib.corpus import BUILTIN, OUT_OF_DOMAIN, load_corpus
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
 from .calib.weights import checkpoint_dtype, model_bytes
@@ -35,8 +35,8 @@ from .models import (
     read_provenance,
     resolve,
 )
-from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality
-from .replaceme.checks import plain_removal, run_checks
+from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
+from .replaceme.checks import plain_removal, run_checks, source_perplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
@@ -77,6 +77,8 @@ class PruneOptions:
     seed: int = 0
     eval_data: str = BUILTIN
     eval_tokens: int = 16384
+    ood_data: tuple[str, ...] = OUT_OF_DOMAIN  # held-out text unlike the calibration data
+    ood_tokens: int = 8192
     parity_windows: int = 2
     selection_samples: int = 64  # documents after the calibration ones, for --select loss
     loss_candidates: int = 5  # best cuts by fit that --select loss tries
@@ -100,6 +102,8 @@ class PruneOptions:
             raise ConfigError(f"--alpha {self.alpha} must be >= 0")
         if self.eval_tokens < 512:
             raise ConfigError(f"--eval-tokens {self.eval_tokens} must be at least one 512-token window")
+        if self.ood_data and self.ood_tokens < 512:
+            raise ConfigError(f"--ood-tokens {self.ood_tokens} must be at least one 512-token window")
 
 
 class _Clock:
@@ -380,6 +384,10 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         calibration = calibration_set(calib_corpus, tokenizer, options)
         selection = calibration_set(calib_corpus, tokenizer, options, set_aside=True)
         windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)
+        ood_windows = {
+            spec: heldout_windows(load_corpus(spec), tokenizer, options.ood_tokens)
+            for spec in options.ood_data
+        }
         engine = open_engine(checkpoint, options, budget)
     weights = model_bytes(checkpoint, engine.skeleton.compute_dtype)
     log.info(
@@ -401,6 +409,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         plan, records, guard = _cut_and_fit(engine, options, sizes, calibration, selection, clock, budget)
         with clock.stage("checks"):
             checks = run_checks(engine, plan, windows, options.parity_windows)
+            ood = source_perplexities(engine, plan, ood_windows)
         activations = {
             "activations_peak_resident_bytes": engine.store.peak_resident_bytes,
             "activations_spilled_bytes": engine.store.offloaded_bytes,
@@ -447,7 +456,21 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         calibration=calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
         evaluation=Evaluation(eval_corpus.name, checks.tokens, int(windows.shape[1] - 1)),
         fold_parity=parity,
-        quality=Quality(checks.ppl_original, checks.ppl_plain_removal, checks.ppl_pruned),
+        quality=Quality(
+            checks.ppl_original,
+            checks.ppl_plain_removal,
+            checks.ppl_pruned,
+            [
+                SourceQuality(
+                    spec,
+                    int(ood_windows[spec][:, 1:].numel()),
+                    p["original"],
+                    p["plain_removal"],
+                    p["pruned"],
+                )
+                for spec, p in ood.items()
+            ],
+        ),
         guard=guard,
         tokenizer_parity=tokenizer_parity_record(source),
         memory=budget.describe(weights) | activations | {"device": str(options.device)},
@@ -580,6 +603,22 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=16384,
         help="held-out tokens for the perplexity checks (default 16384)",
     )
+    data.add_argument(
+        "--ood-data",
+        default=",".join(OUT_OF_DOMAIN),
+        type=lambda text: tuple(s for s in text.split(",") if s and s != "none"),
+        help=(
+            "comma-separated held-out sources unlike the calibration text, each also checked: docs "
+            "(Python's documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips "
+            f"(default {','.join(OUT_OF_DOMAIN)})"
+        ),
+    )
+    data.add_argument(
+        "--ood-tokens",
+        type=int,
+        default=8192,
+        help="held-out tokens of each --ood-data source (default 8192)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
     method.add_argument(
         "--no-quality-guard",
@@ -630,6 +669,8 @@ def options_from_args(args: argparse.Namespace) -> PruneOptions:
         selection_samples=args.selection_samples,
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
+        ood_data=args.ood_data,
+        ood_tokens=args.ood_tokens,
         device=args.device,
         compute_dtype=args.compute_dtype,
         memory_budget=args.memory_budget,
@@ -681,6 +722,11 @@ def _print_summary(record: dict[str, Any], out_dir: Path) -> None:
     table.add_row("plain removal", f"{quality['ppl_plain_removal']:.2f}")
     table.add_row(f"pruned ({record['solver']['name']})", f"{quality['ppl_pruned']:.2f}")
     console.print(table)
+    for ood in quality["out_of_domain"]:
+        console.print(
+            f"out of domain, {ood['source']}: original {ood['ppl_original']:.2f}, plain removal "
+            f"{ood['ppl_plain_removal']:.2f}, pruned {ood['ppl_pruned']:.2f}"
+        )
     parity = record["fold_parity"]
     console.print(
         f"fold parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} (tolerance {parity['atol']:.2e})"

@@ -12,6 +12,7 @@ __all__ = [
     "ModelInfo",
     "PruneRecord",
     "Quality",
+    "SourceQuality",
     "jsonable",
 ]
 
@@ -51,10 +52,22 @@ class FoldParity:
 
 
 @dataclass
+class SourceQuality:
+    """Held-out perplexities on one text source unlike the calibration data."""
+
+    source: str
+    tokens: int
+    ppl_original: float
+    ppl_plain_removal: float
+    ppl_pruned: float
+
+
+@dataclass
 class Quality:
     ppl_original: float
     ppl_plain_removal: float
     ppl_pruned: float
+    out_of_domain: list[SourceQuality] = field(default_factory=list)
 
 
 @dataclass

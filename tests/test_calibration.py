@@ -23,6 +23,20 @@ def test_builtin_split_is_fixed_and_disjoint(builtin_corpus):
     assert not set(builtin_corpus.pool) & set(builtin_corpus.heldout)
 
 
+@pytest.mark.parametrize("spec", ["docs", "dialogue"])
+def test_out_of_domain_sources_are_offline_and_disjoint(spec, builtin_corpus):
+    corpus = load_corpus(spec)
+    assert len(corpus.pool) > 400 and len(corpus.heldout) > 40
+    key = json.dumps if spec == "dialogue" else str
+    assert not {key(d) for d in corpus.pool} & {key(d) for d in corpus.heldout}
+    assert not {key(d) for d in corpus.heldout} & set(builtin_corpus.heldout)
+    assert load_corpus(spec).heldout[:3] == corpus.heldout[:3]
+    if spec == "dialogue":  # chats, alternating speakers
+        assert all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(corpus.heldout[0]))
+    else:  # prose docstrings, no doctest sessions
+        assert all(len(d) >= 300 and ">>>" not in d for d in corpus.heldout)
+
+
 def test_text_and_jsonl_sources_split_without_overlap(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(f"paragraph number {i} about things" for i in range(50)))

