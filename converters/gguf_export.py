@@ -17,7 +17,6 @@ llama.cpp's own quantizer. A model whose source was a GGUF keeps that file's met
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -29,15 +28,16 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ArchAdapter, adapter_for
 from rmexport.atomic import staged_file
 from rmexport.errors import ConfigError, ExportError
+from rmexport.fileio import read_provenance
 from rmexport.log import get_logger, progress
 
 from . import gguf_metadata, gguf_tokenizer
-from . import llama_cpp as llama_cpp_tools
 
-__all__ = ["GGUF_TYPES", "add_arguments", "describe_gguf", "export_gguf", "run"]
+__all__ = ["GGUF_TYPES", "describe_gguf", "export_gguf"]
 
 log = get_logger(__name__)
 
@@ -192,8 +192,6 @@ def _shape(ref: tuple[Path, str]) -> tuple[int, ...]:
 
 
 def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metadata.Metadata:
-    from rmexport.models import read_provenance
-
     name = getattr(config, "_name_or_path", "") or checkpoint.name
     ours = gguf_metadata.model_metadata(config, adapter, name=Path(name).name or checkpoint.name)
     provenance = read_provenance(checkpoint)
@@ -299,29 +297,3 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         "tensor_types": dict(sorted(types.items())),
         "tensors": len(reader.tensors),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
-    parser.add_argument("--out", required=True, help="GGUF file to write")
-    parser.add_argument("--type", default="f16", choices=sorted(GGUF_TYPES), help="tensor type (default f16)")
-
-
-def _checkpoint_path(spec: str) -> Path:
-    from rmexport.models import checkpoint_dir, resolve
-
-    path = Path(spec)
-    if path.is_dir():
-        return path
-    return Path(checkpoint_dir(resolve(spec)))
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_export_gguf_args
-
-    check_export_gguf_args(args)
-    out = export_gguf(_checkpoint_path(args.checkpoint), args.out, type=args.type)
-    info = describe_gguf(out)
-    types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
-    print(f"{out}  {info['size_bytes'] / 2**20:.1f} MiB  {info['block_count']} blocks  tensors: {types}")
-    return 0

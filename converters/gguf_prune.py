@@ -30,8 +30,8 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 
 from rmexport.arch import ADAPTERS
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
+from rmexport.fileio import open_gguf
 from rmexport.log import get_logger, progress
-from rmexport.models import open_gguf
 
 from . import gguf_metadata
 from .ggml_quant import quantize_like

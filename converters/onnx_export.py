@@ -18,7 +18,6 @@ when complete, with config, generation config, tokenizer and provenance copied b
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rmexport.atomic import staged_dir
-from rmexport.errors import ConfigError, ExportError, ToolchainError
+from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
 
 __all__ = [
     "DTYPES",
@@ -35,10 +34,8 @@ __all__ = [
     "PRECISIONS",
     "EXPORT_INFO_FILE",
     "OPTIMUM_RUNTIME_GAPS",
-    "add_arguments",
     "export_onnx",
     "read_export_info",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,12 +66,18 @@ def read_export_info(onnx_dir: str | Path) -> dict[str, Any]:
 
 
 def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
-    """Resolve a checkpoint spec to a local directory and its config; reject what cannot export."""
-    from rmexport.arch import adapter_for
-    from rmexport.models import checkpoint_dir, load_config, resolve
+    """A local HF directory's path and config; reject what cannot export."""
+    from transformers import AutoConfig
 
-    source = resolve(str(checkpoint))
-    config = load_config(source)
+    from rmexport.arch import adapter_for
+
+    directory = Path(checkpoint).expanduser().resolve()
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{checkpoint} is not an HF checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read config of {directory}: {e}") from e
     adapter_for(config)
     n_layers = int(config.num_hidden_layers)
     layer_types = getattr(config, "layer_types", None)
@@ -83,7 +86,7 @@ def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
             f"config has num_hidden_layers={n_layers} but {len(layer_types)} layer_types",
             hint="a pruned config must slice layer_types together with the blocks",
         )
-    return checkpoint_dir(source), config
+    return str(directory), config
 
 
 def _export_optimum(ckpt: str, tmp: Path, dtype: str) -> None:
@@ -214,36 +217,9 @@ def export_onnx(
 
 
 def _versions(flavor: str) -> dict[str, str | None]:
-    from validation.latency import package_versions
+    from rmexport.sysinfo import package_versions
 
     names = ["onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"]
     if flavor == "genai":
         names.append("onnxruntime-genai")
     return package_versions(*names)
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="HF checkpoint directory (original or pruned), alias or .gguf")
-    parser.add_argument("--out", required=True, help="output folder (replaced atomically when done)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="activation/weight dtype")
-    parser.add_argument(
-        "--flavor",
-        choices=FLAVORS,
-        default="optimum",
-        help="optimum: standard ops, ORTModelForCausalLM; genai: onnxruntime-genai builder (fused ops)",
-    )
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default=None, help="weights; int4 needs --flavor genai"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_export_onnx_args
-
-    check_export_onnx_args(args)
-    out = export_onnx(
-        args.checkpoint, args.out, dtype=args.dtype, flavor=args.flavor, precision=args.precision
-    )
-    print(out)
-    return 0

@@ -155,7 +155,7 @@ def open_llama_cpp_vocab(gguf_path: str | Path) -> Iterator[LlamaCppVocab]:
     """llama.cpp reading only the vocabulary of ``gguf_path``; ModelLoadError when it can not."""
     from llama_cpp import _logger as llama_cpp_logger
 
-    from converters.llama_cpp import llama_module
+    from .llamacpp import llama_module
 
     llama_cpp = llama_module()
     llama_cpp_logger.set_verbose(log.isEnabledFor(logging.DEBUG))

@@ -110,7 +110,7 @@ def test_metadata_of_a_gguf_source_is_carried_over(default_checkpoint, pruned_de
     assert ours["general.file_type"].value == int(gguf.LlamaFileType.MOSTLY_F16)
     from transformers import AutoTokenizer
 
-    from converters import llama_cpp as llama_cpp_tools
+    from rmexport import llamacpp as llama_cpp_tools
     from validation.gguf_parity import TOKENIZER_PROBES
 
     tokenizer = AutoTokenizer.from_pretrained(pruned)

@@ -146,7 +146,7 @@ def _run_converter(source: Path, checkpoint: Path, out: Path) -> None:
 
 _TOKENIZE_SCRIPT = """
 import json, sys
-from converters import llama_cpp as L
+from rmexport import llamacpp as L
 with L.open_model(sys.argv[1], n_ctx=64) as model:
     print(json.dumps([L.tokenize(model, t) for t in json.loads(sys.argv[2])]))
 """

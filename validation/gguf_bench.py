@@ -11,7 +11,6 @@ ratio of what llama.cpp computes in that phase (``validation.flops``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 import time
@@ -21,22 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters import llama_cpp as llama_cpp_tools
-from rmexport.atomic import write_json
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
+from rmexport.sysinfo import machine_info
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
-from .latency import machine_info
 
 __all__ = [
     "DEFAULT_PROTOCOL",
-    "add_arguments",
     "bench_gguf",
     "format_table",
     "llama_cpp_forward",
-    "run",
     "speed",
 ]
 
@@ -263,43 +259,3 @@ def format_table(result: dict[str, Any]) -> str:
     for gguf_type, entry in result["types"].items():
         lines += ["", f"{gguf_type} speed:", *speed_protocol.format_phases(entry["speed"])]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--original", required=True, metavar="FILE_OR_CKPT", help="unpruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--pruned", required=True, metavar="FILE_OR_CKPT", help="pruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--types", default="f16,q4_k_m", help="GGUF types for checkpoints (default f16,q4_k_m)"
-    )
-    parser.add_argument(
-        "--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)"
-    )
-    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch perplexity reference")
-    parser.add_argument("--work-dir", help="keep the exported GGUFs here (default: a temporary folder)")
-    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    speed_protocol.add_arguments(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_bench_gguf_args
-
-    types = check_bench_gguf_args(args)
-    result = bench_gguf(
-        args.original,
-        args.pruned,
-        types=types,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        protocol=speed_protocol.protocol_from_args(args),
-        torch_reference=not args.no_torch,
-        work_dir=args.work_dir,
-    )
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
