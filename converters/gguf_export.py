@@ -194,15 +194,10 @@ def _shape(ref: tuple[Path, str]) -> tuple[int, ...]:
 def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metadata.Metadata:
     name = getattr(config, "_name_or_path", "") or checkpoint.name
     ours = gguf_metadata.model_metadata(config, adapter, name=Path(name).name or checkpoint.name)
-    provenance = read_provenance(checkpoint)
-    source = provenance.get("gguf_file")
+    source = read_provenance(checkpoint).get("gguf_file")
     if source and Path(source).is_file():
         log.info("carrying metadata over from the source GGUF %s", Path(source).name)
-        kept = provenance.get("kept_layers")
-        n_original = provenance.get("original_num_hidden_layers")
-        if kept is None and (n_original is None or n_original == config.num_hidden_layers):
-            kept = list(range(config.num_hidden_layers))
-        return gguf_metadata.carry_over(ours, gguf_metadata.read_metadata(source), adapter.gguf_arch, kept)
+        return gguf_metadata.carry_over(ours, gguf_metadata.read_metadata(source), adapter.gguf_arch)
     if source:
         log.warning("source GGUF %s is gone; writing metadata from the checkpoint alone", source)
     ours.update(gguf_tokenizer.tokenizer_metadata(checkpoint, config.vocab_size))

@@ -221,12 +221,13 @@ def fields_metadata(fields: Any) -> Metadata:
 _OWN_KEYS = (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION)
 
 
-def carry_over(ours: Metadata, source: Metadata, arch: str, kept_layers: list[int] | None) -> Metadata:
-    """Metadata of the source GGUF, changed only where pruning changed it.
+def carry_over(ours: Metadata, source: Metadata, arch: str) -> Metadata:
+    """Metadata of the source GGUF, changed only where this checkpoint's config differs from it.
 
     ``general.*`` and ``tokenizer.*`` come over exactly. Architecture keys come over too, except
-    the block count (ours) and per-layer arrays, which are sliced to ``kept_layers`` (or replaced
-    by ours when the kept layers are unknown). Keys only we know are added.
+    the block count (ours) and, when the block counts differ, per-layer arrays: those are ours,
+    made from the config's own per-layer lists, or dropped when the config has none. Keys only we
+    know are added.
     """
     source_arch = source.get(Keys.General.ARCHITECTURE)
     if source_arch is not None and source_arch.value != arch:
@@ -241,12 +242,13 @@ def carry_over(ours: Metadata, source: Metadata, arch: str, kept_layers: list[in
             merged[key] = ours[key]
             continue
         is_per_layer = kv.vtype == GGUFValueType.ARRAY and key.startswith(arch + ".")
-        if is_per_layer and n_source_blocks and len(kv.value) == n_source_blocks:
-            if kept_layers is None:
-                if key in ours:
-                    merged[key] = ours[key]
-                continue
-            kv = KV([kv.value[i] for i in kept_layers], kv.vtype, kv.sub_type)
+        same_blocks = n_source_blocks == ours[block_key].value
+        if is_per_layer and n_source_blocks and len(kv.value) == n_source_blocks and not same_blocks:
+            if key in ours:
+                merged[key] = ours[key]
+            else:
+                log.warning("dropping the source GGUF's per-layer %s: the config has no list for it", key)
+            continue
         elif key in ours and ours[key].value != kv.value and not key.startswith(("general.", "tokenizer.")):
             log.debug("keeping source GGUF's %s=%r (config says %r)", key, kv.value, ours[key].value)
         merged[key] = kv

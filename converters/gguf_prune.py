@@ -124,9 +124,9 @@ def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch
     if not kept:
         raise ConfigError("no blocks would be kept", hint="keep at least one block")
     if sorted(set(kept)) != list(kept):
-        raise ConfigError(f"kept_layers must be increasing and unique, got {kept}")
+        raise ConfigError(f"the blocks to keep must be increasing and unique, got {kept}")
     if kept[0] < 0 or kept[-1] >= n:
-        raise ConfigError(f"kept_layers {kept} are outside blocks 0..{n - 1} of {source.path.name}")
+        raise ConfigError(f"blocks {kept} are outside blocks 0..{n - 1} of {source.path.name}")
     stray = sorted(set(folds) - set(kept))
     if stray:
         raise ConfigError(
@@ -240,13 +240,13 @@ def _umask() -> int:
 def prune_gguf(
     source_gguf: str | Path,
     out_file: str | Path,
-    kept_layers: list[int],
+    blocks: list[int],
     folds: dict[int, list[torch.Tensor]],
     *,
     dense_fold: bool,
     norm_weight_offset: float = 0.0,
 ) -> dict[str, Any]:
-    """Write ``source_gguf`` with only ``kept_layers`` (original indices, in order) to ``out_file``.
+    """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
     ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, or a
     length-d diagonal). ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
@@ -258,7 +258,7 @@ def prune_gguf(
     """
     start = time.perf_counter()
     source = _Source(Path(source_gguf))
-    kept = [int(i) for i in kept_layers]
+    kept = [int(i) for i in blocks]
     folds = {int(i): list(ts) for i, ts in folds.items() if len(ts)}
     _check_request(source, kept, folds)
     new_index = {old: new for new, old in enumerate(kept)}
@@ -340,7 +340,7 @@ def prune_gguf(
         "output": str(out),
         "arch": source.arch,
         "block_count": {"before": source.block_count, "after": len(kept)},
-        "kept_layers": kept,
+        "kept_blocks": kept,
         "copied": sum(1 for r in per_tensor.values() if r["action"] == "copied"),
         "requantized": len(requantized),
         "type_changed": changed_type,

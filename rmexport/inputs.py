@@ -864,7 +864,10 @@ def check_run_args(args: Any) -> CheckedSource:
     check_device(args.device)
     root = check_output_path(args.out_root, "--out-root", "dir", markers=None)
     run_dir = check_output_path(
-        run_dir_for(root, source, ratio_label(args.ratio, args.layers)), "--out-root", "dir", markers=RUN_MARKERS
+        run_dir_for(root, source, ratio_label(args.ratio, args.layers)),
+        "--out-root",
+        "dir",
+        markers=RUN_MARKERS,
     )
     check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
     _check_apart(run_dir, [source.location if source.kind != "hub" else None], "--out-root")

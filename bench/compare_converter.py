@@ -7,7 +7,8 @@ compared on tensor names, shapes, types and values, metadata keys and values, an
 llama.cpp tokenizes sample text with each.
 
 Intended differences (``INTENDED_DIFFERENCES``) are listed with their reason; anything else is a
-difference to explain. Run: ``python -m validation.compare_converter CKPT [--json FILE]``.
+difference to explain. Run: ``python -m bench.compare_converter CKPT [--json FILE]`` (the first run
+downloads the sdist).
 """
 
 from __future__ import annotations
