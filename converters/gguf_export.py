@@ -4,8 +4,9 @@ Tensor names come from the ``gguf`` package's ``TensorNameMap`` for the adapter'
 architecture; a tensor it cannot map is an error, never skipped. What llama.cpp expects
 differently from transformers is done here and nowhere else:
 
-- llama arch (Llama, Mistral): llama.cpp rotates adjacent pairs, transformers rotates halves,
-  so ``q_proj``/``k_proj`` rows are permuted per head (the same permutation for their biases);
+- where the adapter says so (``gguf_permute_qk``: Llama, Mistral): llama.cpp rotates adjacent
+  pairs, transformers rotates halves, so ``q_proj``/``k_proj`` rows are permuted per head (the same
+  permutation for their biases);
 - Gemma: RMSNorm weights are stored with the ``+1`` offset baked in (adapter.norm_weight_offset);
 - tied embeddings: no ``output.weight``; llama.cpp reuses ``token_embd``;
 - Llama 3.1+ rope scaling travels as the ``rope_freqs`` tensor.
@@ -154,7 +155,7 @@ def _prepare(p: _Planned, config: Any, adapter: ArchAdapter) -> np.ndarray:
     data = _load(p.ref)
     if adapter.norm_weight_offset and p.hf_name.endswith("norm.weight"):
         data = data + np.float32(adapter.norm_weight_offset)
-    if adapter.gguf_arch == "llama":
+    if adapter.gguf_permute_qk:
         if p.kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = _permute_rope_rows(data, config.num_attention_heads)
         elif p.kind == gguf.MODEL_TENSOR.ATTN_K:

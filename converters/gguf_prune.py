@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 
-from rmexport.arch import ADAPTERS
+from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
 from rmexport.fileio import open_gguf
 from rmexport.log import get_logger, progress
@@ -139,15 +139,13 @@ def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch
 
 def _runtime_pattern_problem(arch: str, n_blocks: int, kept: list[int]) -> str | None:
     """llama.cpp's Gemma loaders derive the sliding/global pattern from the layer index."""
-    for adapter in ADAPTERS.values():
-        if adapter.gguf_arch == arch and hasattr(adapter, "llama_cpp_layer_types"):
-            before = adapter.llama_cpp_layer_types(n_blocks)
-            after = adapter.llama_cpp_layer_types(len(kept))
-            if [before[i] for i in kept] != after:
-                return (
-                    f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
-                    f"(every {adapter.llama_cpp_swa_period}th layer global)"
-                )
+    adapter = gguf_adapter(arch)
+    before = adapter.llama_cpp_layer_types(n_blocks) if adapter is not None else None
+    if before is not None and [before[i] for i in kept] != adapter.llama_cpp_layer_types(len(kept)):
+        return (
+            f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
+            f"(every {adapter.llama_cpp_swa_period}th layer global)"
+        )
     return None
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
 
@@ -49,13 +50,10 @@ ONNX_TASK = "text-generation-with-past"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # model_type -> why optimum's ORTModelForCausalLM cannot generate() with an export of it, although
-# the graph itself is right (plain InferenceSession parity passes). Checked by tests/test_onnx.py.
+# the graph itself is right (plain InferenceSession parity passes): the adapters' declarations.
+# Checked by tests/test_onnx.py.
 OPTIMUM_RUNTIME_GAPS = {
-    "gemma2": (
-        "optimum-onnx 0.1.0's ORTModelForCausalLM sizes the first (empty) KV cache with "
-        "num_attention_heads instead of num_key_value_heads for gemma2, so generate() fails "
-        "whenever they differ; run the graph with onnxruntime directly"
-    ),
+    a.model_type: a.optimum_runtime_gap for a in ADAPTERS.values() if a.optimum_runtime_gap
 }
 
 
@@ -68,8 +66,6 @@ def read_export_info(onnx_dir: str | Path) -> dict[str, Any]:
 def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
     """A local HF directory's path and config; reject what cannot export."""
     from transformers import AutoConfig
-
-    from rmexport.arch import adapter_for
 
     directory = Path(checkpoint).expanduser().resolve()
     if not (directory / "config.json").is_file():
@@ -192,7 +188,7 @@ def export_onnx(
 
             build_genai(ckpt, tmp, config, precision=precision)
         graph = _check_graph(tmp, n_layers)
-        optimum_gap = OPTIMUM_RUNTIME_GAPS.get(config.model_type) if flavor == "optimum" else None
+        optimum_gap = adapter_for(config).optimum_runtime_gap if flavor == "optimum" else None
         if optimum_gap and config.num_key_value_heads != config.num_attention_heads:
             log.warning("export onnx: %s", optimum_gap)
         else:
