@@ -67,7 +67,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rmexport {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
-    # Import only the module of the command being run (plus argparse's own needs for --help).
+    # Build only the parser of the command being run (its options import what they list).
     wanted = [a for a in argv if not a.startswith("-")][:2]
     for (command, subcommand), (_, _, help_text) in COMMANDS.items():
         lazy = bool(wanted) and (wanted[0] != command or (subcommand and wanted[1:2] != [subcommand]))
@@ -431,17 +431,6 @@ def _add_export_onnx(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _local_checkpoint(spec: str) -> Path:
-    """An HF directory for a checkpoint spec (alias, hub id, directory or .gguf): converters take
-    local directories only."""
-    from .models import checkpoint_dir, resolve
-
-    path = Path(spec)
-    if path.is_dir():
-        return path
-    return Path(checkpoint_dir(resolve(spec)))
-
-
 def _run_export_onnx(args: argparse.Namespace) -> int:
     from .api import export_onnx
     from .config import ExportONNXConfig
@@ -611,6 +600,7 @@ def _add_bench_gguf(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_bench_gguf(args: argparse.Namespace) -> int:
+    from converters.gguf_export import export_gguf
     from validation.gguf_bench import bench_gguf, format_table
 
     from .atomic import write_json
@@ -626,6 +616,7 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
         protocol=protocol_from_args(args),
         torch_reference=not args.no_torch,
         work_dir=args.work_dir,
+        export=export_gguf,
     )
     print(format_table(result))
     if args.json:

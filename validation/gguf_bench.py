@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,16 @@ def _torch_ppl(checkpoint: Path, windows: torch.Tensor) -> dict[str, Any]:
     return perplexity(torch_forward(model), windows, batch_size=1, desc="PyTorch perplexity").as_dict()
 
 
-def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str) -> Path:
-    from converters.gguf_export import export_gguf
+# (HF checkpoint, GGUF file to write, GGUF type) -> the file written; the caller supplies the writer.
+Exporter = Callable[[Path, Path, str], Path]
 
+
+def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str, export: Exporter | None) -> Path:
     if _is_gguf(spec):
         return Path(spec)
-    return export_gguf(spec, work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
+    if export is None:
+        raise ConfigError(f"--{role} {spec} is not a GGUF file", hint="give GGUF files, or export them first")
+    return export(Path(spec), work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
 
 
 def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
@@ -190,8 +195,12 @@ def bench_gguf(
     protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
     torch_reference: bool = True,
     work_dir: str | Path | None = None,
+    export: Exporter | None = None,
 ) -> dict[str, Any]:
-    """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type."""
+    """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type.
+
+    ``original`` and ``pruned`` are GGUF files, or HF checkpoints that ``export`` writes as a GGUF
+    of each of ``types`` into ``work_dir`` (a benchmark measures; it does not convert by itself)."""
     from validation.gguf_parity import gguf_type_of
 
     file_types = {gguf_type_of(s) for s in (original, pruned) if _is_gguf(s)}
@@ -221,7 +230,7 @@ def bench_gguf(
         folder.mkdir(parents=True, exist_ok=True)
         for gguf_type in types:
             paths = {
-                role: _gguf_file(spec, gguf_type, folder, role)
+                role: _gguf_file(spec, gguf_type, folder, role, export)
                 for role, spec in (("original", original), ("pruned", pruned))
             }
             entry: dict[str, Any] = {role: _quality(path, windows, threads) for role, path in paths.items()}
