@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # 0.16+ imports Qwen3_5* classes that exist only in transformers >= 5; this project pins < 4.58.
 GENAI_TESTED_VERSIONS = "0.15.2"
-_GENAI_HINT = f"pip install 'onnxruntime-genai=={GENAI_TESTED_VERSIONS}' onnx-ir  (0.16+ needs transformers 5)"
+_GENAI_HINT = f"pip install 'onnxruntime-genai=={GENAI_TESTED_VERSIONS}' onnx-ir (0.16+ needs transformers 5)"
 
 
 def genai_cut_problem(config: Any) -> str | None:
