@@ -4,8 +4,9 @@ Tensor names come from the ``gguf`` package's ``TensorNameMap`` for the adapter'
 architecture; a tensor it cannot map is an error, never skipped. What llama.cpp expects
 differently from transformers is done here and nowhere else:
 
-- llama arch (Llama, Mistral): llama.cpp rotates adjacent pairs, transformers rotates halves,
-  so ``q_proj``/``k_proj`` rows are permuted per head (the same permutation for their biases);
+- where the adapter says so (``gguf_permute_qk``: Llama, Mistral): llama.cpp rotates adjacent
+  pairs, transformers rotates halves, so ``q_proj``/``k_proj`` rows are permuted per head (the same
+  permutation for their biases);
 - Gemma: RMSNorm weights are stored with the ``+1`` offset baked in (adapter.norm_weight_offset);
 - tied embeddings: no ``output.weight``; llama.cpp reuses ``token_embd``;
 - Llama 3.1+ rope scaling travels as the ``rope_freqs`` tensor.
@@ -17,7 +18,6 @@ llama.cpp's own quantizer. A model whose source was a GGUF keeps that file's met
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -29,15 +29,16 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ArchAdapter, adapter_for
 from rmexport.atomic import staged_file
 from rmexport.errors import ConfigError, ExportError
+from rmexport.fileio import read_provenance
 from rmexport.log import get_logger, progress
 
 from . import gguf_metadata, gguf_tokenizer
-from . import llama_cpp as llama_cpp_tools
 
-__all__ = ["GGUF_TYPES", "add_arguments", "describe_gguf", "export_gguf", "run"]
+__all__ = ["GGUF_TYPES", "describe_gguf", "export_gguf"]
 
 log = get_logger(__name__)
 
@@ -154,7 +155,7 @@ def _prepare(p: _Planned, config: Any, adapter: ArchAdapter) -> np.ndarray:
     data = _load(p.ref)
     if adapter.norm_weight_offset and p.hf_name.endswith("norm.weight"):
         data = data + np.float32(adapter.norm_weight_offset)
-    if adapter.gguf_arch == "llama":
+    if adapter.gguf_permute_qk:
         if p.kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = _permute_rope_rows(data, config.num_attention_heads)
         elif p.kind == gguf.MODEL_TENSOR.ATTN_K:
@@ -192,19 +193,12 @@ def _shape(ref: tuple[Path, str]) -> tuple[int, ...]:
 
 
 def _metadata(checkpoint: Path, config: Any, adapter: ArchAdapter) -> gguf_metadata.Metadata:
-    from rmexport.models import read_provenance
-
     name = getattr(config, "_name_or_path", "") or checkpoint.name
     ours = gguf_metadata.model_metadata(config, adapter, name=Path(name).name or checkpoint.name)
-    provenance = read_provenance(checkpoint)
-    source = provenance.get("gguf_file")
+    source = read_provenance(checkpoint).get("gguf_file")
     if source and Path(source).is_file():
         log.info("carrying metadata over from the source GGUF %s", Path(source).name)
-        kept = provenance.get("kept_layers")
-        n_original = provenance.get("original_num_hidden_layers")
-        if kept is None and (n_original is None or n_original == config.num_hidden_layers):
-            kept = list(range(config.num_hidden_layers))
-        return gguf_metadata.carry_over(ours, gguf_metadata.read_metadata(source), adapter.gguf_arch, kept)
+        return gguf_metadata.carry_over(ours, gguf_metadata.read_metadata(source), adapter.gguf_arch)
     if source:
         log.warning("source GGUF %s is gone; writing metadata from the checkpoint alone", source)
     ours.update(gguf_tokenizer.tokenizer_metadata(checkpoint, config.vocab_size))
@@ -299,29 +293,3 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         "tensor_types": dict(sorted(types.items())),
         "tensors": len(reader.tensors),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
-    parser.add_argument("--out", required=True, help="GGUF file to write")
-    parser.add_argument("--type", default="f16", choices=sorted(GGUF_TYPES), help="tensor type (default f16)")
-
-
-def _checkpoint_path(spec: str) -> Path:
-    from rmexport.models import checkpoint_dir, resolve
-
-    path = Path(spec)
-    if path.is_dir():
-        return path
-    return Path(checkpoint_dir(resolve(spec)))
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_export_gguf_args
-
-    check_export_gguf_args(args)
-    out = export_gguf(_checkpoint_path(args.checkpoint), args.out, type=args.type)
-    info = describe_gguf(out)
-    types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
-    print(f"{out}  {info['size_bytes'] / 2**20:.1f} MiB  {info['block_count']} blocks  tensors: {types}")
-    return 0

@@ -3,15 +3,14 @@
 Keys come from ``gguf.Keys`` (the package's own table). Each value records its GGUF type so
 that metadata read from a source GGUF can be written back byte for byte.
 
-What llama.cpp assumes, and how a config is checked against it:
-- Gemma 2/3 scale queries by ``1/sqrt(head_dim)``, except the 27B models (recognised by their
-  block count) which use ``1/sqrt(hidden/heads)``; HF uses ``query_pre_attn_scalar**-0.5``.
-  A model (e.g. a pruned 27B) whose scalar no longer matches what llama.cpp will pick is refused.
-- Qwen 2/3 in llama.cpp have no sliding-window attention: a config with sliding layers is refused.
-- Gemma's per-layer sliding pattern is also written as an explicit per-layer array
-  (``{arch}.attention.sliding_window_pattern``) for readers that use it. llama.cpp's gemma2 and
-  gemma3 loaders ignore it and derive the pattern from the layer index (period 2 and 6), which is
-  why cuts that would shift that pattern are refused (``GemmaAdapter.gguf_cut_problem``).
+What llama.cpp assumes differently from transformers is a fact of the family and lives in its
+adapter (``rmexport/arch``): the refusals (``gguf_cut_problem``, ``llama_cpp_problem``: Gemma's
+query scale, Qwen's missing sliding window, ...) and which keys exist (``gguf_softcapping``,
+``gguf_sliding_window``, ``gguf_rope_base_swa``). This module turns a config into those keys.
+A sliding pattern is also written as an explicit per-layer array
+(``{arch}.attention.sliding_window_pattern``) for readers that use it; llama.cpp's Gemma loaders
+ignore it and derive the pattern from the layer index, which is why cuts that would shift that
+pattern are refused.
 """
 
 from __future__ import annotations
@@ -54,8 +53,6 @@ class KV:
 Metadata = dict[str, KV]
 
 _SLIDING = "sliding_attention"
-# Block counts at which llama.cpp treats Gemma as the 27B model (other attention scale).
-_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
 
 
 def _u32(v: int) -> KV:
@@ -77,24 +74,9 @@ def _layer_types(config: Any) -> list[str]:
 
 def runtime_problem(config: Any, adapter: ArchAdapter) -> str | None:
     """Why llama.cpp would compute this config differently from transformers, or None."""
-    problem = adapter.gguf_cut_problem(config)
+    problem = adapter.gguf_cut_problem(config) or adapter.llama_cpp_problem(config)
     if problem:
         return problem
-    family = adapter.family
-    if family in ("gemma2", "gemma3"):
-        scalar = getattr(config, "query_pre_attn_scalar", None)
-        if scalar is not None:
-            is_27b = config.num_hidden_layers == _GEMMA_27B_BLOCKS[family]
-            llama_cpp = config.hidden_size / config.num_attention_heads if is_27b else _head_dim(config)
-            if not math.isclose(float(scalar), float(llama_cpp)):
-                return (
-                    f"llama.cpp scales {family} queries by 1/sqrt({llama_cpp:g}) for a "
-                    f"{config.num_hidden_layers}-block model, but this model's query_pre_attn_scalar "
-                    f"is {scalar:g}"
-                )
-    if family in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        if any(t == _SLIDING for t in _layer_types(config)):
-            return f"llama.cpp's {family} has no sliding-window attention, but this model uses it"
     rope = _rope_scaling(config)
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default", "linear", "yarn", "llama3"):
         return f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by this writer"
@@ -133,7 +115,6 @@ def llama3_rope_factors(config: Any) -> list[float] | None:
 def model_metadata(config: Any, adapter: ArchAdapter, name: str) -> Metadata:
     """The architecture keys llama.cpp reads for this family, from the (pruned) HF config."""
     arch = adapter.gguf_arch
-    family = adapter.family
     head_dim = _head_dim(config)
     meta: Metadata = {
         Keys.General.TYPE: KV("model", GGUFValueType.STRING),
@@ -154,11 +135,11 @@ def model_metadata(config: Any, adapter: ArchAdapter, name: str) -> Metadata:
         Keys.LLM.VOCAB_SIZE.format(arch=arch): _u32(config.vocab_size),
     }
     meta.update(_rope_scaling_metadata(config, arch))
-    if family in ("gemma2", "gemma3"):
-        meta.update(_gemma_metadata(config, arch, family))
-    elif family == "mistral" and getattr(config, "sliding_window", None):
+    meta.update(_family_metadata(config, adapter))
+    if adapter.llama_cpp_full_attention and getattr(config, "sliding_window", None):
         log.warning(
-            "llama.cpp runs Mistral with full attention; sliding_window=%s only matters past that length",
+            "llama.cpp runs %s with full attention; sliding_window=%s only matters past that length",
+            adapter.family,
             config.sliding_window,
         )
     return meta
@@ -180,22 +161,28 @@ def _rope_scaling_metadata(config: Any, arch: str) -> Metadata:
     return {}  # llama3 scaling travels as the rope_freqs tensor
 
 
-def _gemma_metadata(config: Any, arch: str, family: str) -> Metadata:
+_SOFTCAPPING_KEYS = {
+    "attn_logit_softcapping": Keys.LLM.ATTN_LOGIT_SOFTCAPPING,
+    "final_logit_softcapping": Keys.LLM.FINAL_LOGIT_SOFTCAPPING,
+}
+
+
+def _family_metadata(config: Any, adapter: ArchAdapter) -> Metadata:
+    """The keys only some families have, as their adapter declares them."""
+    arch = adapter.gguf_arch
     meta: Metadata = {}
-    if family == "gemma2" and getattr(config, "attn_logit_softcapping", None):
-        meta[Keys.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(config.attn_logit_softcapping)
-    if getattr(config, "final_logit_softcapping", None):
-        meta[Keys.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(config.final_logit_softcapping)
-    if family == "gemma3" and getattr(config, "attn_logit_softcapping", None):
-        raise ExportError("llama.cpp's gemma3 has no attention logit softcapping, but this config sets it")
+    for field in adapter.gguf_softcapping:
+        if getattr(config, field, None):
+            meta[_SOFTCAPPING_KEYS[field].format(arch=arch)] = _f32(getattr(config, field))
     layer_types = _layer_types(config)
-    if getattr(config, "sliding_window", None) and (not layer_types or _SLIDING in layer_types):
+    sliding = getattr(config, "sliding_window", None) and (not layer_types or _SLIDING in layer_types)
+    if adapter.gguf_sliding_window and sliding:
         meta[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(config.sliding_window)
         if layer_types:
             meta[Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)] = KV(
                 [t == _SLIDING for t in layer_types], GGUFValueType.ARRAY, GGUFValueType.BOOL
             )
-    if family == "gemma3" and getattr(config, "rope_local_base_freq", None):
+    if adapter.gguf_rope_base_swa and getattr(config, "rope_local_base_freq", None):
         meta[Keys.Rope.FREQ_BASE_SWA.format(arch=arch)] = _f32(config.rope_local_base_freq)
     return meta
 
@@ -221,12 +208,13 @@ def fields_metadata(fields: Any) -> Metadata:
 _OWN_KEYS = (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION)
 
 
-def carry_over(ours: Metadata, source: Metadata, arch: str, kept_layers: list[int] | None) -> Metadata:
-    """Metadata of the source GGUF, changed only where pruning changed it.
+def carry_over(ours: Metadata, source: Metadata, arch: str) -> Metadata:
+    """Metadata of the source GGUF, changed only where this checkpoint's config differs from it.
 
     ``general.*`` and ``tokenizer.*`` come over exactly. Architecture keys come over too, except
-    the block count (ours) and per-layer arrays, which are sliced to ``kept_layers`` (or replaced
-    by ours when the kept layers are unknown). Keys only we know are added.
+    the block count (ours) and, when the block counts differ, per-layer arrays: those are ours,
+    made from the config's own per-layer lists, or dropped when the config has none. Keys only we
+    know are added.
     """
     source_arch = source.get(Keys.General.ARCHITECTURE)
     if source_arch is not None and source_arch.value != arch:
@@ -241,12 +229,13 @@ def carry_over(ours: Metadata, source: Metadata, arch: str, kept_layers: list[in
             merged[key] = ours[key]
             continue
         is_per_layer = kv.vtype == GGUFValueType.ARRAY and key.startswith(arch + ".")
-        if is_per_layer and n_source_blocks and len(kv.value) == n_source_blocks:
-            if kept_layers is None:
-                if key in ours:
-                    merged[key] = ours[key]
-                continue
-            kv = KV([kv.value[i] for i in kept_layers], kv.vtype, kv.sub_type)
+        same_blocks = n_source_blocks == ours[block_key].value
+        if is_per_layer and n_source_blocks and len(kv.value) == n_source_blocks and not same_blocks:
+            if key in ours:
+                merged[key] = ours[key]
+            else:
+                log.warning("dropping the source GGUF's per-layer %s: the config has no list for it", key)
+            continue
         elif key in ours and ours[key].value != kv.value and not key.startswith(("general.", "tokenizer.")):
             log.debug("keeping source GGUF's %s=%r (config says %r)", key, kv.value, ours[key].value)
         merged[key] = kv

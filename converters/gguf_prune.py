@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 
-from rmexport.arch import ADAPTERS
+from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
+from rmexport.fileio import open_gguf
 from rmexport.log import get_logger, progress
-from rmexport.models import open_gguf
 
 from . import gguf_metadata
 from .ggml_quant import quantize_like
@@ -124,9 +124,9 @@ def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch
     if not kept:
         raise ConfigError("no blocks would be kept", hint="keep at least one block")
     if sorted(set(kept)) != list(kept):
-        raise ConfigError(f"kept_layers must be increasing and unique, got {kept}")
+        raise ConfigError(f"the blocks to keep must be increasing and unique, got {kept}")
     if kept[0] < 0 or kept[-1] >= n:
-        raise ConfigError(f"kept_layers {kept} are outside blocks 0..{n - 1} of {source.path.name}")
+        raise ConfigError(f"blocks {kept} are outside blocks 0..{n - 1} of {source.path.name}")
     stray = sorted(set(folds) - set(kept))
     if stray:
         raise ConfigError(
@@ -139,15 +139,13 @@ def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch
 
 def _runtime_pattern_problem(arch: str, n_blocks: int, kept: list[int]) -> str | None:
     """llama.cpp's Gemma loaders derive the sliding/global pattern from the layer index."""
-    for adapter in ADAPTERS.values():
-        if adapter.gguf_arch == arch and hasattr(adapter, "llama_cpp_layer_types"):
-            before = adapter.llama_cpp_layer_types(n_blocks)
-            after = adapter.llama_cpp_layer_types(len(kept))
-            if [before[i] for i in kept] != after:
-                return (
-                    f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
-                    f"(every {adapter.llama_cpp_swa_period}th layer global)"
-                )
+    adapter = gguf_adapter(arch)
+    before = adapter.llama_cpp_layer_types(n_blocks) if adapter is not None else None
+    if before is not None and [before[i] for i in kept] != adapter.llama_cpp_layer_types(len(kept)):
+        return (
+            f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
+            f"(every {adapter.llama_cpp_swa_period}th layer global)"
+        )
     return None
 
 
@@ -240,13 +238,13 @@ def _umask() -> int:
 def prune_gguf(
     source_gguf: str | Path,
     out_file: str | Path,
-    kept_layers: list[int],
+    blocks: list[int],
     folds: dict[int, list[torch.Tensor]],
     *,
     dense_fold: bool,
     norm_weight_offset: float = 0.0,
 ) -> dict[str, Any]:
-    """Write ``source_gguf`` with only ``kept_layers`` (original indices, in order) to ``out_file``.
+    """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
     ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, or a
     length-d diagonal). ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
@@ -258,7 +256,7 @@ def prune_gguf(
     """
     start = time.perf_counter()
     source = _Source(Path(source_gguf))
-    kept = [int(i) for i in kept_layers]
+    kept = [int(i) for i in blocks]
     folds = {int(i): list(ts) for i, ts in folds.items() if len(ts)}
     _check_request(source, kept, folds)
     new_index = {old: new for new, old in enumerate(kept)}
@@ -340,7 +338,7 @@ def prune_gguf(
         "output": str(out),
         "arch": source.arch,
         "block_count": {"before": source.block_count, "after": len(kept)},
-        "kept_layers": kept,
+        "kept_blocks": kept,
         "copied": sum(1 for r in per_tensor.values() if r["action"] == "copied"),
         "requantized": len(requantized),
         "type_changed": changed_type,

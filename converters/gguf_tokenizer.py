@@ -36,27 +36,11 @@ from typing import Any
 from gguf import GGUFValueType, Keys, TokenType
 
 from rmexport.errors import ExportError
+from rmexport.llamacpp import PRE_TOKENIZER_REGEXES
 
 from .gguf_metadata import KV, Metadata
 
-__all__ = ["PRE_TOKENIZER_REGEXES", "pre_tokenizer_name", "tokenizer_metadata"]
-
-# The split regexes exactly as the families' tokenizer.json files state them.
-PRE_TOKENIZER_REGEXES: dict[str, str] = {
-    "llama-bpe": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ),
-    "qwen2": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ),
-    "tekken": (
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
-        r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ),
-}
+__all__ = ["pre_tokenizer_name", "tokenizer_metadata"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ when complete, with config, generation config, tokenizer and provenance copied b
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -26,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
-from rmexport.errors import ConfigError, ExportError, ToolchainError
+from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
 
 __all__ = [
     "DTYPES",
@@ -35,10 +35,8 @@ __all__ = [
     "PRECISIONS",
     "EXPORT_INFO_FILE",
     "OPTIMUM_RUNTIME_GAPS",
-    "add_arguments",
     "export_onnx",
     "read_export_info",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,13 +50,10 @@ ONNX_TASK = "text-generation-with-past"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # model_type -> why optimum's ORTModelForCausalLM cannot generate() with an export of it, although
-# the graph itself is right (plain InferenceSession parity passes). Checked by tests/test_onnx.py.
+# the graph itself is right (plain InferenceSession parity passes): the adapters' declarations.
+# Checked by tests/test_onnx.py.
 OPTIMUM_RUNTIME_GAPS = {
-    "gemma2": (
-        "optimum-onnx 0.1.0's ORTModelForCausalLM sizes the first (empty) KV cache with "
-        "num_attention_heads instead of num_key_value_heads for gemma2, so generate() fails "
-        "whenever they differ; run the graph with onnxruntime directly"
-    ),
+    a.model_type: a.optimum_runtime_gap for a in ADAPTERS.values() if a.optimum_runtime_gap
 }
 
 
@@ -69,12 +64,16 @@ def read_export_info(onnx_dir: str | Path) -> dict[str, Any]:
 
 
 def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
-    """Resolve a checkpoint spec to a local directory and its config; reject what cannot export."""
-    from rmexport.arch import adapter_for
-    from rmexport.models import checkpoint_dir, load_config, resolve
+    """A local HF directory's path and config; reject what cannot export."""
+    from transformers import AutoConfig
 
-    source = resolve(str(checkpoint))
-    config = load_config(source)
+    directory = Path(checkpoint).expanduser().resolve()
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{checkpoint} is not an HF checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read config of {directory}: {e}") from e
     adapter_for(config)
     n_layers = int(config.num_hidden_layers)
     layer_types = getattr(config, "layer_types", None)
@@ -83,7 +82,7 @@ def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
             f"config has num_hidden_layers={n_layers} but {len(layer_types)} layer_types",
             hint="a pruned config must slice layer_types together with the blocks",
         )
-    return checkpoint_dir(source), config
+    return str(directory), config
 
 
 def _export_optimum(ckpt: str, tmp: Path, dtype: str) -> None:
@@ -189,7 +188,7 @@ def export_onnx(
 
             build_genai(ckpt, tmp, config, precision=precision)
         graph = _check_graph(tmp, n_layers)
-        optimum_gap = OPTIMUM_RUNTIME_GAPS.get(config.model_type) if flavor == "optimum" else None
+        optimum_gap = adapter_for(config).optimum_runtime_gap if flavor == "optimum" else None
         if optimum_gap and config.num_key_value_heads != config.num_attention_heads:
             log.warning("export onnx: %s", optimum_gap)
         else:
@@ -214,36 +213,9 @@ def export_onnx(
 
 
 def _versions(flavor: str) -> dict[str, str | None]:
-    from validation.latency import package_versions
+    from rmexport.sysinfo import package_versions
 
     names = ["onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"]
     if flavor == "genai":
         names.append("onnxruntime-genai")
     return package_versions(*names)
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="HF checkpoint directory (original or pruned), alias or .gguf")
-    parser.add_argument("--out", required=True, help="output folder (replaced atomically when done)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="activation/weight dtype")
-    parser.add_argument(
-        "--flavor",
-        choices=FLAVORS,
-        default="optimum",
-        help="optimum: standard ops, ORTModelForCausalLM; genai: onnxruntime-genai builder (fused ops)",
-    )
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default=None, help="weights; int4 needs --flavor genai"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_export_onnx_args
-
-    check_export_onnx_args(args)
-    out = export_onnx(
-        args.checkpoint, args.out, dtype=args.dtype, flavor=args.flavor, precision=args.precision
-    )
-    print(out)
-    return 0

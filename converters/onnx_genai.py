@@ -24,30 +24,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rmexport.arch import adapter_for
 from rmexport.errors import ExportError, ToolchainError
 
-__all__ = ["GENAI_TESTED_VERSIONS", "build_genai", "builder_layer_types", "genai_cut_problem"]
+__all__ = ["GENAI_TESTED_VERSIONS", "build_genai", "genai_cut_problem"]
 
 log = logging.getLogger(__name__)
 
 # 0.16+ imports Qwen3_5* classes that exist only in transformers >= 5; this project pins < 4.58.
 GENAI_TESTED_VERSIONS = "0.15.2"
-_GENAI_HINT = "pip install 'onnxruntime-genai==0.15.2' onnx-ir  (0.16+ needs transformers 5)"
-_SLIDING, _FULL = "sliding_attention", "full_attention"
-
-
-def builder_layer_types(model_type: str, n_layers: int) -> list[str] | None:
-    """The attention pattern the builder assumes for ``model_type`` (None: no sliding layers)."""
-    if model_type == "gemma2":
-        return [_SLIDING if i % 2 == 1 else _FULL for i in range(n_layers)]
-    if model_type in ("gemma3_text", "gemma3"):
-        return [_SLIDING if (i + 1) % 6 else _FULL for i in range(n_layers)]
-    return None
+_GENAI_HINT = f"pip install 'onnxruntime-genai=={GENAI_TESTED_VERSIONS}' onnx-ir (0.16+ needs transformers 5)"
 
 
 def genai_cut_problem(config: Any) -> str | None:
     """Why the builder would build ``config`` wrongly, or None when it can represent it."""
-    assumed = builder_layer_types(config.model_type, int(config.num_hidden_layers))
+    assumed = adapter_for(config).genai_layer_types(int(config.num_hidden_layers))
     actual = list(getattr(config, "layer_types", None) or [])
     if assumed is None or not actual or actual == assumed:
         return None

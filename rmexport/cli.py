@@ -1,37 +1,33 @@
-"""The ``rmexport`` command. The only place that turns RMExportError into an exit code.
+"""The ``rmexport`` command: all of the argument parsing, and the only place that turns an
+``RMExportError`` into an exit code.
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their command runs, so ``--help`` is fast.
+Each command has ``_add_<command>(parser)`` and ``_run_<command>(args) -> int`` here. A run checks its
+arguments (``rmexport.inputs``), builds the typed configuration (``rmexport.config``, ``PruneOptions``)
+and calls the Python API (``rmexport.api``) or the stage it names; the heavy modules are imported only
+when their command runs, so ``--help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import RMExportError
 from .log import set_quiet
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "protocol_from_args", "prune_options", "run_config"]
 
-# (command, subcommand or None) -> (module, one-line help)
-COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("prune", None): (
-        "rmexport.prune",
-        "remove a block of layers, fit and fold the linear map, save an HF checkpoint",
-    ),
-    ("export", "onnx"): ("converters.onnx_export", "HF checkpoint -> ONNX with KV cache"),
-    ("export", "gguf"): ("converters.gguf_export", "HF checkpoint -> GGUF for llama.cpp"),
-    ("validate", "onnx"): ("validation.onnx_parity", "onnxruntime vs PyTorch on held-out prompts"),
-    ("validate", "gguf"): ("validation.gguf_parity", "llama.cpp vs PyTorch on held-out prompts"),
-    ("bench", "onnx"): ("validation.onnx_bench", "perplexity and latency in onnxruntime, original vs pruned"),
-    ("bench", "gguf"): ("validation.gguf_bench", "perplexity and speed in llama.cpp, original vs pruned"),
-    ("run", None): ("rmexport.pipeline", "everything: prune, export, validate, benchmark, report"),
-}
+# (command, subcommand or None) -> (add its arguments, run it, one-line help); filled in below.
+COMMANDS: dict[
+    tuple[str, str | None],
+    tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str],
+] = {}
 
 _GROUP_HELP = {
     "export": "write a deployable from an HF checkpoint",
@@ -55,16 +51,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", help="also write a plain log to this file")
 
 
-def _module_parser(sub: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+def _command_parser(sub: argparse._SubParsersAction, name: str, key: tuple[str, str | None]) -> None:
+    add, run, help_text = COMMANDS[key]
     parser = sub.add_parser(name, help=help_text, description=help_text)
     _add_common(parser)
-    try:
-        importlib.import_module(module).add_arguments(parser)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        parser.set_defaults(_unavailable=True)
-    parser.set_defaults(_module=module)
+    add(parser)
+    parser.set_defaults(_run=run)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -75,15 +67,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rmexport {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
-    # Import only the module of the command being run (plus argparse's own needs for --help).
+    # Build only the parser of the command being run (its options import what they list).
     wanted = [a for a in argv if not a.startswith("-")][:2]
-    for (command, subcommand), (module, help_text) in COMMANDS.items():
+    for (command, subcommand), (_, _, help_text) in COMMANDS.items():
         lazy = bool(wanted) and (wanted[0] != command or (subcommand and wanted[1:2] != [subcommand]))
         if subcommand is None:
             if lazy:
                 sub.add_parser(command, help=help_text)
             else:
-                _module_parser(sub, command, module, help_text)
+                _command_parser(sub, command, (command, subcommand))
             continue
         if command not in groups:
             group = sub.add_parser(command, help=_GROUP_HELP[command], description=_GROUP_HELP[command])
@@ -91,7 +83,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if lazy:
             groups[command].add_parser(subcommand, help=help_text)
         else:
-            _module_parser(groups[command], subcommand, module, help_text)
+            _command_parser(groups[command], subcommand, (command, subcommand))
     return parser
 
 
@@ -125,16 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return int(e.code or 0)
-    if not getattr(args, "_module", None):
+    if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
-    if getattr(args, "_unavailable", False):
-        print(f"error: '{args.command}' is not available in this version", file=sys.stderr)
         return 2
     _configure_logging(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(args._run(args) or 0)
     except RMExportError as e:
         print(f"error: {e}", file=sys.stderr)
         if e.hint:
@@ -143,6 +132,623 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# --- shared option groups --------------------------------------------------------------------
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2-135m",
+        help="alias, hub id, HF directory or .gguf file (default: smollm2-135m)",
+    )
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    from .calib.corpus import BUILTIN, OUT_OF_DOMAIN
+    from .replaceme.select import SELECTION_RULES
+
+    size = parser.add_argument_group("how much to cut")
+    size.add_argument(
+        "--ratio",
+        type=float,
+        default=0.25,
+        help="fraction of blocks to remove: n = floor(ratio*L + 0.5) (default 0.25)",
+    )
+    size.add_argument("--layers", type=int, help="remove exactly this many blocks (overrides --ratio)")
+    size.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help=(
+            "split the removal into K non-overlapping cuts, each chosen on the model "
+            "pruned by the previous ones (default 1)"
+        ),
+    )
+    method = parser.add_argument_group("where to cut and how to fit")
+    method.add_argument(
+        "--select",
+        choices=SELECTION_RULES,
+        default="fit",
+        help=(
+            "distance: smallest angular distance across the cut (the reference rule); "
+            "fit: smallest error left after the fitted map (default); "
+            "loss: try the 5 best cuts by fit and keep the one with the lowest loss on 64 "
+            "calibration documents set aside for selection"
+        ),
+    )
+    method.add_argument(
+        "--distance-tokens",
+        choices=("last", "all"),
+        default="last",
+        help="angular distance over the last token of each sequence (reference) or all real tokens",
+    )
+    method.add_argument(
+        "--solver",
+        choices=("lstsq", "cosine"),
+        default="lstsq",
+        help=(
+            "lstsq: float64 normal equations (default); cosine: Adam on the cosine distance between "
+            "the residual stream after the cut and the original one, started from lstsq; every epoch "
+            "is scored by the pruned model's loss on 64 calibration documents set aside, and the best "
+            "epoch (lstsq included) is kept; layer by layer, the epoch with the lowest cosine loss"
+        ),
+    )
+    method.add_argument(
+        "--alpha", type=float, default=0.0, help="ridge term added to the normal equations (default 0)"
+    )
+    data = parser.add_argument_group("calibration and evaluation text")
+    data.add_argument(
+        "--calib-data",
+        default=BUILTIN,
+        help=(
+            "builtin (Wikipedia summaries, offline), a .txt or .jsonl file, "
+            "slimorca, wikitext, fineweb or hf:DATASET[:CONFIG]"
+        ),
+    )
+    data.add_argument(
+        "--calib-samples", type=int, default=512, help="documents used for calibration (default 512)"
+    )
+    data.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)"
+    )
+    data.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    data.add_argument(
+        "--selection-samples",
+        type=int,
+        default=64,
+        help=(
+            "calibration documents set aside (after the calibration ones) to judge the quality guard, "
+            "--select loss and the cosine epochs (default 64)"
+        ),
+    )
+    data.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="0 takes the first documents of the calibration pool; others sample it",
+    )
+    data.add_argument(
+        "--eval-data", default=BUILTIN, help="held-out text for the perplexity checks (default builtin)"
+    )
+    data.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=16384,
+        help="held-out tokens for the perplexity checks (default 16384)",
+    )
+    data.add_argument(
+        "--ood-data",
+        default=",".join(OUT_OF_DOMAIN),
+        type=lambda text: tuple(s for s in text.split(",") if s and s != "none"),
+        help=(
+            "comma-separated held-out sources unlike the calibration text, each also checked: docs "
+            "(Python's documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips "
+            f"(default {','.join(OUT_OF_DOMAIN)})"
+        ),
+    )
+    data.add_argument(
+        "--ood-tokens",
+        type=int,
+        default=8192,
+        help="held-out tokens of each --ood-data source (default 8192)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
+    method.add_argument(
+        "--no-quality-guard",
+        action="store_true",
+        help=(
+            "keep the fitted maps even when plain removal of the same blocks does better on the 64 "
+            "set-aside calibration documents (by default the prune then saves plain removal and says so)"
+        ),
+    )
+    parser.add_argument(
+        "--memory-budget",
+        help=(
+            "memory the prune may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of RAM). "
+            "Weights stay resident when they fit half of it, otherwise every pass streams them from disk "
+            "one block at a time; activations beyond the rest spill to disk"
+        ),
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the forwards (default float32 on CPU, bfloat16 on CUDA)",
+    )
+    parser.epilog = (
+        "Memory: one calibration pass collects the distance of every candidate cut and the float64 "
+        "statistics (2·d² numbers per candidate) that the fit needs. When those do not fit in a quarter "
+        "of the memory budget, a first pass measures distances only and a second pass collects statistics "
+        "for the best candidates that fit, stopping at the deepest block they need. Quality guard: the "
+        "fitted maps are kept only if the "
+        "pruned model's loss on 64 set-aside calibration documents is no worse than plain removal of the "
+        "same blocks; otherwise plain removal is saved and prune.json says so (guard.kept)."
+    )
+
+
+def prune_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The ``PruneOptions`` the prune options of ``args`` describe."""
+    from .prune import PruneOptions
+
+    return PruneOptions(
+        ratio=args.ratio,
+        layers=args.layers,
+        blocks=args.blocks,
+        solver=args.solver,
+        alpha=args.alpha,
+        select=args.select,
+        distance_tokens=args.distance_tokens,
+        calib_data=args.calib_data,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        selection_samples=args.selection_samples,
+        eval_data=args.eval_data,
+        eval_tokens=args.eval_tokens,
+        ood_data=args.ood_data,
+        ood_tokens=args.ood_tokens,
+        device=args.device,
+        compute_dtype=args.compute_dtype,
+        memory_budget=args.memory_budget,
+        quality_guard=not args.no_quality_guard,
+        gguf_compatible=not getattr(args, "skip_gguf", True),
+        **overrides,
+    )
+
+
+def _print_prune_summary(record: dict[str, Any], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for cut in record["cuts"]:
+        fit = cut["fit"]
+        console.print(
+            f"cut {cut['cut']} (original blocks {cut['removed_layers'][0]}..{cut['removed_layers'][-1]}), "
+            f"solver {fit['solver']}: fit error {fit['rel_residual']:.4f} vs plain removal "
+            f"{fit['rel_residual_plain_removal']:.4f}"
+        )
+    quality = record["quality"]
+    table = Table(title=f"{record['model']['spec']}: {record['L']} -> {record['N']} blocks")
+    for column in ("model", "held-out PPL"):
+        table.add_column(column)
+    table.add_row("original", f"{quality['ppl_original']:.2f}")
+    table.add_row("plain removal", f"{quality['ppl_plain_removal']:.2f}")
+    table.add_row(f"pruned ({record['solver']['name']})", f"{quality['ppl_pruned']:.2f}")
+    console.print(table)
+    for ood in quality["out_of_domain"]:
+        console.print(
+            f"out of domain, {ood['source']}: original {ood['ppl_original']:.2f}, plain removal "
+            f"{ood['ppl_plain_removal']:.2f}, pruned {ood['ppl_pruned']:.2f}"
+        )
+    parity = record["fold_parity"]
+    console.print(
+        f"fold parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} (tolerance {parity['atol']:.2e})"
+    )
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
+    console.print(
+        f"peak RSS {record['peak_rss_mib']:.0f} MiB; wrote {out_dir / 'hf'} and {out_dir / 'prune.json'}"
+    )
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from e
+
+
+def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Sequence[int]) -> None:
+    from validation.speed import SpeedProtocol
+
+    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
+    default = SpeedProtocol(prompt_tokens=tuple(prompt_default))
+    group = parser.add_argument_group("speed (llama-bench style: original and pruned alternate)")
+    text = ",".join(map(str, default.prompt_tokens))
+    group.add_argument(
+        "--prompt-tokens",
+        type=_lengths,
+        default=default.prompt_tokens,
+        metavar="N[,N]",
+        help=f"prompt-processing lengths to time, from an empty cache (default {text})",
+    )
+    group.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=default.gen_tokens,
+        help=f"tokens generated one at a time from an empty cache (default {default.gen_tokens})",
+    )
+    group.add_argument(
+        "--warmup",
+        type=int,
+        default=default.warmup,
+        help=f"untimed repetitions first (default {default.warmup})",
+    )
+    group.add_argument(
+        "--min-rounds", type=int, default=default.min_rounds, help=f"default {default.min_rounds}"
+    )
+    group.add_argument(
+        "--max-rounds",
+        type=int,
+        default=default.max_rounds,
+        help=f"stop here even if the median speed-up still moves (default {default.max_rounds})",
+    )
+    group.add_argument(
+        "--rel-tol",
+        type=float,
+        default=default.rel_tol,
+        help=f"stable: the last rounds moved the median by less than this (default {default.rel_tol})",
+    )
+    group.add_argument("--threads", type=int, default=0, help="threads for both models (default: all cores)")
+
+
+def protocol_from_args(args: argparse.Namespace) -> Any:
+    """The ``SpeedProtocol`` the options describe (ConfigError for impossible values)."""
+    from validation.speed import SpeedProtocol
+
+    return SpeedProtocol(
+        prompt_tokens=tuple(args.prompt_tokens),
+        gen_tokens=args.gen_tokens,
+        warmup=args.warmup,
+        min_rounds=args.min_rounds,
+        max_rounds=args.max_rounds,
+        rel_tol=args.rel_tol,
+        threads=args.threads or 0,
+    )
+
+
+# --- prune ------------------------------------------------------------------------------------
+def _add_prune(parser: argparse.ArgumentParser) -> None:
+    _add_model_argument(parser)
+    parser.add_argument("--out", required=True, type=Path, help="output folder; gets hf/ and prune.json")
+    _add_prune_options(parser)
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from .inputs import check_prune_args
+    from .models import resolve
+    from .prune import prune
+
+    check_prune_args(args)
+    record = prune(resolve(args.model), prune_options(args), args.out)
+    _print_prune_summary(record, args.out)
+    return 0
+
+
+# --- export -----------------------------------------------------------------------------------
+def _add_export_onnx(parser: argparse.ArgumentParser) -> None:
+    from converters.onnx_export import DTYPES, FLAVORS, PRECISIONS
+
+    parser.add_argument("checkpoint", help="HF checkpoint directory (original or pruned), alias or .gguf")
+    parser.add_argument("--out", required=True, help="output folder (replaced atomically when done)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="activation/weight dtype")
+    parser.add_argument(
+        "--flavor",
+        choices=FLAVORS,
+        default="optimum",
+        help="optimum: standard ops, ORTModelForCausalLM; genai: onnxruntime-genai builder (fused ops)",
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="weights; int4 needs --flavor genai"
+    )
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from .api import export_onnx
+    from .config import ExportONNXConfig
+    from .inputs import check_export_onnx_args
+
+    check_export_onnx_args(args)
+    config = ExportONNXConfig(dtype=args.dtype, flavor=args.flavor, precision=args.precision)
+    print(export_onnx(args.checkpoint, args.out, config).path)
+    return 0
+
+
+def _add_export_gguf(parser: argparse.ArgumentParser) -> None:
+    from converters.gguf_export import GGUF_TYPES
+
+    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
+    parser.add_argument("--out", required=True, help="GGUF file to write")
+    parser.add_argument("--type", default="f16", choices=sorted(GGUF_TYPES), help="tensor type (default f16)")
+
+
+def _run_export_gguf(args: argparse.Namespace) -> int:
+    from .api import export_gguf
+    from .config import ExportGGUFConfig
+    from .inputs import check_export_gguf_args
+
+    check_export_gguf_args(args)
+    info = export_gguf(args.checkpoint, args.out, ExportGGUFConfig(type=args.type)).info
+    types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
+    size = info["size_bytes"] / 2**20
+    print(f"{info['file']}  {size:.1f} MiB  {info['block_count']} blocks  tensors: {types}")
+    return 0
+
+
+# --- validate ---------------------------------------------------------------------------------
+def _add_validate_onnx(parser: argparse.ArgumentParser) -> None:
+    from validation.onnx_parity import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_TOKENS, DEFAULT_PROMPTS
+
+    parser.add_argument("onnx_dir", help="folder written by `rmexport export onnx`")
+    parser.add_argument("--reference", required=True, help="the HF checkpoint the export was made from")
+    parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="held-out prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, help="tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help="greedy tokens to compare")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+
+
+def _run_validate_onnx(args: argparse.Namespace) -> int:
+    from validation.onnx_parity import format_table, print_table, validate_onnx
+
+    from .atomic import write_json
+    from .errors import ToleranceError
+    from .inputs import check_validate_onnx_args
+
+    check_validate_onnx_args(args)
+    result = validate_onnx(
+        args.onnx_dir,
+        args.reference,
+        n_prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        raise_on_failure=False,
+    )
+    print_table(result)
+    if args.json:
+        write_json(args.json, result)
+    if not result["passed"]:
+        raise ToleranceError(
+            "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result)
+        )
+    return 0
+
+
+def _add_validate_gguf(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf_file", metavar="GGUF_FILE", help="GGUF file to check")
+    parser.add_argument(
+        "--reference", required=True, metavar="CKPT", help="HF checkpoint it was written from"
+    )
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts (default 4)")
+    parser.add_argument("--tokens", type=int, default=96, help="tokens per prompt incl. BOS (default 96)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    parser.add_argument("--report-only", action="store_true", help="report, do not fail on tolerances")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+
+
+def _run_validate_gguf(args: argparse.Namespace) -> int:
+    from validation.gguf_parity import format_table, validate_gguf
+
+    from .atomic import write_json
+    from .errors import ToleranceError
+    from .inputs import check_validate_gguf_args
+
+    check_validate_gguf_args(args)
+    result = validate_gguf(
+        args.gguf_file,
+        args.reference,
+        n_prompts=args.prompts,
+        max_tokens=args.tokens,
+        new_tokens=args.new_tokens,
+        n_threads=args.threads,
+        check=False,
+    )
+    print(format_table([result]))
+    for failure in result["failures"]:
+        print(f"  {failure}")
+    if args.json:
+        write_json(args.json, result)
+    if result["failures"] and not args.report_only:
+        raise ToleranceError(
+            f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])
+        )
+    return 0
+
+
+# --- bench ------------------------------------------------------------------------------------
+def _add_bench_onnx(parser: argparse.ArgumentParser) -> None:
+    from validation.onnx_bench import DEFAULT_EVAL_TOKENS, DEFAULT_PROTOCOL
+
+    parser.add_argument("--original", required=True, help="ONNX export of the original model")
+    parser.add_argument("--pruned", required=True, help="ONNX export of the pruned model")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens for PPL"
+    )
+    parser.add_argument("--window", type=int, default=512, help="perplexity window")
+    parser.add_argument("--json", help="write the result to this JSON file")
+    _add_speed_options(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
+
+
+def _run_bench_onnx(args: argparse.Namespace) -> int:
+    from validation.onnx_bench import bench_onnx, format_table
+
+    from .atomic import write_json
+    from .inputs import check_bench_onnx_args
+
+    check_bench_onnx_args(args)
+    result = bench_onnx(
+        args.original,
+        args.pruned,
+        eval_tokens=args.eval_tokens,
+        window=args.window,
+        protocol=protocol_from_args(args),
+    )
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _add_bench_gguf(parser: argparse.ArgumentParser) -> None:
+    from validation.gguf_bench import DEFAULT_PROTOCOL
+
+    parser.add_argument(
+        "--original", required=True, metavar="FILE_OR_CKPT", help="unpruned model: .gguf or HF dir"
+    )
+    parser.add_argument(
+        "--pruned", required=True, metavar="FILE_OR_CKPT", help="pruned model: .gguf or HF dir"
+    )
+    parser.add_argument(
+        "--types", default="f16,q4_k_m", help="GGUF types for checkpoints (default f16,q4_k_m)"
+    )
+    parser.add_argument(
+        "--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)"
+    )
+    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch perplexity reference")
+    parser.add_argument("--work-dir", help="keep the exported GGUFs here (default: a temporary folder)")
+    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    _add_speed_options(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
+
+
+def _run_bench_gguf(args: argparse.Namespace) -> int:
+    from converters.gguf_export import export_gguf
+    from validation.gguf_bench import bench_gguf, format_table
+
+    from .atomic import write_json
+    from .inputs import check_bench_gguf_args
+
+    types = check_bench_gguf_args(args)
+    result = bench_gguf(
+        args.original,
+        args.pruned,
+        types=types,
+        eval_tokens=args.eval_tokens,
+        window=args.window,
+        protocol=protocol_from_args(args),
+        torch_reference=not args.no_torch,
+        work_dir=args.work_dir,
+        export=export_gguf,
+    )
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+# --- run --------------------------------------------------------------------------------------
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    from converters.gguf_export import GGUF_TYPES
+
+    from .config import ONNX_DTYPES, ONNX_FLAVORS, RUN_EVAL_TOKENS
+
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--out-root", default="out", help="results go to OUT_ROOT/<model>-r<ratio>/ (default out)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="redo every stage even if its inputs did not change"
+    )
+    parser.add_argument(
+        "--onnx-flavor", choices=ONNX_FLAVORS, default="optimum", help="optimum (default) or genai"
+    )
+    parser.add_argument(
+        "--onnx-dtype", choices=ONNX_DTYPES, default="fp32", help="ONNX weights (default fp32)"
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default="f16",
+        help="GGUF type checked for parity: " + ", ".join(GGUF_TYPES) + " (q4_k_m is always benchmarked too)",
+    )
+    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX export")
+    parser.add_argument("--skip-gguf", action="store_true", help="no GGUF export")
+    parser.add_argument(
+        "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
+    )
+    _add_prune_options(parser)
+    # One set of held-out windows for every backend, so the report compares like with like.
+    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS)
+    for action in parser._actions:
+        if action.dest == "eval_tokens":
+            action.help = (
+                "held-out tokens for perplexity in PyTorch, onnxruntime and llama.cpp "
+                f"(default {RUN_EVAL_TOKENS})"
+            )
+
+
+def run_config(args: argparse.Namespace) -> Any:
+    """The ``RunConfig`` the arguments of ``rmexport run`` describe."""
+    from .config import RunConfig
+
+    return RunConfig(
+        model=args.model,
+        prune=prune_options(args),
+        out_root=Path(args.out_root),
+        force=args.force,
+        onnx_flavor=args.onnx_flavor,
+        onnx_dtype=args.onnx_dtype,
+        gguf_type=args.gguf_type,
+        skip_onnx=args.skip_onnx,
+        skip_gguf=args.skip_gguf,
+        skip_bench=args.skip_bench,
+    )
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from validation.report import print_summary
+
+    from .inputs import check_run_args
+    from .pipeline import run_pipeline
+
+    check_run_args(args)
+    run_dir, report = run_pipeline(run_config(args))
+    print_summary(report, run_dir)
+    return 0 if report.get("all_checks_passed", False) else 1
+
+
+COMMANDS.update(
+    {
+        ("prune", None): (
+            _add_prune,
+            _run_prune,
+            "remove a block of layers, fit and fold the linear map, save an HF checkpoint",
+        ),
+        ("export", "onnx"): (_add_export_onnx, _run_export_onnx, "HF checkpoint -> ONNX with KV cache"),
+        ("export", "gguf"): (_add_export_gguf, _run_export_gguf, "HF checkpoint -> GGUF for llama.cpp"),
+        ("validate", "onnx"): (
+            _add_validate_onnx,
+            _run_validate_onnx,
+            "onnxruntime vs PyTorch on held-out prompts",
+        ),
+        ("validate", "gguf"): (
+            _add_validate_gguf,
+            _run_validate_gguf,
+            "llama.cpp vs PyTorch on held-out prompts",
+        ),
+        ("bench", "onnx"): (
+            _add_bench_onnx,
+            _run_bench_onnx,
+            "perplexity and latency in onnxruntime, original vs pruned",
+        ),
+        ("bench", "gguf"): (
+            _add_bench_gguf,
+            _run_bench_gguf,
+            "perplexity and speed in llama.cpp, original vs pruned",
+        ),
+        ("run", None): (_add_run, _run_run, "everything: prune, export, validate, benchmark, report"),
+    }
+)
 
 
 if __name__ == "__main__":

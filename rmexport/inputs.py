@@ -13,13 +13,12 @@ key/value and tensor-info part of a GGUF, an ONNX graph without its external dat
 - output paths: the parent is, or can be made, a writable folder; a file is not where a folder is
   expected nor the reverse; an existing folder is replaced only if an earlier run wrote it.
 
-``check_<command>_args(args)`` bundles them per subcommand; the subcommand's ``run(args)`` calls
-it first.
+``check_<command>_args(args)`` bundles them per subcommand; ``rmexport.cli`` calls it before running
+the command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import mmap
@@ -800,13 +799,13 @@ def check_same_model(what: str, n_layers: int | None, reference_layers: int | No
         )
 
 
-def _json_output(args: argparse.Namespace) -> None:
+def _json_output(args: Any) -> None:
     if getattr(args, "json", None):
         check_output_path(args.json, "--json", "file")
 
 
 # --- per subcommand -------------------------------------------------------------------------
-def _check_calibration_numbers(args: argparse.Namespace) -> None:
+def _check_calibration_numbers(args: Any) -> None:
     from .calib.tokens import DEFAULT_EVAL_WINDOW
 
     check_count(args.calib_samples, "--calib-samples")
@@ -821,7 +820,7 @@ def _check_calibration_numbers(args: argparse.Namespace) -> None:
     check_count(args.blocks, "--blocks")
 
 
-def _selection_documents(args: argparse.Namespace) -> int:
+def _selection_documents(args: Any) -> int:
     """Documents after the calibration ones that --select loss / --solver cosine set aside."""
     if getattr(args, "select", None) != "loss" and getattr(args, "solver", None) != "cosine":
         return 0
@@ -830,7 +829,7 @@ def _selection_documents(args: argparse.Namespace) -> int:
     return int(getattr(PruneOptions, "selection_samples", 0))
 
 
-def _check_texts(args: argparse.Namespace) -> None:
+def _check_texts(args: Any) -> None:
     needed = args.calib_samples + _selection_documents(args)
     check_text_source(args.calib_data, "--calib-data", pool_documents=needed, count_option="--calib-samples")
     check_text_source(args.eval_data, "--eval-data", heldout_documents=1)
@@ -838,7 +837,7 @@ def _check_texts(args: argparse.Namespace) -> None:
         check_text_source(spec, "--ood-data", heldout_documents=1)
 
 
-def check_prune_args(args: argparse.Namespace) -> CheckedSource:
+def check_prune_args(args: Any) -> CheckedSource:
     """Everything ``rmexport prune`` can check before loading weights; creates nothing."""
     _check_calibration_numbers(args)
     source = check_model_source(args.model, "MODEL")
@@ -851,9 +850,12 @@ def check_prune_args(args: argparse.Namespace) -> CheckedSource:
     return source
 
 
-def check_run_args(args: argparse.Namespace) -> CheckedSource:
+def check_run_args(args: Any) -> CheckedSource:
     """Everything ``rmexport run`` can check before loading weights; creates nothing."""
-    from .pipeline import GGUF_TYPES, _ratio_label, run_dir_for
+    from converters.gguf_export import GGUF_TYPES
+
+    from .config import ratio_label
+    from .pipeline import run_dir_for
 
     _check_calibration_numbers(args)
     source = check_model_source(args.model, "MODEL")
@@ -866,7 +868,10 @@ def check_run_args(args: argparse.Namespace) -> CheckedSource:
     check_device(args.device)
     root = check_output_path(args.out_root, "--out-root", "dir", markers=None)
     run_dir = check_output_path(
-        run_dir_for(root, source, _ratio_label(args)), "--out-root", "dir", markers=RUN_MARKERS
+        run_dir_for(root, source, ratio_label(args.ratio, args.layers)),
+        "--out-root",
+        "dir",
+        markers=RUN_MARKERS,
     )
     check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
     _check_apart(run_dir, [source.location if source.kind != "hub" else None], "--out-root")
@@ -874,21 +879,21 @@ def check_run_args(args: argparse.Namespace) -> CheckedSource:
     return source
 
 
-def check_export_gguf_args(args: argparse.Namespace) -> tuple[CheckedSource, Path]:
+def check_export_gguf_args(args: Any) -> tuple[CheckedSource, Path]:
     source = check_model_source(args.checkpoint, "CKPT", need_local=True, need_safetensors=True)
     out = check_output_path(args.out, "--out", "file", replace_file=is_gguf_file, file_kind="a GGUF file")
     _check_apart(out, [source.location], "--out")
     return source, out
 
 
-def check_export_onnx_args(args: argparse.Namespace) -> tuple[CheckedSource, Path]:
+def check_export_onnx_args(args: Any) -> tuple[CheckedSource, Path]:
     source = check_model_source(args.checkpoint, "CHECKPOINT")
     out = check_output_path(args.out, "--out", "dir", markers=ONNX_MARKERS)
     _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
     return source, out
 
 
-def check_validate_gguf_args(args: argparse.Namespace) -> tuple[GGUFFacts, CheckpointFacts]:
+def check_validate_gguf_args(args: Any) -> tuple[GGUFFacts, CheckpointFacts]:
     check_count(args.prompts, "--prompts")
     check_count(args.tokens, "--tokens", 2)
     check_count(args.new_tokens, "--new-tokens")
@@ -906,7 +911,7 @@ def check_validate_gguf_args(args: argparse.Namespace) -> tuple[GGUFFacts, Check
     return facts, reference
 
 
-def check_validate_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, CheckedSource]:
+def check_validate_onnx_args(args: Any) -> tuple[OnnxFacts, CheckedSource]:
     check_count(args.prompts, "--prompts")
     check_count(args.prompt_tokens, "--prompt-tokens", 2)
     check_count(args.new_tokens, "--new-tokens")
@@ -917,14 +922,14 @@ def check_validate_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, Check
     return facts, reference
 
 
-def _check_speed_protocol(args: argparse.Namespace) -> None:
+def _check_speed_protocol(args: Any) -> None:
     """Every timing option in range (the benchmark protocol raises ConfigError otherwise)."""
-    from validation.speed import protocol_from_args
+    from .cli import protocol_from_args
 
     protocol_from_args(args)
 
 
-def check_bench_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, OnnxFacts]:
+def check_bench_onnx_args(args: Any) -> tuple[OnnxFacts, OnnxFacts]:
     check_count(args.window, "--window")
     check_count(args.eval_tokens, "--eval-tokens", args.window)
     _check_speed_protocol(args)
@@ -934,7 +939,7 @@ def check_bench_onnx_args(args: argparse.Namespace) -> tuple[OnnxFacts, OnnxFact
     return original, pruned
 
 
-def check_bench_gguf_args(args: argparse.Namespace) -> tuple[str, ...]:
+def check_bench_gguf_args(args: Any) -> tuple[str, ...]:
     """Checks of ``bench gguf``; returns the GGUF types asked for."""
     from converters.gguf_export import GGUF_TYPES
 

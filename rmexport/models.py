@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -19,9 +18,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from .errors import ModelLoadError
+from .fileio import PROVENANCE_FILE, open_gguf, read_provenance, write_provenance
 from .log import get_logger
 
 __all__ = [
+    "PROVENANCE_FILE",
     "ALIASES",
     "DEFAULT_MODEL",
     "ModelSource",
@@ -134,22 +135,6 @@ def resolve(spec: str) -> ModelSource:
         f"unknown model {spec!r}",
         hint="known aliases: " + ", ".join(ALIASES) + "; or give a hub id, a directory or a .gguf",
     )
-
-
-def open_gguf(path: str | Path) -> Any:
-    """``gguf.GGUFReader`` over ``path`` (memory-mapped); ModelLoadError when it is not a whole GGUF."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
-        raise ModelLoadError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})",
-            hint="the file may be truncated or corrupt; download or convert it again",
-        ) from e
 
 
 def cache_dir() -> Path:
@@ -319,22 +304,6 @@ def _copy_special_token_ids(tokenizer: Any, model: Any) -> None:
         if token_id is not None:
             setattr(model.generation_config, f"{role}_token_id", token_id)
             setattr(model.config, f"{role}_token_id", token_id)
-
-
-PROVENANCE_FILE = "rmexport_source.json"
-
-
-def write_provenance(checkpoint: Path, info: dict[str, Any]) -> None:
-    """Record where a checkpoint came from (source GGUF, kept blocks) beside its config.
-
-    The GGUF writer reads ``gguf_file`` to carry the source file's metadata over.
-    """
-    (Path(checkpoint) / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def read_provenance(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_config(source: ModelSource) -> Any:

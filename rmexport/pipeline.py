@@ -7,7 +7,6 @@ runtimes → report. Every stage is resumable (see ``stages.py``); ``--force`` r
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import shutil
@@ -16,22 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .calib.budget import ram_bytes
+from .config import RunConfig
 from .errors import ConfigError
 from .inputs import existing_ancestor
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
-from .prune import add_model_argument, add_prune_options, options_from_args, prune_from_args
+from .prune import prune
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
+from .sysinfo import ram_bytes
 
-__all__ = ["add_arguments", "run", "run_pipeline"]
+__all__ = ["run_dir_for", "run_pipeline"]
 
 log = get_logger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
-RUN_EVAL_TOKENS = 8192
-ONNX_FLAVORS = ("optimum", "genai")
 # Bytes per parameter on disk, by artefact, to refuse a run that cannot fit before any work. K-quants
 # are made from a float32 GGUF written first; the margin covers that and rounding.
 _DISK_BYTES_PER_PARAM = {"onnx": 4, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.1, "q4_k_m": 4.6}
@@ -45,10 +42,6 @@ def run_dir_for(out_root: Path, source: ModelSource, ratio_label: str) -> Path:
     return out_root / f"{source.slug}-r{ratio_label}"
 
 
-def _ratio_label(args: argparse.Namespace) -> str:
-    return f"{args.ratio:g}" if args.layers is None else f"{args.layers}l"
-
-
 def _estimate_params(config: Any, blocks: int | None = None) -> int:
     """Parameters of the model with ``blocks`` decoder blocks (default: all of them)."""
     d, ff = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
@@ -56,18 +49,20 @@ def _estimate_params(config: Any, blocks: int | None = None) -> int:
     return n * (4 * d * d + 3 * d * ff) + 2 * config.vocab_size * d
 
 
-def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> Any:
+def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
     """Every check that needs no heavy work: fail before loading any weights."""
     from .arch import adapter_for
 
     config = load_config(source)
     adapter = adapter_for(config)
-    n = cut_size(config.num_hidden_layers, args.ratio, args.layers)
-    sizes = split_cut(n, args.blocks)
-    if not args.skip_gguf:
-        if args.gguf_type not in GGUF_TYPES:
+    n = cut_size(config.num_hidden_layers, cfg.ratio, cfg.layers)
+    sizes = split_cut(n, cfg.blocks)
+    if not cfg.skip_gguf:
+        from converters.gguf_export import GGUF_TYPES
+
+        if cfg.gguf_type not in GGUF_TYPES:
             raise ConfigError(
-                f"--gguf-type {args.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
+                f"--gguf-type {cfg.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
             )
         workable = adapter.gguf_cut_sizes(config.num_hidden_layers)
         if workable is not None and any(size not in workable for size in sizes):
@@ -80,7 +75,7 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
                 hint=(f"use --layers {nearest[0]}" if nearest else "this model is too shallow for a GGUF cut")
                 + " (with --blocks 1), or --skip-gguf",
             )
-    if not args.skip_onnx:
+    if not cfg.skip_onnx:
         params = _estimate_params(config)
         needed, ram = params * _ONNX_EXPORT_BYTES_PER_PARAM, ram_bytes()
         if needed > ram:
@@ -97,7 +92,7 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
     dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
     if (run_dir / "hf" / "config.json").is_file():  # an earlier run's checkpoint is reused in place
         dtype_bytes = 0
-    needed = _disk_needed(args, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
+    needed = _disk_needed(cfg, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
     free = shutil.disk_usage(existing_ancestor(run_dir)).free
     if free < needed:
         raise ConfigError(
@@ -107,15 +102,15 @@ def _preflight(source: ModelSource, args: argparse.Namespace, run_dir: Path) -> 
     return config
 
 
-def _disk_needed(args: argparse.Namespace, params: int, checkpoint_bytes: int = 4) -> float:
+def _disk_needed(cfg: RunConfig, params: int, checkpoint_bytes: int = 4) -> float:
     """Bytes the run writes: the pruned checkpoint and each deployable, twice when the original is
     exported for the side-by-side benchmarks (an upper bound: the pruned model is smaller)."""
-    copies = 1 if args.skip_bench else 2
+    copies = 1 if cfg.skip_bench else 2
     per_param = checkpoint_bytes  # the pruned checkpoint keeps the source's dtype
-    if not args.skip_onnx:
+    if not cfg.skip_onnx:
         per_param += copies * _DISK_BYTES_PER_PARAM["onnx"]
-    if not args.skip_gguf:
-        types = dict.fromkeys([args.gguf_type, "q4_k_m"])
+    if not cfg.skip_gguf:
+        types = dict.fromkeys([cfg.gguf_type, "q4_k_m"])
         per_param += copies * sum(_DISK_BYTES_PER_PARAM.get(t, 4) for t in types)
     return params * per_param * _DISK_MARGIN
 
@@ -124,24 +119,22 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
+def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
     from converters.onnx_export import export_onnx
     from validation.onnx_bench import DEFAULT_PROTOCOL as ONNX_PROTOCOL
     from validation.onnx_bench import bench_onnx
     from validation.onnx_parity import validate_onnx
 
     outputs: dict[str, Any] = {}
-    onnx_key = {"flavor": args.onnx_flavor, "dtype": args.onnx_dtype}
+    onnx_key = {"flavor": cfg.onnx_flavor, "dtype": cfg.onnx_dtype}
     base_onnx, pruned_onnx = base_dir / "onnx", run_dir / "onnx"
-    if not args.skip_bench:  # the original's ONNX only serves the side-by-side benchmark
+    if not cfg.skip_bench:  # the original's ONNX only serves the side-by-side benchmark
         base_runner.run(
             Stage(
                 "export_onnx",
                 {"model": model_key, **onnx_key},
                 [base_onnx],
-                lambda: export_onnx(
-                    original_ckpt(), base_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor
-                ),
+                lambda: export_onnx(original_ckpt(), base_onnx, dtype=cfg.onnx_dtype, flavor=cfg.onnx_flavor),
             )
         )
     runner.run(
@@ -149,7 +142,7 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
             "export_onnx",
             onnx_key,
             [pruned_onnx],
-            lambda: export_onnx(pruned_ckpt, pruned_onnx, dtype=args.onnx_dtype, flavor=args.onnx_flavor),
+            lambda: export_onnx(pruned_ckpt, pruned_onnx, dtype=cfg.onnx_dtype, flavor=cfg.onnx_flavor),
             needs=["prune"],
         )
     )
@@ -164,20 +157,20 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
         )
     )
     outputs["onnx_parity"] = _read_json(parity_file)
-    if not args.skip_bench:
+    if not cfg.skip_bench:
         bench_file = run_dir / "checks" / "onnx_bench.json"
         runner.run(
             Stage(
                 "bench_onnx",
                 {
-                    "eval_tokens": args.eval_tokens,
+                    "eval_tokens": cfg.eval_tokens,
                     "speed": ONNX_PROTOCOL.as_dict(),
                     "original": base_runner.hashes["export_onnx"],
                 },
                 [bench_file],
                 lambda: write_json(
                     bench_file,
-                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=args.eval_tokens, protocol=ONNX_PROTOCOL),
+                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=cfg.eval_tokens, protocol=ONNX_PROTOCOL),
                 ),
                 needs=["export_onnx"],
             )
@@ -187,7 +180,7 @@ def _onnx_stages(args, runner, base_runner, model_key, original_ckpt, pruned_ckp
 
 
 def _gguf_stages(
-    args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
+    cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
 ) -> dict:
     from converters.gguf_export import export_gguf
     from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
@@ -200,8 +193,8 @@ def _gguf_stages(
     # copied byte for byte), and compared with the source file itself; the HF route still gives
     # the --gguf-type file. Other sources get --gguf-type and q4_k_m through the HF checkpoint.
     native = gguf_type_of(source.location) if source.is_gguf else None
-    converted = [args.gguf_type] if native else ["q4_k_m"]
-    types = list(dict.fromkeys([args.gguf_type, *converted, *([native] if native else [])]))
+    converted = [cfg.gguf_type] if native else ["q4_k_m"]
+    types = list(dict.fromkeys([cfg.gguf_type, *converted, *([native] if native else [])]))
     pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
     base_files = {t: base_dir / "gguf" / f"{slug}-{t}.gguf" for t in types}
     if native:
@@ -217,7 +210,7 @@ def _gguf_stages(
         )
         base_runner.hashes[f"export_gguf_{native}"] = model_key["location"]
     for t in [t for t in types if t != native]:
-        if not args.skip_bench:  # the original's GGUFs only serve the side-by-side benchmark
+        if not cfg.skip_bench:  # the original's GGUFs only serve the side-by-side benchmark
             base_runner.run(
                 Stage(
                     f"export_gguf_{t}",
@@ -248,13 +241,13 @@ def _gguf_stages(
         )
     )
     outputs["gguf_parity"] = _read_json(parity_file)
-    if not args.skip_bench:
+    if not cfg.skip_bench:
         bench_file = run_dir / "checks" / "gguf_bench.json"
         runner.run(
             Stage(
                 "bench_gguf",
                 {
-                    "eval_tokens": args.eval_tokens,
+                    "eval_tokens": cfg.eval_tokens,
                     "types": types,
                     "speed": GGUF_PROTOCOL.as_dict(),
                     "original": [base_runner.hashes[f"export_gguf_{t}"] for t in types],
@@ -266,7 +259,7 @@ def _gguf_stages(
                         t: bench_gguf(
                             base_files[t],
                             pruned_files[t],
-                            eval_tokens=args.eval_tokens,
+                            eval_tokens=cfg.eval_tokens,
                             protocol=GGUF_PROTOCOL,
                             torch_reference=False,
                         )
@@ -298,17 +291,17 @@ def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
     write_json(run_dir / "checks" / "gguf_native.json", result)
 
 
-def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    source = resolve(args.model)
-    ratio_label = _ratio_label(args)
-    run_dir = run_dir_for(Path(args.out_root), source, ratio_label)
-    base_dir = Path(args.out_root) / f"{source.slug}-original"
-    config = _preflight(source, args, run_dir)
+def run_pipeline(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+    source = resolve(cfg.model)
+    ratio_label = cfg.ratio_label
+    run_dir = run_dir_for(Path(cfg.out_root), source, ratio_label)
+    base_dir = Path(cfg.out_root) / f"{source.slug}-original"
+    config = _preflight(source, cfg, run_dir)
     remove_partial_outputs(run_dir)
     remove_partial_outputs(base_dir)
-    runner = StageRunner(run_dir / ".stages", force=args.force)
-    base_runner = StageRunner(base_dir / ".stages", force=args.force)
-    options = options_from_args(args)
+    runner = StageRunner(run_dir / ".stages", force=cfg.force)
+    base_runner = StageRunner(base_dir / ".stages", force=cfg.force)
+    options = cfg.prune
     # The original's weights as a checkpoint serve only the side-by-side benchmarks' exports (for a
     # GGUF source that means dequantizing them once into the cache), so they are asked for then.
     original_ckpt = functools.cache(lambda: Path(checkpoint_dir(source)))
@@ -325,18 +318,18 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
                 "options": vars(options) | {"cosine": None, "memory_budget": None},
             },
             [pruned_ckpt, run_dir / "prune.json"],
-            lambda: prune_from_args(args, run_dir),
+            lambda: prune(source, options, run_dir),
         )
     )
     outputs: dict[str, Any] = {}
 
-    if not args.skip_onnx:
+    if not cfg.skip_onnx:
         outputs |= _onnx_stages(
-            args, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
+            cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
         )
-    if not args.skip_gguf:
+    if not cfg.skip_gguf:
         outputs |= _gguf_stages(
-            args,
+            cfg,
             runner,
             base_runner,
             model_key,
@@ -360,49 +353,3 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         wall_s=time.perf_counter() - started,
     )
     return run_dir, report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    parser.add_argument(
-        "--out-root", default="out", help="results go to OUT_ROOT/<model>-r<ratio>/ (default out)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="redo every stage even if its inputs did not change"
-    )
-    parser.add_argument(
-        "--onnx-flavor", choices=ONNX_FLAVORS, default="optimum", help="optimum (default) or genai"
-    )
-    parser.add_argument(
-        "--onnx-dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weights (default fp32)"
-    )
-    parser.add_argument(
-        "--gguf-type",
-        default="f16",
-        help="GGUF type checked for parity: " + ", ".join(GGUF_TYPES) + " (q4_k_m is always benchmarked too)",
-    )
-    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX export")
-    parser.add_argument("--skip-gguf", action="store_true", help="no GGUF export")
-    parser.add_argument(
-        "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
-    )
-    add_prune_options(parser)
-    # One set of held-out windows for every backend, so the report compares like with like.
-    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS)
-    for action in parser._actions:
-        if action.dest == "eval_tokens":
-            action.help = (
-                "held-out tokens for perplexity in PyTorch, onnxruntime and llama.cpp "
-                f"(default {RUN_EVAL_TOKENS})"
-            )
-
-
-def run(args: argparse.Namespace) -> int:
-    from .inputs import check_run_args
-
-    check_run_args(args)
-    run_dir, report = run_pipeline(args)
-    from validation.report import print_summary
-
-    print_summary(report, run_dir)
-    return 0 if report.get("all_checks_passed", False) else 1

@@ -6,7 +6,6 @@ cut and why, the fit, the checks, timings, versions). Both appear only when comp
 
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import shutil
@@ -33,7 +32,6 @@ from .models import (
     load_tokenizer,
     metadata_dir,
     read_provenance,
-    resolve,
 )
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
@@ -45,17 +43,11 @@ from .tokenizer_parity import tokenizer_parity_record
 
 __all__ = [
     "PruneOptions",
-    "add_arguments",
-    "add_model_argument",
-    "add_prune_options",
     "calibration_set",
     "choose_and_fit",
     "log_cut",
     "open_engine",
-    "options_from_args",
     "prune",
-    "prune_from_args",
-    "run",
 ]
 
 log = get_logger(__name__)
@@ -498,187 +490,6 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    parser.add_argument("--out", required=True, type=Path, help="output folder; gets hf/ and prune.json")
-    add_prune_options(parser)
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default="smollm2-135m",
-        help="alias, hub id, HF directory or .gguf file (default: smollm2-135m)",
-    )
-
-
-def add_prune_options(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_argument_group("how much to cut")
-    size.add_argument(
-        "--ratio",
-        type=float,
-        default=0.25,
-        help="fraction of blocks to remove: n = floor(ratio*L + 0.5) (default 0.25)",
-    )
-    size.add_argument("--layers", type=int, help="remove exactly this many blocks (overrides --ratio)")
-    size.add_argument(
-        "--blocks",
-        type=int,
-        default=1,
-        help=(
-            "split the removal into K non-overlapping cuts, each chosen on the model "
-            "pruned by the previous ones (default 1)"
-        ),
-    )
-    method = parser.add_argument_group("where to cut and how to fit")
-    method.add_argument(
-        "--select",
-        choices=SELECTION_RULES,
-        default="fit",
-        help=(
-            "distance: smallest angular distance across the cut (the reference rule); "
-            "fit: smallest error left after the fitted map (default); "
-            "loss: try the 5 best cuts by fit and keep the one with the lowest loss on 64 "
-            "calibration documents set aside for selection"
-        ),
-    )
-    method.add_argument(
-        "--distance-tokens",
-        choices=("last", "all"),
-        default="last",
-        help="angular distance over the last token of each sequence (reference) or all real tokens",
-    )
-    method.add_argument(
-        "--solver",
-        choices=("lstsq", "cosine"),
-        default="lstsq",
-        help=(
-            "lstsq: float64 normal equations (default); cosine: Adam on the cosine distance between "
-            "the residual stream after the cut and the original one, started from lstsq; every epoch "
-            "is scored by the pruned model's loss on 64 calibration documents set aside, and the best "
-            "epoch (lstsq included) is kept; layer by layer, the epoch with the lowest cosine loss"
-        ),
-    )
-    method.add_argument(
-        "--alpha", type=float, default=0.0, help="ridge term added to the normal equations (default 0)"
-    )
-    data = parser.add_argument_group("calibration and evaluation text")
-    data.add_argument(
-        "--calib-data",
-        default=BUILTIN,
-        help=(
-            "builtin (Wikipedia summaries, offline), a .txt or .jsonl file, "
-            "slimorca, wikitext, fineweb or hf:DATASET[:CONFIG]"
-        ),
-    )
-    data.add_argument(
-        "--calib-samples", type=int, default=512, help="documents used for calibration (default 512)"
-    )
-    data.add_argument(
-        "--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)"
-    )
-    data.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    data.add_argument(
-        "--selection-samples",
-        type=int,
-        default=64,
-        help=(
-            "calibration documents set aside (after the calibration ones) to judge the quality guard, "
-            "--select loss and the cosine epochs (default 64)"
-        ),
-    )
-    data.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="0 takes the first documents of the calibration pool; others sample it",
-    )
-    data.add_argument(
-        "--eval-data", default=BUILTIN, help="held-out text for the perplexity checks (default builtin)"
-    )
-    data.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=16384,
-        help="held-out tokens for the perplexity checks (default 16384)",
-    )
-    data.add_argument(
-        "--ood-data",
-        default=",".join(OUT_OF_DOMAIN),
-        type=lambda text: tuple(s for s in text.split(",") if s and s != "none"),
-        help=(
-            "comma-separated held-out sources unlike the calibration text, each also checked: docs "
-            "(Python's documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips "
-            f"(default {','.join(OUT_OF_DOMAIN)})"
-        ),
-    )
-    data.add_argument(
-        "--ood-tokens",
-        type=int,
-        default=8192,
-        help="held-out tokens of each --ood-data source (default 8192)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
-    method.add_argument(
-        "--no-quality-guard",
-        action="store_true",
-        help=(
-            "keep the fitted maps even when plain removal of the same blocks does better on the 64 "
-            "set-aside calibration documents (by default the prune then saves plain removal and says so)"
-        ),
-    )
-    parser.add_argument(
-        "--memory-budget",
-        help=(
-            "memory the prune may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of RAM). "
-            "Weights stay resident when they fit half of it, otherwise every pass streams them from disk "
-            "one block at a time; activations beyond the rest spill to disk"
-        ),
-    )
-    parser.add_argument(
-        "--compute-dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="dtype of the forwards (default float32 on CPU, bfloat16 on CUDA)",
-    )
-    parser.epilog = (
-        "Memory: one calibration pass collects the distance of every candidate cut and the float64 "
-        "statistics (2·d² numbers per candidate) that the fit needs. When those do not fit in a quarter "
-        "of the memory budget, a first pass measures distances only and a second pass collects statistics "
-        "for the best candidates that fit, stopping at the deepest block they need. Quality guard: the "
-        "fitted maps are kept only if the "
-        "pruned model's loss on 64 set-aside calibration documents is no worse than plain removal of the "
-        "same blocks; otherwise plain removal is saved and prune.json says so (guard.kept)."
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> PruneOptions:
-    return PruneOptions(
-        ratio=args.ratio,
-        layers=args.layers,
-        blocks=args.blocks,
-        solver=args.solver,
-        alpha=args.alpha,
-        select=args.select,
-        distance_tokens=args.distance_tokens,
-        calib_data=args.calib_data,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        selection_samples=args.selection_samples,
-        eval_data=args.eval_data,
-        eval_tokens=args.eval_tokens,
-        ood_data=args.ood_data,
-        ood_tokens=args.ood_tokens,
-        device=args.device,
-        compute_dtype=args.compute_dtype,
-        memory_budget=args.memory_budget,
-        quality_guard=not args.no_quality_guard,
-        gguf_compatible=not getattr(args, "skip_gguf", True),
-    )
-
-
 def _remove_outputs(outputs: list[Path], made_dir: Path | None) -> None:
     for path in outputs:
         if path.is_dir():
@@ -687,51 +498,3 @@ def _remove_outputs(outputs: list[Path], made_dir: Path | None) -> None:
             path.unlink(missing_ok=True)
     if made_dir is not None and made_dir.is_dir() and not any(made_dir.iterdir()):
         made_dir.rmdir()
-
-
-def prune_from_args(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    return prune(resolve(args.model), options_from_args(args), out_dir)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .inputs import check_prune_args
-
-    check_prune_args(args)
-    record = prune_from_args(args, args.out)
-    _print_summary(record, args.out)
-    return 0
-
-
-def _print_summary(record: dict[str, Any], out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for cut in record["cuts"]:
-        fit = cut["fit"]
-        console.print(
-            f"cut {cut['cut']} (original blocks {cut['removed_layers'][0]}..{cut['removed_layers'][-1]}), "
-            f"solver {fit['solver']}: fit error {fit['rel_residual']:.4f} vs plain removal "
-            f"{fit['rel_residual_plain_removal']:.4f}"
-        )
-    quality = record["quality"]
-    table = Table(title=f"{record['model']['spec']}: {record['L']} -> {record['N']} blocks")
-    for column in ("model", "held-out PPL"):
-        table.add_column(column)
-    table.add_row("original", f"{quality['ppl_original']:.2f}")
-    table.add_row("plain removal", f"{quality['ppl_plain_removal']:.2f}")
-    table.add_row(f"pruned ({record['solver']['name']})", f"{quality['ppl_pruned']:.2f}")
-    console.print(table)
-    for ood in quality["out_of_domain"]:
-        console.print(
-            f"out of domain, {ood['source']}: original {ood['ppl_original']:.2f}, plain removal "
-            f"{ood['ppl_plain_removal']:.2f}, pruned {ood['ppl_pruned']:.2f}"
-        )
-    parity = record["fold_parity"]
-    console.print(
-        f"fold parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} (tolerance {parity['atol']:.2e})"
-    )
-    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    console.print(
-        f"peak RSS {record['peak_rss_mib']:.0f} MiB; wrote {out_dir / 'hf'} and {out_dir / 'prune.json'}"
-    )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib.metadata
 import json
 import logging
 import time
@@ -155,7 +154,7 @@ def open_llama_cpp_vocab(gguf_path: str | Path) -> Iterator[LlamaCppVocab]:
     """llama.cpp reading only the vocabulary of ``gguf_path``; ModelLoadError when it can not."""
     from llama_cpp import _logger as llama_cpp_logger
 
-    from converters.llama_cpp import llama_module
+    from .llamacpp import llama_module
 
     llama_cpp = llama_module()
     llama_cpp_logger.set_verbose(log.isEnabledFor(logging.DEBUG))
@@ -280,13 +279,10 @@ def _describe(template: Any) -> str:
 
 
 def _versions() -> dict[str, str]:
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
+    from .sysinfo import package_versions
 
-    return {p: version(p) for p in ("llama_cpp_python", "tokenizers", "transformers")}
+    versions = package_versions("llama_cpp_python", "tokenizers", "transformers")
+    return {package: version or "absent" for package, version in versions.items()}
 
 
 def ensure_parity(gguf_path: str | Path, tokenizer: Any, fingerprint: str) -> tuple[Any, dict[str, Any]]:

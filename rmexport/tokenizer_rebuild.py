@@ -185,7 +185,7 @@ def _spm_tokenizer(vocab: GGUFVocab) -> Any:
 def _gpt2_tokenizer(vocab: GGUFVocab) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from converters.gguf_tokenizer import PRE_TOKENIZER_REGEXES
+    from .llamacpp import PRE_TOKENIZER_REGEXES
 
     rule = _PRE_RULES.get(vocab.pre)
     if rule is None:

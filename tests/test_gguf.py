@@ -97,10 +97,8 @@ def test_metadata_of_a_gguf_source_is_carried_over(default_checkpoint, pruned_de
         pytest.skip("the default checkpoint did not come from a GGUF")
     pruned = tmp_path / "pruned-with-provenance"
     shutil.copytree(pruned_default_checkpoint, pruned, symlinks=True)
-    kept = [i for i in range(30) if not 20 <= i < 28]
-    (pruned / "rmexport_source.json").write_text(
-        json.dumps({"gguf_file": source, "kept_layers": kept, "original_num_hidden_layers": 30})
-    )
+    # Only where it came from: the writer reads the blocks from the checkpoint's config.
+    (pruned / "rmexport_source.json").write_text(json.dumps({"gguf_file": source}))
     out = export_gguf(pruned, tmp_path / "carried-f16.gguf", "f16")
     ours, theirs = read_metadata(str(out)), read_metadata(source)
     for key, kv in theirs.items():
@@ -110,7 +108,7 @@ def test_metadata_of_a_gguf_source_is_carried_over(default_checkpoint, pruned_de
     assert ours["general.file_type"].value == int(gguf.LlamaFileType.MOSTLY_F16)
     from transformers import AutoTokenizer
 
-    from converters import llama_cpp as llama_cpp_tools
+    from rmexport import llamacpp as llama_cpp_tools
     from validation.gguf_parity import TOKENIZER_PROBES
 
     tokenizer = AutoTokenizer.from_pretrained(pruned)
@@ -259,14 +257,11 @@ def test_cli_export_and_bench(tiny_checkpoints, tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
+@pytest.mark.hub  # downloads llama-cpp-python's sdist (llama.cpp's converter) once; fails offline
 def test_our_writer_agrees_with_llama_cpp_converter(pruned_default_checkpoint):
-    from rmexport.errors import ToolchainError
-    from validation.compare_converter import compare_with_converter
+    from bench.compare_converter import compare_with_converter
 
-    try:
-        result = compare_with_converter(pruned_default_checkpoint)
-    except ToolchainError as e:
-        pytest.skip(f"llama.cpp's converter is not available: {e}")
+    result = compare_with_converter(pruned_default_checkpoint)
     assert result["tensors_only_ours"] == [] and result["tensors_only_theirs"] == []
     assert result["tensor_shape_differences"] == []
     assert result["tensor_max_abs_diff"] == 0.0
@@ -336,3 +331,30 @@ def test_bench_accepts_gguf_files(tiny_checkpoints, tmp_path, capsys):
     assert entry["original"]["ppl"] == entry["pruned"]["ppl"]
     assert {p["ideal"] for p in entry["speed"]["phases"].values()} == {1.0}
     assert "f16" in capsys.readouterr().out
+
+
+def test_carry_over_takes_per_layer_arrays_from_the_config_when_blocks_differ():
+    from gguf import GGUFValueType
+
+    from converters.gguf_metadata import KV, carry_over
+
+    def array(values):
+        return KV(values, GGUFValueType.ARRAY, GGUFValueType.BOOL)
+
+    source = {
+        "general.name": KV("src", GGUFValueType.STRING),
+        "gemma3.block_count": KV(6, GGUFValueType.UINT32),
+        "gemma3.attention.sliding_window_pattern": array([True] * 5 + [False]),
+        "gemma3.source_only_per_layer": array([True, False] * 3),
+    }
+    ours = {
+        "gemma3.block_count": KV(4, GGUFValueType.UINT32),
+        "gemma3.attention.sliding_window_pattern": array([True, True, True, False]),
+    }
+    merged = carry_over(ours, source, "gemma3")
+    assert merged["general.name"].value == "src" and merged["gemma3.block_count"].value == 4
+    assert merged["gemma3.attention.sliding_window_pattern"].value == [True, True, True, False]
+    assert "gemma3.source_only_per_layer" not in merged
+    same = carry_over({**ours, "gemma3.block_count": KV(6, GGUFValueType.UINT32)}, source, "gemma3")
+    assert same["gemma3.source_only_per_layer"].value == [True, False] * 3
+    assert same["gemma3.attention.sliding_window_pattern"].value == [True] * 5 + [False]

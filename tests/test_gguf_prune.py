@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from converters import llama_cpp as llama_cpp_tools
 from converters.ggml_quant import quantize_like
 from converters.gguf_export import export_gguf
 from converters.gguf_metadata import fields_metadata, read_metadata
 from converters.gguf_prune import prune_gguf
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
 from rmexport.errors import ConfigError, ExportError, ModelLoadError

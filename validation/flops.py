@@ -24,14 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError
 
 __all__ = ["ModelShape", "attended_keys", "ideal_speedups", "phase_flops"]
 
 HeadPositions = Literal["last", "all"]
 _SLIDING = "sliding_attention"
-# llama.cpp's sliding pattern when a GGUF carries none: block i slides when i % period < period - 1.
-_GGUF_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+
+
+def _llama_cpp_layer_types(arch: str, layers: int) -> list[str] | None:
+    adapter = gguf_adapter(arch)
+    return adapter.llama_cpp_layer_types(layers) if adapter is not None else None
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,9 @@ class ModelShape:
             windows: tuple[int | None, ...] = (None,) * layers
         elif fields.get(pattern_key.format(arch=arch)) is not None:
             windows = tuple(int(window) if s else None for s in value(pattern_key))
-        elif arch in _GGUF_SWA_PERIOD:
-            period = _GGUF_SWA_PERIOD[arch]
-            windows = tuple(int(window) if i % period < period - 1 else None for i in range(layers))
+        elif (derived := _llama_cpp_layer_types(arch, layers)) is not None:
+            # llama.cpp's own pattern when a GGUF carries none (Gemma: from the layer index)
+            windows = tuple(int(window) if t == _SLIDING else None for t in derived)
         else:
             windows = (int(window),) * layers
         return cls(

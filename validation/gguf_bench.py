@@ -11,32 +11,29 @@ ratio of what llama.cpp computes in that phase (``validation.flops``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from converters import llama_cpp as llama_cpp_tools
-from rmexport.atomic import write_json
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
+from rmexport.sysinfo import machine_info
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
-from .latency import machine_info
 
 __all__ = [
     "DEFAULT_PROTOCOL",
-    "add_arguments",
     "bench_gguf",
     "format_table",
     "llama_cpp_forward",
-    "run",
     "speed",
 ]
 
@@ -159,12 +156,16 @@ def _torch_ppl(checkpoint: Path, windows: torch.Tensor) -> dict[str, Any]:
     return perplexity(torch_forward(model), windows, batch_size=1, desc="PyTorch perplexity").as_dict()
 
 
-def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str) -> Path:
-    from converters.gguf_export import export_gguf
+# (HF checkpoint, GGUF file to write, GGUF type) -> the file written; the caller supplies the writer.
+Exporter = Callable[[Path, Path, str], Path]
 
+
+def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str, export: Exporter | None) -> Path:
     if _is_gguf(spec):
         return Path(spec)
-    return export_gguf(spec, work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
+    if export is None:
+        raise ConfigError(f"--{role} {spec} is not a GGUF file", hint="give GGUF files, or export them first")
+    return export(Path(spec), work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
 
 
 def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
@@ -194,8 +195,12 @@ def bench_gguf(
     protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
     torch_reference: bool = True,
     work_dir: str | Path | None = None,
+    export: Exporter | None = None,
 ) -> dict[str, Any]:
-    """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type."""
+    """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type.
+
+    ``original`` and ``pruned`` are GGUF files, or HF checkpoints that ``export`` writes as a GGUF
+    of each of ``types`` into ``work_dir`` (a benchmark measures; it does not convert by itself)."""
     from validation.gguf_parity import gguf_type_of
 
     file_types = {gguf_type_of(s) for s in (original, pruned) if _is_gguf(s)}
@@ -225,7 +230,7 @@ def bench_gguf(
         folder.mkdir(parents=True, exist_ok=True)
         for gguf_type in types:
             paths = {
-                role: _gguf_file(spec, gguf_type, folder, role)
+                role: _gguf_file(spec, gguf_type, folder, role, export)
                 for role, spec in (("original", original), ("pruned", pruned))
             }
             entry: dict[str, Any] = {role: _quality(path, windows, threads) for role, path in paths.items()}
@@ -263,43 +268,3 @@ def format_table(result: dict[str, Any]) -> str:
     for gguf_type, entry in result["types"].items():
         lines += ["", f"{gguf_type} speed:", *speed_protocol.format_phases(entry["speed"])]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--original", required=True, metavar="FILE_OR_CKPT", help="unpruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--pruned", required=True, metavar="FILE_OR_CKPT", help="pruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--types", default="f16,q4_k_m", help="GGUF types for checkpoints (default f16,q4_k_m)"
-    )
-    parser.add_argument(
-        "--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)"
-    )
-    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch perplexity reference")
-    parser.add_argument("--work-dir", help="keep the exported GGUFs here (default: a temporary folder)")
-    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    speed_protocol.add_arguments(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_bench_gguf_args
-
-    types = check_bench_gguf_args(args)
-    result = bench_gguf(
-        args.original,
-        args.pruned,
-        types=types,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        protocol=speed_protocol.protocol_from_args(args),
-        torch_reference=not args.no_torch,
-        work_dir=args.work_dir,
-    )
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0

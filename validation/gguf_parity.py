@@ -14,7 +14,6 @@ ToleranceError (exit 1) with the table; ``validate_gguf`` returns the same numbe
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters import llama_cpp as llama_cpp_tools
-from rmexport.atomic import write_json
+from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ConfigError, ToleranceError
 from rmexport.log import get_logger, progress
 
-__all__ = ["TOLERANCES", "Tolerance", "add_arguments", "gguf_type_of", "run", "validate_gguf"]
+__all__ = ["TOLERANCES", "Tolerance", "gguf_type_of", "validate_gguf"]
 
 log = get_logger(__name__)
 
@@ -265,41 +263,3 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{decode:>7} {tok:>9}  {'ok' if r['passed'] else 'FAIL'}"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("gguf_file", metavar="GGUF_FILE", help="GGUF file to check")
-    parser.add_argument(
-        "--reference", required=True, metavar="CKPT", help="HF checkpoint it was written from"
-    )
-    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts (default 4)")
-    parser.add_argument("--tokens", type=int, default=96, help="tokens per prompt incl. BOS (default 96)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
-    parser.add_argument("--report-only", action="store_true", help="report, do not fail on tolerances")
-    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_validate_gguf_args
-
-    check_validate_gguf_args(args)
-    result = validate_gguf(
-        args.gguf_file,
-        args.reference,
-        n_prompts=args.prompts,
-        max_tokens=args.tokens,
-        new_tokens=args.new_tokens,
-        n_threads=args.threads,
-        check=False,
-    )
-    print(format_table([result]))
-    for failure in result["failures"]:
-        print(f"  {failure}")
-    if args.json:
-        write_json(args.json, result)
-    if result["failures"] and not args.report_only:
-        raise ToleranceError(
-            f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])
-        )
-    return 0

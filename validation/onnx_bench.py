@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -22,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ModelLoadError
+from rmexport.sysinfo import machine_info
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
-from .latency import machine_info
 
-__all__ = ["DEFAULT_PROTOCOL", "add_arguments", "bench_onnx", "format_table", "run"]
+__all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -168,32 +166,3 @@ def format_table(result: dict[str, Any]) -> str:
         *speed_protocol.format_phases(result["speed"]),
     ]
     return "\n".join(lines)
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--original", required=True, help="ONNX export of the original model")
-    parser.add_argument("--pruned", required=True, help="ONNX export of the pruned model")
-    parser.add_argument(
-        "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens for PPL"
-    )
-    parser.add_argument("--window", type=int, default=512, help="perplexity window")
-    parser.add_argument("--json", help="write the result to this JSON file")
-    speed_protocol.add_arguments(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_bench_onnx_args
-
-    check_bench_onnx_args(args)
-    result = bench_onnx(
-        args.original,
-        args.pruned,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        protocol=speed_protocol.protocol_from_args(args),
-    )
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0

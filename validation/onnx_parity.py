@@ -16,7 +16,6 @@ Checks, per precision (tolerances below):
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from rmexport.atomic import write_json
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
 
-__all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx", "add_arguments", "run"]
+__all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -315,35 +313,3 @@ def print_table(result: dict[str, Any]) -> None:
         style = "red" if row[3] == "FAIL" else None
         table.add_row(*row, style=style)
     Console().print(table)
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("onnx_dir", help="folder written by `rmexport export onnx`")
-    parser.add_argument("--reference", required=True, help="the HF checkpoint the export was made from")
-    parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="held-out prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, help="tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help="greedy tokens to compare")
-    parser.add_argument("--json", help="also write the result to this JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rmexport.inputs import check_validate_onnx_args
-
-    check_validate_onnx_args(args)
-    result = validate_onnx(
-        args.onnx_dir,
-        args.reference,
-        n_prompts=args.prompts,
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
-        raise_on_failure=False,
-    )
-    print_table(result)
-    if args.json:
-        write_json(args.json, result)
-    if not result["passed"]:
-        raise ToleranceError(
-            "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result)
-        )
-    return 0

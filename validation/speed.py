@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,18 +26,15 @@ from typing import Any
 
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
-
-from .latency import load_average, usable_cores
+from rmexport.sysinfo import load_average, usable_cores
 
 __all__ = [
     "SpeedProtocol",
     "TimedCall",
-    "add_arguments",
     "attach_ideal",
     "format_phases",
     "median_settled",
     "phase_kind",
-    "protocol_from_args",
     "run_protocol",
     "spread",
 ]
@@ -238,66 +234,3 @@ def format_phases(result: Mapping[str, Any]) -> list[str]:
         f"{protocol['threads']} threads"
     )
     return lines
-
-
-# --- CLI ------------------------------------------------------------------------------------
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from e
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, prompt_default: Sequence[int]) -> None:
-    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
-    default = SpeedProtocol(prompt_tokens=tuple(prompt_default))
-    group = parser.add_argument_group("speed (llama-bench style: original and pruned alternate)")
-    text = ",".join(map(str, default.prompt_tokens))
-    group.add_argument(
-        "--prompt-tokens",
-        type=_lengths,
-        default=default.prompt_tokens,
-        metavar="N[,N]",
-        help=f"prompt-processing lengths to time, from an empty cache (default {text})",
-    )
-    group.add_argument(
-        "--gen-tokens",
-        type=int,
-        default=default.gen_tokens,
-        help=f"tokens generated one at a time from an empty cache (default {default.gen_tokens})",
-    )
-    group.add_argument(
-        "--warmup",
-        type=int,
-        default=default.warmup,
-        help=f"untimed repetitions first (default {default.warmup})",
-    )
-    group.add_argument(
-        "--min-rounds", type=int, default=default.min_rounds, help=f"default {default.min_rounds}"
-    )
-    group.add_argument(
-        "--max-rounds",
-        type=int,
-        default=default.max_rounds,
-        help=f"stop here even if the median speed-up still moves (default {default.max_rounds})",
-    )
-    group.add_argument(
-        "--rel-tol",
-        type=float,
-        default=default.rel_tol,
-        help=f"stable: the last rounds moved the median by less than this (default {default.rel_tol})",
-    )
-    group.add_argument("--threads", type=int, default=0, help="threads for both models (default: all cores)")
-
-
-def protocol_from_args(args: argparse.Namespace) -> SpeedProtocol:
-    """The protocol the options describe (ConfigError for impossible values)."""
-    return SpeedProtocol(
-        prompt_tokens=tuple(args.prompt_tokens),
-        gen_tokens=args.gen_tokens,
-        warmup=args.warmup,
-        min_rounds=args.min_rounds,
-        max_rounds=args.max_rounds,
-        rel_tol=args.rel_tol,
-        threads=args.threads or 0,
-    )

@@ -10,7 +10,7 @@ from .gemma import GEMMA2, GEMMA3
 from .llama import LLAMA, MISTRAL
 from .qwen import QWEN2, QWEN3
 
-__all__ = ["ADAPTERS", "ArchAdapter", "adapter_for", "supported_architectures"]
+__all__ = ["ADAPTERS", "ArchAdapter", "adapter_for", "gguf_adapter", "supported_architectures"]
 
 ADAPTERS: dict[str, ArchAdapter] = {a.family: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)}
 _BY_ARCHITECTURE = {name: a for a in ADAPTERS.values() for name in a.hf_architectures}
@@ -35,3 +35,8 @@ def adapter_for(config: Any) -> ArchAdapter:
         f"unsupported architecture {found!r}",
         hint="supported: " + ", ".join(supported_architectures()),
     )
+
+
+def gguf_adapter(gguf_arch: str) -> ArchAdapter | None:
+    """The adapter of a GGUF architecture name (the first one: Llama and Mistral share ``llama``)."""
+    return next((a for a in ADAPTERS.values() if a.gguf_arch == gguf_arch), None)

@@ -2,7 +2,16 @@
 
 An adapter is declared once per family and read by every stage: activation capture and the
 fold (blocks, MLP output, ``down_proj``, post-MLP norm), the config surgery (per-layer lists),
-and the converters (GGUF architecture name, llama.cpp's layer pattern rules).
+and the converters and runtimes (GGUF architecture name and metadata, llama.cpp's layer pattern
+and refusals, the rope permutation, the layer pattern onnxruntime-genai's builder assumes, what
+optimum's runtime cannot do). The converters read these facts and never test a family's name.
+
+A new family provides one adapter (a new file here, registered in ``__init__``): ``family``,
+``hf_architectures``, ``model_type``, ``gguf_arch``, where its blocks/MLP/``down_proj`` live if not
+Llama's, ``post_mlp_norm`` and ``norm_weight_offset`` if it has them, ``per_layer_keys`` (plus
+``_slice_extra`` for fields that depend on the block count), and, where a runtime differs from
+transformers, the GGUF flags below and ``llama_cpp_problem`` / ``gguf_cut_problem`` /
+``genai_layer_types``; plus its tiny-model entry in ``tests/tiny.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,18 @@ class ArchAdapter:
     # Config lists with one entry per decoder block, sliced together with the blocks.
     per_layer_keys: tuple[str, ...] = ()
     has_qk_norm: bool = False
+    # llama.cpp rotates adjacent pairs where transformers rotates halves: q/k rows are permuted per head.
+    gguf_permute_qk: bool = False
+    # Config fields llama.cpp reads as ``{arch}.{field}`` softcapping keys.
+    gguf_softcapping: tuple[str, ...] = ()
+    # Sliding-window metadata (window, per-layer pattern) is written; the rope base of local layers too.
+    gguf_sliding_window: bool = False
+    gguf_rope_base_swa: bool = False
+    # llama.cpp runs this family with full attention although its config may set sliding_window.
+    llama_cpp_full_attention: bool = False
+    # Why optimum's ORTModelForCausalLM cannot generate() with an export of this family when it has
+    # fewer KV heads than query heads (the graph itself is right), or None.
+    optimum_runtime_gap: str | None = None
 
     # --- module access -------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -77,6 +98,18 @@ class ArchAdapter:
     # --- runtime rules ------------------------------------------------------------------
     def gguf_cut_problem(self, config: Any) -> str | None:
         """Why llama.cpp would run this (possibly pruned) config wrongly, or None if it is fine."""
+        return None
+
+    def llama_cpp_layer_types(self, n_layers: int) -> list[str] | None:
+        """The sliding/global pattern llama.cpp derives from the layer index (None: it derives none)."""
+        return None
+
+    def llama_cpp_problem(self, config: Any) -> str | None:
+        """What else llama.cpp computes differently from transformers for this config, or None."""
+        return None
+
+    def genai_layer_types(self, n_layers: int) -> list[str] | None:
+        """The attention pattern onnxruntime-genai's builder assumes (None: no sliding layers)."""
         return None
 
     def complete_config_from_gguf(self, config: Any) -> None:

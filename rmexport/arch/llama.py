@@ -11,6 +11,7 @@ LLAMA = ArchAdapter(
     hf_architectures=("LlamaForCausalLM",),
     model_type="llama",
     gguf_arch="llama",
+    gguf_permute_qk=True,
 )
 
 MISTRAL = ArchAdapter(
@@ -19,4 +20,6 @@ MISTRAL = ArchAdapter(
     model_type="mistral",
     gguf_arch="llama",  # llama.cpp converts Mistral checkpoints to its llama architecture
     per_layer_keys=("layer_types",),
+    gguf_permute_qk=True,
+    llama_cpp_full_attention=True,
 )

@@ -20,6 +20,12 @@ class QwenAdapter(ArchAdapter):
         if isinstance(limit, int):
             config.max_window_layers = sum(1 for i in kept if i < limit)
 
+    def llama_cpp_problem(self, config: Any) -> str | None:
+        if getattr(config, "use_sliding_window", False):
+            if "sliding_attention" in list(getattr(config, "layer_types", None) or []):
+                return f"llama.cpp's {self.family} has no sliding-window attention, but this model uses it"
+        return None
+
 
 QWEN2 = QwenAdapter(
     family="qwen2",

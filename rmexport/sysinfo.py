@@ -1,4 +1,4 @@
-"""The machine a speed number was measured on: CPU model and flags, cores, threads, load, versions.
+"""The machine a number was measured on: CPU model and flags, cores, threads, load, memory, versions.
 
 A tokens/s figure without its CPU, its SIMD flags, the thread count and the library versions
 cannot be compared with anything, so every benchmark stores ``machine_info`` beside its numbers.
@@ -12,7 +12,15 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["SIMD_FLAGS", "cpu_flags", "load_average", "machine_info", "package_versions", "usable_cores"]
+__all__ = [
+    "SIMD_FLAGS",
+    "cpu_flags",
+    "load_average",
+    "machine_info",
+    "package_versions",
+    "ram_bytes",
+    "usable_cores",
+]
 
 # The /proc/cpuinfo flags that decide which kernels llama.cpp and onnxruntime pick (x86, then Arm).
 SIMD_FLAGS = (
@@ -88,15 +96,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+def ram_bytes() -> int:
+    """Physical memory of this machine, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _memory_gib() -> float | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+        return round(ram_bytes() / 2**30, 1)
+    except (OSError, ValueError):
+        return None
 
 
 def package_versions(*names: str) -> dict[str, str | None]:

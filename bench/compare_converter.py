@@ -7,7 +7,8 @@ compared on tensor names, shapes, types and values, metadata keys and values, an
 llama.cpp tokenizes sample text with each.
 
 Intended differences (``INTENDED_DIFFERENCES``) are listed with their reason; anything else is a
-difference to explain. Run: ``python -m validation.compare_converter CKPT [--json FILE]``.
+difference to explain. Run: ``python -m bench.compare_converter CKPT [--json FILE]`` (the first run
+downloads the sdist).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def _run_converter(source: Path, checkpoint: Path, out: Path) -> None:
 
 _TOKENIZE_SCRIPT = """
 import json, sys
-from converters import llama_cpp as L
+from rmexport import llamacpp as L
 with L.open_model(sys.argv[1], n_ctx=64) as model:
     print(json.dumps([L.tokenize(model, t) for t in json.loads(sys.argv[2])]))
 """

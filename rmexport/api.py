@@ -1,0 +1,135 @@
+"""The Python API beside the CLI: ``from rmexport import prune, export_gguf, export_onnx, run``.
+
+Each call takes the same typed configuration the CLI builds from its arguments and returns a typed
+result; the CLI is a thin layer over these functions. A model is named as on the command line: an
+alias, a hub id, a local HF directory or a ``.gguf`` file.
+
+    from rmexport import ExportGGUFConfig, PruneOptions, export_gguf, prune
+
+    pruned = prune("smollm2-135m", "out/p", PruneOptions(ratio=0.25))
+    gguf = export_gguf(pruned.checkpoint, "out/p.gguf", ExportGGUFConfig(type="q8_0"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ExportGGUFConfig, ExportONNXConfig, RunConfig
+from .prune import PruneOptions
+
+__all__ = [
+    "GGUFExport",
+    "ONNXExport",
+    "PruneResult",
+    "RunResult",
+    "export_gguf",
+    "export_onnx",
+    "prune",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    out_dir: Path
+    checkpoint: Path  # the pruned HF checkpoint, out_dir/hf
+    record: dict[str, Any]  # what prune.json holds
+
+
+@dataclass(frozen=True)
+class GGUFExport:
+    path: Path
+    info: dict[str, Any]  # size, architecture, block count, tensor-type counts
+
+
+@dataclass(frozen=True)
+class ONNXExport:
+    path: Path
+    info: dict[str, Any]  # what rmexport_onnx.json holds
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    report: dict[str, Any]  # what report.json holds
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("all_checks_passed", False))
+
+
+def _local_checkpoint(model: str | Path) -> Path:
+    """Converters take a local HF directory: an alias, hub id or .gguf becomes one (a GGUF source's
+    cached conversion, a hub model's downloaded snapshot)."""
+    from .errors import ModelLoadError
+    from .models import checkpoint_dir, resolve
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    source = resolve(str(model))
+    if source.kind != "hub":
+        return Path(checkpoint_dir(source))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not download {source.location} ({type(e).__name__})",
+            hint="check the network, or pass a local checkpoint directory",
+        ) from e
+
+
+def prune(model: str | Path, out_dir: str | Path, options: PruneOptions | None = None) -> PruneResult:
+    """Prune ``model`` into ``out_dir`` (``hf/`` and ``prune.json``, all or nothing)."""
+    from .models import resolve
+    from .prune import prune as prune_model
+
+    options = options or PruneOptions()
+    options.validate()
+    out = Path(out_dir)
+    record = prune_model(resolve(str(model)), options, out)
+    return PruneResult(out_dir=out, checkpoint=out / "hf", record=record)
+
+
+def export_gguf(
+    checkpoint: str | Path, out_file: str | Path, config: ExportGGUFConfig | None = None
+) -> GGUFExport:
+    """Write ``checkpoint`` as a GGUF file that llama.cpp loads."""
+    from converters.gguf_export import describe_gguf
+    from converters.gguf_export import export_gguf as write_gguf
+
+    config = config or ExportGGUFConfig()
+    path = write_gguf(_local_checkpoint(checkpoint), out_file, type=config.type)
+    return GGUFExport(path=path, info=describe_gguf(path))
+
+
+def export_onnx(
+    checkpoint: str | Path, out_dir: str | Path, config: ExportONNXConfig | None = None
+) -> ONNXExport:
+    """Export ``checkpoint`` as an ONNX decoder with KV cache into ``out_dir``."""
+    from converters.onnx_export import export_onnx as write_onnx
+    from converters.onnx_export import read_export_info
+
+    config = config or ExportONNXConfig()
+    path = write_onnx(
+        _local_checkpoint(checkpoint),
+        out_dir,
+        dtype=config.dtype,
+        flavor=config.flavor,
+        precision=config.precision,
+    )
+    return ONNXExport(path=path, info=read_export_info(path))
+
+
+def run(config: RunConfig | None = None) -> RunResult:
+    """Everything ``rmexport run`` does: prune, export, validate, benchmark, report."""
+    from .pipeline import run_pipeline
+
+    config = config or RunConfig()
+    config.prune.validate()
+    run_dir, report = run_pipeline(config)
+    return RunResult(run_dir=run_dir, report=report)

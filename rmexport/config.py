@@ -1,0 +1,82 @@
+"""Typed configurations: what the CLI builds from its arguments and the pipeline and the Python API take.
+
+``PruneOptions`` (``rmexport.prune``) configures one prune; the configs here bundle it with what the
+other stages need. They are plain frozen dataclasses: the CLI's checks (``rmexport.inputs``) have
+already turned every bad value into a one-line ``RMExportError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+from .prune import PruneOptions
+
+__all__ = [
+    "ONNX_DTYPES",
+    "ONNX_FLAVORS",
+    "RUN_EVAL_TOKENS",
+    "ExportGGUFConfig",
+    "ExportONNXConfig",
+    "RunConfig",
+    "ratio_label",
+]
+
+ONNX_FLAVORS = ("optimum", "genai")
+ONNX_DTYPES = ("fp32", "fp16")
+# One set of held-out windows for every backend of a run, so the report compares like with like.
+RUN_EVAL_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ExportONNXConfig:
+    dtype: str = "fp32"
+    flavor: str = "optimum"
+    precision: str | None = None  # genai weights: int4, or None for the same as dtype
+
+
+@dataclass(frozen=True)
+class ExportGGUFConfig:
+    type: str = "f16"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``rmexport run``: prune, export ONNX and GGUF, validate, benchmark, report."""
+
+    model: str = DEFAULT_MODEL
+    prune: PruneOptions = field(default_factory=lambda: PruneOptions(eval_tokens=RUN_EVAL_TOKENS))
+    out_root: Path = Path("out")
+    force: bool = False
+    onnx_flavor: str = "optimum"
+    onnx_dtype: str = "fp32"
+    gguf_type: str = "f16"
+    skip_onnx: bool = False
+    skip_gguf: bool = False
+    skip_bench: bool = False
+
+    @property
+    def ratio(self) -> float | None:
+        return self.prune.ratio
+
+    @property
+    def layers(self) -> int | None:
+        return self.prune.layers
+
+    @property
+    def blocks(self) -> int:
+        return self.prune.blocks
+
+    @property
+    def eval_tokens(self) -> int:
+        return self.prune.eval_tokens
+
+    @property
+    def ratio_label(self) -> str:
+        return ratio_label(self.ratio, self.layers)
+
+
+def ratio_label(ratio: float | None, layers: int | None) -> str:
+    """How a run folder names the cut: ``0.25``, or ``8l`` for ``--layers 8``."""
+    return f"{ratio:g}" if layers is None else f"{layers}l"

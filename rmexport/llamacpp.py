@@ -1,0 +1,165 @@
+"""The real llama.cpp, through llama-cpp-python (ctypes bindings to libllama).
+
+One place knows how to load a GGUF, read its logits, tokenize, time evaluation and run
+llama.cpp's own quantizer, and the pre-tokenizer regexes llama.cpp knows by name; everything else
+(the GGUF writer, the tokenizer rebuild of a GGUF source, validation) calls these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmexport.errors import ExportError, ToolchainError
+from rmexport.log import get_logger
+
+__all__ = [
+    "LLAMA_FTYPES",
+    "PRE_TOKENIZER_REGEXES",
+    "default_threads",
+    "eval_logits",
+    "library_info",
+    "llama_module",
+    "open_model",
+    "quantize",
+    "tokenize",
+]
+
+log = get_logger(__name__)
+
+_GGML_TYPE_F32 = 0  # ggml_type enum value
+
+# Our type names -> llama_ftype values (llama.h's enum, as the binding exposes it).
+LLAMA_FTYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+}
+
+
+# The split regexes exactly as the families' tokenizer.json files state them.
+PRE_TOKENIZER_REGEXES: dict[str, str] = {
+    "llama-bpe": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    "tekken": (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
+
+
+def llama_module() -> Any:
+    """The ``llama_cpp`` package, or ToolchainError saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ToolchainError(
+            f"llama-cpp-python is not importable ({e})",
+            hint="pip install llama-cpp-python (builds llama.cpp from source)",
+        ) from e
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def library_info() -> dict[str, str]:
+    llama_cpp = llama_module()
+    info = llama_cpp.llama_print_system_info()
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info),
+    }
+
+
+@contextlib.contextmanager
+def open_model(
+    path: str | Path,
+    *,
+    n_ctx: int = 512,
+    n_threads: int | None = None,
+    logits_all: bool = False,
+    f32_kv_cache: bool = False,
+) -> Iterator[Any]:
+    """A loaded ``llama_cpp.Llama`` on the CPU, closed on exit.
+
+    llama.cpp keeps its KV cache in f16 by default; ``f32_kv_cache`` keeps it in f32, so that an
+    f32 GGUF can be compared with PyTorch without that rounding.
+    """
+    llama_cpp = llama_module()
+    threads = n_threads or default_threads()
+    try:
+        model = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=logits_all,
+            n_gpu_layers=0,
+            seed=0,
+            verbose=False,
+            **({"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if f32_kv_cache else {}),
+        )
+    except ValueError as e:
+        raise ExportError(
+            f"llama.cpp could not load {path}: {e}", hint="run with -v to see llama.cpp's log"
+        ) from e
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def eval_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """Logits ``[len(ids), vocab]`` (float32) for one sequence, from an empty KV cache."""
+    model.reset()  # n_tokens = 0: eval() then drops the whole KV cache before decoding
+    model.eval(list(ids))
+    return np.array(model.scores[: len(ids)], dtype=np.float32, copy=True)
+
+
+def tokenize(model: Any, text: str) -> list[int]:
+    """llama.cpp's tokens for ``text``: no BOS added, special-token text not parsed."""
+    return list(model.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+
+def quantize(source: str | Path, target: str | Path, type_name: str, *, n_threads: int | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
+    llama_cpp = llama_module()
+    from llama_cpp import _logger as llama_cpp_logger
+
+    # libllama logs every tensor while quantizing; show that only when we log at DEBUG.
+    llama_cpp_logger.set_verbose(log.isEnabledFor(logging.DEBUG))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[type_name])
+    params.nthread = n_threads or default_threads()
+    start = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ExportError(f"llama.cpp's quantizer failed for {type_name} (return code {rc})")
+    log.info("llama.cpp quantized to %s in %.1f s", type_name, time.perf_counter() - start)
