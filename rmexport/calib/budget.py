@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..sysinfo import ram_bytes
 
-__all__ = ["DEFAULT_RAM_FRACTION", "MemoryBudget", "parse_bytes", "ram_bytes"]
+__all__ = ["DEFAULT_RAM_FRACTION", "MemoryBudget", "parse_bytes"]
 
 # Without --memory-budget / RMEXPORT_MEMORY_BUDGET a prune may use this share of RAM.
 DEFAULT_RAM_FRACTION = 0.5
@@ -31,11 +32,6 @@ _UNITS = {
     "tb": 1e12,
     "tib": 2**40,
 }
-
-
-def ram_bytes() -> int:
-    """Physical memory of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_bytes(text: str) -> int:
