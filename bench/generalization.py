@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _, held_stats = collect(engine, full, set_aside, n=n, starts=starts, stats_for=starts, desc="aside")
         label = "+".join(f"{spec}×{count}" for spec, count in mix)
         for idea, (start, transform, extra) in _ideas(fit_stats, held_stats, starts).items():
+            if args.ideas and idea not in args.ideas:
+                continue
             name = f"{label}: {idea}"
             plans[name] = cut_plan(full, (start, start + n), Map(transform, name))
             plans.setdefault(f"removal {start}", cut_plan(full, (start, start + n)))
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[_mix("builtin:512")],
         help="comma-separated mixes, each SOURCE:DOCS+SOURCE:DOCS (default builtin:512)",
     )
+    parser.add_argument("--ideas", type=lambda s: s.split(","), default=None, help="only these ideas")
     parser.add_argument("--out", type=Path, default=Path("out/bench/generalization.json"))
     args = parser.parse_args(argv)
     write_json(args.out, run(args))

@@ -1,10 +1,12 @@
 """The fixed quality benchmark: every selection rule × solver on one model, one calibration set.
 
-Protocol (fixed so numbers compare across versions): built-in corpus, titles sorted, shuffled
-with ``random.Random(0)``; the first 90 % is the calibration pool (its first documents are used),
-the last 10 % is held out. Held-out text: the held-out extracts joined with a blank line,
-tokenized without special tokens, the first 65,536 tokens in non-overlapping 512-token windows,
-each prefixed with BOS; float32; PPL = exp(mean NLL over all 65,536 predicted tokens).
+Protocol (fixed so numbers compare across versions): calibration on the prune's default text (a mixture
+of sources, ``--calib-data``); every source's documents sorted, shuffled with ``random.Random(0)``; the
+first 90 % is the calibration pool (its first documents are used), the last 10 % is held out.
+Evaluation on the built-in corpus (Wikipedia summaries). Held-out text: the held-out extracts
+joined with a blank line, tokenized without special tokens, the first 65,536 tokens in
+non-overlapping 512-token windows, each prefixed with BOS; float32; PPL = exp(mean NLL over all
+65,536 predicted tokens).
 
 One calibration pass measures every candidate cut; each rule's cut is then fitted, folded into
 a copy of the model and evaluated. Rows: original, and per rule its cut with plain removal,
@@ -24,7 +26,7 @@ from rmexport.atomic import write_json
 from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.corpus import load_corpus
 from rmexport.calib.engine import Map, cut_plan, original_plan
-from rmexport.calib.tokens import calibration_batches, heldout_windows
+from rmexport.calib.tokens import heldout_windows, mixture_batches
 from rmexport.models import checkpoint_dir, load_tokenizer, resolve
 from rmexport.prune import PruneOptions, open_engine
 from rmexport.replaceme.checks import perplexities
@@ -52,11 +54,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve(args.model)
     tokenizer = load_tokenizer(source)
     corpus = load_corpus("builtin")
-    calibration = calibration_batches(
-        corpus, tokenizer, n_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size
+    calibration = mixture_batches(
+        args.calib_data,
+        tokenizer,
+        n_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
     )
-    selection = calibration_batches(
-        corpus,
+    selection = mixture_batches(
+        args.calib_data,
         tokenizer,
         n_samples=64,
         seq_len=args.seq_len,
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--calib-samples", type=int, default=512)
+    parser.add_argument("--calib-data", default=PruneOptions.calib_data)
+    parser.add_argument("--calib-samples", type=int, default=PruneOptions.calib_samples)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=65536)

@@ -830,8 +830,15 @@ def _selection_documents(args: Any) -> int:
 
 
 def _check_texts(args: Any) -> None:
-    needed = args.calib_samples + _selection_documents(args)
-    check_text_source(args.calib_data, "--calib-data", pool_documents=needed, count_option="--calib-samples")
+    from .calib.corpus import parse_mixture
+    from .calib.tokens import shares
+
+    parts = parse_mixture(args.calib_data)
+    weights = [w for _, w in parts]
+    needed = shares(args.calib_samples, weights)
+    guard = shares(_selection_documents(args), weights)
+    for (spec, _), count, extra in zip(parts, needed, guard, strict=True):
+        check_text_source(spec, "--calib-data", pool_documents=count + extra, count_option="--calib-samples")
     check_text_source(args.eval_data, "--eval-data", heldout_documents=1)
     for spec in args.ood_data:
         check_text_source(spec, "--ood-data", heldout_documents=1)

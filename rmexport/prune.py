@@ -20,9 +20,9 @@ from . import __version__
 from .arch import adapter_for
 from .atomic import write_json
 from .calib.budget import MemoryBudget
-from .calib.corpus import BUILTIN, OUT_OF_DOMAIN, load_corpus
+from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corpus, parse_mixture
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
-from .calib.tokens import CalibrationSet, calibration_batches, heldout_windows
+from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype, model_bytes
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
@@ -48,6 +48,7 @@ __all__ = [
     "log_cut",
     "open_engine",
     "prune",
+    "set_aside_by_source",
 ]
 
 log = get_logger(__name__)
@@ -62,7 +63,7 @@ class PruneOptions:
     alpha: float = 0.0
     select: str = "fit"
     distance_tokens: str = "last"
-    calib_data: str = BUILTIN
+    calib_data: str = DEFAULT_CALIBRATION
     calib_samples: int = 512
     seq_len: int = 256
     batch_size: int = 8
@@ -166,14 +167,12 @@ def _versions() -> dict[str, str]:
     }
 
 
-def calibration_set(
-    corpus: Any, tokenizer: Any, options: PruneOptions, *, set_aside: bool = False
-) -> CalibrationSet:
+def calibration_set(tokenizer: Any, options: PruneOptions, *, set_aside: bool = False) -> CalibrationSet:
     """The calibration documents, or (``set_aside``) the ones after them that judge the guard,
     ``--select loss`` and the cosine epochs."""
     if set_aside:
-        return calibration_batches(
-            corpus,
+        return mixture_batches(
+            options.calib_data,
             tokenizer,
             n_samples=options.selection_samples,
             seq_len=options.seq_len,
@@ -182,14 +181,36 @@ def calibration_set(
             offset=options.calib_samples,
             min_tokens=options.seq_len,
         )
-    return calibration_batches(
-        corpus,
+    return mixture_batches(
+        options.calib_data,
         tokenizer,
         n_samples=options.calib_samples,
         seq_len=options.seq_len,
         batch_size=options.batch_size,
         seed=options.seed,
     )
+
+
+def set_aside_by_source(tokenizer: Any, options: PruneOptions) -> dict[str, CalibrationSet]:
+    """The set-aside documents of each source of the calibration mixture, judged one by one."""
+    parts = parse_mixture(options.calib_data)
+    weights = [w for _, w in parts]
+    counts = shares(options.selection_samples, weights)
+    offsets = shares(options.calib_samples, weights)
+    return {
+        name: mixture_batches(
+            name,
+            tokenizer,
+            n_samples=count,
+            seq_len=options.seq_len,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            offset=offset,
+            min_tokens=1,
+        )
+        for (name, _), count, offset in zip(parts, counts, offsets, strict=True)
+        if count > 0
+    }
 
 
 def _local_checkpoint(source: ModelSource) -> str:
@@ -293,25 +314,36 @@ def _gguf_filter(engine: Engine, plan: Plan, n: int):
     return allowed
 
 
-def _guard(scorer: SelectionScorer, final: Plan) -> tuple[Plan, dict[str, Any]]:
-    """Keep the fitted maps only if they beat plain removal of the same blocks on set-aside text."""
+def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) -> tuple[Plan, dict[str, Any]]:
+    """Keep the fitted maps only if they beat plain removal of the same blocks on the set-aside
+    text of every source of the calibration mixture: a map that helps on one kind of text and
+    hurts another is not kept."""
     removal = plain_removal(final)
     shared = next(i for i, step in enumerate(final) if step.maps)
-    losses = scorer.losses({"fitted": final, "plain_removal": removal}, shared=shared)
-    kept = "fitted" if losses["fitted"] <= losses["plain_removal"] else "plain_removal"
+    by_source: dict[str, dict[str, float]] = {}
+    for source, selection in set_aside.items():
+        scorer = SelectionScorer(engine, selection)
+        try:
+            by_source[source] = scorer.losses({"fitted": final, "plain_removal": removal}, shared=shared)
+        finally:
+            scorer.close()
+    worse = [source for source, losses in by_source.items() if losses["fitted"] > losses["plain_removal"]]
+    kept = "plain_removal" if worse else "fitted"
     record = {
-        "judged_on": f"{len(scorer.selection.batches)} batches of set-aside calibration text",
-        "selection_loss_fitted": losses["fitted"],
-        "selection_loss_plain_removal": losses["plain_removal"],
+        "judged_on": f"{sum(s.n_documents for s in set_aside.values())} set-aside documents of "
+        + ", ".join(f"`{source}`" for source in set_aside),
+        "selection_loss_fitted": sum(loss["fitted"] for loss in by_source.values()) / len(by_source),
+        "selection_loss_plain_removal": sum(loss["plain_removal"] for loss in by_source.values())
+        / len(by_source),
+        "by_source": by_source,
         "kept": kept,
     }
-    if kept == "plain_removal":
+    if worse:
         log.warning(
-            "the fitted map is worse than plain removal on set-aside text (loss %.4f vs %.4f): keeping "
-            "plain removal of the same blocks; the calibration data is probably too small or unlike "
-            "the model's text (use more --calib-samples)",
-            losses["fitted"],
-            losses["plain_removal"],
+            "the fitted map is worse than plain removal on set-aside text of %s: keeping plain removal of "
+            "the same blocks; the calibration data is probably too small or unlike the model's text (use "
+            "more --calib-samples)",
+            ", ".join(worse),
         )
         return removal, record
     return final, record
@@ -322,7 +354,7 @@ def _cut_and_fit(
     options: PruneOptions,
     sizes: list[int],
     calibration: CalibrationSet,
-    selection: CalibrationSet,
+    tokenizer: Any,
     clock: _Clock,
     budget: MemoryBudget,
 ) -> tuple[Plan, list[CutRecord], dict[str, Any]]:
@@ -330,8 +362,10 @@ def _cut_and_fit(
     plan = original_plan(engine.n_layers)
     records: list[CutRecord] = []
     guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
-    needs_selection = options.quality_guard or options.select == "loss" or options.solver == "cosine"
-    scorer = SelectionScorer(engine, selection) if needs_selection else None
+    needs_scorer = options.select == "loss" or options.solver == "cosine"
+    scorer = (
+        SelectionScorer(engine, calibration_set(tokenizer, options, set_aside=True)) if needs_scorer else None
+    )
     try:
         for k, size in enumerate(sizes):
             step = f"({k + 1}/{len(sizes)})"
@@ -343,9 +377,9 @@ def _cut_and_fit(
             log_cut(step, cut, removed, scores, result, options.distance_tokens)
             plan = cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
             records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
-        if scorer is not None and options.quality_guard:
+        if options.quality_guard:
             with clock.stage("guard"):
-                plan, guard = _guard(scorer, plan)
+                plan, guard = _guard(engine, set_aside_by_source(tokenizer, options), plan)
     finally:
         if scorer is not None:
             scorer.close()
@@ -369,12 +403,8 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     with clock.stage("load"):
         checkpoint = _local_checkpoint(source)
         tokenizer = load_tokenizer(source)
-        calib_corpus = load_corpus(options.calib_data)
-        eval_corpus = (
-            calib_corpus if options.eval_data == options.calib_data else load_corpus(options.eval_data)
-        )
-        calibration = calibration_set(calib_corpus, tokenizer, options)
-        selection = calibration_set(calib_corpus, tokenizer, options, set_aside=True)
+        eval_corpus = load_corpus(options.eval_data)
+        calibration = calibration_set(tokenizer, options)
         windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)
         ood_windows = {
             spec: heldout_windows(load_corpus(spec), tokenizer, options.ood_tokens)
@@ -398,7 +428,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     log.info("calibration: %s", calibration.describe())
 
     try:
-        plan, records, guard = _cut_and_fit(engine, options, sizes, calibration, selection, clock, budget)
+        plan, records, guard = _cut_and_fit(engine, options, sizes, calibration, tokenizer, clock, budget)
         with clock.stage("checks"):
             checks = run_checks(engine, plan, windows, options.parity_windows)
             ood = source_perplexities(engine, plan, ood_windows)

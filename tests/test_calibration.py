@@ -7,10 +7,10 @@ import torch
 from transformers import AutoTokenizer
 
 from rmexport.calib.collect import collect
-from rmexport.calib.corpus import load_corpus
+from rmexport.calib.corpus import load_corpus, parse_mixture
 from rmexport.calib.engine import Engine, original_plan
 from rmexport.calib.store import ActivationStore
-from rmexport.calib.tokens import calibration_batches, heldout_windows
+from rmexport.calib.tokens import calibration_batches, heldout_windows, mixture_batches, shares
 from rmexport.calib.weights import ModelSkeleton
 from rmexport.errors import CalibrationError, ConfigError
 
@@ -87,6 +87,33 @@ def test_chat_samples_are_padded_and_masked(tiny_checkpoints, tmp_path):
     assert not bool(mask.all()), "samples of different lengths must be padded"
     assert bool((ids[mask == 0] == tokenizer.pad_token_id).all())
     assert calib.n_tokens == sum(int(m.sum()) for _, m in calib.batches)
+
+
+def test_a_mixture_draws_each_source_in_proportion(tiny_checkpoints, builtin_corpus):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])  # has a chat template
+    assert parse_mixture("builtin*3+dialogue") == [("builtin", 3), ("dialogue", 1)]
+    assert shares(10, [3, 1]) == [8, 2] and shares(64, [2, 1, 1]) == [32, 16, 16]
+    mix = mixture_batches(
+        "builtin*3+dialogue", tokenizer, n_samples=8, seq_len=32, batch_size=4, min_tokens=1
+    )
+    parts = {p["source"]: p for p in mix.describe()["parts"]}
+    assert parts["builtin"]["documents"] == 6 and parts["dialogue"]["documents"] == 2
+    assert parts["builtin"]["packed"] and not parts["dialogue"]["packed"]
+    alone = calibration_batches(
+        builtin_corpus, tokenizer, n_samples=6, seq_len=32, batch_size=4, min_tokens=1
+    )
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(alone.batches, mix.batches, strict=False))
+    aside = mixture_batches(
+        "builtin*3+dialogue", tokenizer, n_samples=4, seq_len=32, batch_size=4, offset=8, min_tokens=1
+    )
+    assert aside.token_hash != mix.token_hash
+    again = mixture_batches(
+        "builtin*3+dialogue", tokenizer, n_samples=8, seq_len=32, batch_size=4, min_tokens=1
+    )
+    assert again.token_hash == mix.token_hash
+    for bad in ("builtin*x+dialogue", "builtin*0+docs", "builtin+builtin", "+docs"):
+        with pytest.raises(ConfigError):
+            parse_mixture(bad)
 
 
 def test_too_little_calibration_text_is_an_error(tiny_checkpoints, builtin_corpus):

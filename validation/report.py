@@ -381,11 +381,15 @@ def _guard_lines(prune: dict) -> list[str]:
     guard = prune.get("guard") or {}
     if guard.get("judged_on"):
         kept = "the fitted map" if guard["kept"] == "fitted" else "**plain removal** (the map did worse)"
-        lines += [
-            f"Quality guard, on {guard['judged_on']}: loss {guard['selection_loss_fitted']:.4f} with "
-            f"the map, {guard['selection_loss_plain_removal']:.4f} without; kept {kept}.",
-            "",
-        ]
+        by_source = guard.get("by_source") or {}
+        losses = "; ".join(
+            f"`{source}` {loss['fitted']:.4f} with the map, {loss['plain_removal']:.4f} without"
+            for source, loss in by_source.items()
+        ) or (
+            f"{guard['selection_loss_fitted']:.4f} with the map, "
+            f"{guard['selection_loss_plain_removal']:.4f} without"
+        )
+        lines += [f"Quality guard, on {guard['judged_on']}: loss {losses}; kept {kept}.", ""]
     worse = quality_check(prune)["pruned_worse_than_plain_removal"]
     if worse:
         sources = ", ".join(f"`{s}`" for s in worse)

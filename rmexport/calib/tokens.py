@@ -20,9 +20,16 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError, ConfigError
-from .corpus import Corpus, Document
+from .corpus import Corpus, Document, load_corpus, parse_mixture
 
-__all__ = ["CalibrationSet", "calibration_batches", "heldout_windows", "DEFAULT_EVAL_WINDOW"]
+__all__ = [
+    "DEFAULT_EVAL_WINDOW",
+    "CalibrationSet",
+    "calibration_batches",
+    "heldout_windows",
+    "mixture_batches",
+    "shares",
+]
 
 DEFAULT_EVAL_WINDOW = 512
 _SEPARATOR = "\n\n"
@@ -50,7 +57,7 @@ class CalibrationSet:
             "seq_len": self.seq_len,
             "packed": self.packed,
             "sha256": self.token_hash,
-        }
+        } | self.extras
 
 
 def _choose_documents(pool: list[Document], n: int, seed: int, offset: int = 0) -> list[Document]:
@@ -132,6 +139,9 @@ def calibration_batches(
     if n_samples < 1 or seq_len < 8 or batch_size < 1:
         raise ConfigError("--calib-samples and --batch-size must be >= 1 and --seq-len >= 8")
     documents = _choose_documents(corpus.pool, n_samples, seed, offset)
+    if corpus.is_chat and getattr(tokenizer, "chat_template", None) is None:
+        documents = [_chat_text(d) for d in documents]  # no template: the turns as plain text
+        corpus = Corpus(corpus.name, pool=[], heldout=[])
     if corpus.is_chat:
         sequences = _render_chats(tokenizer, documents, seq_len)  # type: ignore[arg-type]
         sequences = [s for s in sequences if len(s) >= 2]
@@ -159,14 +169,85 @@ def calibration_batches(
     )
 
 
+def shares(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders; ties to the first)."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixture_batches(
+    spec: str,
+    tokenizer: Any,
+    *,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    offset: int = 0,
+    min_tokens: int = 256,
+) -> CalibrationSet:
+    """``calibration_batches`` over a mixture (``parse_mixture``): each source gives its share of
+    ``n_samples`` documents, after its share of ``offset``. One source is exactly that source."""
+    parts = parse_mixture(spec)
+    if len(parts) == 1:
+        return calibration_batches(
+            load_corpus(parts[0][0]),
+            tokenizer,
+            n_samples=n_samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            offset=offset,
+            min_tokens=min_tokens,
+        )
+    weights = [w for _, w in parts]
+    sets = [
+        calibration_batches(
+            load_corpus(name),
+            tokenizer,
+            n_samples=count,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            offset=skip,
+            min_tokens=1,
+        )
+        for (name, _), count, skip in zip(
+            parts, shares(n_samples, weights), shares(offset, weights), strict=True
+        )
+        if count > 0
+    ]
+    n_tokens = sum(s.n_tokens for s in sets)
+    if n_tokens < min_tokens:
+        raise CalibrationError(
+            f"calibration text from {spec!r} gives {n_tokens} tokens; need at least {min_tokens}",
+            hint="use more --calib-samples or a shorter --seq-len",
+        )
+    digest = hashlib.sha256("|".join(s.token_hash for s in sets).encode())
+    return CalibrationSet(
+        batches=[batch for s in sets for batch in s.batches],
+        source=spec,
+        n_documents=sum(s.n_documents for s in sets),
+        seq_len=seq_len,
+        packed=all(s.packed for s in sets),
+        n_tokens=n_tokens,
+        token_hash=digest.hexdigest()[:16],
+        extras={
+            "parts": [{k: s.describe()[k] for k in ("source", "documents", "tokens", "packed")} for s in sets]
+        },
+    )
+
+
+def _chat_text(chat: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in chat)
+
+
 def _heldout_text(corpus: Corpus) -> str:
-    parts = []
-    for doc in corpus.heldout:
-        if isinstance(doc, str):
-            parts.append(doc)
-        else:
-            parts.append("\n".join(m["content"] for m in doc))
-    return _SEPARATOR.join(parts)
+    return _SEPARATOR.join(doc if isinstance(doc, str) else _chat_text(doc) for doc in corpus.heldout)
 
 
 def heldout_windows(
