@@ -51,3 +51,19 @@ def test_pipeline_benchmark_variants_agree_on_the_cut(tiny_checkpoints, tmp_path
     if select == "distance":
         assert summary["engine"]["cut"] == summary["baseline"]["cut"]
     assert all(row["tokens_per_s_median"] > 0 for row in summary.values())
+
+
+def test_generalization_benchmark_rows(tiny_checkpoints, tmp_path):
+    from bench import generalization
+
+    out = tmp_path / "generalization.json"
+    argv = ["--model", str(tiny_checkpoints["llama"]), "--eval-tokens", "512"]
+    argv += ["--mixes", "builtin:24,builtin:16+dialogue:4+docs:4", "--out", str(out)]
+    assert generalization.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["original"]) == {"builtin", "docs", "dialogue"}
+    ideas = {(row["calibration"], row["idea"]) for row in result["rows"]}
+    assert {("builtin×24", "fit"), ("builtin×16+dialogue×4+docs×4", "shrink")} <= ideas
+    for row in result["rows"]:
+        assert set(row["ppl"]) == set(row["ppl_plain_removal"]) == {"builtin", "docs", "dialogue"}
+        assert all(value > 1.0 for value in row["ppl"].values())

@@ -138,7 +138,11 @@ def test_a_budget_below_the_model_size_runs_to_a_complete_report(tiny_checkpoint
     memory = prune["memory"]
     assert not memory["weights_resident"] and memory["weights_bytes"] > memory["budget_bytes"] / 2
     assert memory["activations_spilled_bytes"] > 0
-    assert all(v > 0 for v in prune["quality"].values()) and prune["fold_parity"]["passed"]
+    quality = prune["quality"]
+    assert [q["source"] for q in quality["out_of_domain"]] == ["docs", "dialogue"]
+    for q in [quality, *quality["out_of_domain"]]:
+        assert all(q[key] > 1.0 for key in ("ppl_original", "ppl_plain_removal", "ppl_pruned"))
+    assert prune["fold_parity"]["passed"]
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["gguf_parity"]) == {"f16", "q4_k_m"}
     assert all(entry["positions"] > 0 for entry in report["gguf_parity"].values())
