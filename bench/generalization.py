@@ -31,7 +31,7 @@ from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.collect import collect
 from rmexport.calib.corpus import BUILTIN, OUT_OF_DOMAIN, load_corpus
 from rmexport.calib.engine import Map, cut_plan, original_plan
-from rmexport.calib.tokens import calibration_batches, heldout_windows
+from rmexport.calib.tokens import heldout_windows, mixture_batches
 from rmexport.models import checkpoint_dir, load_tokenizer, resolve
 from rmexport.prune import PruneOptions, open_engine
 from rmexport.replaceme.checks import perplexities
@@ -99,29 +99,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for mix in args.mixes:
         started = time.perf_counter()
-        sets = []
-        for offset_name in ("calibration", "set-aside"):
-            per_source = []
-            for spec, count in mix:
-                corpus = load_corpus(spec)
-                offset = 0 if offset_name == "calibration" else count
-                size = count if offset_name == "calibration" else max(1, count * args.selection // 512)
-                per_source.append(
-                    calibration_batches(
-                        corpus,
-                        tokenizer,
-                        n_samples=size,
-                        seq_len=256,
-                        batch_size=8,
-                        offset=offset,
-                        min_tokens=256,
-                    )
-                )
-            merged = per_source[0]
-            for extra in per_source[1:]:
-                merged.batches.extend(extra.batches)
-            sets.append(merged)
-        calibration, set_aside = sets
+        spec = "+".join(f"{source}*{count}" for source, count in mix)
+        total = sum(count for _, count in mix)
+        calibration, set_aside = (
+            mixture_batches(spec, tokenizer, n_samples=n_samples, seq_len=256, batch_size=8, offset=offset)
+            for n_samples, offset in ((total, 0), (max(1, total * args.selection // 512), total))
+        )
         _, fit_stats = collect(engine, full, calibration, n=n, starts=starts, stats_for=starts, desc="calib")
         _, held_stats = collect(engine, full, set_aside, n=n, starts=starts, stats_for=starts, desc="aside")
         label = "+".join(f"{spec}×{count}" for spec, count in mix)

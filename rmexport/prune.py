@@ -170,24 +170,15 @@ def _versions() -> dict[str, str]:
 def calibration_set(tokenizer: Any, options: PruneOptions, *, set_aside: bool = False) -> CalibrationSet:
     """The calibration documents, or (``set_aside``) the ones after them that judge the guard,
     ``--select loss`` and the cosine epochs."""
-    if set_aside:
-        return mixture_batches(
-            options.calib_data,
-            tokenizer,
-            n_samples=options.selection_samples,
-            seq_len=options.seq_len,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            offset=options.calib_samples,
-            min_tokens=options.seq_len,
-        )
     return mixture_batches(
         options.calib_data,
         tokenizer,
-        n_samples=options.calib_samples,
+        n_samples=options.selection_samples if set_aside else options.calib_samples,
         seq_len=options.seq_len,
         batch_size=options.batch_size,
         seed=options.seed,
+        offset=options.calib_samples if set_aside else 0,
+        min_tokens=options.seq_len if set_aside else 256,
     )
 
 
