@@ -245,7 +245,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=",".join(OUT_OF_DOMAIN),
         type=lambda text: tuple(s for s in text.split(",") if s and s != "none"),
         help=(
-            "comma-separated held-out sources unlike the calibration text, each also checked: docs "
+            "comma-separated held-out sources of other kinds than --eval-data, each also checked: docs "
             "(Python's documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips "
             f"(default {','.join(OUT_OF_DOMAIN)})"
         ),

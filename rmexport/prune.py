@@ -70,7 +70,7 @@ class PruneOptions:
     seed: int = 0
     eval_data: str = BUILTIN
     eval_tokens: int = 16384
-    ood_data: tuple[str, ...] = OUT_OF_DOMAIN  # held-out text unlike the calibration data
+    ood_data: tuple[str, ...] = OUT_OF_DOMAIN  # held-out text of other kinds than Wikipedia
     ood_tokens: int = 8192
     parity_windows: int = 2
     selection_samples: int = 64  # documents after the calibration ones, for --select loss

@@ -53,7 +53,7 @@ class FoldParity:
 
 @dataclass
 class SourceQuality:
-    """Held-out perplexities on one text source unlike the calibration data."""
+    """Held-out perplexities on one more text source, of another kind than the evaluation text."""
 
     source: str
     tokens: int

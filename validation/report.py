@@ -444,7 +444,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         "",
         f"Held-out perplexity over {prune['evaluation']['tokens']} tokens of "
         f"`{prune['evaluation']['source']}` ({prune['evaluation']['window']}-token windows), "
-        "the same windows in every runtime; beside it, held-out text unlike the calibration data "
+        "the same windows in every runtime; beside it, held-out text of other kinds "
         "(PyTorch only).",
         "",
         _quality_table(prune),

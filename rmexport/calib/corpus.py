@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 BUILTIN = "builtin"
-# Held-out text unlike the Wikipedia calibration default: every prune reports its perplexity on
-# these too, so a map that only fits Wikipedia shows.
+# Held-out text of other kinds than Wikipedia: every prune reports its perplexity on these too, so
+# a map that only fits one kind of text shows.
 OUT_OF_DOMAIN = ("docs", "dialogue")
 # A map fitted on Wikipedia alone is worse than plain removal on documentation and dialogue; one fitted
 # on a mixture helps on every source in it, at a small cost on Wikipedia (bench.generalization).
