@@ -36,7 +36,7 @@ export: $(STAMP)
 	$(VENV)/bin/rmexport run $(MODEL) --ratio $(RATIO) --out-root $(OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not hub and not gpu" -q
+	$(PY) -m pytest -m "not slow and not hub and not gpu" -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q

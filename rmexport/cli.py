@@ -681,13 +681,15 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     )
     _add_prune_options(parser)
     # One set of held-out windows for every backend, so the report compares like with like.
-    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS)
+    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS, ood_tokens=RUN_EVAL_TOKENS)
     for action in parser._actions:
         if action.dest == "eval_tokens":
             action.help = (
                 "held-out tokens for perplexity in PyTorch, onnxruntime and llama.cpp "
                 f"(default {RUN_EVAL_TOKENS})"
             )
+        elif action.dest == "ood_tokens":
+            action.help = f"held-out tokens of each --ood-data source (default {RUN_EVAL_TOKENS})"
 
 
 def run_config(args: argparse.Namespace) -> Any:

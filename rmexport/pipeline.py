@@ -190,11 +190,13 @@ def _gguf_stages(
     outputs: dict[str, Any] = {}
     slug = source.slug
     # A quantized GGUF source is pruned into a GGUF of its own type directly (untouched tensors
-    # copied byte for byte), and compared with the source file itself; the HF route still gives
-    # the --gguf-type file. Other sources get --gguf-type and q4_k_m through the HF checkpoint.
+    # copied byte for byte), and benchmarked against the source file itself: that is the file its
+    # user deploys. The HF route still gives the --gguf-type file, checked for parity. Other
+    # sources get --gguf-type and q4_k_m through the HF checkpoint, both benchmarked.
     native = gguf_type_of(source.location) if source.is_gguf else None
     converted = [cfg.gguf_type] if native else ["q4_k_m"]
     types = list(dict.fromkeys([cfg.gguf_type, *converted, *([native] if native else [])]))
+    bench_types = [native] if native else types
     pruned_files = {t: run_dir / "gguf" / f"{slug}-r{ratio_label}-{t}.gguf" for t in types}
     base_files = {t: base_dir / "gguf" / f"{slug}-{t}.gguf" for t in types}
     if native:
@@ -210,7 +212,7 @@ def _gguf_stages(
         )
         base_runner.hashes[f"export_gguf_{native}"] = model_key["location"]
     for t in [t for t in types if t != native]:
-        if not cfg.skip_bench:  # the original's GGUFs only serve the side-by-side benchmark
+        if not cfg.skip_bench and t in bench_types:  # the original's GGUFs only serve the benchmark
             base_runner.run(
                 Stage(
                     f"export_gguf_{t}",
@@ -248,9 +250,9 @@ def _gguf_stages(
                 "bench_gguf",
                 {
                     "eval_tokens": cfg.eval_tokens,
-                    "types": types,
+                    "types": bench_types,
                     "speed": GGUF_PROTOCOL.as_dict(),
-                    "original": [base_runner.hashes[f"export_gguf_{t}"] for t in types],
+                    "original": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
                 },
                 [bench_file],
                 lambda: write_json(
@@ -263,10 +265,10 @@ def _gguf_stages(
                             protocol=GGUF_PROTOCOL,
                             torch_reference=False,
                         )
-                        for t in types
+                        for t in bench_types
                     },
                 ),
-                needs=[f"export_gguf_{t}" for t in types],
+                needs=[f"export_gguf_{t}" for t in bench_types],
             )
         )
         outputs["gguf_bench"] = _read_json(bench_file)

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from rmexport.cli import main
+from rmexport.config import RUN_EVAL_TOKENS
 
 from .test_speed import assert_every_linked_image_exists
 
@@ -215,4 +216,5 @@ def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny
     assert report["all_checks_passed"] is False
     markdown = (tmp_path / "report.md").read_text()
     assert f"worse than plain removal of the same blocks on `{source}`" in markdown
-    assert "`docs` (8192 tokens)" in markdown and "`dialogue` (8192 tokens)" in markdown
+    tokens = f"({RUN_EVAL_TOKENS} tokens)"  # the run's default for every held-out source
+    assert f"`docs` {tokens}" in markdown and f"`dialogue` {tokens}" in markdown
