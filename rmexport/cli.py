@@ -557,7 +557,7 @@ def _run_validate_gguf(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         check=False,
     )
-    print(format_table([result]))
+    print(format_table(result))
     for failure in result["failures"]:
         print(f"  {failure}")
     if args.json:
