@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from rmexport.errors import ConfigError
+from rmexport.measures import kl_rows
 
 __all__ = [
     "MIN_PROMPT_TOKENS",
@@ -158,15 +159,6 @@ def margin(logits: np.ndarray) -> np.ndarray:
     """top-1 minus top-2 logit along the last axis."""
     top2 = np.partition(logits, -2, axis=-1)[..., -2:]
     return top2[..., 1] - top2[..., 0]
-
-
-def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) ‖ softmax(logits)) per row, in float64."""
-    import torch
-
-    p = torch.log_softmax(torch.from_numpy(ref_logits).double(), -1)
-    q = torch.log_softmax(torch.from_numpy(logits).double(), -1)
-    return (p.exp() * (p - q)).sum(-1).numpy()
 
 
 def compare_logits(
