@@ -21,7 +21,7 @@ from . import __version__
 from .errors import RMExportError
 from .log import set_quiet
 
-__all__ = ["build_parser", "main", "protocol_from_args", "prune_options", "run_config"]
+__all__ = ["build_parser", "main", "protocol_from_args", "prune_config", "prune_options", "run_config"]
 
 # (command, subcommand or None) -> (add its arguments, run it, one-line help); filled in below.
 COMMANDS: dict[
@@ -406,6 +406,14 @@ def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Seque
     group.add_argument("--threads", type=int, default=0, help="threads for both models (default: all cores)")
 
 
+def _config(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The config ``cls`` (a dataclass of ``rmexport.config``): each field not ``given`` is the
+    argument of the same name."""
+    from dataclasses import fields
+
+    return cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in fields(cls)})
+
+
 def protocol_from_args(args: argparse.Namespace) -> Any:
     """The ``SpeedProtocol`` the options describe (ConfigError for impossible values)."""
     from validation.speed import SpeedProtocol
@@ -428,14 +436,22 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     _add_prune_options(parser)
 
 
+def prune_config(args: argparse.Namespace) -> Any:
+    """The ``PruneConfig`` the arguments of ``rmexport prune`` describe."""
+    from .config import PruneConfig
+
+    return PruneConfig(model=args.model, out=args.out, prune=prune_options(args))
+
+
 def _run_prune(args: argparse.Namespace) -> int:
     from .inputs import check_prune_args
     from .models import resolve
     from .prune import prune
 
-    check_prune_args(args)
-    record = prune(resolve(args.model), prune_options(args), args.out)
-    _print_prune_summary(record, args.out)
+    config = prune_config(args)
+    check_prune_args(config)
+    record = prune(resolve(config.model), config.prune, config.out)
+    _print_prune_summary(record, config.out)
     return 0
 
 
@@ -462,7 +478,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     from .config import ExportONNXConfig
     from .inputs import check_export_onnx_args
 
-    check_export_onnx_args(args)
+    check_export_onnx_args(args.checkpoint, args.out)
     config = ExportONNXConfig(dtype=args.dtype, flavor=args.flavor, precision=args.precision)
     print(export_onnx(args.checkpoint, args.out, config).path)
     return 0
@@ -481,7 +497,7 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     from .config import ExportGGUFConfig
     from .inputs import check_export_gguf_args
 
-    check_export_gguf_args(args)
+    check_export_gguf_args(args.checkpoint, args.out)
     info = export_gguf(args.checkpoint, args.out, ExportGGUFConfig(type=args.type)).info
     types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
     size = info["size_bytes"] / 2**20
@@ -505,21 +521,23 @@ def _run_validate_onnx(args: argparse.Namespace) -> int:
     from validation.onnx_parity import format_table, print_table, validate_onnx
 
     from .atomic import write_json
+    from .config import ValidateONNXConfig
     from .errors import ToleranceError
     from .inputs import check_validate_onnx_args
 
-    check_validate_onnx_args(args)
+    config = _config(ValidateONNXConfig, args)
+    check_validate_onnx_args(config)
     result = validate_onnx(
-        args.onnx_dir,
-        args.reference,
-        n_prompts=args.prompts,
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
+        config.onnx_dir,
+        config.reference,
+        n_prompts=config.prompts,
+        prompt_tokens=config.prompt_tokens,
+        new_tokens=config.new_tokens,
         raise_on_failure=False,
     )
     print_table(result)
-    if args.json:
-        write_json(args.json, result)
+    if config.json:
+        write_json(config.json, result)
     if not result["passed"]:
         raise ToleranceError(
             "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result)
@@ -544,25 +562,27 @@ def _run_validate_gguf(args: argparse.Namespace) -> int:
     from validation.gguf_parity import format_table, validate_gguf
 
     from .atomic import write_json
+    from .config import ValidateGGUFConfig
     from .errors import ToleranceError
     from .inputs import check_validate_gguf_args
 
-    check_validate_gguf_args(args)
+    config = _config(ValidateGGUFConfig, args)
+    check_validate_gguf_args(config)
     result = validate_gguf(
-        args.gguf_file,
-        args.reference,
-        n_prompts=args.prompts,
-        max_tokens=args.tokens,
-        new_tokens=args.new_tokens,
-        n_threads=args.threads,
+        config.gguf_file,
+        config.reference,
+        n_prompts=config.prompts,
+        max_tokens=config.tokens,
+        new_tokens=config.new_tokens,
+        n_threads=config.threads,
         check=False,
     )
-    print(format_table([result]))
+    print(format_table(result))
     for failure in result["failures"]:
         print(f"  {failure}")
-    if args.json:
-        write_json(args.json, result)
-    if result["failures"] and not args.report_only:
+    if config.json:
+        write_json(config.json, result)
+    if result["failures"] and not config.report_only:
         raise ToleranceError(
             f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])
         )
@@ -587,19 +607,21 @@ def _run_bench_onnx(args: argparse.Namespace) -> int:
     from validation.onnx_bench import bench_onnx, format_table
 
     from .atomic import write_json
+    from .config import BenchONNXConfig
     from .inputs import check_bench_onnx_args
 
-    check_bench_onnx_args(args)
+    config = _config(BenchONNXConfig, args, protocol=protocol_from_args(args))
+    check_bench_onnx_args(config)
     result = bench_onnx(
-        args.original,
-        args.pruned,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        protocol=protocol_from_args(args),
+        config.original,
+        config.pruned,
+        eval_tokens=config.eval_tokens,
+        window=config.window,
+        protocol=config.protocol,
     )
     print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    if config.json:
+        write_json(config.json, result)
     return 0
 
 
@@ -630,23 +652,27 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
     from validation.gguf_bench import bench_gguf, format_table
 
     from .atomic import write_json
+    from .config import BenchGGUFConfig
     from .inputs import check_bench_gguf_args
 
-    types = check_bench_gguf_args(args)
+    config = _config(
+        BenchGGUFConfig, args, protocol=protocol_from_args(args), torch_reference=not args.no_torch
+    )
+    types = check_bench_gguf_args(config)
     result = bench_gguf(
-        args.original,
-        args.pruned,
+        config.original,
+        config.pruned,
         types=types,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        protocol=protocol_from_args(args),
-        torch_reference=not args.no_torch,
-        work_dir=args.work_dir,
+        eval_tokens=config.eval_tokens,
+        window=config.window,
+        protocol=config.protocol,
+        torch_reference=config.torch_reference,
+        work_dir=config.work_dir,
         export=export_gguf,
     )
     print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    if config.json:
+        write_json(config.json, result)
     return 0
 
 
@@ -716,8 +742,9 @@ def _run_run(args: argparse.Namespace) -> int:
     from .inputs import check_run_args
     from .pipeline import run_pipeline
 
-    check_run_args(args)
-    run_dir, report = run_pipeline(run_config(args))
+    config = run_config(args)
+    check_run_args(config)
+    run_dir, report = run_pipeline(config)
     print_summary(report, run_dir)
     return 0 if report.get("all_checks_passed", False) else 1
 

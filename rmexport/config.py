@@ -1,25 +1,36 @@
 """Typed configurations: what the CLI builds from its arguments and the pipeline and the Python API take.
 
 ``PruneOptions`` (``rmexport.prune``) configures one prune; the configs here bundle it with what the
-other stages need. They are plain frozen dataclasses: the CLI's checks (``rmexport.inputs``) have
-already turned every bad value into a one-line ``RMExportError``.
+other stages need, and one config per command carries what the CLI read. They are plain frozen
+dataclasses; the CLI builds them and hands them to its checks (``rmexport.inputs.check_*_args``),
+which turn every bad value into a one-line ``RMExportError`` before any work. Paths stay as the user
+typed them (they appear so in messages and results).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .models import DEFAULT_MODEL
 from .prune import PruneOptions
+
+if TYPE_CHECKING:
+    from validation.speed import SpeedProtocol
 
 __all__ = [
     "ONNX_DTYPES",
     "ONNX_FLAVORS",
     "RUN_EVAL_TOKENS",
+    "BenchGGUFConfig",
+    "BenchONNXConfig",
     "ExportGGUFConfig",
     "ExportONNXConfig",
+    "PruneConfig",
     "RunConfig",
+    "ValidateGGUFConfig",
+    "ValidateONNXConfig",
     "ratio_label",
 ]
 
@@ -79,6 +90,68 @@ class RunConfig:
     @property
     def ratio_label(self) -> str:
         return ratio_label(self.ratio, self.layers)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``rmexport prune``: prune ``model`` into ``out`` (``hf/`` and ``prune.json``)."""
+
+    model: str
+    out: Path
+    prune: PruneOptions = field(default_factory=PruneOptions)
+
+
+@dataclass(frozen=True)
+class ValidateONNXConfig:
+    """``rmexport validate onnx``: an ONNX export against the checkpoint it was made from."""
+
+    onnx_dir: str
+    reference: str
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    json: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidateGGUFConfig:
+    """``rmexport validate gguf``: a GGUF file in llama.cpp against the checkpoint it came from."""
+
+    gguf_file: str
+    reference: str
+    prompts: int
+    tokens: int  # per prompt, BOS included
+    new_tokens: int
+    threads: int
+    report_only: bool = False
+    json: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchONNXConfig:
+    """``rmexport bench onnx``: perplexity and speed of two ONNX exports in onnxruntime."""
+
+    original: str
+    pruned: str
+    eval_tokens: int
+    window: int
+    protocol: SpeedProtocol
+    json: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchGGUFConfig:
+    """``rmexport bench gguf``: perplexity and speed of two models (GGUF or checkpoint) in llama.cpp."""
+
+    original: str
+    pruned: str
+    types: str  # comma-separated GGUF types for checkpoints, as typed
+    eval_tokens: int
+    window: int
+    protocol: SpeedProtocol
+    torch_reference: bool = True
+    work_dir: str | None = None
+    json: str | None = None
 
 
 def ratio_label(ratio: float | None, layers: int | None) -> str:

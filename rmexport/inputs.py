@@ -13,8 +13,9 @@ key/value and tensor-info part of a GGUF, an ONNX graph without its external dat
 - output paths: the parent is, or can be made, a writable folder; a file is not where a folder is
   expected nor the reverse; an existing folder is replaced only if an earlier run wrote it.
 
-``check_<command>_args(args)`` bundles them per subcommand; ``rmexport.cli`` calls it before running
-the command.
+``check_<command>_args(config)`` bundles them per subcommand, on the typed config of the command
+(``rmexport.config``; the export checks take the checkpoint and the output path); ``rmexport.cli``
+builds the config from its arguments and calls the check before running the command.
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .atomic import STAGING_PREFIX
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .models import ModelSource, resolve
+
+if TYPE_CHECKING:
+    from .config import (
+        BenchGGUFConfig,
+        BenchONNXConfig,
+        PruneConfig,
+        RunConfig,
+        ValidateGGUFConfig,
+        ValidateONNXConfig,
+    )
+    from .prune import PruneOptions
 
 __all__ = [
     "CheckedSource",
@@ -799,114 +811,113 @@ def check_same_model(what: str, n_layers: int | None, reference_layers: int | No
         )
 
 
-def _json_output(args: Any) -> None:
-    if getattr(args, "json", None):
-        check_output_path(args.json, "--json", "file")
+def _json_output(path: str | None) -> None:
+    if path:
+        check_output_path(path, "--json", "file")
 
 
 # --- per subcommand -------------------------------------------------------------------------
-def _check_calibration_numbers(args: Any) -> None:
+def _check_calibration_numbers(options: PruneOptions) -> None:
     from .calib.tokens import DEFAULT_EVAL_WINDOW
 
-    check_count(args.calib_samples, "--calib-samples")
-    check_count(args.batch_size, "--batch-size")
-    check_count(args.seq_len, "--seq-len", 8)
-    check_count(args.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)
-    if args.ood_data:
-        check_count(args.ood_tokens, "--ood-tokens", DEFAULT_EVAL_WINDOW)
-    check_number(args.alpha, "--alpha", minimum=0.0)
-    check_number(args.ratio, "--ratio", optional=True)
-    check_count(args.layers, "--layers", optional=True)
-    check_count(args.blocks, "--blocks")
+    check_count(options.calib_samples, "--calib-samples")
+    check_count(options.batch_size, "--batch-size")
+    check_count(options.seq_len, "--seq-len", 8)
+    check_count(options.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)
+    if options.ood_data:
+        check_count(options.ood_tokens, "--ood-tokens", DEFAULT_EVAL_WINDOW)
+    check_number(options.alpha, "--alpha", minimum=0.0)
+    check_number(options.ratio, "--ratio", optional=True)
+    check_count(options.layers, "--layers", optional=True)
+    check_count(options.blocks, "--blocks")
 
 
-def _selection_documents(args: Any) -> int:
+def _selection_documents(options: PruneOptions) -> int:
     """Documents after the calibration ones that --select loss / --solver cosine set aside."""
-    if getattr(args, "select", None) != "loss" and getattr(args, "solver", None) != "cosine":
+    if options.select != "loss" and options.solver != "cosine":
         return 0
-    from .prune import PruneOptions
-
-    return int(getattr(PruneOptions, "selection_samples", 0))
+    return int(options.selection_samples)
 
 
-def _check_texts(args: Any) -> None:
+def _check_texts(options: PruneOptions) -> None:
     from .calib.corpus import parse_mixture
     from .calib.tokens import shares
 
-    parts = parse_mixture(args.calib_data)
+    parts = parse_mixture(options.calib_data)
     weights = [w for _, w in parts]
-    needed = shares(args.calib_samples, weights)
-    guard = shares(_selection_documents(args), weights)
+    needed = shares(options.calib_samples, weights)
+    guard = shares(_selection_documents(options), weights)
     for (spec, _), count, extra in zip(parts, needed, guard, strict=True):
         check_text_source(spec, "--calib-data", pool_documents=count + extra, count_option="--calib-samples")
-    check_text_source(args.eval_data, "--eval-data", heldout_documents=1)
-    for spec in args.ood_data:
+    check_text_source(options.eval_data, "--eval-data", heldout_documents=1)
+    for spec in options.ood_data:
         check_text_source(spec, "--ood-data", heldout_documents=1)
 
 
-def check_prune_args(args: Any) -> CheckedSource:
-    """Everything ``rmexport prune`` can check before loading weights; creates nothing."""
-    _check_calibration_numbers(args)
-    source = check_model_source(args.model, "MODEL")
+def _check_prune_options(model: str, options: PruneOptions) -> CheckedSource:
+    """The prune options and the model they apply to, the part ``prune`` and ``run`` share."""
+    _check_calibration_numbers(options)
+    source = check_model_source(model, "MODEL")
     if source.n_layers is not None:
-        check_cut(source.n_layers, args.ratio, args.layers, args.blocks)
-    check_device(args.device)
-    out = check_output_path(args.out, "--out", "dir", markers=PRUNE_MARKERS)
-    _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
-    _check_texts(args)
+        check_cut(source.n_layers, options.ratio, options.layers, options.blocks)
     return source
 
 
-def check_run_args(args: Any) -> CheckedSource:
+def check_prune_args(config: PruneConfig) -> CheckedSource:
+    """Everything ``rmexport prune`` can check before loading weights; creates nothing."""
+    source = _check_prune_options(config.model, config.prune)
+    check_device(config.prune.device)
+    out = check_output_path(config.out, "--out", "dir", markers=PRUNE_MARKERS)
+    _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
+    _check_texts(config.prune)
+    return source
+
+
+def check_run_args(config: RunConfig) -> CheckedSource:
     """Everything ``rmexport run`` can check before loading weights; creates nothing."""
     from converters.gguf_export import GGUF_TYPES
 
-    from .config import ratio_label
     from .pipeline import run_dir_for
 
-    _check_calibration_numbers(args)
-    source = check_model_source(args.model, "MODEL")
-    if source.n_layers is not None:
-        check_cut(source.n_layers, args.ratio, args.layers, args.blocks)
-    if not args.skip_gguf and args.gguf_type not in GGUF_TYPES:
+    source = _check_prune_options(config.model, config.prune)
+    if not config.skip_gguf and config.gguf_type not in GGUF_TYPES:
         raise ConfigError(
-            f"--gguf-type {args.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
+            f"--gguf-type {config.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
         )
-    check_device(args.device)
-    root = check_output_path(args.out_root, "--out-root", "dir", markers=None)
+    check_device(config.prune.device)
+    root = check_output_path(config.out_root, "--out-root", "dir", markers=None)
     run_dir = check_output_path(
-        run_dir_for(root, source, ratio_label(args.ratio, args.layers)),
-        "--out-root",
-        "dir",
-        markers=RUN_MARKERS,
+        run_dir_for(root, source, config.ratio_label), "--out-root", "dir", markers=RUN_MARKERS
     )
     check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
     _check_apart(run_dir, [source.location if source.kind != "hub" else None], "--out-root")
-    _check_texts(args)
+    _check_texts(config.prune)
     return source
 
 
-def check_export_gguf_args(args: Any) -> tuple[CheckedSource, Path]:
-    source = check_model_source(args.checkpoint, "CKPT", need_local=True, need_safetensors=True)
-    out = check_output_path(args.out, "--out", "file", replace_file=is_gguf_file, file_kind="a GGUF file")
+def check_export_gguf_args(checkpoint: str, out: str | Path) -> tuple[CheckedSource, Path]:
+    """``rmexport export gguf CKPT --out FILE``."""
+    source = check_model_source(checkpoint, "CKPT", need_local=True, need_safetensors=True)
+    out = check_output_path(out, "--out", "file", replace_file=is_gguf_file, file_kind="a GGUF file")
     _check_apart(out, [source.location], "--out")
     return source, out
 
 
-def check_export_onnx_args(args: Any) -> tuple[CheckedSource, Path]:
-    source = check_model_source(args.checkpoint, "CHECKPOINT")
-    out = check_output_path(args.out, "--out", "dir", markers=ONNX_MARKERS)
+def check_export_onnx_args(checkpoint: str, out: str | Path) -> tuple[CheckedSource, Path]:
+    """``rmexport export onnx CHECKPOINT --out DIR``."""
+    source = check_model_source(checkpoint, "CHECKPOINT")
+    out = check_output_path(out, "--out", "dir", markers=ONNX_MARKERS)
     _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
     return source, out
 
 
-def check_validate_gguf_args(args: Any) -> tuple[GGUFFacts, CheckpointFacts]:
-    check_count(args.prompts, "--prompts")
-    check_count(args.tokens, "--tokens", 2)
-    check_count(args.new_tokens, "--new-tokens")
-    check_count(args.threads, "--threads")
-    facts = check_gguf_file(args.gguf_file, "GGUF_FILE")
-    reference = check_checkpoint_dir(args.reference, "--reference")
+def check_validate_gguf_args(config: ValidateGGUFConfig) -> tuple[GGUFFacts, CheckpointFacts]:
+    check_count(config.prompts, "--prompts")
+    check_count(config.tokens, "--tokens", 2)
+    check_count(config.new_tokens, "--new-tokens")
+    check_count(config.threads, "--threads")
+    facts = check_gguf_file(config.gguf_file, "GGUF_FILE")
+    reference = check_checkpoint_dir(config.reference, "--reference")
     if facts.architecture != reference.gguf_arch:
         raise ConfigError(
             f"GGUF_FILE is a {facts.architecture!r} model and --reference a {reference.family!r} one: "
@@ -914,59 +925,52 @@ def check_validate_gguf_args(args: Any) -> tuple[GGUFFacts, CheckpointFacts]:
             hint="validate against the checkpoint the GGUF was written from",
         )
     check_same_model("GGUF_FILE", facts.block_count, reference.n_layers, "--reference")
-    _json_output(args)
+    _json_output(config.json)
     return facts, reference
 
 
-def check_validate_onnx_args(args: Any) -> tuple[OnnxFacts, CheckedSource]:
-    check_count(args.prompts, "--prompts")
-    check_count(args.prompt_tokens, "--prompt-tokens", 2)
-    check_count(args.new_tokens, "--new-tokens")
-    facts = check_onnx_dir(args.onnx_dir, "ONNX_DIR")
-    reference = check_model_source(args.reference, "--reference")
+def check_validate_onnx_args(config: ValidateONNXConfig) -> tuple[OnnxFacts, CheckedSource]:
+    check_count(config.prompts, "--prompts")
+    check_count(config.prompt_tokens, "--prompt-tokens", 2)
+    check_count(config.new_tokens, "--new-tokens")
+    facts = check_onnx_dir(config.onnx_dir, "ONNX_DIR")
+    reference = check_model_source(config.reference, "--reference")
     check_same_model("ONNX_DIR", facts.n_layers, reference.n_layers, "--reference")
-    _json_output(args)
+    _json_output(config.json)
     return facts, reference
 
 
-def _check_speed_protocol(args: Any) -> None:
-    """Every timing option in range (the benchmark protocol raises ConfigError otherwise)."""
-    from .cli import protocol_from_args
-
-    protocol_from_args(args)
-
-
-def check_bench_onnx_args(args: Any) -> tuple[OnnxFacts, OnnxFacts]:
-    check_count(args.window, "--window")
-    check_count(args.eval_tokens, "--eval-tokens", args.window)
-    _check_speed_protocol(args)
-    original = check_onnx_dir(args.original, "--original")
-    pruned = check_onnx_dir(args.pruned, "--pruned")
-    _json_output(args)
+def check_bench_onnx_args(config: BenchONNXConfig) -> tuple[OnnxFacts, OnnxFacts]:
+    """``bench onnx``; its speed protocol checked itself when the CLI built it."""
+    check_count(config.window, "--window")
+    check_count(config.eval_tokens, "--eval-tokens", config.window)
+    original = check_onnx_dir(config.original, "--original")
+    pruned = check_onnx_dir(config.pruned, "--pruned")
+    _json_output(config.json)
     return original, pruned
 
 
-def check_bench_gguf_args(args: Any) -> tuple[str, ...]:
-    """Checks of ``bench gguf``; returns the GGUF types asked for."""
+def check_bench_gguf_args(config: BenchGGUFConfig) -> tuple[str, ...]:
+    """Checks of ``bench gguf`` (its speed protocol checked itself when the CLI built it); returns
+    the GGUF types asked for."""
     from converters.gguf_export import GGUF_TYPES
 
-    types = tuple(t.strip() for t in str(args.types).split(",") if t.strip())
+    types = tuple(t.strip() for t in str(config.types).split(",") if t.strip())
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown or not types:
         raise ConfigError(
-            f"--types {args.types!r}: unknown GGUF type(s) {unknown}",
+            f"--types {config.types!r}: unknown GGUF type(s) {unknown}",
             hint="choose from " + ", ".join(GGUF_TYPES),
         )
-    check_count(args.window, "--window")
-    check_count(args.eval_tokens, "--eval-tokens", args.window)
-    _check_speed_protocol(args)
+    check_count(config.window, "--window")
+    check_count(config.eval_tokens, "--eval-tokens", config.window)
     for role in ("original", "pruned"):
-        spec = getattr(args, role)
+        spec = getattr(config, role)
         if str(spec).lower().endswith(".gguf"):
             check_gguf_file(spec, f"--{role}")
         else:
             check_checkpoint_dir(spec, f"--{role}", need_safetensors=True)
-    if args.work_dir:
-        check_output_path(args.work_dir, "--work-dir", "dir", markers=None)
-    _json_output(args)
+    if config.work_dir:
+        check_output_path(config.work_dir, "--work-dir", "dir", markers=None)
+    _json_output(config.json)
     return types

@@ -456,11 +456,19 @@ CHECKED_NOW = [
 ]
 
 
+def _check_prune_or_run(args):
+    """The check of ``prune`` or ``run`` on the typed config the CLI builds from ``args``."""
+    from rmexport.cli import prune_config, run_config
+    from rmexport.inputs import check_prune_args, check_run_args
+
+    if args.command == "prune":
+        return check_prune_args(prune_config(args))
+    return check_run_args(run_config(args))
+
+
 @pytest.mark.parametrize(("template", "fragment"), CHECKED_NOW)
 def test_prune_and_run_checks(template, fragment, inputs, tmp_path, capsys):
     """``check_prune_args``/``check_run_args`` alone already refuse every prune and run case."""
-    from rmexport.inputs import check_prune_args, check_run_args
-
     argv = _argv(template, inputs, tmp_path)
     before = _listing(tmp_path, Path(inputs["root"]))
     try:
@@ -468,9 +476,8 @@ def test_prune_and_run_checks(template, fragment, inputs, tmp_path, capsys):
     except SystemExit as e:  # a usage error: argparse's own, already one line
         assert e.code == 2
         return
-    check = check_prune_args if args.command == "prune" else check_run_args
     with pytest.raises(RMExportError) as caught:
-        check(args)
+        _check_prune_or_run(args)
     assert caught.value.exit_code == 2
     text = f"{caught.value}\n{caught.value.hint or ''}"
     assert "\n" not in str(caught.value)
@@ -480,14 +487,12 @@ def test_prune_and_run_checks(template, fragment, inputs, tmp_path, capsys):
 
 
 def test_good_prune_and_run_arguments_pass_the_checks(inputs, tmp_path):
-    from rmexport.inputs import check_prune_args, check_run_args
-
     for argv in (
         _argv("prune {llama} --out {out}/p", inputs, tmp_path),
         _argv("run {llama} --out-root {out}/r " + RUN_FAST, inputs, tmp_path),
     ):
         args = build_parser(argv).parse_args(argv)
-        source = (check_prune_args if argv[0] == "prune" else check_run_args)(args)
+        source = _check_prune_or_run(args)
         assert source.n_layers == 8 and source.family == "llama"
     assert not any(tmp_path.iterdir())
 

@@ -6,7 +6,7 @@ Top to bottom: cli -> pipeline -> {method, calibration, converters, validation} 
   validation or the top layer;
 - converters never reach method, calibration, validation or the top layer;
 - ``rmexport/arch`` reaches nothing of the project but the base layer (``rmexport/errors.py``,
-  ``rmexport/log.py``);
+  ``rmexport/log.py``, ``rmexport/measures.py``), and the base layer reaches nothing else;
 - validation never reaches method (``rmexport/replaceme``, ``rmexport/prune.py``) or the top layer.
 
 "Reaches" is transitive: an import of a shared module (``rmexport.models``, ``rmexport.tokenizer_parity``,
@@ -31,7 +31,7 @@ CALIB = ("rmexport.calib",)
 CONVERTERS = ("converters",)
 VALIDATION = ("validation",)
 ARCH = ("rmexport.arch",)
-BASE = ("rmexport.errors", "rmexport.log")
+BASE = ("rmexport.errors", "rmexport.log", "rmexport.measures")
 
 # Edges a lower layer may still take, each with why; an entry that no longer exists fails the test,
 # so that the list only ever shrinks.
@@ -159,6 +159,7 @@ def test_arch_imports_nothing_of_the_project_but_the_base():
 
 
 def test_base_imports_nothing_of_the_project():
+    assert "rmexport.measures" in MODULES
     leaks = [f"{m} -> {t}" for m in MODULES if _within(m, BASE) for t in GRAPH[m] if not _within(t, BASE)]
     assert not leaks
 
@@ -191,3 +192,14 @@ def test_the_checker_sees_a_violation(tmp_path):
     finally:
         GRAPH.clear()
         GRAPH.update(saved)
+
+
+def test_method_and_validation_share_the_measurements():
+    """Calibration's distances, the engine's loss, perplexity and parity's KL come from one module."""
+    for module in (
+        "rmexport.calib.collect",
+        "rmexport.calib.engine",
+        "validation.perplexity",
+        "validation.parity",
+    ):
+        assert "rmexport.measures" in GRAPH[module], module

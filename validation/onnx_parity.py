@@ -17,7 +17,7 @@ Checks, per precision (tolerances below):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,12 @@ import numpy as np
 
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
 
-__all__ = ["TOLERANCES", "Tolerance", "heldout_prompts", "validate_onnx"]
+from . import parity
+from .parity import Tolerance, heldout_prompts
+
+__all__ = ["TOLERANCES", "Tolerance", "format_table", "heldout_prompts", "print_table", "validate_onnx"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs_diff: float | None  # None: not checked (quantized weights change logits by design)
-    min_top1_agreement: float
-    exact_decode: bool
-
 
 # Where these come from (measured 2026-11-29: onnxruntime 1.32 CPU EP vs torch 2.13 CPU, 4 held-out
 # prompts of up to 96 tokens = 269 positions, 32 greedy tokens each):
@@ -52,63 +47,12 @@ class Tolerance:
 #   the int4 file is not the same model, and the check says so.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_diff=5e-3, min_top1_agreement=0.99, exact_decode=True),
-    "fp16": Tolerance(max_abs_diff=0.5, min_top1_agreement=0.95, exact_decode=False),
-    "int4": Tolerance(max_abs_diff=None, min_top1_agreement=0.5, exact_decode=False),
+    "fp16": Tolerance(max_abs_diff=0.5, min_top1_agreement=0.95),
+    "int4": Tolerance(min_top1_agreement=0.5),
 }
 DEFAULT_PROMPTS = 4
 DEFAULT_PROMPT_TOKENS = 96
 DEFAULT_NEW_TOKENS = 32
-_MIN_PROMPT_TOKENS = 8
-
-
-def heldout_prompts(tokenizer: Any, n_prompts: int, prompt_tokens: int) -> list[list[int]]:
-    """The first ``n_prompts`` held-out documents, as BOS + up to ``prompt_tokens - 1`` tokens."""
-    from rmexport.calib.corpus import load_corpus
-
-    if n_prompts < 1 or prompt_tokens < _MIN_PROMPT_TOKENS:
-        raise ConfigError(f"need --prompts >= 1 and --prompt-tokens >= {_MIN_PROMPT_TOKENS}")
-    bos = tokenizer.bos_token_id
-    prompts = []
-    for doc in load_corpus("builtin").heldout:
-        text = doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        body = ids[: prompt_tokens - (bos is not None)]
-        if len(body) < _MIN_PROMPT_TOKENS:
-            continue
-        prompts.append(([bos] if bos is not None else []) + body)
-        if len(prompts) == n_prompts:
-            return prompts
-    raise ConfigError(
-        f"the held-out text has only {len(prompts)} documents of >= {_MIN_PROMPT_TOKENS} tokens"
-    )
-
-
-def _torch_greedy(
-    model: Any, prompt: list[int], new_tokens: int
-) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
-    """Prefill logits ``[T, V]``, then ``new_tokens`` greedy tokens through transformers' cache."""
-    import torch
-
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        prefill = out.logits[0].float().numpy()
-        past, logits = out.past_key_values, out.logits[0, -1].float()
-        tokens, step_logits = [], []
-        for step in range(new_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            step_logits.append(logits.numpy())
-            if step == new_tokens - 1:
-                break
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1].float()
-    return prefill, tokens, step_logits
-
-
-def _margin(logits: np.ndarray) -> np.ndarray:
-    """top-1 minus top-2 logit along the last axis."""
-    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0]
 
 
 def _precision_of(onnx_dir: Path, decoder: Any) -> str:
@@ -123,23 +67,17 @@ def _precision_of(onnx_dir: Path, decoder: Any) -> str:
 def _compare_prompt(
     ort_decoder: Any, model: Any, prompt: list[int], new_tokens: int, tie_margin: float
 ) -> dict[str, Any]:
-    ref_prefill, ref_tokens, ref_steps = _torch_greedy(model, prompt, new_tokens)
-    ort_prefill = ort_decoder.forward(np.array([prompt]))[0]
-    diff = np.abs(ort_prefill - ref_prefill)
-    agree = ort_prefill.argmax(-1) == ref_prefill.argmax(-1)
-    decisive = _margin(ref_prefill) > tie_margin
+    ref_prefill, ref_tokens, ref_steps = parity.torch_greedy(model, prompt, new_tokens)
+    stats = parity.compare_logits(ref_prefill, ort_decoder.forward(np.array([prompt]))[0], tie_margin)
     ort_tokens, ort_steps = ort_decoder.greedy(prompt, new_tokens, keep_logits=True)
-    diverged = next((i for i, (a, b) in enumerate(zip(ref_tokens, ort_tokens, strict=True)) if a != b), None)
+    same = parity.matching_prefix(ref_tokens, ort_tokens)
+    diverged = None if same == len(ref_tokens) else same
     same_steps = len(ref_tokens) if diverged is None else diverged + 1
     step_diff = max(float(np.abs(ort_steps[i] - ref_steps[i]).max()) for i in range(same_steps))
-    near_tie = diverged is not None and float(_margin(ref_steps[diverged])) <= tie_margin
+    near_tie = diverged is not None and float(parity.margin(ref_steps[diverged])) <= tie_margin
     return {
         "prompt_tokens": len(prompt),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "top1_agree": int(agree.sum()),
-        "positions": int(agree.size),
-        "decisive_disagreements": int((~agree & decisive).sum()),
+        **stats,
         "decode_identical": diverged is None,
         "decode_first_divergence": diverged,
         "decode_divergence_near_tie": near_tie,
@@ -149,90 +87,28 @@ def _compare_prompt(
     }
 
 
-def _summarize(per_prompt: list[dict[str, Any]], tol: Tolerance) -> dict[str, Any]:
-    positions = sum(p["positions"] for p in per_prompt)
-    summary = {
-        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
-        "mean_abs_diff": float(np.mean([p["mean_abs_diff"] for p in per_prompt])),
-        "top1_agreement": sum(p["top1_agree"] for p in per_prompt) / positions,
-        "top1_decisive_disagreements": sum(p["decisive_disagreements"] for p in per_prompt),
+def _summarize(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        **parity.summarize(per_prompt),
         "decode_match": sum(p["decode_identical"] for p in per_prompt) / len(per_prompt),
         "decode_max_abs_diff": max(p["decode_max_abs_diff"] for p in per_prompt),
-        "positions": positions,
     }
-    failures = []
-    if tol.max_abs_diff is not None:
-        if summary["max_abs_diff"] > tol.max_abs_diff:
-            failures.append("max_abs_diff")
-        if summary["top1_decisive_disagreements"]:
-            failures.append("top1_decisive_disagreements")
-        if summary["decode_max_abs_diff"] > tol.max_abs_diff:
-            failures.append("decode_max_abs_diff")
-    if summary["top1_agreement"] < tol.min_top1_agreement:
-        failures.append("top1_agreement")
-    if tol.exact_decode and any(
-        not p["decode_identical"] and not p["decode_divergence_near_tie"] for p in per_prompt
-    ):
-        failures.append("decode_match")
-    summary["failures"] = failures
-    summary["passed"] = not failures
-    return summary
 
 
-def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    tol = result["tolerance"]
-    bad = set(result["failures"])
-
-    def ok(name: str, checked: bool = True) -> str:
-        return "-" if not checked else ("FAIL" if name in bad else "ok")
-
-    atol = tol["max_abs_diff"]
-    atol_text = "not checked" if atol is None else f"<= {atol:.1e}"
-    return [
-        (
-            "prefill max |Δlogit|",
-            f"{result['max_abs_diff']:.3e}",
-            atol_text,
-            ok("max_abs_diff", atol is not None),
-        ),
-        ("prefill mean |Δlogit|", f"{result['mean_abs_diff']:.3e}", "", ""),
-        (
-            "prefill top-1 agreement",
-            f"{result['top1_agreement']:.4f} ({result['positions']} positions)",
-            f">= {tol['min_top1_agreement']}",
-            ok("top1_agreement"),
-        ),
-        (
-            "top-1 disagreements, not ties",
-            str(result["top1_decisive_disagreements"]),
-            "0" if atol is not None else "not checked",
-            ok("top1_decisive_disagreements", atol is not None),
-        ),
-        (
-            f"decode {result['new_tokens']} tokens identical",
-            f"{result['decode_match']:.2f} of prompts",
-            "all (ties excepted)" if tol["exact_decode"] else "not checked",
-            ok("decode_match", tol["exact_decode"]),
-        ),
-        (
-            "decode max |Δlogit|",
-            f"{result['decode_max_abs_diff']:.3e}",
-            atol_text,
-            ok("decode_max_abs_diff", atol is not None),
-        ),
-    ]
+def _title(result: dict[str, Any]) -> str:
+    flavor, precision = result["flavor"], result["precision"]
+    return f"onnx parity [{flavor}, {precision}]: {result['onnx_dir']} vs {result['reference']}"
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a plain-text table (also used in the ToleranceError message)."""
-    header = ("check", "value", "tolerance", "")
-    rows = [header, *_rows(result)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    title = f"onnx parity [{result['flavor']}, {result['precision']}]"
-    lines = [f"{title}: {result['onnx_dir']} vs {result['reference']}"]
-    for r in rows:
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
-    return "\n".join(lines)
+    return parity.format_table(result, _title(result))
+
+
+def print_table(result: dict[str, Any]) -> None:
+    parity.print_table(
+        result, f"ONNX parity [{result['flavor']}, {result['precision']}]  {result['onnx_dir']}"
+    )
 
 
 def validate_onnx(
@@ -270,9 +146,8 @@ def validate_onnx(
     tokenizer = load_tokenizer(source)
     precision = _precision_of(onnx_dir, decoder)
     tol = TOLERANCES[precision]
-    tie_margin = 2 * (tol.max_abs_diff or 0.0)
     prompts = heldout_prompts(tokenizer, n_prompts, prompt_tokens)
-    per_prompt = [_compare_prompt(decoder, model, p, new_tokens, tie_margin) for p in prompts]
+    per_prompt = [_compare_prompt(decoder, model, p, new_tokens, tol.tie_margin) for p in prompts]
     result = {
         "onnx_dir": str(onnx_dir),
         "reference": str(reference_ckpt),
@@ -282,9 +157,12 @@ def validate_onnx(
         "prompts": len(prompts),
         "new_tokens": new_tokens,
         "tolerance": asdict(tol),
-        **_summarize(per_prompt, tol),
+        **_summarize(per_prompt),
         "per_prompt": per_prompt,
     }
+    failures = list(parity.check(result, tol))
+    result["failures"] = failures
+    result["passed"] = not failures
     log.info(
         "onnx parity: max|Δ|=%.2e top1=%.4f decode_match=%.2f -> %s",
         result["max_abs_diff"],
@@ -298,18 +176,3 @@ def validate_onnx(
             hint="see the table; re-export, or compare against the checkpoint the export came from",
         )
     return result
-
-
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    title = f"ONNX parity [{result['flavor']}, {result['precision']}]  {result['onnx_dir']}"
-    table = Table(title=escape(title))
-    for column in ("check", "value", "tolerance", ""):
-        table.add_column(column)
-    for row in _rows(result):
-        style = "red" if row[3] == "FAIL" else None
-        table.add_row(*row, style=style)
-    Console().print(table)

@@ -7,7 +7,6 @@ the logits at position ``t`` predict token ``t + 1``, so each window predicts ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 
 from rmexport.log import progress
+from rmexport.measures import nll_sum
+from rmexport.measures import perplexity as perplexity_of
 
 __all__ = ["PerplexityResult", "perplexity", "torch_forward", "window_nll"]
 
@@ -39,14 +40,10 @@ class PerplexityResult:
 
 
 def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed negative log-likelihood of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64)."""
+    """Summed negative log-likelihood of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64), and its count."""
     if isinstance(logits, np.ndarray):
         logits = torch.from_numpy(logits)
-    logits = logits[:, :-1].to(torch.float64)
-    targets = ids[:, 1:].to(logits.device)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(-picked.sum()), int(targets.numel())
+    return nll_sum(logits[:, :-1], ids[:, 1:])
 
 
 def perplexity(
@@ -59,8 +56,9 @@ def perplexity(
         nll, count = window_nll(forward(batch), batch)
         total_nll += nll
         total_tokens += count
-    mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, int(windows.shape[0]))
+    return PerplexityResult(
+        perplexity_of(total_nll, total_tokens), total_nll / total_tokens, total_tokens, int(windows.shape[0])
+    )
 
 
 def torch_forward(model: torch.nn.Module) -> Forward:

@@ -15,13 +15,13 @@ activations a candidate still needs are kept, in the engine's store.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CalibrationError
+from ..measures import angular_distance as _angular
 from .engine import Engine, Plan
 from .tokens import CalibrationSet
 
@@ -66,11 +66,6 @@ class DistanceProfile:
     def mean(self, tokens: str) -> dict[int, float]:
         sums, count = (self.last_sum, self.last_count) if tokens == "last" else (self.all_sum, self.all_count)
         return {s: sums.get(s, 0.0) / max(count, 1) for s in self.starts}
-
-
-def _angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
 def _accumulate(acc: CutStatistics, mlp_out: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..log import get_logger, progress
+from ..measures import nll_sum
 from ..replaceme.apply import fold_map
 from .budget import MemoryBudget
 from .store import ActivationStore
@@ -402,13 +403,11 @@ class Engine:
                             upto = min(hi, predicted) - lo
                             if upto <= 0:
                                 continue
-                            scored = chunk[:, :upto]
-                            nll = torch.logsumexp(scored, -1) - scored.gather(
-                                -1, ids[:, lo + 1 : lo + 1 + upto].to(chunk.device).unsqueeze(-1)
-                            ).squeeze(-1)
-                            real = counted[:, lo : lo + upto].to(chunk.device)
+                            nll, n = nll_sum(
+                                chunk[:, :upto], ids[:, lo + 1 : lo + 1 + upto], counted[:, lo : lo + upto]
+                            )
                             total, count = losses[s]
-                            losses[s] = (total + float(nll[real].sum()), count + int(real.sum()))
+                            losses[s] = (total + nll, count + n)
                         for a, ref in compare:
                             if a in logits and ref in logits:
                                 worst, scale = diffs[(a, ref)]

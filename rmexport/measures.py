@@ -1,0 +1,56 @@
+"""Shared measurements: angular distance, next-token loss, perplexity and KL divergence.
+
+The bottom of the project, next to ``errors`` and ``log``: method (calibration's cut distances,
+the engine's held-out loss) and validation (perplexity in every runtime, parity's KL) compute
+these the same way by calling this module. It imports only torch, numpy and math. Everything is
+computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["angular_distance", "kl_rows", "nll_sum", "perplexity", "token_nll"]
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cosine similarity) / π between the last-axis vectors of ``a`` and ``b``, in [0, 1]."""
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target id under the logits at its position, in float64:
+    ``logsumexp(logits) - logits[target]`` (no full log-softmax is held). ``logits [..., V]``,
+    ``targets [...]``."""
+    logits = logits.to(torch.float64)
+    targets = targets.to(logits.device).unsqueeze(-1)
+    return torch.logsumexp(logits, -1) - logits.gather(-1, targets).squeeze(-1)
+
+
+def nll_sum(
+    logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed ``token_nll`` and how many predictions it sums (only the ``counted`` ones, a bool
+    mask shaped like ``targets``, when given)."""
+    nll = token_nll(logits, targets)
+    if counted is None:
+        return float(nll.sum()), int(nll.numel())
+    counted = counted.to(nll.device)
+    return float(nll[counted].sum()), int(counted.sum())
+
+
+def perplexity(nll: float, count: int) -> float:
+    """exp of the mean negative log-likelihood."""
+    return math.exp(nll / count)
+
+
+def kl_rows(ref_logits: np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """KL(softmax(ref) ‖ softmax(logits)) of every row (last axis), in float64."""
+    ref = torch.as_tensor(ref_logits).double()
+    p = torch.log_softmax(ref, -1)
+    q = torch.log_softmax(torch.as_tensor(logits).double(), -1)
+    return (p.exp() * (p - q)).sum(-1).numpy()

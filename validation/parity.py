@@ -1,0 +1,320 @@
+"""One parity framework: a runtime's logits and greedy decoding against PyTorch on held-out prompts.
+
+Two back ends use it: ``validation/onnx_parity.py`` (onnxruntime) and ``validation/gguf_parity.py``
+(llama.cpp). A back end only says how its runtime gives logits and a greedy decode, and which
+tolerances apply to each precision. Everything else is here:
+
+- ``Tolerance``: the limits of one precision (``None``: reported, not checked);
+- ``heldout_prompts``: BOS + the first tokens of the builtin corpus's held-out documents (never
+  calibration text);
+- the PyTorch reference: ``torch_greedy`` (a transformers model decoding through its own KV cache)
+  and ``EngineReference`` (the block engine, which streams a model bigger than memory from disk);
+- the metrics: ``compare_logits`` for one prompt, ``summarize`` over prompts, ``matching_prefix``
+  for greedy decodes;
+- ``check``: which limits a result breaks;
+- the table: ``format_table`` (plain text) and ``print_table`` (rich).
+
+A top-1 disagreement or a decode divergence is a *near tie* where the reference's top-1 beats its
+runner-up by at most ``Tolerance.tie_margin`` (twice the logit tolerance): the tolerance allows
+either choice there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmexport.errors import ConfigError
+from rmexport.measures import kl_rows
+
+__all__ = [
+    "MIN_PROMPT_TOKENS",
+    "EngineReference",
+    "Tolerance",
+    "check",
+    "compare_logits",
+    "format_table",
+    "heldout_prompts",
+    "margin",
+    "matching_prefix",
+    "print_table",
+    "summarize",
+    "torch_greedy",
+]
+
+MIN_PROMPT_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Limits one runtime precision must meet. ``None`` (or ``False``): reported, not checked."""
+
+    min_top1_agreement: float | None = None
+    max_abs_diff: float | None = None  # prefill logits, and decode logits where the back end has them
+    max_mean_kl: float | None = None
+    min_decode_match: float | None = None  # fraction of greedy tokens identical before the first miss
+    exact_decode: bool = False  # every prompt decodes identically; a divergence at a near tie excepted
+
+    @property
+    def tie_margin(self) -> float:
+        return 2 * (self.max_abs_diff or 0.0)
+
+
+# --- prompts ---------------------------------------------------------------------------------
+def heldout_prompts(
+    tokenizer: Any,
+    n_prompts: int,
+    max_tokens: int,
+    *,
+    min_tokens: int = MIN_PROMPT_TOKENS,
+    need_all: bool = True,
+) -> list[list[int]]:
+    """The first ``n_prompts`` held-out documents of at least ``min_tokens`` tokens, each as BOS +
+    up to ``max_tokens - 1`` tokens. Fewer than ``n_prompts`` is an error when ``need_all``, and
+    none always is."""
+    from rmexport.calib.corpus import load_corpus
+
+    if n_prompts < 1 or max_tokens < min_tokens:
+        raise ConfigError(f"need at least 1 prompt of at least {min_tokens} tokens")
+    bos = tokenizer.bos_token_id
+    prompts = []
+    for doc in load_corpus("builtin").heldout:
+        text = doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        body = ids[: max_tokens - (bos is not None)]
+        if len(body) < min_tokens:
+            continue
+        prompts.append(([bos] if bos is not None else []) + body)
+        if len(prompts) == n_prompts:
+            return prompts
+    if not prompts or need_all:
+        raise ConfigError(f"the held-out text has only {len(prompts)} documents of >= {min_tokens} tokens")
+    return prompts
+
+
+# --- the PyTorch reference -------------------------------------------------------------------
+def torch_greedy(
+    model: Any, prompt: list[int], new_tokens: int
+) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+    """Prefill logits ``[T, V]``, then ``new_tokens`` greedy tokens through transformers' cache,
+    with the logits each token was chosen from."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        prefill = out.logits[0].float().numpy()
+        past, logits = out.past_key_values, out.logits[0, -1].float()
+        tokens, step_logits = [], []
+        for step in range(new_tokens):
+            token = int(logits.argmax())
+            tokens.append(token)
+            step_logits.append(logits.numpy())
+            if step == new_tokens - 1:
+                break
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float()
+    return prefill, tokens, step_logits
+
+
+class EngineReference:
+    """The reference checkpoint run by the block engine: a model bigger than memory streams from
+    disk as in a prune. Open with ``EngineReference.open(checkpoint)``."""
+
+    def __init__(self, engine: Any) -> None:
+        from rmexport.calib.engine import original_plan
+
+        self.engine = engine
+        self.plan = original_plan(engine.n_layers)
+
+    @classmethod
+    @contextmanager
+    def open(cls, checkpoint: str | Path) -> Iterator[EngineReference]:
+        from rmexport.calib.budget import MemoryBudget
+        from rmexport.calib.engine import Engine
+
+        engine = Engine.open(checkpoint, MemoryBudget.from_option(None))
+        try:
+            yield cls(engine)
+        finally:
+            engine.close()
+
+    def logits(self, prompts: list[list[int]], desc: str = "PyTorch logits") -> list[np.ndarray]:
+        """Every position's float32 logits ``[T, V]`` of each prompt."""
+        return [r.numpy() for r in self.engine.logits(self.plan, prompts, desc=desc)]
+
+    def choices_along(self, prompt: list[int], decoded: list[int], desc: str = "PyTorch decode") -> list[int]:
+        """PyTorch's greedy choice at every step of ``prompt`` followed by ``decoded``: up to the
+        first difference from ``decoded``, this is PyTorch's own greedy decode."""
+        forced = self.engine.logits(self.plan, [prompt + decoded[:-1]], desc=desc)[0]
+        return forced[len(prompt) - 1 :].argmax(-1).tolist()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+def margin(logits: np.ndarray) -> np.ndarray:
+    """top-1 minus top-2 logit along the last axis."""
+    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def compare_logits(
+    ref: np.ndarray, got: np.ndarray, tie_margin: float | None = None, kl: bool = False
+) -> dict[str, Any]:
+    """One prompt's runtime logits ``got`` against the reference's, both ``[T, V]``: max and mean
+    |Δlogit|, top-1 agreement, and (``tie_margin`` given) the top-1 disagreements that are not near
+    ties; with ``kl``, the per-position KL(reference ‖ runtime) under ``"kl"`` (an array)."""
+    diff = np.abs(got - ref)
+    agree = got.argmax(-1) == ref.argmax(-1)
+    stats: dict[str, Any] = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agree": int(agree.sum()),
+        "positions": int(agree.size),
+    }
+    if tie_margin is not None:
+        stats["decisive_disagreements"] = int((~agree & (margin(ref) > tie_margin)).sum())
+    if kl:
+        stats["kl"] = kl_rows(ref, got)
+    return stats
+
+
+def summarize(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompts' ``compare_logits`` together: max |Δ|, mean of the mean |Δ|, top-1 agreement over
+    all positions, and (where measured) the decisive disagreements and the mean KL over all positions."""
+    positions = sum(p["positions"] for p in per_prompt)
+    summary: dict[str, Any] = {
+        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
+        "mean_abs_diff": float(np.mean([p["mean_abs_diff"] for p in per_prompt])),
+        "top1_agreement": sum(p["top1_agree"] for p in per_prompt) / positions,
+        "positions": positions,
+    }
+    if all("decisive_disagreements" in p for p in per_prompt):
+        summary["top1_decisive_disagreements"] = sum(p["decisive_disagreements"] for p in per_prompt)
+    if all("kl" in p for p in per_prompt):
+        summary["mean_kl"] = float(np.concatenate([p["kl"] for p in per_prompt]).mean())
+    return summary
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two decodes share before the first difference."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- the check -------------------------------------------------------------------------------
+def check(result: dict[str, Any], tol: Tolerance) -> dict[str, str]:
+    """``{failed check: message}`` for every limit of ``tol`` that ``result`` breaks. A limit applies
+    to the numbers the result has: a back end that does not measure something is not held to it."""
+
+    def over(key: str, limit: float | None) -> bool:
+        return limit is not None and key in result and result[key] > limit
+
+    def under(key: str, limit: float | None) -> bool:
+        return limit is not None and key in result and result[key] < limit
+
+    failures = {}
+    if under("top1_agreement", tol.min_top1_agreement):
+        failures["top1_agreement"] = (
+            f"top-1 agreement {result['top1_agreement']:.4f} < {tol.min_top1_agreement}"
+        )
+    if over("mean_kl", tol.max_mean_kl):
+        failures["mean_kl"] = f"mean KL {result['mean_kl']:.3g} > {tol.max_mean_kl}"
+    if over("max_abs_diff", tol.max_abs_diff):
+        failures["max_abs_diff"] = f"max |Δ| {result['max_abs_diff']:.3g} > {tol.max_abs_diff}"
+    if tol.max_abs_diff is not None and result.get("top1_decisive_disagreements"):
+        failures["top1_decisive_disagreements"] = (
+            f"{result['top1_decisive_disagreements']} top-1 disagreements that are not near ties"
+        )
+    if over("decode_max_abs_diff", tol.max_abs_diff):
+        failures["decode_max_abs_diff"] = (
+            f"decode max |Δ| {result['decode_max_abs_diff']:.3g} > {tol.max_abs_diff}"
+        )
+    if under("decode_match", tol.min_decode_match):
+        failures["decode_match"] = (
+            f"greedy decode matched {result['decode_match']:.2f} < {tol.min_decode_match}"
+        )
+    if tol.exact_decode and any(
+        not p["decode_identical"] and not p["decode_divergence_near_tie"]
+        for p in result.get("per_prompt", ())
+    ):
+        failures["decode_match"] = "greedy decode diverged away from a near tie"
+    return failures
+
+
+# --- the table -------------------------------------------------------------------------------
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """check, value, tolerance, ok/FAIL/- for what ``result`` measured."""
+    tol = Tolerance(**result["tolerance"])
+    bad = set(check(result, tol)) | ({"tokenization"} if result.get("tokenization_mismatches") else set())
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(label: str, value: str, name: str | None = None, limit: str | None = None) -> None:
+        """A row; ``name``: the check it shows (None: informative), ``limit`` None: not checked."""
+        if name is None:
+            rows.append((label, value, "", ""))
+        else:
+            status = "-" if limit is None else ("FAIL" if name in bad else "ok")
+            rows.append((label, value, limit or "not checked", status))
+
+    def limit(op: str, value: float | None, spec: str = "") -> str | None:
+        return None if value is None else f"{op} {value:{spec}}"
+
+    atol = limit("<=", tol.max_abs_diff, ".1e")
+    add("prefill max |Δlogit|", f"{result['max_abs_diff']:.3e}", "max_abs_diff", atol)
+    if "mean_abs_diff" in result:
+        add("prefill mean |Δlogit|", f"{result['mean_abs_diff']:.3e}")
+    if "mean_kl" in result:
+        add("prefill mean KL", f"{result['mean_kl']:.3e}", "mean_kl", limit("<=", tol.max_mean_kl, ".1e"))
+    top1 = f"{result['top1_agreement']:.4f} ({result['positions']} positions)"
+    add("prefill top-1 agreement", top1, "top1_agreement", limit(">=", tol.min_top1_agreement))
+    if "top1_decisive_disagreements" in result:
+        decisive = str(result["top1_decisive_disagreements"])
+        add("top-1 disagreements, not ties", decisive, "top1_decisive_disagreements", atol and "0")
+    if "decode_matching_tokens" in result:  # one decode, compared token by token
+        n = result["decode_new_tokens"]
+        least = limit(">=", tol.min_decode_match, ".2f")
+        value = f"{result['decode_matching_tokens']}/{n} before the first miss"
+        add(f"decode {n} tokens identical", value, "decode_match", least and f"{least} of them")
+    else:  # one decode per prompt, compared whole
+        value = f"{result['decode_match']:.2f} of prompts"
+        exact = "all (ties excepted)" if tol.exact_decode else None
+        add(f"decode {result['new_tokens']} tokens identical", value, "decode_match", exact)
+    if "decode_max_abs_diff" in result:
+        add("decode max |Δlogit|", f"{result['decode_max_abs_diff']:.3e}", "decode_max_abs_diff", atol)
+    if "tokenization_probes" in result:
+        n = result["tokenization_probes"]
+        value = f"{n - len(result['tokenization_mismatches'])}/{n} texts"
+        add("tokenizer splits sample text alike", value, "tokenization", "all")
+    return rows
+
+
+def format_table(result: dict[str, Any], title: str) -> str:
+    """The result as a plain-text table under ``title`` (also used in ToleranceError messages)."""
+    rows = [("check", "value", "tolerance", ""), *_rows(result)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [title]
+    for r in rows:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    return "\n".join(lines)
+
+
+def print_table(result: dict[str, Any], title: str) -> None:
+    """The result as a rich table on the terminal."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title))
+    for column in ("check", "value", "tolerance", ""):
+        table.add_column(column)
+    for row in _rows(result):
+        table.add_row(*row, style="red" if row[3] == "FAIL" else None)
+    Console().print(table)
