@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 
 from rmexport.atomic import write_json
+from rmexport.measures import angular_distance
 
 __all__ = ["VARIANTS", "main", "two_pass_baseline"]
 
@@ -87,11 +87,6 @@ def _mib(n: float) -> float:
 
 
 # --- the baseline ------------------------------------------------------------------------------
-def _angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-
-
 def two_pass_baseline(model: Any, adapter: Any, calibration: Any, n: int, alpha: float) -> dict[str, Any]:
     """The reference's two passes: every hidden state kept, then a second full pass for the sums."""
     device = next(model.parameters()).device
@@ -118,7 +113,7 @@ def two_pass_baseline(model: Any, adapter: Any, calibration: Any, n: int, alpha:
         for (_ids, mask), states in zip(calibration.batches, kept_states, strict=True):
             last = mask.sum(dim=1) - 1
             rows = torch.arange(mask.shape[0])
-            total += float(_angular(states[s][rows, last], states[s + n][rows, last]).sum())
+            total += float(angular_distance(states[s][rows, last], states[s + n][rows, last]).sum())
             count += int(mask.shape[0])
         distances[s] = total / count
     chosen = min(distances, key=lambda s: (distances[s], s))

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_once(args.model, args.ratio, Path(out_root), args.extra))
         print(f"run {k + 1}: {runs[-1]['wall_s']:.0f} s, exit {runs[-1]['exit_code']}", flush=True)
     table = agreement(runs, args.tolerance)
-    print(f"\n{'runtime type phase':34} {'ideal':>6}  " + "  ".join(f"run {k + 1:<3}" for k in range(len(runs))))
+    print(
+        f"\n{'runtime type phase':34} {'ideal':>6}  " + "  ".join(f"run {k + 1:<3}" for k in range(len(runs)))
+    )
     for key, row in table.items():
         flags = ("" if row["within_tolerance"] else "  spread!") + ("  below 1!" if row["below_one"] else "")
         medians = "  ".join(f"x{m:<6.2f}" for m in row["medians"])

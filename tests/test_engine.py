@@ -7,11 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rmexport.arch import adapter_for
-from rmexport.calib.collect import _accumulate, _angular, collect
+from rmexport.calib.collect import _accumulate, collect
 from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, original_plan
 from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches
 from rmexport.calib.weights import ModelSkeleton
+from rmexport.measures import angular_distance
 from rmexport.models import load_tokenizer, resolve
 from rmexport.replaceme.apply import fold_map, remove_blocks
 from rmexport.replaceme.checks import plain_removal, run_checks
@@ -149,7 +150,7 @@ def _reference_statistics(model, adapter, calibration, n, starts):
             count += int(real.sum())
             for s in starts:
                 before, after = outputs[s - 1], outputs[s + n - 1]
-                distances[s] += float(_angular(before[real], after[real]).sum())
+                distances[s] += float(angular_distance(before[real], after[real]).sum())
                 _accumulate(stats[s], mlps[s - 1][real], before[real], after[real])
     for h in handles:
         h.remove()

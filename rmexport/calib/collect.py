@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CalibrationError
-from ..measures import angular_distance as _angular
+from ..measures import angular_distance
 from .engine import Engine, Plan
 from .tokens import CalibrationSet
 
@@ -279,9 +279,11 @@ def _add_distances(
     last = real.sum(dim=1) - 1
     rows = torch.arange(real.shape[0], device=real.device)
     profile.last_sum[s] = profile.last_sum.get(s, 0.0) + float(
-        _angular(before[rows, last], after[rows, last]).sum()
+        angular_distance(before[rows, last], after[rows, last]).sum()
     )
-    profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(_angular(before[real], after[real]).sum())
+    profile.all_sum[s] = profile.all_sum.get(s, 0.0) + float(
+        angular_distance(before[real], after[real]).sum()
+    )
 
 
 def _count_tokens(profile: DistanceProfile, calibration: CalibrationSet) -> None:

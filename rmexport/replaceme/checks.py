@@ -10,12 +10,12 @@ All four share the blocks before the first cut, which therefore run once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..calib.engine import Engine, Plan, Step, explicit, original_plan
+from ..measures import perplexity
 
 __all__ = [
     "FOLD_PARITY_RTOL",
@@ -90,7 +90,7 @@ def perplexities(engine: Engine, plans: dict[str, Plan], windows: torch.Tensor) 
     finally:
         engine.release(stream, *ends.values())
         engine.forget("heldout")
-    return {name: math.exp(total / count) for name, (total, count) in sums.items()}
+    return {name: perplexity(total, count) for name, (total, count) in sums.items()}
 
 
 def source_perplexities(
@@ -133,7 +133,7 @@ def run_checks(engine: Engine, final: Plan, windows: torch.Tensor, parity_window
 
     def ppl(name: str) -> float:
         total, count = sums[name]
-        return math.exp(total / count)
+        return perplexity(total, count)
 
     worst, scale = diffs[("pruned", "explicit")]
     return CheckResults(
