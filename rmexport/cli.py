@@ -210,7 +210,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         ),
     )
     data.add_argument(
-        "--calib-samples", type=int, default=512, help="documents used for calibration (default 512)"
+        "--calib-samples", type=int, default=384, help="documents used for calibration (default 384)"
     )
     data.add_argument(
         "--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)"

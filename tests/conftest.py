@@ -41,7 +41,7 @@ def default_checkpoint() -> Path:
     return Path(checkpoint_dir(resolve(DEFAULT_MODEL)))
 
 
-# Small calibration keeps the suite fast; the CLI default uses 512 documents.
+# Small calibration keeps the suite fast; the CLI default uses 384 documents.
 DEFAULT_PRUNE_OPTIONS = dict(ratio=0.25, calib_samples=128, seq_len=256, eval_tokens=2048, parity_windows=1)
 
 
