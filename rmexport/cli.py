@@ -191,7 +191,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
             "lstsq: float64 normal equations (default); cosine: Adam on the cosine distance between "
             "the residual stream after the cut and the original one, started from lstsq; every epoch "
             "is scored by the pruned model's loss on 64 calibration documents set aside, and the best "
-            "epoch (lstsq included) is kept; layer by layer, the epoch with the lowest cosine loss"
+            "epoch (lstsq included) is kept"
         ),
     )
     method.add_argument(
