@@ -698,7 +698,10 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gguf-type",
         default="f16",
-        help="GGUF type checked for parity: " + ", ".join(GGUF_TYPES) + " (q4_k_m is always benchmarked too)",
+        help="GGUF type checked for parity: "
+        + ", ".join(GGUF_TYPES)
+        + " (default f16; benchmarked with q4_k_m, except that a quantized GGUF source is benchmarked in its"
+        " own type only, against the source file)",
     )
     parser.add_argument("--skip-onnx", action="store_true", help="no ONNX export")
     parser.add_argument("--skip-gguf", action="store_true", help="no GGUF export")
