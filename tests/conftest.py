@@ -42,7 +42,15 @@ def default_checkpoint() -> Path:
 
 
 # Small calibration keeps the suite fast; the CLI default uses 384 documents.
-DEFAULT_PRUNE_OPTIONS = dict(ratio=0.25, calib_samples=128, seq_len=256, eval_tokens=2048, parity_windows=1)
+DEFAULT_PRUNE_OPTIONS = dict(
+    ratio=0.25,
+    calib_samples=128,
+    selection_samples=32,
+    seq_len=256,
+    eval_tokens=2048,
+    ood_tokens=2048,
+    parity_windows=1,
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from rmexport import (
     prune,
 )
 
-FAST = dict(calib_samples=16, seq_len=32, eval_tokens=512)
+FAST = dict(calib_samples=16, seq_len=32, eval_tokens=512, ood_tokens=512)
 
 
 def test_prune_then_export_both_formats(tiny_checkpoints, tmp_path):

@@ -32,7 +32,7 @@ from rmexport.errors import RMExportError
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 # Small enough that a case which today runs to the end (the xfail ones) still takes seconds.
-PRUNE_FAST = "--calib-samples 16 --seq-len 32 --eval-tokens 512"
+PRUNE_FAST = "--calib-samples 16 --seq-len 32 --eval-tokens 512 --ood-tokens 512"
 RUN_FAST = PRUNE_FAST + " --skip-onnx --skip-bench"
 RUN_LIGHT = RUN_FAST + " --skip-gguf"
 
