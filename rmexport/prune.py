@@ -100,8 +100,12 @@ class PruneOptions:
 
 
 class _Clock:
+    """Wall time of each stage, and the process's peak RSS when each stage ended (so the stage
+    that set the peak is the first whose figure equals the final one)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mib_after: dict[str, float] = {}
 
     def stage(self, name: str):
         clock = self
@@ -114,6 +118,7 @@ class _Clock:
             def __exit__(self, *exc):
                 elapsed = time.perf_counter() - self.start
                 clock.seconds[name] = clock.seconds.get(name, 0.0) + elapsed
+                clock.peak_rss_mib_after[name] = round(_peak_rss_mib(), 1)
                 if exc[0] is None:
                     log.info("%s done in %.1f s", name, elapsed)
 
@@ -503,6 +508,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             save_maps(outputs[1], folds)
         record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
         record.peak_rss_mib = round(_peak_rss_mib(), 1)
+        record.peak_rss_mib_after_stage = dict(clock.peak_rss_mib_after)
         data = record.to_json()
         write_json(outputs[2], data)
     except BaseException:  # Ctrl-C included: all three outputs, or none

@@ -92,6 +92,7 @@ class PruneRecord:
     versions: dict[str, str]
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
+    peak_rss_mib_after_stage: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(asdict(self))

@@ -36,6 +36,10 @@ def test_prune_tiny_model_saves_an_ordinary_smaller_checkpoint(family, tiny_chec
 
     saved = json.loads((tmp_path / "prune.json").read_text())
     assert saved["kept_layers"] == record["kept_layers"]
+    # Peak RSS as each stage ended: every stage, never decreasing, at most the final peak.
+    after = saved["peak_rss_mib_after_stage"]
+    assert list(after) == list(saved["timings_s"]) and list(after.values()) == sorted(after.values())
+    assert 0 < after["load"] and after["save"] <= saved["peak_rss_mib"]
     (start, end) = saved["cuts"][0]["cut"]
     assert saved["kept_layers"] == [i for i in range(8) if not start <= i < end]
 

@@ -50,8 +50,8 @@ class SpeedProtocol:
     prompt_tokens: tuple[int, ...] = (512,)
     gen_tokens: int = 128
     warmup: int = 1
-    min_rounds: int = 3
-    max_rounds: int = 8
+    min_rounds: int = 5
+    max_rounds: int = 7
     rel_tol: float = 0.02
     window: int = 2
     threads: int = 0  # 0: every usable core
