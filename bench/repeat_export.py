@@ -43,6 +43,7 @@ def run_once(model: str, ratio: str, out_root: Path, extra: list[str]) -> dict:
         "stages_s": report["timings_s"],
         "all_checks_passed": report["all_checks_passed"],
         "speed": {_key(row): row for row in report["speed"]},
+        "report": report,
     }
 
 
