@@ -268,9 +268,11 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-budget",
         help=(
-            "memory the prune may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of RAM). "
-            "Weights stay resident when they fit half of it, otherwise every pass streams them from disk "
-            "one block at a time; activations beyond the rest spill to disk"
+            "memory the prune's data may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of "
+            "RAM). Weights stay resident when they fit half of it, otherwise every pass streams them from "
+            "disk one block at a time; of what the weights leave, half is for the candidate cuts' "
+            "statistics (more candidates than fit take a second pass) and half for activations (beyond "
+            "it they spill to disk)"
         ),
     )
     parser.add_argument(
@@ -363,9 +365,9 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 
 def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Sequence[int]) -> None:
+    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
     from validation.speed import SpeedProtocol
 
-    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
     default = SpeedProtocol(prompt_tokens=tuple(prompt_default))
     group = parser.add_argument_group("speed (llama-bench style: original and pruned alternate)")
     text = ",".join(map(str, default.prompt_tokens))
@@ -382,11 +384,19 @@ def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Seque
         default=default.gen_tokens,
         help=f"tokens generated one at a time from an empty cache (default {default.gen_tokens})",
     )
+    _add_round_options(group)
+
+
+def _add_round_options(group: Any) -> None:
+    """How long each phase is timed: shared by ``bench gguf``, ``bench onnx`` and ``run``."""
+    from validation.speed import SpeedRounds
+
+    default = SpeedRounds()
     group.add_argument(
         "--warmup",
         type=int,
         default=default.warmup,
-        help=f"untimed repetitions first (default {default.warmup})",
+        help=f"untimed rounds first (default {default.warmup})",
     )
     group.add_argument(
         "--min-rounds", type=int, default=default.min_rounds, help=f"default {default.min_rounds}"
@@ -395,15 +405,28 @@ def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Seque
         "--max-rounds",
         type=int,
         default=default.max_rounds,
-        help=f"stop here even if the median speed-up still moves (default {default.max_rounds})",
+        help=f"rounds of a phase at most, precise or not (default {default.max_rounds})",
     )
     group.add_argument(
         "--rel-tol",
         type=float,
         default=default.rel_tol,
-        help=f"stable: the last rounds moved the median by less than this (default {default.rel_tol})",
+        help="a phase stops once the estimated standard error of its median speed-up is at most "
+        f"this fraction of it (default {default.rel_tol})",
     )
     group.add_argument("--threads", type=int, default=0, help="threads for both models (default: all cores)")
+
+
+def speed_rounds(args: argparse.Namespace) -> Any:
+    from validation.speed import SpeedRounds
+
+    return SpeedRounds(
+        warmup=args.warmup,
+        min_rounds=args.min_rounds,
+        max_rounds=args.max_rounds,
+        rel_tol=args.rel_tol,
+        threads=args.threads or 0,
+    )
 
 
 def _config(cls: type, args: argparse.Namespace, **given: Any) -> Any:
@@ -418,14 +441,8 @@ def protocol_from_args(args: argparse.Namespace) -> Any:
     """The ``SpeedProtocol`` the options describe (ConfigError for impossible values)."""
     from validation.speed import SpeedProtocol
 
-    return SpeedProtocol(
-        prompt_tokens=tuple(args.prompt_tokens),
-        gen_tokens=args.gen_tokens,
-        warmup=args.warmup,
-        min_rounds=args.min_rounds,
-        max_rounds=args.max_rounds,
-        rel_tol=args.rel_tol,
-        threads=args.threads or 0,
+    return SpeedProtocol(prompt_tokens=tuple(args.prompt_tokens), gen_tokens=args.gen_tokens).with_rounds(
+        speed_rounds(args)
     )
 
 
@@ -708,6 +725,9 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
     )
+    _add_round_options(
+        parser.add_argument_group("speed benchmarks (original and pruned interleaved, llama-bench style)")
+    )
     _add_prune_options(parser)
     # One set of held-out windows for every backend, so the report compares like with like.
     parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS, ood_tokens=RUN_EVAL_TOKENS)
@@ -736,6 +756,7 @@ def run_config(args: argparse.Namespace) -> Any:
         skip_onnx=args.skip_onnx,
         skip_gguf=args.skip_gguf,
         skip_bench=args.skip_bench,
+        speed=speed_rounds(args),
     )
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from validation.speed import SpeedRounds
+
 from .models import DEFAULT_MODEL
 from .prune import PruneOptions
 
@@ -70,6 +72,7 @@ class RunConfig:
     skip_onnx: bool = False
     skip_gguf: bool = False
     skip_bench: bool = False
+    speed: SpeedRounds = field(default_factory=SpeedRounds)
 
     @property
     def ratio(self) -> float | None:

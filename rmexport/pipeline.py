@@ -121,9 +121,10 @@ def _read_json(path: Path) -> Any:
 
 def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import DEFAULT_PROTOCOL as ONNX_PROTOCOL
-    from validation.onnx_bench import bench_onnx
+    from validation.onnx_bench import DEFAULT_PROTOCOL, bench_onnx
     from validation.onnx_parity import validate_onnx
+
+    protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
 
     outputs: dict[str, Any] = {}
     onnx_key = {"flavor": cfg.onnx_flavor, "dtype": cfg.onnx_dtype}
@@ -164,13 +165,13 @@ def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt
                 "bench_onnx",
                 {
                     "eval_tokens": cfg.eval_tokens,
-                    "speed": ONNX_PROTOCOL.as_dict(),
+                    "speed": protocol.as_dict(),
                     "original": base_runner.hashes["export_onnx"],
                 },
                 [bench_file],
                 lambda: write_json(
                     bench_file,
-                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=cfg.eval_tokens, protocol=ONNX_PROTOCOL),
+                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=cfg.eval_tokens, protocol=protocol),
                 ),
                 needs=["export_onnx"],
             )
@@ -183,9 +184,10 @@ def _gguf_stages(
     cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
 ) -> dict:
     from converters.gguf_export import export_gguf
-    from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
-    from validation.gguf_bench import bench_gguf
+    from validation.gguf_bench import DEFAULT_PROTOCOL, bench_gguf
     from validation.gguf_parity import gguf_type_of, validate_gguf
+
+    protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
 
     outputs: dict[str, Any] = {}
     slug = source.slug
@@ -251,7 +253,7 @@ def _gguf_stages(
                 {
                     "eval_tokens": cfg.eval_tokens,
                     "types": bench_types,
-                    "speed": GGUF_PROTOCOL.as_dict(),
+                    "speed": protocol.as_dict(),
                     "original": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
                 },
                 [bench_file],
@@ -262,7 +264,7 @@ def _gguf_stages(
                             base_files[t],
                             pruned_files[t],
                             eval_tokens=cfg.eval_tokens,
-                            protocol=GGUF_PROTOCOL,
+                            protocol=protocol,
                             torch_reference=False,
                         )
                         for t in bench_types

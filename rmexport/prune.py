@@ -23,7 +23,7 @@ from .calib.budget import MemoryBudget
 from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corpus, parse_mixture
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
-from .calib.weights import checkpoint_dtype, model_bytes
+from .calib.weights import checkpoint_dtype, largest_module_bytes, model_bytes
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
 from .models import (
@@ -352,7 +352,7 @@ def _cut_and_fit(
     calibration: CalibrationSet,
     tokenizer: Any,
     clock: _Clock,
-    budget: MemoryBudget,
+    stats_budget: int,
 ) -> tuple[Plan, list[CutRecord], dict[str, Any]]:
     """Each cut chosen and fitted on the model the previous ones left, then the quality guard."""
     plan = original_plan(engine.n_layers)
@@ -367,7 +367,7 @@ def _cut_and_fit(
             step = f"({k + 1}/{len(sizes)})"
             with clock.stage(f"calibrate+fit {step}"):
                 cut, result, scores = choose_and_fit(
-                    engine, plan, calibration, size, options, step, scorer, budget.total_bytes // 4
+                    engine, plan, calibration, size, options, step, scorer, stats_budget
                 )
             removed = [s.layer for s in plan[cut[0] : cut[1]]]
             log_cut(step, cut, removed, scores, result, options.distance_tokens)
@@ -408,6 +408,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         }
         engine = open_engine(checkpoint, options, budget)
     weights = model_bytes(checkpoint, engine.skeleton.compute_dtype)
+    largest = largest_module_bytes(checkpoint, adapter.layers_path, engine.skeleton.compute_dtype)
     log.info(
         "%s: %s, %d blocks, hidden %d; removing %d block(s) as %s; weights %s (%.2f GiB of a %.2f GiB "
         "budget)",
@@ -424,7 +425,9 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     log.info("calibration: %s", calibration.describe())
 
     try:
-        plan, records, guard = _cut_and_fit(engine, options, sizes, calibration, tokenizer, clock, budget)
+        plan, records, guard = _cut_and_fit(
+            engine, options, sizes, calibration, tokenizer, clock, budget.stats_bytes(weights, largest)
+        )
         with clock.stage("checks"):
             checks = run_checks(engine, plan, windows, options.parity_windows)
             ood = source_perplexities(engine, plan, ood_windows)
@@ -491,7 +494,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         ),
         guard=guard,
         tokenizer_parity=tokenizer_parity_record(source),
-        memory=budget.describe(weights) | activations | {"device": str(options.device)},
+        memory=budget.describe(weights, largest) | activations | {"device": str(options.device)},
         saved_dtype=str(checkpoint_dtype(config)).removeprefix("torch."),
         versions=_versions(),
     )

@@ -207,3 +207,26 @@ def test_selection_losses_equal_transformers_on_the_trial_models(tiny_checkpoint
                 total += float(nll[real].sum())
                 count += int(real.sum())
         assert losses[s] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_the_budget_reserves_the_largest_module_and_halves_the_rest(tiny_checkpoints, default_checkpoint):
+    from rmexport.calib.budget import MemoryBudget
+    from rmexport.calib.weights import CheckpointReader, largest_module_bytes, model_bytes
+
+    for checkpoint in (tiny_checkpoints["llama"], default_checkpoint):
+        reader = CheckpointReader(checkpoint)
+        block = sum(reader.numel(n) for n in reader.names() if n.startswith("model.layers.0.")) * 4
+        embedding = reader.numel("model.embed_tokens.weight") * 4
+        assert largest_module_bytes(checkpoint, "model.layers") == max(block, embedding)
+    # SmolLM2: a 49,152 x 576 embedding outweighs a block.
+    weights = model_bytes(default_checkpoint)
+    largest = largest_module_bytes(default_checkpoint, "model.layers")
+    assert largest == 49152 * 576 * 4
+    for total in (weights // 2, 4 * weights):
+        budget = MemoryBudget(total)
+        held = weights if budget.weights_resident(weights) else largest
+        assert budget.weights_resident(weights) is (total == 4 * weights)
+        parts = budget.describe(weights, largest)
+        assert parts["stats_budget_bytes"] == parts["activation_budget_bytes"] == (total - held) // 2
+        assert held + parts["stats_budget_bytes"] + parts["activation_budget_bytes"] <= total
+    assert MemoryBudget(largest // 2).activation_bytes(weights, largest) == 0  # never negative

@@ -11,7 +11,8 @@ from rmexport.cli import main
 
 from .test_pipeline import assert_checks_passed
 
-FAST = ["--calib-samples", "48", "--seq-len", "32", "--eval-tokens", "1024", "--selection-samples", "16"]
+FAST = "--calib-samples 48 --seq-len 32 --eval-tokens 1024 --selection-samples 16".split()
+FAST += "--min-rounds 3 --max-rounds 3".split()  # a short speed protocol: tiny models, structure only
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from rmexport.config import RUN_EVAL_TOKENS
 
 from .test_speed import assert_every_linked_image_exists
 
-FAST = ["--calib-samples", "48", "--seq-len", "32", "--eval-tokens", "1024"]
+FAST = "--calib-samples 48 --seq-len 32 --eval-tokens 1024 --min-rounds 3 --max-rounds 3".split()
 
 
 def assert_checks_passed(code: int, run_dir) -> dict:

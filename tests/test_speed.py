@@ -16,7 +16,7 @@ import pytest
 from rmexport.cli import main
 from rmexport.errors import ConfigError
 from validation.flops import ModelShape, attended_keys, ideal_speedups, phase_flops
-from validation.speed import SpeedProtocol, attach_ideal, median_settled, run_protocol, spread
+from validation.speed import Phase, SpeedProtocol, attach_ideal, median_rel_se, run_protocol, spread
 
 TINY = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=1, min_rounds=2, max_rounds=3)
 
@@ -32,42 +32,63 @@ TINY_CONFIG = dict(
 )
 
 
-def _constant_calls(seconds: dict[str, float], log: list) -> dict:
-    def make(phase: str, s: float):
-        def call() -> float:
-            log.append(phase)
-            return s
+def _phases(seconds: dict, log: list | None = None, role: str = "") -> dict[str, Phase]:
+    """Phases whose steps "take" the given seconds (a number, or a function called per repetition);
+    a ``tgN`` phase has N steps sharing them. ``log`` records every step as (role, phase, k)."""
 
-        return call
+    def make(name: str, value):
+        steps = int(name[2:]) if name.startswith("tg") else 1
+        state: dict = {}
 
-    return {phase: make(phase, s) for phase, s in seconds.items()}
+        def reset() -> None:
+            state["total"] = value() if callable(value) else value
+
+        def step(k: int) -> float:
+            if log is not None:
+                log.append((role, name, k))
+            return state["total"] / steps
+
+        return Phase(step=step, steps=steps, reset=reset)
+
+    return {name: make(name, value) for name, value in seconds.items()}
 
 
 # --- protocol ------------------------------------------------------------------------------
-def test_rounds_alternate_and_stop_once_the_median_settles():
-    calls: dict[str, list] = {"original": [], "pruned": []}
+def test_rounds_interleave_and_stop_once_every_median_is_precise():
+    log: list = []
     protocol = SpeedProtocol(prompt_tokens=(8, 16), gen_tokens=4, warmup=2, min_rounds=3, max_rounds=9)
-    original = _constant_calls({"pp8": 0.02, "pp16": 0.04, "tg4": 0.01}, calls["original"])
-    pruned = _constant_calls({"pp8": 0.01, "pp16": 0.02, "tg4": 0.008}, calls["pruned"])
+    original = _phases({"pp8": 0.02, "pp16": 0.04, "tg4": 0.01}, log, "original")
+    pruned = _phases({"pp8": 0.01, "pp16": 0.02, "tg4": 0.008}, log, "pruned")
     result = run_protocol(original, pruned, protocol)
-    # Constant times: the median cannot move, so the protocol stops at the minimum.
+    # Constant times: the median has no spread, so every phase stops at the minimum.
     assert result["rounds"] == 3 and result["settled"] is True
     assert list(result["phases"]) == ["pp8", "pp16", "tg4"]
-    order = result["order"]
-    assert len(order) == 3 * 3 * 2
-    for i in range(0, len(order), 2):  # A B A B ...: every original run is followed by the pruned one
-        assert order[i][2] == "original" and order[i + 1][2] == "pruned"
-        assert order[i][:2] == order[i + 1][:2]
-    assert [r for r, _, _ in order] == sorted(r for r, _, _ in order)
-    # Warm-up runs are not timed but do run: (2 warm-up + 3 rounds) per phase and model.
-    assert len(calls["original"]) == len(calls["pruned"]) == 5 * 3
+    assert all(
+        e["rounds"] == 3 and e["settled"] and e["speedup"]["rel_se"] == 0 for e in result["phases"].values()
+    )
+    assert result["order"] == [[r, p] for r in (1, 2, 3) for p in result["phases"]]
+    # Turns in A B B A order: a prompt round is original, pruned, pruned, original; generation
+    # alternates in turns of ceil(4 / 8) = 1 step, the lead swapping at every turn.
+    warmup_steps = 2 * 2 * (2 * 1 + 2 * 1 + 4)  # 2 rounds, 2 models: pp8 and pp16 twice, tg4 once
+    timed = log[warmup_steps:]
+    assert len(timed) == 3 * 2 * (2 + 2 + 4)
+    pp8 = [role for role, phase, _ in timed if phase == "pp8"]
+    assert pp8 == ["original", "pruned", "pruned", "original"] * 3
+    tg = [(role, k) for role, phase, k in timed if phase == "tg4"]
+    assert tg[:8] == [("original", 0), ("pruned", 0), ("pruned", 1), ("original", 1)] + [
+        ("original", 2),
+        ("pruned", 2),
+        ("pruned", 3),
+        ("original", 3),
+    ]
     pp16 = result["phases"]["pp16"]
     assert pp16["original"]["tokens_per_s"]["median"] == pytest.approx(16 / 0.04)
+    assert pp16["original"]["seconds"] == pytest.approx([2 * 0.04] * 3)  # two prompts per round
     assert pp16["speedup"]["median"] == pytest.approx(2.0) and pp16["speedup"]["rounds"] == [2.0] * 3
     assert result["phases"]["tg4"]["speedup"]["median"] == pytest.approx(1.25)
 
 
-def test_rounds_stop_at_the_maximum_when_the_median_keeps_moving():
+def test_a_noisy_phase_keeps_being_timed_after_the_precise_ones_stop():
     state = {"k": 0}
 
     def drifting() -> float:  # the pruned model gets 10 % faster every round
@@ -76,26 +97,36 @@ def test_rounds_stop_at_the_maximum_when_the_median_keeps_moving():
 
     protocol = SpeedProtocol(prompt_tokens=(8,), gen_tokens=2, warmup=0, min_rounds=2, max_rounds=6)
     result = run_protocol(
-        {"pp8": lambda: 0.01, "tg2": lambda: 0.01}, {"pp8": drifting, "tg2": lambda: 0.01}, protocol
+        _phases({"pp8": 0.01, "tg2": 0.01}), _phases({"pp8": drifting, "tg2": 0.01}), protocol
     )
     assert result["rounds"] == 6 and result["settled"] is False
-    s = result["phases"]["pp8"]["speedup"]
+    pp8, tg2 = result["phases"]["pp8"], result["phases"]["tg2"]
+    assert pp8["rounds"] == 6 and not pp8["settled"] and pp8["speedup"]["rel_se"] > protocol.rel_tol
+    assert tg2["rounds"] == 3 and tg2["settled"]  # three rounds are the fewest that estimate a spread
+    s = pp8["speedup"]
     assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
-    assert s["min"] == pytest.approx(1.1) and s["max"] == pytest.approx(1.1**6)
+    assert s["rounds"] == sorted(s["rounds"]) and s["max"] > 1.1**10  # faster every repetition
 
 
-def test_median_settled_and_spread():
-    assert median_settled([1.0, 1.0, 1.0], rel_tol=0.02, window=2)
-    assert not median_settled([1.0, 1.0], rel_tol=0.02, window=2)  # too few rounds to judge
-    assert not median_settled([1.0, 1.2, 1.0, 1.3], rel_tol=0.02, window=2)
-    assert median_settled([1.0, 1.3, 1.1, 1.1, 1.1, 1.1], rel_tol=0.02, window=2)
+def test_median_standard_error_and_spread():
+    assert median_rel_se([1.0, 1.0]) == float("inf")  # too few rounds to judge
+    assert median_rel_se([1.3, 1.3, 1.3]) == 0
+    assert median_rel_se([1.0, 2.0, 3.0]) == pytest.approx(1.2533 * 1.4826 / 3**0.5 / 2)
+    # One stalled round does not move it: the spread is the median absolute deviation.
+    assert median_rel_se([1.30, 1.31, 1.29, 1.30, 5.0]) == median_rel_se([1.30, 1.31, 1.29, 1.30, 1.32])
     assert spread([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25}
     assert spread([5.0]) == {"median": 5.0, "min": 5.0, "max": 5.0, "q1": 5.0, "q3": 5.0}
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(min_rounds=0), dict(min_rounds=5, max_rounds=4), dict(gen_tokens=0), dict(prompt_tokens=())],
+    [
+        dict(min_rounds=0),
+        dict(min_rounds=5, max_rounds=4),
+        dict(gen_tokens=0),
+        dict(prompt_tokens=()),
+        dict(rel_tol=0),
+    ],
 )
 def test_impossible_protocols_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
@@ -104,7 +135,7 @@ def test_impossible_protocols_are_config_errors(kwargs):
 
 def test_protocol_needs_the_same_phases_for_both_models():
     with pytest.raises(ConfigError, match="phases"):
-        run_protocol({"pp16": lambda: 1.0}, {"pp16": lambda: 1.0, "tg4": lambda: 1.0}, TINY)
+        run_protocol(_phases({"pp16": 1.0}), _phases({"pp16": 1.0, "tg4": 1.0}), TINY)
 
 
 # --- the ideal -----------------------------------------------------------------------------
@@ -198,14 +229,14 @@ def pruned_llama(tiny_checkpoints, tmp_path_factory) -> Path:
 def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> None:
     assert protocol.min_rounds <= result["rounds"] <= protocol.max_rounds
     assert result["settled"] or result["rounds"] == protocol.max_rounds
-    assert len(result["order"]) == 2 * len(protocol.phases) * result["rounds"]
-    assert [o[2] for o in result["order"]] == ["original", "pruned"] * (len(result["order"]) // 2)
+    assert len(result["order"]) == sum(e["rounds"] for e in result["phases"].values())
     assert list(result["phases"]) == list(protocol.phases)
     assert result["protocol"]["threads"] >= 1
     for phase, entry in result["phases"].items():
         for stats in (entry["speedup"], entry["original"]["tokens_per_s"], entry["pruned"]["tokens_per_s"]):
             assert 0 < stats["min"] <= stats["median"] <= stats["max"]
-        assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == result["rounds"]
+        assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == entry["rounds"]
+        assert protocol.min_rounds <= entry["rounds"] <= result["rounds"]
         assert entry["ideal"] == pytest.approx(ideals[phase]["ideal"])
         assert entry["measured_over_ideal"] == pytest.approx(entry["speedup"]["median"] / entry["ideal"])
         assert entry["slower_than_original"] == (entry["speedup"]["median"] < 1)
@@ -295,9 +326,7 @@ def _prune_record() -> dict:
 def _gguf_bench(pruned_seconds: float) -> dict:
     protocol = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=0, min_rounds=3, max_rounds=3)
     result = run_protocol(
-        {"pp16": lambda: 0.02, "tg4": lambda: 0.02},
-        {"pp16": lambda: 0.01, "tg4": lambda: pruned_seconds},
-        protocol,
+        _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": pruned_seconds}), protocol
     )
     shape = ModelShape.from_config(TINY_CONFIG)
     pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
@@ -357,9 +386,7 @@ def test_a_median_below_one_with_a_spread_above_one_is_inconclusive_not_failed(t
     bench = _gguf_bench(0.01)
     protocol = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=0, min_rounds=3, max_rounds=3)
     bench["f16"]["types"]["f16"]["speed"] = run_protocol(
-        {"pp16": lambda: 0.02, "tg4": lambda: 0.02},
-        {"pp16": lambda: 0.01, "tg4": lambda: next(times)},
-        protocol,
+        _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": lambda: next(times)}), protocol
     )
     report = write_report(tmp_path, _prune_record(), {"gguf_bench": bench}, {}, [], 1.0)
     row = next(r for r in report["speed"] if r["phase"] == "tg4")

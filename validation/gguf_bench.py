@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,29 +51,21 @@ def llama_cpp_forward(model: Any):
     return forward
 
 
-def _prompt_call(model: Any, tokens: list[int]):
-    """pp: the whole prompt in one batch from an empty cache (logits of the last position only)."""
-
-    def call() -> float:
-        model.reset()  # n_tokens = 0: the next eval drops the whole KV cache, untimed
-        start = time.perf_counter()
-        model.eval(tokens)
-        return time.perf_counter() - start
-
-    return call
+def _prompt_phase(model: Any, tokens: list[int]) -> speed_protocol.Phase:
+    """pp: the whole prompt in one batch from an empty cache (logits of the last position only).
+    ``reset`` sets n_tokens = 0, so the next eval drops the whole KV cache, untimed."""
+    return speed_protocol.Phase(
+        step=lambda _k: speed_protocol.timed(lambda: model.eval(tokens)), reset=model.reset
+    )
 
 
-def _generation_call(model: Any, tokens: list[int]):
+def _generation_phase(model: Any, tokens: list[int]) -> speed_protocol.Phase:
     """tg: one token per decode from an empty cache, as llama-bench's tg test."""
-
-    def call() -> float:
-        model.reset()
-        start = time.perf_counter()
-        for token in tokens:
-            model.eval([token])
-        return time.perf_counter() - start
-
-    return call
+    return speed_protocol.Phase(
+        step=lambda k: speed_protocol.timed(lambda: model.eval([tokens[k]])),
+        steps=len(tokens),
+        reset=model.reset,
+    )
 
 
 def speed(
@@ -91,13 +82,14 @@ def speed(
         }
         vocab = min(model.n_vocab() for model in models.values())
         ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=context).tolist()
-        calls = {}
-        for role, model in models.items():
-            calls[role] = {
-                name: (_prompt_call if name.startswith("pp") else _generation_call)(model, ids[:tokens])
+        phases = {
+            role: {
+                name: (_prompt_phase if name.startswith("pp") else _generation_phase)(model, ids[:tokens])
                 for name, tokens in protocol.phases.items()
             }
-        result = speed_protocol.run_protocol(calls["original"], calls["pruned"], protocol)
+            for role, model in models.items()
+        }
+        result = speed_protocol.run_protocol(phases["original"], phases["pruned"], protocol)
         # llama.cpp may round the context up (to a multiple of 256); record what it used.
         actual_ctx = {role: model.n_ctx() for role, model in models.items()}
     shapes = {role: ModelShape.from_gguf(path) for role, path in paths.items()}

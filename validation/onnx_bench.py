@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +35,20 @@ DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(128, 512), gen_to
 _VERSIONS = ("onnxruntime", "onnxruntime-gpu", "onnx", "optimum-onnx", "torch", "transformers", "numpy")
 
 
-def _prompt_call(decoder: Any, ids: np.ndarray):
-    def call() -> float:
-        start = time.perf_counter()
-        decoder.prefill(ids)
-        return time.perf_counter() - start
-
-    return call
+def _prompt_phase(decoder: Any, ids: np.ndarray) -> speed_protocol.Phase:
+    return speed_protocol.Phase(step=lambda _k: speed_protocol.timed(lambda: decoder.prefill(ids)))
 
 
-def _generation_call(decoder: Any, first: int, tokens: int):
+def _generation_phase(decoder: Any, first: int, tokens: int) -> speed_protocol.Phase:
     """``tokens`` single-token steps from an empty cache: the first token, then tokens - 1 decodes."""
+    state: dict[str, Any] = {}
 
-    def call() -> float:
-        first_s, rest_s = decoder.greedy_timed([first], tokens - 1)
-        return first_s + rest_s
+    def reset() -> None:
+        state["steps"] = decoder.decode_steps(first)
 
-    return call
+    return speed_protocol.Phase(
+        step=lambda _k: speed_protocol.timed(lambda: next(state["steps"])), steps=tokens, reset=reset
+    )
 
 
 def _head_positions(decoder: Any, ids: np.ndarray) -> str:
@@ -64,15 +60,16 @@ def speed(decoders: dict[str, Any], protocol: speed_protocol.SpeedProtocol) -> d
     """The speed protocol on two loaded ``OrtDecoder``s, with each phase's ideal speed-up."""
     vocab = min(int(d.config["vocab_size"]) for d in decoders.values())
     ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=protocol.context, dtype=np.int64)
-    calls = {}
-    for role, decoder in decoders.items():
-        calls[role] = {
-            name: _prompt_call(decoder, ids[:tokens])
+    phases = {
+        role: {
+            name: _prompt_phase(decoder, ids[:tokens])
             if name.startswith("pp")
-            else _generation_call(decoder, int(ids[0]), tokens)
+            else _generation_phase(decoder, int(ids[0]), tokens)
             for name, tokens in protocol.phases.items()
         }
-    result = speed_protocol.run_protocol(calls["original"], calls["pruned"], protocol)
+        for role, decoder in decoders.items()
+    }
+    result = speed_protocol.run_protocol(phases["original"], phases["pruned"], protocol)
     heads = {role: _head_positions(d, ids) for role, d in decoders.items()}
     if heads["original"] != heads["pruned"]:
         raise ConfigError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,20 +198,16 @@ class OrtDecoder:
             past_len += 1
         return tokens, kept
 
-    def greedy_timed(self, prompt: list[int] | np.ndarray, steps: int) -> tuple[float, float]:
-        """Prefill ``prompt``, then ``steps`` single-token decode steps; (prefill_s, decode_s)."""
-        import time
-
-        ids = np.asarray(prompt, dtype=np.int64)[None]
-        start = time.perf_counter()
-        logits, past = self._run_bound(ids, None, 0)
-        prefilled = time.perf_counter()
-        past_len = ids.shape[1]
-        for _ in range(steps):
-            token = np.array([[int(logits[0].argmax())]], np.int64)
+    def decode_steps(self, first: int) -> Iterator[None]:
+        """Greedy decoding from an empty cache, one single-token step per ``next()``: ``first``,
+        then the token each step chose (so a caller can time the steps one by one)."""
+        token = np.array([[first]], np.int64)
+        past, past_len = None, 0
+        while True:
             logits, past = self._run_bound(token, past, past_len)
             past_len += 1
-        return prefilled - start, time.perf_counter() - prefilled
+            token = np.array([[int(logits[0].argmax())]], np.int64)
+            yield
 
     def prefill(self, prompt: list[int] | np.ndarray) -> np.ndarray:
         """One IO-bound prefill of ``prompt`` (batch 1); returns the last position's logits."""

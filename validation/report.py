@@ -131,8 +131,8 @@ def speed_rows(outputs: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured_q1": s["q1"],
                     "measured_q3": s["q3"],
                     "measured_over_ideal": e.get("measured_over_ideal"),
-                    "rounds": speed.get("rounds"),
-                    "settled": speed.get("settled"),
+                    "rounds": e.get("rounds", speed.get("rounds")),
+                    "settled": e.get("settled", speed.get("settled")),
                     "slower_than_original": s["median"] < 1.0,
                     # Slower in at least three rounds of four: not noise around a speed-up.
                     "consistently_slower": s["q3"] < 1.0,
@@ -318,7 +318,7 @@ def _speed_section(report: dict) -> list[str]:
                 "–" if r["measured_over_ideal"] is None else f"{r['measured_over_ideal']:.0%}",
                 f"{_x(r['measured_min'])}–{_x(r['measured_max'])} "
                 f"(IQR {_x(r['measured_q1'])}–{_x(r['measured_q3'])})",
-                f"{r['rounds']}{'' if r['settled'] else ' (not settled)'}",
+                f"{r['rounds']}{'' if r['settled'] else ' (not precise)'}",
                 flag,
             ]
         )
@@ -326,10 +326,13 @@ def _speed_section(report: dict) -> list[str]:
         "## Speed",
         "",
         "Measured like llama-bench: pp*N* processes an *N*-token prompt from an empty cache, tg*N* "
-        "generates *N* tokens one at a time from an empty cache. Both models are loaded once; after a "
-        "warm-up, original and pruned alternate (A B A B …) with the same threads, context and batch, "
-        "round after round until the median speed-up stops moving. Each round's speed-up is the ratio of "
-        "two adjacent runs; the table gives their median and spread.",
+        "generates *N* tokens one at a time from an empty cache. Both models are loaded once, with the "
+        "same threads, context and batch; after a warm-up, original and pruned are timed interleaved: "
+        "a prompt of one, then of the other (who goes first alternates by round), and generation token "
+        "by token (original's token *k*, then pruned's), so that a drifting machine slows both alike. "
+        "Each round's speed-up is original time over pruned time; a phase is timed again until the "
+        "estimated standard error of the median speed-up is small (or the maximum of rounds); the table "
+        "gives the median and the spread over rounds.",
         "",
         "The ideal is the ratio of the FLOPs each phase really computes, from the config: the blocks "
         "(projections, MLP, attention over the context the phase has), plus the LM head for every "

@@ -3,25 +3,30 @@
 - Phases: prompt processing of ``P`` tokens from an empty cache (``ppP``, e.g. pp512) and
   generation of ``G`` tokens one at a time from an empty cache through the KV cache (``tgG``,
   e.g. tg128), as llama-bench's pp512 and tg128 tests.
-- Both models are loaded once, before anything is timed; only the timed calls alternate. Each
-  phase function runs one repetition and returns the seconds of its timed part, so resetting the
-  cache is never timed.
-- Warm-up: ``warmup`` untimed repetitions of every phase of both models.
-- Rounds: each round times every phase of the original, then of the pruned model (A B A B …),
-  so that drift of a shared machine lands on both sides alike. The speed-up of a round is the
-  ratio of the two adjacent repetitions; the reported speed-up is the median of those ratios.
-- Rounds repeat until the median speed-up of every phase is stable (each of the last ``window``
-  rounds moved it by less than ``rel_tol``), with at least ``min_rounds`` and at most
-  ``max_rounds``. The result says how many rounds ran and whether the median settled.
+- Both models are loaded once, before anything is timed. A repetition of a phase is a ``Phase``:
+  an untimed ``reset`` (empty the cache), then ``steps`` timed steps (one for a prompt, one per
+  generated token).
+- Original and pruned take turns in A B B A order: a round of a prompt phase is original,
+  pruned, pruned, original; generation alternates every sixteenth of the round's tokens (eight
+  turns of each model). On a shared or virtualised CPU the speed drifts over seconds, and a model
+  timed right after the other is slowed by the other's threads still spinning; this order puts
+  both on each side alike.
+- Warm-up: ``warmup`` untimed rounds of every phase.
+- The speed-up of a round is the original's seconds over the pruned model's; the reported speed-up is the
+  median over rounds. A phase is timed again round after round until its median is precise: the
+  estimated relative standard error of the median (from the median absolute deviation) is at
+  most ``rel_tol``, after at least ``min_rounds``; a precise phase is no longer timed, so the time
+  goes to the noisy ones. No phase gets more than ``max_rounds``.
 - Spread: median, min–max and quartiles of the per-round speed-ups and of each model's tokens/s.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rmexport.errors import ConfigError
@@ -29,32 +34,81 @@ from rmexport.log import get_logger
 from rmexport.sysinfo import load_average, usable_cores
 
 __all__ = [
+    "Phase",
+    "SpeedRounds",
     "SpeedProtocol",
-    "TimedCall",
     "attach_ideal",
     "format_phases",
-    "median_settled",
+    "median_rel_se",
     "phase_kind",
+    "repetitions_per_round",
     "run_protocol",
     "spread",
+    "timed",
 ]
 
 log = get_logger(__name__)
 
-TimedCall = Callable[[], float]  # runs one repetition of a phase, returns its timed seconds
 ROLES = ("original", "pruned")
+
+
+def timed(run: Callable[[], Any]) -> float:
+    """Seconds ``run()`` took."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedRounds:
+    """How long the speed benchmarks time each phase, in both runtimes (the phases themselves are
+    each runtime's: ``validation.speed.SpeedProtocol``)."""
+
+    warmup: int = 1
+    min_rounds: int = 5
+    max_rounds: int = 10
+    rel_tol: float = 0.02  # stop once the median's estimated standard error is this fraction of it
+    threads: int = 0  # 0: every usable core
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or not 1 <= self.min_rounds <= self.max_rounds:
+            raise ConfigError(
+                f"need warmup >= 0 and 1 <= min rounds <= max rounds, got warmup={self.warmup} "
+                f"min={self.min_rounds} max={self.max_rounds}"
+            )
+        if not 0 < self.rel_tol < 1 or self.threads < 0:
+            raise ConfigError(
+                f"need 0 < rel tol < 1 and threads >= 0, got rel_tol={self.rel_tol} threads={self.threads}"
+            )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One repetition of a phase on one model: ``reset()`` (untimed), then ``step(k)`` for
+    ``k < steps``, each returning the seconds it timed."""
+
+    step: Callable[[int], float]
+    steps: int = 1
+    reset: Callable[[], None] = _nothing
 
 
 @dataclass(frozen=True)
 class SpeedProtocol:
     prompt_tokens: tuple[int, ...] = (512,)
     gen_tokens: int = 128
-    warmup: int = 1
-    min_rounds: int = 5
-    max_rounds: int = 7
-    rel_tol: float = 0.02
-    window: int = 2
-    threads: int = 0  # 0: every usable core
+    warmup: int = SpeedRounds.warmup
+    min_rounds: int = SpeedRounds.min_rounds
+    max_rounds: int = SpeedRounds.max_rounds
+    rel_tol: float = SpeedRounds.rel_tol
+    threads: int = SpeedRounds.threads  # 0: every usable core
+
+    def with_rounds(self, rounds: SpeedRounds) -> SpeedProtocol:
+        """The same phases, timed as ``rounds`` says."""
+        return replace(self, **asdict(rounds))
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens or any(n < 1 for n in self.prompt_tokens) or self.gen_tokens < 1:
@@ -62,16 +116,7 @@ class SpeedProtocol:
                 f"prompt tokens {list(self.prompt_tokens)} and generated tokens {self.gen_tokens} "
                 "must all be >= 1"
             )
-        if self.warmup < 0 or not 1 <= self.min_rounds <= self.max_rounds:
-            raise ConfigError(
-                f"need warmup >= 0 and 1 <= min rounds <= max rounds, got warmup={self.warmup} "
-                f"min={self.min_rounds} max={self.max_rounds}"
-            )
-        if not 0 < self.rel_tol < 1 or self.window < 1 or self.threads < 0:
-            raise ConfigError(
-                f"need 0 < rel tol < 1, window >= 1 and threads >= 0, got rel_tol={self.rel_tol} "
-                f"window={self.window} threads={self.threads}"
-            )
+        SpeedRounds(self.warmup, self.min_rounds, self.max_rounds, self.rel_tol, self.threads)  # checks
 
     @property
     def phases(self) -> dict[str, int]:
@@ -110,80 +155,134 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def median_settled(values: Sequence[float], *, rel_tol: float, window: int) -> bool:
-    """True when each of the last ``window`` values moved the running median by less than ``rel_tol``."""
-    if len(values) < window + 1:
-        return False
-    medians = [statistics.median(values[:k]) for k in range(len(values) - window, len(values) + 1)]
-    return all(abs(b - a) < rel_tol * abs(a) for a, b in zip(medians, medians[1:], strict=False))
+def median_rel_se(values: Sequence[float]) -> float:
+    """Estimated standard error of the median of ``values``, relative to the median.
+
+    Normal theory (SE = 1.2533·σ/√n) with σ estimated robustly as 1.4826·MAD, so one stalled
+    round does not inflate it. Infinite for fewer than three values."""
+    if len(values) < 3:
+        return math.inf
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
+    return 1.2533 * 1.4826 * mad / math.sqrt(len(values)) / abs(median)
 
 
-def _check_calls(original: Mapping[str, TimedCall], pruned: Mapping[str, TimedCall], phases) -> None:
-    for role, calls in zip(ROLES, (original, pruned), strict=True):
-        if set(calls) != set(phases):
-            raise ConfigError(f"{role} has phases {sorted(calls)}, the protocol needs {sorted(phases)}")
+def _check_phases(original: Mapping[str, Phase], pruned: Mapping[str, Phase], phases) -> None:
+    for role, given in zip(ROLES, (original, pruned), strict=True):
+        if set(given) != set(phases):
+            raise ConfigError(f"{role} has phases {sorted(given)}, the protocol needs {sorted(phases)}")
+    for name in phases:
+        if original[name].steps != pruned[name].steps:
+            raise ConfigError(
+                f"{name}: {original[name].steps} steps for the original, {pruned[name].steps} pruned"
+            )
+
+
+TURNS_PER_REPETITION = 8  # a generation repetition is timed in this many turns per model
+
+
+def _turn_steps(steps: int) -> int:
+    return -(-steps // TURNS_PER_REPETITION)
+
+
+def repetitions_per_round(steps: int) -> int:
+    """Repetitions of a phase per round: two when a repetition has an odd number of turns (a
+    prompt is one turn), so that each model leads as often as the other."""
+    turns = -(-steps // _turn_steps(steps))
+    return 2 if turns % 2 else 1
+
+
+def _round(pair: Mapping[str, Phase]) -> dict[str, float]:
+    """One round of a phase on both models, in turns, in A B B A order.
+
+    A turn is one prompt, or a run of consecutive generation steps (an eighth of the tokens).
+    The two models take turns, and the one that leads swaps at every turn. A model timed right
+    after the other is slowed by it (onnxruntime's and llama.cpp's threads keep spinning for a
+    while after a run); in this order both pay that alike, and whatever drift the machine has
+    over seconds lands on both. Every round starts with the original and ends with it."""
+    first, second = ROLES
+    steps = pair[first].steps
+    turn = _turn_steps(steps)
+    seconds = dict.fromkeys(ROLES, 0.0)
+    turns = 0
+    for _ in range(repetitions_per_round(steps)):
+        for role in ROLES:
+            pair[role].reset()
+        for lo in range(0, steps, turn):
+            order = (first, second) if turns % 2 == 0 else (second, first)
+            turns += 1
+            for role in order:
+                for k in range(lo, min(steps, lo + turn)):
+                    elapsed = float(pair[role].step(k))
+                    assert elapsed > 0, f"{role}: a timed step took {elapsed} s"
+                    seconds[role] += elapsed
+    return seconds
 
 
 def run_protocol(
-    original: Mapping[str, TimedCall], pruned: Mapping[str, TimedCall], protocol: SpeedProtocol
+    original: Mapping[str, Phase], pruned: Mapping[str, Phase], protocol: SpeedProtocol
 ) -> dict[str, Any]:
-    """Warm up, then time rounds of (phase: original, pruned) until every median speed-up settles.
+    """Warm up, then time rounds of every phase on both models, interleaved, until each phase's
+    median speed-up is precise (or ``max_rounds``).
 
-    ``original[phase]`` and ``pruned[phase]`` run one repetition of ``phase`` and return its
-    timed seconds. Returns the protocol, the rounds run, whether the medians settled, the order of
-    the timed calls, and per phase each model's tokens/s and the per-round speed-ups with spread.
+    Returns the protocol, the rounds run, whether every median is precise, the order of the timed
+    repetitions, and per phase each model's tokens/s and the per-round speed-ups with spread.
     """
     phases = protocol.phases
-    _check_calls(original, pruned, phases)
-    models = dict(zip(ROLES, (original, pruned), strict=True))
+    _check_phases(original, pruned, phases)
+    pairs = {name: {"original": original[name], "pruned": pruned[name]} for name in phases}
     load_before = load_average()
     for _ in range(protocol.warmup):
-        for phase in phases:
-            for calls in models.values():
-                calls[phase]()
+        for name in phases:
+            _round(pairs[name])
     seconds: dict[str, dict[str, list[float]]] = {p: {r: [] for r in ROLES} for p in phases}
     ratios: dict[str, list[float]] = {p: [] for p in phases}
+    precise = dict.fromkeys(phases, False)
     order: list[list[Any]] = []
-    settled = False
     rounds = 0
     started = time.perf_counter()
-    while rounds < protocol.max_rounds:
+    while rounds < protocol.max_rounds and not all(precise.values()):
         rounds += 1
-        for phase in phases:
-            for role, calls in models.items():
-                elapsed = float(calls[phase]())
-                assert elapsed > 0, f"{role} {phase}: a timed call took {elapsed} s"
-                seconds[phase][role].append(elapsed)
-                order.append([rounds, phase, role])
+        for name in phases:
+            if precise[name]:
+                continue
+            timed = _round(pairs[name])
+            for role in ROLES:
+                seconds[name][role].append(timed[role])
+            order.append([rounds, name])
             # Speed-up = pruned tokens/s over original tokens/s = original seconds over pruned seconds.
-            ratios[phase].append(seconds[phase]["original"][-1] / seconds[phase]["pruned"][-1])
-        settled = all(
-            median_settled(r, rel_tol=protocol.rel_tol, window=protocol.window) for r in ratios.values()
-        )
-        if rounds >= protocol.min_rounds and settled:
-            break
+            ratios[name].append(timed["original"] / timed["pruned"])
+            precise[name] = (
+                len(ratios[name]) >= protocol.min_rounds and median_rel_se(ratios[name]) <= protocol.rel_tol
+            )
     log.info(
         "speed: %d rounds (%s) in %.1f s",
         rounds,
-        "settled" if settled else "max rounds, not settled",
+        "every median precise" if all(precise.values()) else "max rounds, not every median precise",
         time.perf_counter() - started,
     )
     result: dict[str, Any] = {
         "protocol": protocol.as_dict()
         | {"threads": protocol.resolved_threads(), "context": protocol.context},
         "rounds": rounds,
-        "settled": settled,
+        "settled": all(precise.values()),
         "order": order,
         "load_average": {"before": load_before, "after": load_average()},
         "phases": {},
     }
-    for phase, tokens in phases.items():
-        entry: dict[str, Any] = {"kind": phase_kind(phase), "tokens": tokens}
+    for name, tokens in phases.items():
+        entry: dict[str, Any] = {"kind": phase_kind(name), "tokens": tokens}
         for role in ROLES:
-            samples = seconds[phase][role]
-            entry[role] = {"tokens_per_s": spread([tokens / s for s in samples]), "seconds": samples}
-        entry["speedup"] = spread(ratios[phase]) | {"rounds": ratios[phase]}
-        result["phases"][phase] = entry
+            samples = seconds[name][role]
+            done = tokens * repetitions_per_round(original[name].steps)
+            entry[role] = {"tokens_per_s": spread([done / s for s in samples]), "seconds": samples}
+        entry["speedup"] = spread(ratios[name]) | {
+            "rounds": ratios[name],
+            "rel_se": median_rel_se(ratios[name]),
+        }
+        entry["rounds"] = len(ratios[name])
+        entry["settled"] = precise[name]
+        result["phases"][name] = entry
     return result
 
 
@@ -228,9 +327,10 @@ def format_phases(result: Mapping[str, Any]) -> list[str]:
             + flag
         )
     protocol = result["protocol"]
-    settled = "median settled" if result["settled"] else "max rounds, median not settled"
+    rounds = ", ".join(f"{phase} {entry['rounds']}" for phase, entry in result["phases"].items())
+    precise = "every median precise" if result["settled"] else "max rounds reached, not every median precise"
     lines.append(
-        f"{result['rounds']} rounds ({settled} within {protocol['rel_tol']:.0%}), "
+        f"rounds: {rounds} ({precise}: standard error <= {protocol['rel_tol']:.1%}), "
         f"{protocol['threads']} threads"
     )
     return lines

@@ -13,7 +13,7 @@ __all__ = ["DEFAULT_RAM_FRACTION", "MemoryBudget", "parse_bytes"]
 
 # Without --memory-budget / RMEXPORT_MEMORY_BUDGET a prune may use this share of RAM.
 DEFAULT_RAM_FRACTION = 0.5
-# Resident weights may take at most this share of the budget; the rest is for activations.
+# Resident weights may take at most this share of the budget; the rest is for statistics and activations.
 WEIGHTS_SHARE = 0.5
 
 _UNITS = {
@@ -48,8 +48,13 @@ def parse_bytes(text: str) -> int:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """Bytes a prune may hold: weights stay resident when they fit ``WEIGHTS_SHARE`` of it,
-    activations live in memory up to what is left and spill to disk beyond."""
+    """Bytes a prune may hold, in three parts.
+
+    - Weights: all of them when they fit ``WEIGHTS_SHARE`` of the budget (resident), else the
+      largest module loaded at a time (one block, or the embedding or LM head of a large vocabulary).
+    - Candidates' float64 statistics: at most half of what the weights leave.
+    - Activations: the other half; beyond it they spill to disk.
+    """
 
     total_bytes: int
 
@@ -61,14 +66,22 @@ class MemoryBudget:
     def weights_resident(self, weights_bytes: int) -> bool:
         return weights_bytes <= WEIGHTS_SHARE * self.total_bytes
 
-    def activation_bytes(self, weights_bytes: int) -> int:
-        held = weights_bytes if self.weights_resident(weights_bytes) else 0
+    def _after_weights(self, weights_bytes: int, largest_module_bytes: int) -> int:
+        held = weights_bytes if self.weights_resident(weights_bytes) else largest_module_bytes
         return max(0, self.total_bytes - held)
 
-    def describe(self, weights_bytes: int) -> dict[str, object]:
+    def stats_bytes(self, weights_bytes: int, largest_module_bytes: int) -> int:
+        return self._after_weights(weights_bytes, largest_module_bytes) // 2
+
+    def activation_bytes(self, weights_bytes: int, largest_module_bytes: int) -> int:
+        return self._after_weights(weights_bytes, largest_module_bytes) // 2
+
+    def describe(self, weights_bytes: int, largest_module_bytes: int) -> dict[str, object]:
         return {
             "budget_bytes": self.total_bytes,
             "weights_bytes": weights_bytes,
+            "largest_module_bytes": largest_module_bytes,
             "weights_resident": self.weights_resident(weights_bytes),
-            "activation_budget_bytes": self.activation_bytes(weights_bytes),
+            "stats_budget_bytes": self.stats_bytes(weights_bytes, largest_module_bytes),
+            "activation_budget_bytes": self.activation_bytes(weights_bytes, largest_module_bytes),
         }

@@ -28,7 +28,7 @@ from ..measures import nll_sum
 from ..replaceme.apply import fold_map
 from .budget import MemoryBudget
 from .store import ActivationStore
-from .weights import ModelSkeleton, model_bytes
+from .weights import ModelSkeleton, largest_module_bytes, model_bytes
 
 __all__ = [
     "Batches",
@@ -158,7 +158,8 @@ class Engine:
         skeleton = ModelSkeleton(
             checkpoint, device=device, compute_dtype=compute_dtype, resident=budget.weights_resident(weights)
         )
-        return cls(skeleton, ActivationStore(torch.device(device), budget.activation_bytes(weights)))
+        largest = largest_module_bytes(checkpoint, skeleton.adapter.layers_path, compute_dtype)
+        return cls(skeleton, ActivationStore(torch.device(device), budget.activation_bytes(weights, largest)))
 
     @property
     def adapter(self):

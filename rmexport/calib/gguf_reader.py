@@ -43,6 +43,7 @@ log = get_logger(__name__)
 
 # GGUF tensors with no transformers parameter: derived data that transformers recomputes.
 _DERIVED = ("rope_freqs.weight",)
+DEQUANTIZE_CHUNK_BYTES = 32 * 2**20  # float32 output per dequantize call
 
 
 @dataclass(frozen=True)
@@ -275,22 +276,32 @@ class GGUFCheckpointReader:
 
     def get(self, hf_name: str) -> torch.Tensor:
         """The tensor as transformers holds it, in float32."""
+        info = self.info(hf_name)
+        data = self._to_transformers(hf_name, self._dequantize(info, self.raw(hf_name)))
+        self.bytes_dequantized += data.nbytes
+        self.tensors_read += 1
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+
+    def _dequantize(self, info: GGUFTensorInfo, raw: np.ndarray) -> np.ndarray:
+        """``raw`` as float32 of ``info.shape``, a few rows at a time: gguf-py's dequantizers hold
+        several float arrays of the whole input at once (2.2 GB for a 0.9 GB embedding)."""
         from gguf.quants import dequantize
 
-        info = self.info(hf_name)
+        out = np.empty(info.shape, dtype=np.float32)
+        rows = out.reshape(-1, info.shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
+        raw_rows = raw.reshape(rows.shape[0], -1)
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, rows.shape[1] * 4))
         try:
-            data = dequantize(self.raw(hf_name), info.qtype)
+            for lo in range(0, rows.shape[0], step):
+                chunk = dequantize(raw_rows[lo : lo + step], info.qtype)
+                rows[lo : lo + step] = np.asarray(chunk, dtype=np.float32).reshape(-1, rows.shape[1])
         except NotImplementedError as e:
             raise ModelLoadError(
                 f"tensor {info.name} of {self.path.name} is {info.qtype.name}, which the gguf package "
                 "cannot dequantize",
                 hint="upgrade the gguf package",
             ) from e
-        data = np.asarray(data, dtype=np.float32).reshape(info.shape)
-        data = self._to_transformers(hf_name, data)
-        self.bytes_dequantized += data.nbytes
-        self.tensors_read += 1
-        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+        return out
 
     def _to_transformers(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         import gguf

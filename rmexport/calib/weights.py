@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointReader",
     "ModelSkeleton",
     "checkpoint_dtype",
+    "largest_module_bytes",
     "model_bytes",
     "open_weights",
     "tensors_under",
@@ -130,6 +131,24 @@ def model_bytes(directory: str | Path, dtype: torch.dtype = torch.float32) -> in
     finally:
         reader.close()
     return elements * torch.tensor([], dtype=dtype).element_size()
+
+
+def largest_module_bytes(directory: str | Path, layers_path: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes in ``dtype`` of the largest module a streamed pass holds at once: one decoder block
+    (the tensors under ``layers_path.<i>.``), or any other module (the embedding, the LM head)."""
+    head = layers_path + "."
+    elements: dict[str, int] = {}
+    reader = open_weights(directory)
+    try:
+        for name in reader.names():
+            if name.startswith(head):
+                module = head + name[len(head) :].split(".", 1)[0]
+            else:
+                module = name.rpartition(".")[0]
+            elements[module] = elements.get(module, 0) + reader.numel(name)
+    finally:
+        reader.close()
+    return max(elements.values(), default=0) * torch.tensor([], dtype=dtype).element_size()
 
 
 def write_shards(
