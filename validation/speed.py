@@ -178,6 +178,9 @@ def _check_phases(original: Mapping[str, Phase], pruned: Mapping[str, Phase], ph
             )
 
 
+# Idle time before each prompt turn, so that the other model's threads have stopped spinning and the
+# prompt runs as it would alone. Generation turns follow each other directly (each is 1/8 of a phase).
+PROMPT_PAUSE_S = 0.05
 TURNS_PER_REPETITION = 8  # a generation repetition is timed in this many turns per model
 
 
@@ -199,7 +202,8 @@ def _round(pair: Mapping[str, Phase]) -> dict[str, float]:
     The two models take turns, and the one that leads swaps at every turn. A model timed right
     after the other is slowed by it (onnxruntime's and llama.cpp's threads keep spinning for a
     while after a run); in this order both pay that alike, and whatever drift the machine has
-    over seconds lands on both. Every round starts with the original and ends with it."""
+    over seconds lands on both. Every round starts with the original and ends with it. A prompt
+    turn starts after a short idle pause (``PROMPT_PAUSE_S``)."""
     first, second = ROLES
     steps = pair[first].steps
     turn = _turn_steps(steps)
@@ -212,6 +216,8 @@ def _round(pair: Mapping[str, Phase]) -> dict[str, float]:
             order = (first, second) if turns % 2 == 0 else (second, first)
             turns += 1
             for role in order:
+                if steps == 1:
+                    time.sleep(PROMPT_PAUSE_S)
                 for k in range(lo, min(steps, lo + turn)):
                     elapsed = float(pair[role].step(k))
                     assert elapsed > 0, f"{role}: a timed step took {elapsed} s"
