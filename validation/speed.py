@@ -7,16 +7,16 @@
   an untimed ``reset`` (empty the cache), then ``steps`` timed steps (one for a prompt, one per
   generated token).
 - Original and pruned take turns in A B B A order: a round of a prompt phase is original,
-  pruned, pruned, original; generation alternates every sixteenth of the round's tokens (eight
-  turns of each model). On a shared or virtualised CPU the speed drifts over seconds, and a model
-  timed right after the other is slowed by the other's threads still spinning; this order puts
-  both on each side alike.
+  pruned, pruned, original; generation goes in turns of an eighth of the tokens (16 of tg128),
+  the lead swapping every turn. On a shared or virtualised CPU the speed drifts over seconds,
+  and a model timed right after the other is slowed by the other's threads still spinning; this
+  order puts both on each side alike.
 - Warm-up: ``warmup`` untimed rounds of every phase.
-- The speed-up of a round is the original's seconds over the pruned model's; the reported speed-up is the
-  median over rounds. A phase is timed again round after round until its median is precise: the
-  estimated relative standard error of the median (from the median absolute deviation) is at
-  most ``rel_tol``, after at least ``min_rounds``; a precise phase is no longer timed, so the time
-  goes to the noisy ones. No phase gets more than ``max_rounds``.
+- The speed-up of a round is the original's seconds over the pruned model's; the reported
+  speed-up is the median over rounds. A phase is timed again round after round until its median
+  is precise: the estimated relative standard error of the median (from the median absolute
+  deviation) is at most ``rel_tol``, after at least ``min_rounds``; a precise phase is no longer
+  timed, so the time goes to the noisy ones. No phase gets more than ``max_rounds``.
 - Spread: median, min–max and quartiles of the per-round speed-ups and of each model's tokens/s.
 """
 
