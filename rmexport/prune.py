@@ -23,7 +23,7 @@ from .calib.budget import MemoryBudget
 from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corpus, parse_mixture
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
-from .calib.weights import checkpoint_dtype, largest_module_bytes, model_bytes
+from .calib.weights import checkpoint_dtype
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .log import get_logger
 from .models import (
@@ -407,8 +407,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             for spec in options.ood_data
         }
         engine = open_engine(checkpoint, options, budget)
-    weights = model_bytes(checkpoint, engine.skeleton.compute_dtype)
-    largest = largest_module_bytes(checkpoint, adapter.layers_path, engine.skeleton.compute_dtype)
+    weights, largest = engine.weights_bytes, engine.largest_module_bytes
     log.info(
         "%s: %s, %d blocks, hidden %d; removing %d block(s) as %s; weights %s (%.2f GiB of a %.2f GiB "
         "budget)",

@@ -141,6 +141,8 @@ class Engine:
     skeleton: ModelSkeleton
     store: ActivationStore
     batches: dict[str, Batches] = field(default_factory=dict)
+    weights_bytes: int = 0  # the checkpoint's tensors in the compute dtype (set by ``open``)
+    largest_module_bytes: int = 0  # the largest module a streamed pass holds at once
     _kwargs: dict[tuple[str, int], dict[str | None, dict[str, Any]]] = field(default_factory=dict)
     _counter: int = 0
 
@@ -159,7 +161,8 @@ class Engine:
             checkpoint, device=device, compute_dtype=compute_dtype, resident=budget.weights_resident(weights)
         )
         largest = largest_module_bytes(checkpoint, skeleton.adapter.layers_path, compute_dtype)
-        return cls(skeleton, ActivationStore(torch.device(device), budget.activation_bytes(weights, largest)))
+        store = ActivationStore(torch.device(device), budget.activation_bytes(weights, largest))
+        return cls(skeleton, store, weights_bytes=weights, largest_module_bytes=largest)
 
     @property
     def adapter(self):
