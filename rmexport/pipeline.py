@@ -11,6 +11,7 @@ import functools
 import json
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,16 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _original_perplexity(base_runner, name: str, key: dict, needs: str, out: Path, measure) -> dict:
+    """The original's held-out perplexity in one runtime: measured once per model (into
+    ``<slug>-original/checks/``) and reused by every run that benchmarks it on the same windows."""
+    base_runner.run(Stage(name, key, [out], lambda: write_json(out, measure()), needs=[needs]))
+    return _read_json(out)
+
+
 def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import DEFAULT_PROTOCOL, bench_onnx
+    from validation.onnx_bench import DEFAULT_PROTOCOL, bench_onnx, onnx_perplexity
     from validation.onnx_parity import validate_onnx
 
     protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
@@ -159,6 +167,15 @@ def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt
     )
     outputs["onnx_parity"] = _read_json(parity_file)
     if not cfg.skip_bench:
+        threads = protocol.resolved_threads()
+        original_ppl = _original_perplexity(
+            base_runner,
+            "perplexity_onnx",
+            {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("onnxruntime")},
+            "export_onnx",
+            base_dir / "checks" / "onnx_perplexity.json",
+            lambda: onnx_perplexity(base_onnx, eval_tokens=cfg.eval_tokens, threads=threads),
+        )
         bench_file = run_dir / "checks" / "onnx_bench.json"
         runner.run(
             Stage(
@@ -167,11 +184,18 @@ def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt
                     "eval_tokens": cfg.eval_tokens,
                     "speed": protocol.as_dict(),
                     "original": base_runner.hashes["export_onnx"],
+                    "original_perplexity": base_runner.hashes["perplexity_onnx"],
                 },
                 [bench_file],
                 lambda: write_json(
                     bench_file,
-                    bench_onnx(base_onnx, pruned_onnx, eval_tokens=cfg.eval_tokens, protocol=protocol),
+                    bench_onnx(
+                        base_onnx,
+                        pruned_onnx,
+                        eval_tokens=cfg.eval_tokens,
+                        protocol=protocol,
+                        original_perplexity=original_ppl,
+                    ),
                 ),
                 needs=["export_onnx"],
             )
@@ -184,7 +208,7 @@ def _gguf_stages(
     cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
 ) -> dict:
     from converters.gguf_export import export_gguf
-    from validation.gguf_bench import DEFAULT_PROTOCOL, bench_gguf
+    from validation.gguf_bench import DEFAULT_PROTOCOL, bench_gguf, gguf_perplexity
     from validation.gguf_parity import gguf_type_of, validate_gguf
 
     protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
@@ -246,6 +270,18 @@ def _gguf_stages(
     )
     outputs["gguf_parity"] = _read_json(parity_file)
     if not cfg.skip_bench:
+        threads = protocol.resolved_threads()
+        original_quality = [
+            _original_perplexity(
+                base_runner,
+                f"perplexity_gguf_{t}",
+                {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("llama-cpp-python")},
+                f"export_gguf_{t}",
+                base_dir / "checks" / f"gguf_{t}_perplexity.json",
+                lambda t=t: gguf_perplexity(base_files[t], eval_tokens=cfg.eval_tokens, threads=threads),
+            )
+            for t in bench_types
+        ]
         bench_file = run_dir / "checks" / "gguf_bench.json"
         runner.run(
             Stage(
@@ -255,6 +291,7 @@ def _gguf_stages(
                     "types": bench_types,
                     "speed": protocol.as_dict(),
                     "original": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
+                    "original_perplexity": [base_runner.hashes[f"perplexity_gguf_{t}"] for t in bench_types],
                 },
                 [bench_file],
                 lambda: write_json(
@@ -266,6 +303,7 @@ def _gguf_stages(
                             eval_tokens=cfg.eval_tokens,
                             protocol=protocol,
                             torch_reference=False,
+                            original_quality=original_quality,
                         )
                         for t in bench_types
                     },

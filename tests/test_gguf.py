@@ -358,3 +358,34 @@ def test_carry_over_takes_per_layer_arrays_from_the_config_when_blocks_differ():
     same = carry_over({**ours, "gemma3.block_count": KV(6, GGUFValueType.UINT32)}, source, "gemma3")
     assert same["gemma3.source_only_per_layer"].value == [True, False] * 3
     assert same["gemma3.attention.sliding_window_pattern"].value == [True] * 5 + [False]
+
+
+def test_an_earlier_perplexity_of_the_original_is_reused_only_on_the_same_file_and_windows(
+    tiny_checkpoints, tmp_path
+):
+    from validation.gguf_bench import bench_gguf, gguf_perplexity
+    from validation.speed import SpeedProtocol
+
+    original = export_gguf(tiny_checkpoints["llama"], tmp_path / "o.gguf", "f16")
+    pruned = export_gguf(tiny_checkpoints["llama"], tmp_path / "p.gguf", "f16")
+    protocol = SpeedProtocol(prompt_tokens=(8,), gen_tokens=2, warmup=0, min_rounds=1, max_rounds=1)
+    measured = gguf_perplexity(original, eval_tokens=64, window=32)
+
+    def bench(earlier, eval_tokens=64):
+        return bench_gguf(
+            original,
+            pruned,
+            eval_tokens=eval_tokens,
+            window=32,
+            protocol=protocol,
+            torch_reference=False,
+            original_quality=earlier,
+        )["types"]["f16"]
+
+    fresh = bench(())["original"]
+    assert measured["ppl"] == pytest.approx(fresh["ppl"], rel=1e-6) and measured["tokens"] == fresh["tokens"]
+    marked = measured | {"ppl": -1.0}  # a value no measurement gives: shows which one the bench used
+    assert bench([marked])["original"]["ppl"] == -1.0
+    assert bench([marked])["pruned"]["ppl"] > 0  # the pruned model is always measured
+    assert bench([marked], eval_tokens=96)["original"]["ppl"] > 0  # other windows: measured again
+    assert bench([marked | {"file": str(pruned)}])["original"]["ppl"] > 0  # another file

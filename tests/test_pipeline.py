@@ -90,12 +90,25 @@ def test_rerun_reuses_stages_and_interrupted_output_recovers(tiny_run, tiny_chec
     # Simulate an interruption: a half-written temporary folder and a stage without its manifest.
     (run_dir / ".hf.interrupted").mkdir()
     (run_dir / ".stages" / "export_gguf_f16.json").unlink()
+    for bench in ("bench_onnx", "bench_gguf"):
+        (run_dir / ".stages" / f"{bench}.json").unlink()
     code, _, _ = _run(
         capsys, str(tiny_checkpoints["llama"]), "--ratio", "0.25", "--out-root", str(out_root), *FAST
     )
     report = assert_checks_passed(code, run_dir)
     assert "prune" in report["reused_stages"] and "export_onnx" in report["reused_stages"]
     assert "export_gguf_f16" not in report["reused_stages"]
+    # The benchmarks ran again; the original's perplexities, measured once per model, were reused.
+    assert {"bench_onnx", "bench_gguf"}.isdisjoint(report["reused_stages"])
+    checks = out_root / "llama-original" / "checks"
+    for runtime in ("onnx", "gguf_f16", "gguf_q4_k_m"):
+        assert f"original/perplexity_{runtime}" in report["reused_stages"]
+    assert report["onnx_bench"]["models"]["original"] == json.loads(
+        (checks / "onnx_perplexity.json").read_text()
+    )
+    for gguf_type in ("f16", "q4_k_m"):
+        earlier = json.loads((checks / f"gguf_{gguf_type}_perplexity.json").read_text())
+        assert report["gguf_bench"][gguf_type]["types"][gguf_type]["original"] == earlier
     assert not (run_dir / ".hf.interrupted").exists()
     # The same inputs give byte-identical GGUF files.
     assert (run_dir / "gguf" / "llama-r0.25-f16.gguf").read_bytes() == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,7 @@ def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, prun
 
 def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpoints, pruned_llama, tmp_path):
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import bench_onnx, format_table
+    from validation.onnx_bench import bench_onnx, format_table, onnx_perplexity
 
     original = export_onnx(tiny_checkpoints["llama"], tmp_path / "o")
     pruned = export_onnx(pruned_llama, tmp_path / "p")
@@ -283,6 +284,20 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
     _check_speed_result(result["speed"], protocol, ideals)
     assert result["models"]["pruned"]["ppl"] > 0 and result["machine"]["threads"] == result["threads"]
     assert "pp16" in format_table(result)
+
+    # The original's perplexity, measured once per model, is reused on the same export and windows.
+    measured = onnx_perplexity(original, eval_tokens=64, window=32)
+    assert measured["ppl"] == pytest.approx(result["models"]["original"]["ppl"], rel=1e-6)
+    marked = measured | {"ppl": -1.0}  # a value no measurement gives: shows which one the bench used
+    quick = replace(protocol, prompt_tokens=(8,), min_rounds=1, max_rounds=1)
+    reused = bench_onnx(
+        original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=marked
+    )
+    assert reused["models"]["original"]["ppl"] == -1.0 and reused["models"]["pruned"]["ppl"] > 0
+    other_windows = bench_onnx(
+        original, pruned, eval_tokens=96, window=32, protocol=quick, original_perplexity=marked
+    )
+    assert other_windows["models"]["original"]["ppl"] > 0
 
 
 def test_cli_rejects_an_impossible_protocol(tiny_checkpoints, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
-from rmexport.sysinfo import machine_info
+from rmexport.sysinfo import machine_info, usable_cores
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "bench_gguf",
     "format_table",
+    "gguf_perplexity",
     "llama_cpp_forward",
     "speed",
 ]
@@ -161,9 +162,9 @@ def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str, expo
 
 
 def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
-    """Size, blocks and perplexity of one GGUF over the held-out windows."""
+    """Size, blocks and perplexity of one GGUF over the held-out windows (and their digest)."""
     from validation.gguf_parity import gguf_type_of
-    from validation.perplexity import perplexity
+    from validation.perplexity import perplexity, windows_digest
 
     f32 = gguf_type_of(path) == "f32"  # f32 weights: keep the KV cache in f32 too, as parity does
     with llama_cpp_tools.open_model(
@@ -174,7 +175,35 @@ def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any
         )
     result = {"file": str(path), "size_bytes": path.stat().st_size, "block_count": _block_count(path)}
     result.update(ppl.as_dict())
+    result["windows_sha256"] = windows_digest(windows)
     return result
+
+
+def _earlier_measurement(
+    earlier: Sequence[dict[str, Any]], path: Path, windows: torch.Tensor
+) -> dict[str, Any] | None:
+    """The measurement of ``path`` among ``earlier`` ones, if it was made on these windows."""
+    from validation.perplexity import windows_digest
+
+    digest = windows_digest(windows)
+    for measured in earlier:
+        if (
+            Path(measured["file"]).resolve() == path.resolve()
+            and measured["size_bytes"] == path.stat().st_size
+            and measured.get("windows_sha256") == digest
+        ):
+            return measured
+    return None
+
+
+def gguf_perplexity(
+    path: str | Path, *, eval_tokens: int = 2048, window: int = 512, threads: int = 0
+) -> dict[str, Any]:
+    """What ``bench_gguf`` measures of one GGUF besides speed: size, blocks and held-out perplexity.
+    The original's never changes between runs, so a pipeline measures it once per model and hands
+    it back to ``bench_gguf(original_quality=...)``."""
+    path = Path(path)
+    return _quality(path, _windows(path, path, eval_tokens, window), threads or usable_cores())
 
 
 def bench_gguf(
@@ -188,11 +217,14 @@ def bench_gguf(
     torch_reference: bool = True,
     work_dir: str | Path | None = None,
     export: Exporter | None = None,
+    original_quality: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type.
 
     ``original`` and ``pruned`` are GGUF files, or HF checkpoints that ``export`` writes as a GGUF
-    of each of ``types`` into ``work_dir`` (a benchmark measures; it does not convert by itself)."""
+    of each of ``types`` into ``work_dir`` (a benchmark measures; it does not convert by itself).
+    ``original_quality`` (``gguf_perplexity`` of original GGUF files) is used instead of measuring
+    an original again when it was measured on the same file and the same windows."""
     from validation.gguf_parity import gguf_type_of
 
     file_types = {gguf_type_of(s) for s in (original, pruned) if _is_gguf(s)}
@@ -225,7 +257,18 @@ def bench_gguf(
                 role: _gguf_file(spec, gguf_type, folder, role, export)
                 for role, spec in (("original", original), ("pruned", pruned))
             }
-            entry: dict[str, Any] = {role: _quality(path, windows, threads) for role, path in paths.items()}
+            entry: dict[str, Any] = {}
+            for role, path in paths.items():
+                earlier = (
+                    _earlier_measurement(original_quality, path, windows) if role == "original" else None
+                )
+                if earlier is not None:
+                    log.info(
+                        "llama.cpp perplexity of %s: %.3f (measured once per model)",
+                        path.name,
+                        earlier["ppl"],
+                    )
+                entry[role] = earlier or _quality(path, windows, threads)
             entry["size_ratio"] = entry["pruned"]["size_bytes"] / entry["original"]["size_bytes"]
             entry["speed"] = speed(paths["original"], paths["pruned"], protocol)
             for phase, measured in entry["speed"]["phases"].items():

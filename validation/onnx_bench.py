@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from rmexport.errors import ConfigError, ModelLoadError
-from rmexport.sysinfo import machine_info
+from rmexport.sysinfo import machine_info, usable_cores
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
 
-__all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table"]
+__all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table", "onnx_perplexity"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,54 @@ def _windows(onnx_dir: Path, eval_tokens: int, window: int):
     return heldout_windows(load_corpus("builtin"), tokenizer, eval_tokens, window=window)
 
 
+def _checked_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "model.onnx").is_file():
+        raise ModelLoadError(
+            f"no model.onnx in {path}", hint="create it with: rmexport export onnx CKPT --out DIR"
+        )
+    return path
+
+
+def _measured(decoder: Any, windows: Any, role: str) -> dict[str, Any]:
+    """One export's size and held-out perplexity, with the digest of the windows it was measured on."""
+    from .perplexity import perplexity, windows_digest
+
+    ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {role}")
+    log.info("bench onnx: %s (%d blocks) ppl=%.3f", role, decoder.num_layers, ppl.ppl)
+    return {
+        "onnx_dir": str(decoder.dir),
+        "num_hidden_layers": decoder.num_layers,
+        "providers": decoder.session.get_providers(),
+        "size_bytes": sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
+        **ppl.as_dict(),
+        "windows_sha256": windows_digest(windows),
+    }
+
+
+def _same_measurement(earlier: dict[str, Any] | None, onnx_dir: Path, windows: Any) -> bool:
+    from .perplexity import windows_digest
+
+    return (
+        earlier is not None
+        and Path(earlier["onnx_dir"]).resolve() == onnx_dir.resolve()
+        and earlier.get("windows_sha256") == windows_digest(windows)
+    )
+
+
+def onnx_perplexity(
+    onnx_dir: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS, window: int = 512, threads: int = 0
+) -> dict[str, Any]:
+    """What ``bench_onnx`` measures of one export besides speed: size and held-out perplexity. The
+    original's never changes between runs, so a pipeline measures it once per model and hands it
+    back to ``bench_onnx(original_perplexity=...)``."""
+    from .ort_decoder import OrtDecoder
+
+    onnx_dir = _checked_dir(onnx_dir)
+    windows = _windows(onnx_dir, eval_tokens, window)
+    return _measured(OrtDecoder(onnx_dir, threads=threads or usable_cores()), windows, "original")
+
+
 def bench_onnx(
     original_dir: str | Path,
     pruned_dir: str | Path,
@@ -102,14 +150,13 @@ def bench_onnx(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int = 512,
     protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
+    original_perplexity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal."""
-    original_dir, pruned_dir = Path(original_dir), Path(pruned_dir)
-    for path in (original_dir, pruned_dir):
-        if not (path / "model.onnx").is_file():
-            raise ModelLoadError(
-                f"no model.onnx in {path}", hint="create it with: rmexport export onnx CKPT --out DIR"
-            )
+    """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal.
+
+    ``original_perplexity`` (from ``onnx_perplexity``) is used instead of measuring the original
+    again when it was measured on the same export and the same windows."""
+    original_dir, pruned_dir = _checked_dir(original_dir), _checked_dir(pruned_dir)
     windows = _windows(original_dir, eval_tokens, window)
     if not np.array_equal(windows.numpy(), _windows(pruned_dir, eval_tokens, window).numpy()):
         raise ConfigError(
@@ -117,22 +164,17 @@ def bench_onnx(
             hint="compare a pruned model with the model it was pruned from",
         )
     from .ort_decoder import OrtDecoder
-    from .perplexity import perplexity
 
     threads = protocol.resolved_threads()
     paths = {"original": original_dir, "pruned": pruned_dir}
     decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
     models: dict[str, dict[str, Any]] = {}
     for name, decoder in decoders.items():
-        ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {name}")
-        log.info("bench onnx: %s (%d blocks) ppl=%.3f", name, decoder.num_layers, ppl.ppl)
-        models[name] = {
-            "onnx_dir": str(decoder.dir),
-            "num_hidden_layers": decoder.num_layers,
-            "providers": decoder.session.get_providers(),
-            "size_bytes": sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
-            **ppl.as_dict(),
-        }
+        if name == "original" and _same_measurement(original_perplexity, original_dir, windows):
+            log.info("bench onnx: original ppl=%.3f (measured once per model)", original_perplexity["ppl"])
+            models[name] = original_perplexity
+        else:
+            models[name] = _measured(decoder, windows, name)
     original, pruned = models["original"], models["pruned"]
     return {
         "backend": "onnxruntime",

@@ -7,6 +7,7 @@ the logits at position ``t`` predict token ``t + 1``, so each window predicts ``
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from rmexport.log import progress
 from rmexport.measures import nll_sum
 from rmexport.measures import perplexity as perplexity_of
 
-__all__ = ["PerplexityResult", "perplexity", "torch_forward", "window_nll"]
+__all__ = ["PerplexityResult", "perplexity", "torch_forward", "window_nll", "windows_digest"]
 
 Forward = Callable[[torch.Tensor], Any]
 
@@ -37,6 +38,11 @@ class PerplexityResult:
             "tokens": self.n_tokens,
             "windows": self.n_windows,
         }
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short hash of the token ids, so a perplexity measured earlier is reused only on the same windows."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
