@@ -396,7 +396,7 @@ def _add_round_options(group: Any) -> None:
         "--warmup",
         type=int,
         default=default.warmup,
-        help=f"untimed rounds first (default {default.warmup})",
+        help=f"untimed turns of every phase per model first (default {default.warmup})",
     )
     group.add_argument(
         "--min-rounds", type=int, default=default.min_rounds, help=f"default {default.min_rounds}"

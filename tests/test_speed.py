@@ -70,7 +70,11 @@ def test_rounds_interleave_and_stop_once_every_median_is_precise():
     assert result["order"] == [[r, p] for r in (1, 2, 3) for p in result["phases"]]
     # Turns in A B B A order: a prompt round is original, pruned, pruned, original; generation
     # alternates in turns of ceil(4 / 8) = 1 step, the lead swapping at every turn.
-    warmup_steps = 2 * 2 * (2 * 1 + 2 * 1 + 4)  # 2 rounds, 2 models: pp8 and pp16 twice, tg4 once
+    # Warm-up: 2 turns per model of every phase (a prompt; tg4's first eighth, 1 token), untimed.
+    warmup_steps = 2 * 2 * (1 + 1 + 1)
+    assert [(role, phase) for role, phase, _ in log[:6]] == [
+        (role, phase) for phase in ("pp8", "pp16", "tg4") for role in ("original", "pruned")
+    ]
     timed = log[warmup_steps:]
     assert len(timed) == 3 * 2 * (2 + 2 + 4)
     pp8 = [role for role, phase, _ in timed if phase == "pp8"]

@@ -327,9 +327,10 @@ def _speed_section(report: dict) -> list[str]:
         "",
         "Measured like llama-bench: pp*N* processes an *N*-token prompt from an empty cache, tg*N* "
         "generates *N* tokens one at a time from an empty cache. Both models are loaded once, with the "
-        "same threads, context and batch; after a warm-up, original and pruned are timed interleaved: "
-        "a prompt of one, then of the other (who goes first alternates by round), and generation token "
-        "by token (original's token *k*, then pruned's), so that a drifting machine slows both alike. "
+        "same threads, context and batch; after a warm-up, original and pruned take turns in A B B A "
+        "order: a prompt round is original, pruned, pruned, original, and generation goes in turns of an "
+        "eighth of the tokens, the lead swapping every turn, so that a drifting machine, and the other "
+        "model's threads still spinning, slow both alike. "
         "Each round's speed-up is original time over pruned time; a phase is timed again until the "
         "estimated standard error of the median speed-up is small (or the maximum of rounds); the table "
         "gives the median and the spread over rounds.",
