@@ -345,12 +345,30 @@ def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) ->
     return final, record
 
 
+@dataclass
+class _SetAside:
+    """The text after the calibration documents: ``selection`` judges ``--select loss`` and the
+    cosine epochs, ``by_source`` the quality guard. Built before calibration, so text too short
+    for them is an error at once rather than after the calibration pass."""
+
+    selection: CalibrationSet | None
+    by_source: dict[str, CalibrationSet]
+
+    @classmethod
+    def build(cls, tokenizer: Any, options: PruneOptions) -> _SetAside:
+        needs_scorer = options.select == "loss" or options.solver == "cosine"
+        return cls(
+            calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
+            set_aside_by_source(tokenizer, options) if options.quality_guard else {},
+        )
+
+
 def _cut_and_fit(
     engine: Engine,
     options: PruneOptions,
     sizes: list[int],
     calibration: CalibrationSet,
-    tokenizer: Any,
+    set_aside: _SetAside,
     clock: _Clock,
     stats_budget: int,
 ) -> tuple[Plan, list[CutRecord], dict[str, Any]]:
@@ -358,10 +376,7 @@ def _cut_and_fit(
     plan = original_plan(engine.n_layers)
     records: list[CutRecord] = []
     guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
-    needs_scorer = options.select == "loss" or options.solver == "cosine"
-    scorer = (
-        SelectionScorer(engine, calibration_set(tokenizer, options, set_aside=True)) if needs_scorer else None
-    )
+    scorer = SelectionScorer(engine, set_aside.selection) if set_aside.selection is not None else None
     try:
         for k, size in enumerate(sizes):
             step = f"({k + 1}/{len(sizes)})"
@@ -375,7 +390,7 @@ def _cut_and_fit(
             records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
         if options.quality_guard:
             with clock.stage("guard"):
-                plan, guard = _guard(engine, set_aside_by_source(tokenizer, options), plan)
+                plan, guard = _guard(engine, set_aside.by_source, plan)
     finally:
         if scorer is not None:
             scorer.close()
@@ -401,6 +416,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         tokenizer = load_tokenizer(source)
         eval_corpus = load_corpus(options.eval_data)
         calibration = calibration_set(tokenizer, options)
+        set_aside = _SetAside.build(tokenizer, options)
         windows = heldout_windows(eval_corpus, tokenizer, options.eval_tokens)
         ood_windows = {
             spec: heldout_windows(load_corpus(spec), tokenizer, options.ood_tokens)
@@ -425,7 +441,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
 
     try:
         plan, records, guard = _cut_and_fit(
-            engine, options, sizes, calibration, tokenizer, clock, budget.stats_bytes(weights, largest)
+            engine, options, sizes, calibration, set_aside, clock, budget.stats_bytes(weights, largest)
         )
         with clock.stage("checks"):
             checks = run_checks(engine, plan, windows, options.parity_windows)

@@ -54,6 +54,10 @@ class MemoryBudget:
       largest module loaded at a time (one block, or the embedding or LM head of a large vocabulary).
     - Candidates' float64 statistics: at most half of what the weights leave.
     - Activations: the other half; beyond it they spill to disk.
+
+    On top come Python, PyTorch and transformers themselves, and the LM head pass's logits: a
+    few positions of one stream at a time in float64 (``Engine.head_pass``, 64 MiB a chunk; two
+    streams where fold parity compares them).
     """
 
     total_bytes: int

@@ -380,7 +380,8 @@ class Engine:
 
         ``targets(b)`` gives batch ``b``'s token ids and a mask of the predictions that count
         (position ``t`` predicts token ``t + 1``). Logits are computed a few positions at a time,
-        so memory does not grow with vocabulary × batch. Returns ``{stream: (Σ nll, count)}`` and
+        so memory does not grow with vocabulary × batch, and one stream at a time: only the pairs
+        of ``compare`` hold two streams' logits at once. Returns ``{stream: (Σ nll, count)}`` and
         ``{(a, b): (max |logit_a − logit_b|, max |logit_b|)}`` over the batches both hold.
         ``on_logits(stream, b, logits)`` receives every position's logits, chunk by chunk."""
         norm, head = self.skeleton.load_head()
@@ -400,25 +401,19 @@ class Engine:
                     step = max(1, chunk_bytes // max(1, rows * vocab * 8))
                     for lo in range(0, end, step):
                         hi = min(end, lo + step)
-                        logits = {s: self._logits(head, normed[s][:, lo:hi], cap) for s in present}
-                        for s, chunk in logits.items():
+                        held: dict[str, torch.Tensor] = {}  # logits a comparison still waits for
+                        for i, s in enumerate(present):
+                            logits = self._logits(head, normed[s][:, lo:hi], cap)
                             if on_logits:
-                                on_logits(s, b, chunk.float().cpu())
-                            upto = min(hi, predicted) - lo
-                            if upto <= 0:
-                                continue
-                            nll, n = nll_sum(
-                                chunk[:, :upto], ids[:, lo + 1 : lo + 1 + upto], counted[:, lo : lo + upto]
-                            )
-                            total, count = losses[s]
-                            losses[s] = (total + nll, count + n)
-                        for a, ref in compare:
-                            if a in logits and ref in logits:
-                                worst, scale = diffs[(a, ref)]
-                                diffs[(a, ref)] = (
-                                    max(worst, float((logits[a] - logits[ref]).abs().max())),
-                                    max(scale, float(logits[ref].abs().max())),
-                                )
+                                on_logits(s, b, logits.float().cpu())
+                            losses[s] = _add_nll(losses[s], logits, ids, counted, lo, min(hi, predicted))
+                            held[s] = logits
+                            del logits
+                            for a, ref in compare:
+                                if s in (a, ref) and a in held and ref in held:
+                                    diffs[(a, ref)] = _max_difference(diffs[(a, ref)], held[a], held[ref])
+                            later = present[i + 1 :]
+                            held = {k: v for k, v in held.items() if _awaited(k, later, compare)}
         finally:
             self.skeleton.free(f"{self.skeleton.base_path}.norm")
             self.skeleton.free("lm_head")
@@ -454,6 +449,37 @@ class Engine:
     def close(self) -> None:
         self.store.close()
         self.skeleton.close()
+
+
+def _add_nll(
+    so_far: tuple[float, int],
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    counted: torch.Tensor,
+    lo: int,
+    hi: int,
+) -> tuple[float, int]:
+    """``so_far`` plus the loss of positions ``lo .. hi`` (``logits`` starts at ``lo``)."""
+    if hi <= lo:
+        return so_far
+    nll, n = nll_sum(logits[:, : hi - lo], ids[:, lo + 1 : hi + 1], counted[:, lo:hi])
+    return so_far[0] + nll, so_far[1] + n
+
+
+def _awaited(stream: str, later: list[str], compare: list[tuple[str, str]]) -> bool:
+    """Whether a comparison pairs ``stream`` with one of the ``later`` streams."""
+    return any((a == stream and ref in later) or (ref == stream and a in later) for a, ref in compare)
+
+
+def _max_difference(
+    so_far: tuple[float, float], logits: torch.Tensor, reference: torch.Tensor
+) -> tuple[float, float]:
+    """``so_far`` updated with max |logits − reference| and max |reference|."""
+    worst, scale = so_far
+    return (
+        max(worst, float((logits - reference).abs().max())),
+        max(scale, float(reference.abs().max())),
+    )
 
 
 def _apply_maps(maps: tuple[Map, ...]):

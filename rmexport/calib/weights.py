@@ -10,7 +10,13 @@ most one block's weights are in memory at a time. Either way the callers run the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
+import os
+import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
-from ..errors import ModelLoadError
+from ..errors import ExportError, ModelLoadError
 from ..log import get_logger, progress
 
 __all__ = [
@@ -29,11 +35,27 @@ __all__ = [
     "largest_module_bytes",
     "model_bytes",
     "open_weights",
+    "return_freed_memory",
     "tensors_under",
+    "write_safetensors",
     "write_shards",
 ]
 
-MAX_SHARD_BYTES = 2**30  # one shard is in memory while it is written, twice during serialization
+MAX_SHARD_BYTES = 2**30  # shards are written one tensor at a time; this only sets how many files
+RELEASE_BYTES = 256 * 2**20  # a writer's source unmaps its files after this much (mapped pages are resident)
+_HEADER_ENTRY_BYTES = 96  # header room per tensor besides its name: dtype, a 2-D shape, offsets
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 log = get_logger(__name__)
 
@@ -88,6 +110,26 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    glibc keeps freed blocks of up to 32 MiB (activations, statistics, logits) in its heaps, and a
+    module materialised next (the 0.9 GB embedding of a 152k vocabulary) is mapped beside them:
+    before each LM head pass of Qwen2.5-1.5B's guard, 0.65 to 0.95 GB of the RSS was freed heap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def tensors_under(reader: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,6 +193,68 @@ def largest_module_bytes(directory: str | Path, layers_path: str, dtype: torch.d
     return max(elements.values(), default=0) * torch.tensor([], dtype=dtype).element_size()
 
 
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ExportError(f"cannot write a {dtype} tensor to safetensors")
+    return _SAFETENSORS_DTYPES[dtype]
+
+
+def _header(entries: dict[str, dict[str, Any]], size: int | None = None) -> bytes:
+    """The JSON header, padded with spaces (as the format allows) to ``size`` or to a multiple of 8."""
+    text = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    size = size if size is not None else -(-len(text) // 8) * 8
+    return text + b" " * (size - len(text))
+
+
+def write_safetensors(path: Path, items: list[tuple[str, int, Any]], release: Any = None) -> dict[str, int]:
+    """Write ``(name, bytes, produce)`` items to one safetensors file, one tensor in memory at a time.
+
+    The data is written behind a space reserved for the header, which is written last; a header
+    larger than the reserve (tensors of many dimensions) is written in front of a copy of the data.
+    ``release()`` runs after every ``RELEASE_BYTES`` produced. Returns each tensor's bytes."""
+    reserve = _header_reserve(items)
+    entries: dict[str, dict[str, Any]] = {}
+    sizes: dict[str, int] = {}
+    offset = since_release = 0
+    with open(path, "w+b") as f:
+        f.seek(8 + reserve)
+        for name, _, produce in items:
+            return_freed_memory()
+            tensor = produce().cpu().contiguous()
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            f.write(data.data)
+            entries[name] = {
+                "dtype": _safetensors_dtype(tensor.dtype),
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + data.nbytes],
+            }
+            sizes[name] = data.nbytes
+            offset += data.nbytes
+            since_release += data.nbytes
+            del tensor, data
+            if release is not None and since_release >= RELEASE_BYTES:
+                release()
+                since_release = 0
+        header = _header(entries)
+        if len(header) <= reserve:
+            header = _header(entries, reserve)
+            f.seek(0)
+            f.write(struct.pack("<Q", len(header)) + header)
+            return sizes
+        with open(path.with_name(path.name + ".header"), "wb") as g:
+            g.write(struct.pack("<Q", len(header)) + header)
+            f.seek(8 + reserve)
+            shutil.copyfileobj(f, g, 16 * 2**20)
+    os.replace(path.with_name(path.name + ".header"), path)
+    return sizes
+
+
+def _header_reserve(items: list[tuple[str, int, Any]]) -> int:
+    """Bytes to leave for the header: each entry's name plus room for a 2-D shape and offsets."""
+    size = len(_header({})) + sum(len(json.dumps(name)) + _HEADER_ENTRY_BYTES for name, _, _ in items)
+    return -(-size // 8) * 8
+
+
 def write_shards(
     tensors: list[tuple[str, int, Any]],
     directory: Path,
@@ -159,11 +263,9 @@ def write_shards(
 ) -> int:
     """Write ``(name, bytes, produce)`` items as safetensors shards of at most ``max_shard_bytes``
     (``model.safetensors`` when one is enough, else numbered shards and an index). Tensors are
-    produced one shard at a time, so memory holds one shard; ``after_shard()`` runs after each (a
-    reader closes its memory-mapped files there: mapped pages count as resident memory). Returns
-    the total bytes."""
-    from safetensors.torch import save_file
-
+    produced and written one at a time, so memory holds one tensor; ``after_shard()`` runs after
+    each shard and every ``RELEASE_BYTES`` within one (a reader closes its memory-mapped files
+    there: mapped pages count as resident memory). Returns the total bytes."""
     groups: list[list[tuple[str, int, Any]]] = [[]]
     size = 0
     for item in tensors:
@@ -176,12 +278,10 @@ def write_shards(
     total = 0
     for number, group in enumerate(progress(groups, desc="Writing shards", total=len(groups)), 1):
         name = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        shard = {key: produce().contiguous() for key, _, produce in group}
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        for key, value in shard.items():
+        sizes = write_safetensors(directory / name, group, release=after_shard)
+        for key, n_bytes in sizes.items():
             weight_map[key] = name
-            total += value.numel() * value.element_size()
-        del shard
+            total += n_bytes
         if after_shard is not None:
             after_shard()
     if len(groups) > 1:
@@ -257,6 +357,7 @@ class ModelSkeleton:
         module = self.model.get_submodule(path)
         if path in self._loaded:
             return module
+        return_freed_memory()
         found = dict(tensors_under(self.reader, path))
         for name, tensor_name in (aliases or {}).items():
             found.setdefault(name, self.reader.get(tensor_name))

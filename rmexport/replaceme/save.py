@@ -1,4 +1,4 @@
-"""Stream a pruned checkpoint from the original one, shard by shard, without loading the model.
+"""Stream a pruned checkpoint from the original one, tensor by tensor, without loading the model.
 
 Every tensor is copied in the source's dtype except: tensors of removed blocks are dropped,
 later blocks get their new indices, and the fitted maps are folded into the block before each
@@ -90,7 +90,7 @@ def save_pruned_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``source_dir`` keeping original blocks ``kept`` (in order), with
     ``folds[layer_idx]`` (maps, in order) folded into those blocks, to ``target``. The weights come
-    from the source's shards, or from its GGUF file (dequantized), one shard's worth at a time."""
+    from the source's shards, or from its GGUF file (dequantized), one tensor at a time."""
     from transformers import AutoConfig
 
     source_dir, target = Path(source_dir), Path(target)
