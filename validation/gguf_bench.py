@@ -182,18 +182,13 @@ def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any
 def _earlier_measurement(
     earlier: Sequence[dict[str, Any]], path: Path, windows: torch.Tensor
 ) -> dict[str, Any] | None:
-    """The measurement of ``path`` among ``earlier`` ones, if it was made on these windows."""
-    from validation.perplexity import windows_digest
+    """The measurement of ``path`` among ``earlier`` ones, if it was made on this file and these windows."""
+    from validation.perplexity import measured_on
 
-    digest = windows_digest(windows)
-    for measured in earlier:
-        if (
-            Path(measured["file"]).resolve() == path.resolve()
-            and measured["size_bytes"] == path.stat().st_size
-            and measured.get("windows_sha256") == digest
-        ):
-            return measured
-    return None
+    size = path.stat().st_size
+    return next(
+        (m for m in earlier if measured_on(m, path, windows, "file") and m["size_bytes"] == size), None
+    )
 
 
 def gguf_perplexity(

@@ -120,16 +120,6 @@ def _measured(decoder: Any, windows: Any, role: str) -> dict[str, Any]:
     }
 
 
-def _same_measurement(earlier: dict[str, Any] | None, onnx_dir: Path, windows: Any) -> bool:
-    from .perplexity import windows_digest
-
-    return (
-        earlier is not None
-        and Path(earlier["onnx_dir"]).resolve() == onnx_dir.resolve()
-        and earlier.get("windows_sha256") == windows_digest(windows)
-    )
-
-
 def onnx_perplexity(
     onnx_dir: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS, window: int = 512, threads: int = 0
 ) -> dict[str, Any]:
@@ -164,13 +154,14 @@ def bench_onnx(
             hint="compare a pruned model with the model it was pruned from",
         )
     from .ort_decoder import OrtDecoder
+    from .perplexity import measured_on
 
     threads = protocol.resolved_threads()
     paths = {"original": original_dir, "pruned": pruned_dir}
     decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
     models: dict[str, dict[str, Any]] = {}
     for name, decoder in decoders.items():
-        if name == "original" and _same_measurement(original_perplexity, original_dir, windows):
+        if name == "original" and measured_on(original_perplexity, original_dir, windows, "onnx_dir"):
             log.info("bench onnx: original ppl=%.3f (measured once per model)", original_perplexity["ppl"])
             models[name] = original_perplexity
         else:

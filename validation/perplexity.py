@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from rmexport.log import progress
 from rmexport.measures import nll_sum
 from rmexport.measures import perplexity as perplexity_of
 
-__all__ = ["PerplexityResult", "perplexity", "torch_forward", "window_nll", "windows_digest"]
+__all__ = ["PerplexityResult", "measured_on", "perplexity", "torch_forward", "window_nll", "windows_digest"]
 
 Forward = Callable[[torch.Tensor], Any]
 
@@ -43,6 +44,16 @@ class PerplexityResult:
 def windows_digest(windows: torch.Tensor) -> str:
     """A short hash of the token ids, so a perplexity measured earlier is reused only on the same windows."""
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def measured_on(earlier: dict[str, Any] | None, path: Path, windows: torch.Tensor, path_key: str) -> bool:
+    """Whether a stored measurement (``earlier[path_key]`` its file or folder) was made on ``path`` and
+    these windows: only then may a benchmark use it instead of measuring again."""
+    return (
+        earlier is not None
+        and Path(earlier[path_key]).resolve() == Path(path).resolve()
+        and earlier.get("windows_sha256") == windows_digest(windows)
+    )
 
 
 def window_nll(logits: Any, ids: torch.Tensor) -> tuple[float, int]:
