@@ -73,7 +73,7 @@ def test_run_writes_every_artefact_and_a_report(tiny_run):
     assert phases == {
         (runtime, kind, phase)
         for runtime, kind, names in (
-            ("onnxruntime", "fp32", ("pp128", "pp512", "tg128")),
+            ("onnxruntime", "fp32", ("pp512", "tg128")),
             ("llama.cpp", "f16", ("pp512", "tg128")),
             ("llama.cpp", "q4_k_m", ("pp512", "tg128")),
         )

@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table", "onnx_perplexity"]
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_TOKENS = 4096
-DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(128, 512), gen_tokens=128)
+DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(512,), gen_tokens=128)
 _VERSIONS = ("onnxruntime", "onnxruntime-gpu", "onnx", "optimum-onnx", "torch", "transformers", "numpy")
 
 

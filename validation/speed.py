@@ -15,8 +15,8 @@
   the generated tokens): enough for first-call allocations, at a fraction of a round's time.
 - The speed-up of a round is the original's seconds over the pruned model's; the reported
   speed-up is the median over rounds. A phase is timed again round after round until its median
-  is precise: the estimated relative standard error of the median (from the median absolute
-  deviation) is at most ``rel_tol``, after at least ``min_rounds``; a precise phase is no longer
+  is precise: the estimated relative standard error of the median (``median_rel_se``) is at
+  most ``rel_tol``, after at least ``min_rounds``; a precise phase is no longer
   timed, so the time goes to the noisy ones. No phase gets more than ``max_rounds``.
 - Spread: median, min–max and quartiles of the per-round speed-ups and of each model's tokens/s.
 """
@@ -70,7 +70,7 @@ class SpeedRounds:
     each runtime's: ``validation.speed.SpeedProtocol``)."""
 
     warmup: int = 1
-    min_rounds: int = 5
+    min_rounds: int = 3
     max_rounds: int = 10
     rel_tol: float = 0.02  # stop once the median's estimated standard error is this fraction of it
     threads: int = 0  # 0: every usable core
@@ -159,13 +159,22 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 def median_rel_se(values: Sequence[float]) -> float:
     """Estimated standard error of the median of ``values``, relative to the median.
 
-    Normal theory (SE = 1.2533·σ/√n) with σ estimated robustly as 1.4826·MAD, so one stalled
-    round does not inflate it. Infinite for fewer than three values."""
+    Normal theory (SE = 1.2533·σ/√n). From five values on, σ is estimated robustly as
+    1.4826·MAD, so one stalled round does not inflate it; with three or four, the MAD is
+    unreliable (one of its deviations is zero), so σ comes from the range (range/d₂, d₂ = 1.693
+    for three values and 2.059 for four), which a stalled round inflates: the phase then simply
+    runs on to five rounds. Infinite for fewer than three values."""
     if len(values) < 3:
         return math.inf
     median = statistics.median(values)
-    mad = statistics.median(abs(v - median) for v in values)
-    return 1.2533 * 1.4826 * mad / math.sqrt(len(values)) / abs(median)
+    if len(values) < 5:
+        sigma = (max(values) - min(values)) / _RANGE_TO_SIGMA[len(values)]
+    else:
+        sigma = 1.4826 * statistics.median(abs(v - median) for v in values)
+    return 1.2533 * sigma / math.sqrt(len(values)) / abs(median)
+
+
+_RANGE_TO_SIGMA = {3: 1.693, 4: 2.059}  # d₂: expected range of n normal values, in σ
 
 
 def _check_phases(original: Mapping[str, Phase], pruned: Mapping[str, Phase], phases) -> None:
