@@ -67,3 +67,20 @@ def test_generalization_benchmark_rows(tiny_checkpoints, tmp_path):
     for row in result["rows"]:
         assert set(row["ppl"]) == set(row["ppl_plain_removal"]) == {"builtin", "docs", "dialogue"}
         assert all(value > 1.0 for value in row["ppl"].values())
+
+
+def test_token_weighting_benchmark_rows(tiny_checkpoints, tmp_path):
+    from bench import token_weighting
+
+    out = tmp_path / "token_weighting.json"
+    argv = ["--model", str(tiny_checkpoints["llama"]), "--cut", "3,5", "--calib-samples", "24"]
+    argv += ["--seq-len", "32", "--eval-tokens", "512", "--ood-tokens", "512", "--out", str(out)]
+    assert token_weighting.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ppl"]) == {"original", "plain removal", *token_weighting.VARIANTS}
+    assert all(set(row) == {"builtin", "docs", "dialogue"} for row in result["ppl"].values())
+    energy = result["energy"]
+    assert energy["first_tokens"] >= 24 // 8 and 0.0 < energy["first_tokens_energy_share"] < 1.0
+    # Each map is folded into the plan it is measured on (not plain removal under another name).
+    removal = result["ppl"]["plain removal"]["builtin"]
+    assert all(result["ppl"][name]["builtin"] != removal for name in token_weighting.VARIANTS)
