@@ -35,6 +35,7 @@ from rmexport.calib.tokens import CalibrationSet, heldout_windows
 from rmexport.models import checkpoint_dir, load_tokenizer, resolve
 from rmexport.prune import PruneOptions, calibration_set, open_engine
 from rmexport.replaceme.checks import perplexities
+from rmexport.replaceme.solve import lstsq_from_gram
 
 __all__ = ["VARIANTS", "main"]
 
@@ -46,7 +47,7 @@ def _first_real(calibration: CalibrationSet) -> torch.Tensor:
 
 def _weighted_fit(mlp: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weighted = mlp * weights[:, None]
-    return torch.linalg.solve(weighted.T @ mlp, weighted.T @ target)
+    return lstsq_from_gram(weighted.T @ mlp, weighted.T @ target)
 
 
 def _huber(mlp: torch.Tensor, target: torch.Tensor, iterations: int = 3, c: float = 2.0) -> torch.Tensor:
