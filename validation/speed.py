@@ -156,6 +156,9 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+_RANGE_TO_SIGMA = {3: 1.693, 4: 2.059}  # d₂: expected range of n normal values, in σ
+
+
 def median_rel_se(values: Sequence[float]) -> float:
     """Estimated standard error of the median of ``values``, relative to the median.
 
@@ -172,9 +175,6 @@ def median_rel_se(values: Sequence[float]) -> float:
     else:
         sigma = 1.4826 * statistics.median(abs(v - median) for v in values)
     return 1.2533 * sigma / math.sqrt(len(values)) / abs(median)
-
-
-_RANGE_TO_SIGMA = {3: 1.693, 4: 2.059}  # d₂: expected range of n normal values, in σ
 
 
 def _check_phases(original: Mapping[str, Phase], pruned: Mapping[str, Phase], phases) -> None:
