@@ -8,7 +8,8 @@ calibration set of the default model:
   for every batch, keeps every hidden state of every batch, and takes the cut with the smallest
   last-token angular distance from them; pass 2 runs the full forward again to accumulate the
   float64 least-squares sums of the chosen cut, then solves.
-* ``prune``: the whole ``rmexport prune`` (rule ``--select``, default ``fit``) on the same documents:
+* ``prune``: the whole ``rmexport prune`` (rule ``--select``, default ``fit``) on the same documents
+  (``--calib-data builtin``):
   calibration, fit, the quality guard on 64 set-aside documents, and every check (fold parity,
   held-out perplexity of the original, plain removal and pruned model over ``--eval-tokens``),
   then the save. Its time includes loading and saving.
@@ -248,6 +249,7 @@ def _run_prune(args: argparse.Namespace, source: Any, tokens: int, sampler: _Rss
 
     options = PruneOptions(
         ratio=args.ratio,
+        calib_data="builtin",  # the baseline's documents, not the default mixture
         calib_samples=args.documents,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

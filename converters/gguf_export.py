@@ -33,7 +33,7 @@ from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ArchAdapter, adapter_for
 from rmexport.atomic import staged_file
 from rmexport.errors import ConfigError, ExportError
-from rmexport.fileio import read_provenance
+from rmexport.fileio import open_gguf, read_provenance
 from rmexport.log import get_logger, progress
 
 from . import gguf_metadata, gguf_tokenizer
@@ -281,15 +281,15 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16")
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
     """File size, tensor-type counts and block count of a GGUF (e.g. to see K-quant fallbacks)."""
-    reader = gguf.GGUFReader(str(path))
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    block_field = reader.fields.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    header = open_gguf(path)
+    types = Counter(t.qtype.name for t in header.tensors)
+    arch = header.metadata[gguf.Keys.General.ARCHITECTURE]
+    block_count = header.metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     return {
         "file": str(path),
-        "size_bytes": Path(path).stat().st_size,
+        "size_bytes": header.size,
         "architecture": arch,
-        "block_count": int(block_field.contents()) if block_field else None,
+        "block_count": None if block_count is None else int(block_count),
         "tensor_types": dict(sorted(types.items())),
-        "tensors": len(reader.tensors),
+        "tensors": len(header.tensors),
     }

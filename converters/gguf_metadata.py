@@ -24,13 +24,14 @@ from gguf import GGUFValueType, Keys
 
 from rmexport.arch import ArchAdapter
 from rmexport.errors import ExportError
+from rmexport.fileio import GGUFHeader, open_gguf
 from rmexport.log import get_logger
 
 __all__ = [
     "KV",
     "Metadata",
     "carry_over",
-    "fields_metadata",
+    "header_metadata",
     "llama3_rope_factors",
     "model_metadata",
     "read_metadata",
@@ -188,19 +189,16 @@ def _family_metadata(config: Any, adapter: ArchAdapter) -> Metadata:
 
 
 def read_metadata(path: str) -> Metadata:
-    """Every key/value of a GGUF file (header pseudo-keys ``GGUF.*`` excluded), typed."""
-    return fields_metadata(gguf.GGUFReader(path).fields)
+    """Every key/value of a GGUF file, typed."""
+    return header_metadata(open_gguf(path, strings=True))
 
 
-def fields_metadata(fields: Any) -> Metadata:
-    """``read_metadata`` for the ``fields`` of an open ``gguf.GGUFReader``."""
+def header_metadata(header: GGUFHeader) -> Metadata:
+    """``read_metadata`` of an already parsed header."""
     meta: Metadata = {}
-    for key, field in fields.items():
-        if key.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        meta[key] = KV(field.contents(), vtype, sub)
+    for key, value in header.metadata.items():
+        vtype, item_type = header.value_types[key]
+        meta[key] = KV(value, GGUFValueType(vtype), None if item_type is None else GGUFValueType(item_type))
     return meta
 
 

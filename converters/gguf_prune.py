@@ -19,18 +19,17 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
+from gguf import GGUFValueType, GGUFWriter, Keys
 
 from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
-from rmexport.fileio import open_gguf
+from rmexport.fileio import GGUFTensorInfo, open_gguf
 from rmexport.log import get_logger, progress
 
 from . import gguf_metadata
@@ -41,54 +40,20 @@ __all__ = ["prune_gguf"]
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    name: str
-    qtype: GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order
-    offset: int
-    n_bytes: int
-
-    @property
-    def byte_shape(self) -> tuple[int, ...]:
-        return gguf.quants.quant_shape_to_byte_shape(self.shape, self.qtype)
-
-    @property
-    def block(self) -> int | None:
-        parts = self.name.split(".")
-        return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
-
-    def renamed(self, new_block: int) -> str:
-        parts = self.name.split(".")
-        return ".".join([parts[0], str(new_block), *parts[2:]])
+def _renamed(tensor: GGUFTensorInfo, new_block: int) -> str:
+    parts = tensor.name.split(".")
+    return ".".join([parts[0], str(new_block), *parts[2:]])
 
 
 class _Source:
     """The source file's metadata and tensor table; tensor bytes are read on demand."""
 
     def __init__(self, path: Path):
-        reader = open_gguf(path)
+        header = open_gguf(path, strings=True)
         self.path = path
-        size = path.stat().st_size
-        self.tensors: list[_Tensor] = []
-        for t in reader.tensors:
-            tensor = _Tensor(
-                t.name,
-                t.tensor_type,
-                tuple(int(d) for d in reversed(t.shape.tolist())),
-                int(t.data_offset),
-                int(t.n_bytes),
-            )
-            if tensor.offset + tensor.n_bytes > size:
-                raise ModelLoadError(
-                    f"{path} is truncated: tensor {t.name} ends at byte {tensor.offset + tensor.n_bytes}, "
-                    f"the file has {size}",
-                    hint="download or convert the file again",
-                )
-            self.tensors.append(tensor)
+        self.tensors = header.tensors
         self.by_name = {t.name: t for t in self.tensors}
-        self.metadata = gguf_metadata.fields_metadata(reader.fields)
-        del reader
+        self.metadata = gguf_metadata.header_metadata(header)
         arch = self.metadata.get(Keys.General.ARCHITECTURE)
         if arch is None:
             raise ModelLoadError(f"{path} has no general.architecture key")
@@ -99,7 +64,7 @@ class _Source:
         self.block_key = block_key
         self.block_count = int(self.metadata[block_key].value)
 
-    def read(self, tensor: _Tensor) -> np.ndarray:
+    def read(self, tensor: GGUFTensorInfo) -> np.ndarray:
         """The tensor's bytes (uint8, GGUF byte shape)."""
         buf = bytearray(tensor.n_bytes)
         with open(self.path, "rb") as f:
@@ -108,7 +73,7 @@ class _Source:
                 raise ModelLoadError(f"{self.path} is truncated inside tensor {tensor.name}")
         return np.frombuffer(buf, dtype=np.uint8).reshape(tensor.byte_shape)
 
-    def dequantized(self, tensor: _Tensor) -> np.ndarray:
+    def dequantized(self, tensor: GGUFTensorInfo) -> np.ndarray:
         try:
             data = gguf.quants.dequantize(self.read(tensor), tensor.qtype)
         except NotImplementedError as e:
@@ -269,14 +234,14 @@ def prune_gguf(
             back = np.asarray(gguf.quants.dequantize(q.data, q.qtype), dtype=np.float32).reshape(tensor.shape)
             rewritten[name] = (q, _relative_error(back, exact))
 
-    plan: list[tuple[str, _Tensor]] = []
+    plan: list[tuple[str, GGUFTensorInfo]] = []
     dropped = 0
     for tensor in source.tensors:
         block = tensor.block
         if block is None:
             plan.append((tensor.name, tensor))
         elif block in new_index:
-            plan.append((tensor.renamed(new_index[block]), tensor))
+            plan.append((_renamed(tensor, new_index[block]), tensor))
         else:
             dropped += 1
 

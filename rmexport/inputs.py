@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 import struct
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import STAGING_PREFIX
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from .models import ModelSource, resolve
 
 if TYPE_CHECKING:
@@ -321,79 +321,14 @@ def _check_index_names(path: Path, names: set[str], where: str) -> None:
 
 
 # --- GGUF -----------------------------------------------------------------------------------
-_GGUF_MAGIC = b"GGUF"
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_VERSIONS = (2, 3)
-_GGUF_MAX_ENTRIES = 1 << 24
-
-
-class _GGUFCursor:
-    """Reads the GGUF header from a memory map; running off the end is a truncated file."""
-
-    def __init__(self, buf: Any, fail: Callable[[str], ModelLoadError]) -> None:
-        self.buf, self.pos, self.fail = buf, 0, fail
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise self.fail("truncated header")
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if n > 1 << 30:
-            raise self.fail("corrupt header (string length)")
-        try:
-            return self.take(n).decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail("corrupt header (a key or string is not UTF-8)") from None
-
-    def value(self, vtype: int, depth: int = 0) -> Any:
-        if vtype in _GGUF_SCALARS:
-            return self.unpack(_GGUF_SCALARS[vtype])
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY and depth < 4:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
-            if count > 1 << 32:
-                raise self.fail("corrupt header (array length)")
-            if item_type in _GGUF_SCALARS:
-                self.take(count * struct.calcsize(_GGUF_SCALARS[item_type]))
-            else:
-                for _ in range(count):
-                    self.value(item_type, depth + 1)
-            return None
-        raise self.fail(f"corrupt header (value type {vtype})")
-
-
 def check_gguf_file(path: Path | str, where: str = "GGUF file") -> GGUFFacts:
     """A GGUF file whose header parses (magic, a version llama.cpp reads, key/values, tensor
     infos) and whose size covers every tensor the header declares."""
-    import gguf
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{where} {path} not found")
     if path.is_dir():
         raise ModelLoadError(f"{where} {path} is a folder, not a GGUF file")
-    size = path.stat().st_size
 
     def fail(detail: str) -> ModelLoadError:
         return ModelLoadError(
@@ -401,70 +336,30 @@ def check_gguf_file(path: Path | str, where: str = "GGUF file") -> GGUFFacts:
             hint="export it again (rmexport export gguf) or download it again",
         )
 
-    if size == 0:
-        raise fail("it is empty")
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            cur = _GGUFCursor(buf, fail)
-            magic = cur.take(4) if size >= 4 else b""
-            if magic != _GGUF_MAGIC:
-                raise fail(f"wrong magic {bytes(buf[:4])!r}")
-            version = cur.unpack("<I")
-            if version not in _GGUF_VERSIONS:
-                raise fail(f"GGUF version {version} (llama.cpp reads versions 2 and 3)")
-            n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-            if n_tensors > _GGUF_MAX_ENTRIES or n_kv > _GGUF_MAX_ENTRIES:
-                raise fail("corrupt header (entry counts)")
-            kv: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                kv[key] = cur.value(cur.unpack("<I"))
-            alignment = kv.get("general.alignment", 32)
-            if not isinstance(alignment, int) or alignment < 1:
-                raise fail(f"corrupt header (alignment {alignment!r})")
-            data_size = 0
-            for _ in range(n_tensors):
-                name = cur.string()
-                n_dims = cur.unpack("<I")
-                if n_dims > 8:
-                    raise fail(f"corrupt tensor info for {name!r}")
-                dims = [cur.unpack("<Q") for _ in range(n_dims)]
-                ttype, offset = cur.unpack("<I"), cur.unpack("<Q")
-                try:
-                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-                except (ValueError, KeyError):
-                    raise fail(f"tensor {name!r} has unknown type {ttype}") from None
-                elements = math.prod(dims)
-                if elements % block:
-                    raise fail(f"corrupt tensor info for {name!r}")
-                data_size = max(data_size, offset + elements // block * type_size)
-            data_start = -(-cur.pos // alignment) * alignment
+        header = read_gguf_header(path)
+    except GGUFHeaderError as e:
+        raise fail(str(e)) from None
     except (OSError, ValueError) as e:  # ValueError: mmap of a special file
         raise ModelLoadError(f"{where}: cannot read {path} ({e})") from e
-    data_end = data_start + data_size
-    if data_end > size:
-        raise ModelLoadError(
-            f"{where} {path} is truncated: its tensor data ends at byte {data_end}, the file has {size}",
-            hint="the copy or export was cut short; write or download it again",
-        )
-    arch = kv.get("general.architecture")
+    arch = header.metadata.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
-    blocks = kv.get(f"{arch}.block_count") if arch else None
+    blocks = header.metadata.get(f"{arch}.block_count") if arch else None
     return GGUFFacts(
         path=path,
-        version=version,
+        version=header.version,
         architecture=arch,
         block_count=blocks if isinstance(blocks, int) else None,
-        tensor_count=n_tensors,
-        data_end=data_end,
-        size=size,
+        tensor_count=len(header.tensors),
+        data_end=header.data_end,
+        size=header.size,
     )
 
 
 def is_gguf_file(path: Path) -> bool:
     try:
         with Path(path).open("rb") as f:
-            return f.read(4) == _GGUF_MAGIC
+            return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
 

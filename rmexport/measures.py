@@ -3,7 +3,7 @@
 The bottom of the project, next to ``errors`` and ``log``: method (calibration's cut distances,
 the engine's held-out loss) and validation (perplexity in every runtime, parity's KL) compute
 these the same way by calling this module. It imports only torch, numpy and math. Everything is
-computed in float64.
+computed in float64 (the sum of exponentials in the logits' dtype, see ``token_nll``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,19 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each target id under the logits at its position, in float64:
     ``logsumexp(logits) - logits[target]`` (no full log-softmax is held). ``logits [..., V]``,
-    ``targets [...]``."""
-    logits = logits.to(torch.float64)
+    ``targets [...]``.
+
+    The exponentials are summed in the logits' own dtype after subtracting each row's maximum:
+    every term is at most 1 and the sum at least 1, so float32 keeps it to ~1e-7 relative, and a
+    float64 copy of every logit (slower than the LM head's matmul itself) is never made."""
+    logits = torch.as_tensor(logits)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     targets = targets.to(logits.device).unsqueeze(-1)
-    return torch.logsumexp(logits, -1) - logits.gather(-1, targets).squeeze(-1)
+    peak = logits.max(-1, keepdim=True).values
+    sum_exp = (logits - peak).exp_().sum(-1)
+    picked = logits.gather(-1, targets).squeeze(-1)
+    return sum_exp.double().log() + peak.squeeze(-1).double() - picked.double()
 
 
 def nll_sum(

@@ -280,13 +280,7 @@ def _convert_gguf(gguf_path: Path, target: Path, fingerprint: str) -> None:
 
 def _apply_gguf_special_tokens(gguf_path: Path, tokenizer: Any) -> None:
     """transformers' GGUF tokenizer import guesses BOS/EOS handling; the file states it."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf_path).fields
-
-    def value(key: str) -> Any:
-        field = fields.get(key)
-        return None if field is None else field.contents()
+    value = open_gguf(gguf_path).metadata.get
 
     for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         token_id = value(f"tokenizer.ggml.{key}_token_id")

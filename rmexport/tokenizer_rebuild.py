@@ -91,13 +91,13 @@ class SpecialTokens:
 
 def read_gguf_vocab(gguf_path: str | Path) -> GGUFVocab:
     """The tokenizer fields of a GGUF file (ModelLoadError when it has no vocabulary)."""
-    from gguf import GGUFReader
+    from .fileio import open_gguf
 
-    fields = GGUFReader(str(gguf_path)).fields
+    metadata = open_gguf(gguf_path, strings=True).metadata
 
     def value(key: str, default: Any = None) -> Any:
-        field = fields.get(f"tokenizer.ggml.{key}")
-        return default if field is None else field.contents()
+        found = metadata.get(f"tokenizer.ggml.{key}")
+        return default if found is None else found
 
     model = value("model")
     tokens = value("tokens")

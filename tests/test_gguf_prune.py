@@ -22,12 +22,13 @@ import torch
 
 from converters.ggml_quant import quantize_like
 from converters.gguf_export import export_gguf
-from converters.gguf_metadata import fields_metadata, read_metadata
+from converters.gguf_metadata import read_metadata
 from converters.gguf_prune import prune_gguf
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
+from rmexport.fileio import read_gguf_header
 from rmexport.models import DEFAULT_MODEL, resolve
 from rmexport.replaceme.apply import fold_map, remove_blocks
 
@@ -88,6 +89,25 @@ def _by_name(reader: gguf.GGUFReader) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in reader.tensors}
 
 
+def test_our_header_reader_agrees_with_gguf_py(default_readers):
+    """fileio.read_gguf_header against gguf-py's GGUFReader: every key's value and types, every
+    tensor's type, shape, offset and size, on the source and on the pruned file."""
+    for reader in default_readers:
+        header = read_gguf_header(reader.data.filename, strings=True)
+        fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        assert list(header.metadata) == list(fields)
+        for key, field in fields.items():
+            assert header.metadata[key] == field.contents(), key
+            item_type = int(field.types[-1]) if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            assert header.value_types[key] == (int(field.types[0]), item_type), key
+        assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+        for ours, theirs in zip(header.tensors, reader.tensors, strict=True):
+            assert ours.qtype == theirs.tensor_type and ours.offset == theirs.data_offset
+            assert ours.shape == tuple(int(d) for d in reversed(theirs.shape.tolist()))
+            assert ours.n_bytes == theirs.n_bytes
+        assert read_gguf_header(reader.data.filename).metadata["tokenizer.ggml.tokens"] is None  # not decoded
+
+
 def test_untouched_tensors_are_byte_identical(default_readers, pruned_default):
     _, record, _, kept = pruned_default
     source, pruned = (_by_name(r) for r in default_readers)
@@ -141,9 +161,9 @@ def test_folded_tensor_is_q4_1_again_within_q4_1_error(default_readers, pruned_d
     assert record["folded"][name]["quantizer"] == "gguf-py"
 
 
-def test_metadata_is_the_sources_with_the_block_count_sliced(default_readers, pruned_default):
-    _, record, _, _ = pruned_default
-    before, after = (fields_metadata(r.fields) for r in default_readers)
+def test_metadata_is_the_sources_with_the_block_count_sliced(default_gguf, pruned_default):
+    out, record, _, _ = pruned_default
+    before, after = read_metadata(str(default_gguf)), read_metadata(str(out))
     assert list(after) == list(before)  # same keys, same order
     for key, kv in before.items():
         if key == "llama.block_count":

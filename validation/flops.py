@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError
+from rmexport.fileio import open_gguf
 
 __all__ = ["ModelShape", "attended_keys", "ideal_speedups", "phase_flops"]
 
@@ -87,17 +88,17 @@ class ModelShape:
         """From a GGUF's metadata, as llama.cpp reads it."""
         import gguf
 
-        reader = gguf.GGUFReader(str(path))
-        fields = reader.fields
-        arch = fields[gguf.Keys.General.ARCHITECTURE].contents()
+        header = open_gguf(path)
+        metadata = header.metadata
+        arch = metadata[gguf.Keys.General.ARCHITECTURE]
 
         def value(key: str, default: Any = None) -> Any:
-            field = fields.get(key.format(arch=arch))
-            if field is None:
+            found = metadata.get(key.format(arch=arch))
+            if found is None:
                 if default is None:
                     raise ConfigError(f"{path} has no {key.format(arch=arch)}; cannot count FLOPs")
                 return default
-            return field.contents()
+            return found
 
         def scalar(key: str, default: Any = None) -> Any:
             content = value(key, default)  # some architectures store per-block lists; all equal here
@@ -107,12 +108,12 @@ class ModelShape:
         layers = int(scalar(gguf.Keys.LLM.BLOCK_COUNT))
         hidden = int(scalar(gguf.Keys.LLM.EMBEDDING_LENGTH))
         heads = int(scalar(gguf.Keys.Attention.HEAD_COUNT))
-        tokens = fields.get(gguf.Keys.Tokenizer.LIST)
-        vocab = scalar(gguf.Keys.LLM.VOCAB_SIZE, len(tokens.data) if tokens is not None else None)
+        embedding = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+        vocab = scalar(gguf.Keys.LLM.VOCAB_SIZE, embedding.shape[0] if embedding is not None else None)
         window = scalar(gguf.Keys.Attention.SLIDING_WINDOW, 0) or None
         if window is None:
             windows: tuple[int | None, ...] = (None,) * layers
-        elif fields.get(pattern_key.format(arch=arch)) is not None:
+        elif metadata.get(pattern_key.format(arch=arch)) is not None:
             windows = tuple(int(window) if s else None for s in value(pattern_key))
         elif (derived := _llama_cpp_layer_types(arch, layers)) is not None:
             # llama.cpp's own pattern when a GGUF carries none (Gemma: from the layer index)

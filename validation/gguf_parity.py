@@ -23,6 +23,7 @@ import numpy as np
 
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ShapeMismatchError, ToleranceError
+from rmexport.fileio import open_gguf
 from rmexport.log import get_logger, progress
 
 from . import parity
@@ -69,10 +70,9 @@ def gguf_type_of(path: str | Path) -> str:
 
     from converters.gguf_export import GGUF_TYPES
 
-    field = gguf.GGUFReader(str(path)).fields.get(gguf.Keys.General.FILE_TYPE)
-    if field is None:
+    file_type = open_gguf(path).metadata.get(gguf.Keys.General.FILE_TYPE)
+    if file_type is None:
         return "unknown"
-    file_type = int(field.contents())
     for name, t in GGUF_TYPES.items():
         if int(t.file_type) == file_type:
             return name

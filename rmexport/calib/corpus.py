@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib.metadata
 import json
 import random
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_json
 from ..errors import ConfigError
+from ..models import cache_dir
 
 __all__ = [
     "BUILTIN",
@@ -128,8 +132,19 @@ _MIN_DOCSTRING_CHARS = 300
 
 def _docs_documents() -> list[Document]:
     """Distinct prose docstrings (no doctest examples) of the standard library's top-level modules, in file
-    order. Parsed, never imported; the same for every install of one Python version."""
+    order. Parsed, never imported; the same for every install of one Python version, so they are kept
+    in the cache folder after the first parse (which takes seconds)."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(f"{sys.version}|{root}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "corpus" / f"docs-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    documents = _parse_docstrings(root)
+    write_json(cached, documents)
+    return documents
+
+
+def _parse_docstrings(root: Path) -> list[Document]:
     documents: list[Document] = []
     for path in sorted(root.glob("*.py")):
         try:

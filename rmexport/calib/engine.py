@@ -373,7 +373,7 @@ class Engine:
         targets: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
         compare: list[tuple[str, str]] = (),
         on_logits: Callable[[str, int, torch.Tensor], None] | None = None,
-        chunk_bytes: int = 64 * 2**20,
+        chunk_bytes: int = 256 * 2**20,
         desc: str = "LM head",
     ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], tuple[float, float]]]:
         """Next-token loss of each stream, and the largest logit difference between pairs.
@@ -398,7 +398,7 @@ class Engine:
                     normed = {s: norm(self.store.get(streams[s].keys[b])) for s in present}
                     rows, predicted = ids.shape[0], ids.shape[1] - 1
                     end = ids.shape[1] if on_logits else predicted  # the last position predicts nothing
-                    step = max(1, chunk_bytes // max(1, rows * vocab * 8))
+                    step = max(1, chunk_bytes // max(1, rows * vocab * 8))  # logits and one temporary
                     for lo in range(0, end, step):
                         hi = min(end, lo + step)
                         held: dict[str, torch.Tensor] = {}  # logits a comparison still waits for
@@ -421,7 +421,7 @@ class Engine:
 
     @staticmethod
     def _logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
-        logits = head(hidden).to(torch.float64)
+        logits = head(hidden).float()
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def logits(

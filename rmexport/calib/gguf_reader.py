@@ -1,6 +1,6 @@
 """Read a GGUF file one tensor at a time, under Hugging Face tensor names, like ``CheckpointReader``.
 
-``GGUFCheckpointReader`` parses the header once (``gguf.GGUFReader``), records where each tensor's
+``GGUFCheckpointReader`` parses the header once (``fileio.read_gguf_header``), records where each tensor's
 bytes lie, and closes the mapping again. ``get(hf_name)`` then reads that tensor's bytes from the
 file, dequantizes them with ``gguf.quants.dequantize`` and returns float32 in transformers'
 layout, so a block engine can materialise one decoder block at a time from a quantized file.
@@ -27,6 +27,7 @@ import torch
 
 from ..arch import ArchAdapter, adapter_for
 from ..errors import ModelLoadError
+from ..fileio import GGUFTensorInfo, open_gguf
 from ..log import get_logger
 
 __all__ = [
@@ -47,36 +48,6 @@ DEQUANTIZE_CHUNK_BYTES = 32 * 2**20  # float32 output per dequantize call
 
 
 @dataclass(frozen=True)
-class GGUFTensorInfo:
-    """Where one tensor's bytes lie in the file, and what they are."""
-
-    name: str
-    qtype: Any  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order (rows last), i.e. transformers' [out, in] for a weight
-    offset: int  # absolute byte offset in the file
-    n_bytes: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
-
-    @property
-    def byte_shape(self) -> tuple[int, ...]:
-        from gguf.quants import quant_shape_to_byte_shape
-
-        return quant_shape_to_byte_shape(self.shape, self.qtype)
-
-    @property
-    def block(self) -> int | None:
-        """The decoder block index of a ``blk.N.*`` tensor, else None."""
-        parts = self.name.split(".")
-        return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
-
-
-@dataclass(frozen=True)
 class GGUFFacts:
     """What a GGUF file is, read from its header alone."""
 
@@ -90,46 +61,22 @@ class GGUFFacts:
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def _field_value(fields: Any, key: str) -> Any:
-    item = fields.get(key)
-    return None if item is None else item.contents()
-
-
 def read_gguf_facts(path: str | Path) -> GGUFFacts:
     """Parse the header of ``path``; ModelLoadError when it is not a complete GGUF file."""
     import gguf
 
-    from ..models import open_gguf
-
     path = Path(path)
-    reader = open_gguf(path)
-    size = path.stat().st_size
-    tensors: dict[str, GGUFTensorInfo] = {}
-    for t in reader.tensors:
-        info = GGUFTensorInfo(
-            name=t.name,
-            qtype=t.tensor_type,
-            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-            offset=int(t.data_offset),
-            n_bytes=int(t.n_bytes),
-        )
-        if info.offset + info.n_bytes > size:
-            raise ModelLoadError(
-                f"{path} is truncated: tensor {t.name} ends at byte {info.offset + info.n_bytes}, "
-                f"the file has {size}",
-                hint="download or convert the file again",
-            )
-        tensors[t.name] = info
-    fields = reader.fields
-    arch = _field_value(fields, gguf.Keys.General.ARCHITECTURE)
+    header = open_gguf(path)
+    tensors = {t.name: t for t in header.tensors}
+    metadata = header.metadata
+    arch = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if not arch:
         raise ModelLoadError(f"{path} has no general.architecture key", hint="is it a llama.cpp model file?")
-    block_count = _field_value(fields, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    block_count = metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     if block_count is None:
         raise ModelLoadError(f"{path} has no {arch}.block_count key")
-    file_type = _field_value(fields, gguf.Keys.General.FILE_TYPE)
-    metadata = {k: _field_value(fields, k) for k in fields if not k.startswith(("GGUF.", "tokenizer.ggml."))}
-    facts = GGUFFacts(
+    file_type = metadata.get(gguf.Keys.General.FILE_TYPE)
+    return GGUFFacts(
         path=path,
         arch=str(arch),
         block_count=int(block_count),
@@ -137,10 +84,8 @@ def read_gguf_facts(path: str | Path) -> GGUFFacts:
         tied_embeddings="output.weight" not in tensors,
         file_type=None if file_type is None else int(file_type),
         tensor_types=dict(Counter(t.qtype.name for t in tensors.values())),
-        metadata=metadata,
+        metadata={k: v for k, v in metadata.items() if not k.startswith("tokenizer.ggml.")},
     )
-    del reader  # unmap the file: the header is all we keep
-    return facts
 
 
 def config_from_gguf(path: str | Path) -> Any:
