@@ -364,11 +364,13 @@ def test_an_earlier_perplexity_of_the_original_is_reused_only_on_the_same_file_a
     tiny_checkpoints, tmp_path
 ):
     from validation.gguf_bench import bench_gguf, gguf_perplexity
-    from validation.speed import SpeedProtocol
+    from validation.speed import SpeedProtocol, SpeedRounds
 
     original = export_gguf(tiny_checkpoints["llama"], tmp_path / "o.gguf", "f16")
     pruned = export_gguf(tiny_checkpoints["llama"], tmp_path / "p.gguf", "f16")
-    protocol = SpeedProtocol(prompt_tokens=(8,), gen_tokens=2, warmup=0, min_rounds=1, max_rounds=1)
+    protocol = SpeedProtocol(
+        prompt_tokens=(8,), gen_tokens=2, rounds=SpeedRounds(warmup=0, min_rounds=1, max_rounds=1)
+    )
     measured = gguf_perplexity(original, eval_tokens=64, window=32)
 
     def bench(earlier, eval_tokens=64):

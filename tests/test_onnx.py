@@ -240,10 +240,12 @@ def test_genai_int4_runs_and_is_smaller(og, genai_exports, tiny_checkpoints, tmp
 @pytest.mark.slow
 def test_bench_original_vs_pruned(default_checkpoint, pruned_default_onnx, tmp_path):
     from validation.onnx_bench import bench_onnx
-    from validation.speed import SpeedProtocol
+    from validation.speed import SpeedProtocol, SpeedRounds
 
     original = export_onnx(default_checkpoint, tmp_path / "original")
-    protocol = SpeedProtocol(prompt_tokens=(128, 512), gen_tokens=32, min_rounds=3, max_rounds=5)
+    protocol = SpeedProtocol(
+        prompt_tokens=(128, 512), gen_tokens=32, rounds=SpeedRounds(min_rounds=3, max_rounds=5)
+    )
     result = bench_onnx(original, pruned_default_onnx, eval_tokens=1024, protocol=protocol)
     orig, pruned = result["models"]["original"], result["models"]["pruned"]
     assert (orig["num_hidden_layers"], pruned["num_hidden_layers"]) == (30, 22)

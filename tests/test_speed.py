@@ -17,9 +17,19 @@ import pytest
 from rmexport.cli import main
 from rmexport.errors import ConfigError
 from validation.flops import ModelShape, attended_keys, ideal_speedups, phase_flops
-from validation.speed import Phase, SpeedProtocol, attach_ideal, median_rel_se, run_protocol, spread
+from validation.speed import (
+    Phase,
+    SpeedProtocol,
+    SpeedRounds,
+    attach_ideal,
+    median_rel_se,
+    run_protocol,
+    spread,
+)
 
-TINY = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=1, min_rounds=2, max_rounds=3)
+TINY = SpeedProtocol(
+    prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=1, min_rounds=2, max_rounds=3)
+)
 
 # Tiny config (tests/tiny.py): hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16.
 TINY_CONFIG = dict(
@@ -57,7 +67,9 @@ def _phases(seconds: dict, log: list | None = None, role: str = "") -> dict[str,
 # --- protocol ------------------------------------------------------------------------------
 def test_rounds_interleave_and_stop_once_every_median_is_precise():
     log: list = []
-    protocol = SpeedProtocol(prompt_tokens=(8, 16), gen_tokens=4, warmup=2, min_rounds=3, max_rounds=9)
+    protocol = SpeedProtocol(
+        prompt_tokens=(8, 16), gen_tokens=4, rounds=SpeedRounds(warmup=2, min_rounds=3, max_rounds=9)
+    )
     original = _phases({"pp8": 0.02, "pp16": 0.04, "tg4": 0.01}, log, "original")
     pruned = _phases({"pp8": 0.01, "pp16": 0.02, "tg4": 0.008}, log, "pruned")
     result = run_protocol(original, pruned, protocol)
@@ -100,13 +112,15 @@ def test_a_noisy_phase_keeps_being_timed_after_the_precise_ones_stop():
         state["k"] += 1
         return 0.01 / 1.1 ** state["k"]
 
-    protocol = SpeedProtocol(prompt_tokens=(8,), gen_tokens=2, warmup=0, min_rounds=2, max_rounds=6)
+    protocol = SpeedProtocol(
+        prompt_tokens=(8,), gen_tokens=2, rounds=SpeedRounds(warmup=0, min_rounds=2, max_rounds=6)
+    )
     result = run_protocol(
         _phases({"pp8": 0.01, "tg2": 0.01}), _phases({"pp8": drifting, "tg2": 0.01}), protocol
     )
     assert result["rounds"] == 6 and result["settled"] is False
     pp8, tg2 = result["phases"]["pp8"], result["phases"]["tg2"]
-    assert pp8["rounds"] == 6 and not pp8["settled"] and pp8["speedup"]["rel_se"] > protocol.rel_tol
+    assert pp8["rounds"] == 6 and not pp8["settled"] and pp8["speedup"]["rel_se"] > protocol.rounds.rel_tol
     assert tg2["rounds"] == 3 and tg2["settled"]  # three rounds are the fewest that estimate a spread
     s = pp8["speedup"]
     assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
@@ -136,8 +150,10 @@ def test_median_standard_error_and_spread():
     ],
 )
 def test_impossible_protocols_are_config_errors(kwargs):
+    phases = {k: v for k, v in kwargs.items() if k in ("prompt_tokens", "gen_tokens")}
+    rounds = {k: v for k, v in kwargs.items() if k not in phases}
     with pytest.raises(ConfigError):
-        SpeedProtocol(**kwargs)
+        SpeedProtocol(**phases, rounds=SpeedRounds(**rounds))
 
 
 def test_protocol_needs_the_same_phases_for_both_models():
@@ -234,8 +250,8 @@ def pruned_llama(tiny_checkpoints, tmp_path_factory) -> Path:
 
 
 def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> None:
-    assert protocol.min_rounds <= result["rounds"] <= protocol.max_rounds
-    assert result["settled"] or result["rounds"] == protocol.max_rounds
+    assert protocol.rounds.min_rounds <= result["rounds"] <= protocol.rounds.max_rounds
+    assert result["settled"] or result["rounds"] == protocol.rounds.max_rounds
     assert len(result["order"]) == sum(e["rounds"] for e in result["phases"].values())
     assert list(result["phases"]) == list(protocol.phases)
     assert result["protocol"]["threads"] >= 1
@@ -243,7 +259,7 @@ def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> 
         for stats in (entry["speedup"], entry["original"]["tokens_per_s"], entry["pruned"]["tokens_per_s"]):
             assert 0 < stats["min"] <= stats["median"] <= stats["max"]
         assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == entry["rounds"]
-        assert protocol.min_rounds <= entry["rounds"] <= result["rounds"]
+        assert protocol.rounds.min_rounds <= entry["rounds"] <= result["rounds"]
         assert entry["ideal"] == pytest.approx(ideals[phase]["ideal"])
         assert entry["measured_over_ideal"] == pytest.approx(entry["speedup"]["median"] / entry["ideal"])
         assert entry["slower_than_original"] == (entry["speedup"]["median"] < 1)
@@ -278,7 +294,9 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
 
     original = export_onnx(tiny_checkpoints["llama"], tmp_path / "o")
     pruned = export_onnx(pruned_llama, tmp_path / "p")
-    protocol = SpeedProtocol(prompt_tokens=(8, 16), gen_tokens=4, warmup=1, min_rounds=2, max_rounds=3)
+    protocol = SpeedProtocol(
+        prompt_tokens=(8, 16), gen_tokens=4, rounds=SpeedRounds(warmup=1, min_rounds=2, max_rounds=3)
+    )
     result = bench_onnx(original, pruned, eval_tokens=64, window=32, protocol=protocol)
     config = json.loads((original / "config.json").read_text())
     ideals = ideal_speedups(
@@ -295,7 +313,7 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
     measured = onnx_perplexity(original, eval_tokens=64, window=32)
     assert measured["ppl"] == pytest.approx(result["models"]["original"]["ppl"], rel=1e-6)
     marked = measured | {"ppl": -1.0}  # a value no measurement gives: shows which one the bench used
-    quick = replace(protocol, prompt_tokens=(8,), min_rounds=1, max_rounds=1)
+    quick = replace(protocol, prompt_tokens=(8,), rounds=replace(protocol.rounds, min_rounds=1, max_rounds=1))
     reused = bench_onnx(
         original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=marked
     )
@@ -345,7 +363,9 @@ def _prune_record() -> dict:
 
 
 def _gguf_bench(pruned_seconds: float) -> dict:
-    protocol = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=0, min_rounds=3, max_rounds=3)
+    protocol = SpeedProtocol(
+        prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=0, min_rounds=3, max_rounds=3)
+    )
     result = run_protocol(
         _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": pruned_seconds}), protocol
     )
@@ -405,7 +425,9 @@ def test_a_median_below_one_with_a_spread_above_one_is_inconclusive_not_failed(t
 
     times = cycle([0.03, 0.03, 0.005])
     bench = _gguf_bench(0.01)
-    protocol = SpeedProtocol(prompt_tokens=(16,), gen_tokens=4, warmup=0, min_rounds=3, max_rounds=3)
+    protocol = SpeedProtocol(
+        prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=0, min_rounds=3, max_rounds=3)
+    )
     bench["f16"]["types"]["f16"]["speed"] = run_protocol(
         _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": lambda: next(times)}), protocol
     )

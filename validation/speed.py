@@ -99,17 +99,15 @@ class Phase:
 
 @dataclass(frozen=True)
 class SpeedProtocol:
+    """The phases timed (llama-bench's pp and tg tests) and how long each is timed."""
+
     prompt_tokens: tuple[int, ...] = (512,)
     gen_tokens: int = 128
-    warmup: int = SpeedRounds.warmup
-    min_rounds: int = SpeedRounds.min_rounds
-    max_rounds: int = SpeedRounds.max_rounds
-    rel_tol: float = SpeedRounds.rel_tol
-    threads: int = SpeedRounds.threads  # 0: every usable core
+    rounds: SpeedRounds = SpeedRounds()
 
     def with_rounds(self, rounds: SpeedRounds) -> SpeedProtocol:
         """The same phases, timed as ``rounds`` says."""
-        return replace(self, **asdict(rounds))
+        return replace(self, rounds=rounds)
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens or any(n < 1 for n in self.prompt_tokens) or self.gen_tokens < 1:
@@ -117,7 +115,6 @@ class SpeedProtocol:
                 f"prompt tokens {list(self.prompt_tokens)} and generated tokens {self.gen_tokens} "
                 "must all be >= 1"
             )
-        SpeedRounds(self.warmup, self.min_rounds, self.max_rounds, self.rel_tol, self.threads)  # checks
 
     @property
     def phases(self) -> dict[str, int]:
@@ -132,10 +129,12 @@ class SpeedProtocol:
         return max(self.prompt_tokens) + self.gen_tokens
 
     def resolved_threads(self) -> int:
-        return self.threads or usable_cores()
+        return self.rounds.threads or usable_cores()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"prompt_tokens": sorted(set(self.prompt_tokens))}
+        return {"prompt_tokens": sorted(set(self.prompt_tokens)), "gen_tokens": self.gen_tokens} | asdict(
+            self.rounds
+        )
 
 
 def phase_kind(name: str) -> str:
@@ -256,7 +255,7 @@ def run_protocol(
     _check_phases(original, pruned, phases)
     pairs = {name: {"original": original[name], "pruned": pruned[name]} for name in phases}
     load_before = load_average()
-    for _ in range(protocol.warmup):
+    for _ in range(protocol.rounds.warmup):
         for name in phases:
             _warm_up(pairs[name])
     seconds: dict[str, dict[str, list[float]]] = {p: {r: [] for r in ROLES} for p in phases}
@@ -265,7 +264,7 @@ def run_protocol(
     order: list[list[Any]] = []
     rounds = 0
     started = time.perf_counter()
-    while rounds < protocol.max_rounds and not all(precise.values()):
+    while rounds < protocol.rounds.max_rounds and not all(precise.values()):
         rounds += 1
         for name in phases:
             if precise[name]:
@@ -277,7 +276,8 @@ def run_protocol(
             # Speed-up = pruned tokens/s over original tokens/s = original seconds over pruned seconds.
             ratios[name].append(timed["original"] / timed["pruned"])
             precise[name] = (
-                len(ratios[name]) >= protocol.min_rounds and median_rel_se(ratios[name]) <= protocol.rel_tol
+                len(ratios[name]) >= protocol.rounds.min_rounds
+                and median_rel_se(ratios[name]) <= protocol.rounds.rel_tol
             )
     log.info(
         "speed: %d rounds (%s) in %.1f s",
