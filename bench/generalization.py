@@ -9,7 +9,10 @@ documents set aside after them. Then each idea picks a cut and a map:
 * ``fit, cv``: the cut with the smallest fit error on the set-aside documents;
 * ``ridge``: ``solve(A + αI, B)``, α chosen on the set-aside documents;
 * ``shrink``: ``I + λ(T − I)`` (toward plain removal), λ chosen on the set-aside documents;
-* ``ridge→I``: ``solve(A + αI, B + αI)`` (a ridge that pulls toward plain removal), α on set-aside.
+* ``ridge→I``: ``solve(A + αI, B + αI)`` (a ridge that pulls toward plain removal), α on set-aside;
+* ``hidden``: at the ``fit`` cut, the map of the MLP's hidden activations (the least-squares
+  ``down_proj``, d_ff×d) shrunk toward the ``fit`` map by the ridge strength the set-aside
+  documents choose: what ``rmexport prune`` does by default; ``hidden, α=0`` without the ridge.
 
 Every plan (original, plain removal of each cut, each idea) is evaluated in one pass per source on
 the held-out part of Wikipedia and of each out-of-domain source.
@@ -37,6 +40,7 @@ from rmexport.prune import PruneOptions, open_engine
 from rmexport.replaceme.checks import perplexities
 from rmexport.replaceme.select import candidate_starts, cut_size
 from rmexport.replaceme.solve import lstsq_from_gram, residual_energy
+from rmexport.replaceme.survey import hidden_map
 
 __all__ = ["main"]
 
@@ -86,6 +90,18 @@ def _ideas(fit_stats, held_stats, starts) -> dict[str, tuple[int, torch.Tensor, 
     return ideas
 
 
+def _hidden_ideas(engine, full, calibration, set_aside, start, output_map, n):
+    """The map of the MLP's hidden activations at ``start``: ridge toward ``output_map``, strength
+    chosen on ``set_aside`` (what the prune does), and the unregularised one."""
+    cut = (start, start + n)
+    chosen, _, details = hidden_map(engine, full, calibration, set_aside, cut, output_map)
+    exact, _, _ = hidden_map(engine, full, calibration, set_aside, cut, output_map, grid=(0.0,))
+    return {
+        "hidden": (start, chosen, {"alpha": details["ridge_toward_T"]}),
+        "hidden, α=0": (start, exact, {}),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve(args.model)
     tokenizer = load_tokenizer(source)
@@ -108,7 +124,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _, fit_stats = collect(engine, full, calibration, n=n, starts=starts, stats_for=starts, desc="calib")
         _, held_stats = collect(engine, full, set_aside, n=n, starts=starts, stats_for=starts, desc="aside")
         label = "+".join(f"{spec}×{count}" for spec, count in mix)
-        for idea, (start, transform, extra) in _ideas(fit_stats, held_stats, starts).items():
+        ideas = _ideas(fit_stats, held_stats, starts)
+        if not args.ideas or {"hidden", "hidden, α=0"} & set(args.ideas):
+            ideas |= _hidden_ideas(engine, full, calibration, set_aside, *ideas["fit"][:2], n)
+        for idea, (start, transform, extra) in ideas.items():
             if args.ideas and idea not in args.ideas:
                 continue
             name = f"{label}: {idea}"

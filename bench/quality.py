@@ -10,7 +10,8 @@ non-overlapping 512-token windows, each prefixed with BOS; float32; PPL = exp(me
 
 One calibration pass measures every candidate cut; each rule's cut is then fitted, folded into
 a copy of the model and evaluated. Rows: original, and per rule its cut with plain removal,
-lstsq and cosine. ``--blocks`` adds multi-cut rows (each cut chosen on the already pruned model).
+lstsq and cosine, each with the map of the MLP's hidden activations (the default) and of its
+output (ReplaceMe's T). ``--blocks`` adds multi-cut rows (each cut chosen on the already pruned model).
 
     python -m bench.quality --out out/bench
 """
@@ -93,10 +94,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         start = choose_start(scores, rule)
         select_s = survey_s + time.perf_counter() - rule_started
         cut = (start, start + n)
-        for solver in ["removal", *args.solvers]:
-            if (start, solver) not in fitted:
+        variants = [("removal", None)] + [(solver, m) for solver in args.solvers for m in args.maps]
+        for solver, map_space in variants:
+            key = (start, solver, map_space)
+            if key not in fitted:
                 fit_started = time.perf_counter()
-                name, new_map, extra = f"{start}-{solver}", None, {}
+                name, new_map, extra = f"{start}-{solver}-{map_space}", None, {}
                 if solver != "removal":
                     result = fit_cut(
                         engine,
@@ -105,15 +108,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         survey,
                         start,
                         solver=solver,
+                        map_space=map_space,
+                        set_aside=selection,
+                        stats_budget_bytes=STATS_BUDGET,
                         cosine=CosineSettings(),
                         validate=scorer.validator(full, cut),
                     )
                     new_map = Map(result.transform, name)
-                    extra = _cosine_summary(result.details) if solver == "cosine" else {}
+                    extra = {"map": result.details["map"]}
+                    extra |= _cosine_summary(result.details) if solver == "cosine" else {}
+                    if result.details["map"] == "hidden":
+                        extra["ridge_toward_T"] = result.details["ridge_toward_T"]
                 plans[name] = cut_plan(full, cut, new_map)
-                fitted[(start, solver)] = (name, time.perf_counter() - fit_started, extra)
-            name, fit_s, extra = fitted[(start, solver)]
-            solver_name = "plain removal" if solver == "removal" else solver
+                fitted[key] = (name, time.perf_counter() - fit_started, extra)
+            name, fit_s, extra = fitted[key]
+            solver_name = "plain removal" if solver == "removal" else f"{solver}, map of the {map_space}"
             rows.append(
                 {
                     "rule": label,
@@ -133,7 +142,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for size in split_cut(n, blocks):
             step_survey = survey_candidates(engine, plan, calibration, size, stats_budget_bytes=STATS_BUDGET)
             start = choose_start(step_survey.scores("last"), "fit")
-            result = fit_cut(engine, plan, calibration, step_survey, start)
+            result = fit_cut(
+                engine,
+                plan,
+                calibration,
+                step_survey,
+                start,
+                map_space=args.maps[0],
+                set_aside=selection,
+                stats_budget_bytes=STATS_BUDGET,
+            )
             removed.append([s.layer for s in plan[start : start + size]])
             plan = cut_plan(plan, (start, start + size), Map(result.transform))
         name = f"fit-{blocks}-cuts"
@@ -142,7 +160,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "rule": f"fit, {blocks} cuts",
                 "cut": [[r[0], r[-1] + 1] for r in removed],
-                "solver": "lstsq",
+                "solver": f"lstsq, map of the {args.maps[0]}",
                 "plan": name,
                 "prune_s": round(time.perf_counter() - started, 1),
             }
@@ -188,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--solvers", default="lstsq,cosine", type=lambda s: [x for x in s.split(",") if x])
+    parser.add_argument(
+        "--maps",
+        default="hidden,output",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="what the map reads (the first is also used for the multi-cut rows)",
+    )
     parser.add_argument("--blocks", default="2", type=lambda s: [int(x) for x in s.split(",") if x])
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)

@@ -4,8 +4,9 @@
 - every tensor of a kept block, the embeddings, the output head and the norms are copied byte for
   byte, in their own type; block tensors are renamed ``blk.{old}`` -> ``blk.{new}``;
 - the tensor a fitted map is folded into is rewritten: ``ffn_down`` for dense families
-  (``W_down <- Tᵀ·W_down`` with ``W_down`` as transformers holds it, [d, d_ff], which is also the
-  GGUF data's numpy orientation), or, for Gemma, the ``post_ffw_norm`` weight scaled per channel.
+  (``W_down <- Tᵀ·W_down`` for a d×d map, with ``W_down`` as transformers holds it, [d, d_ff],
+  which is also the GGUF data's numpy orientation; ``W_down <- Wᵀ`` for a d_ff×d map of the
+  hidden activations), or, for Gemma, the ``post_ffw_norm`` weight scaled per channel.
   It is computed in float64 from the dequantized source and quantized back to the source's type
   (``ggml_quant.quantize_like``: gguf-py, or llama.cpp's own quantizer for K-quants);
 - metadata is the source's, except ``{arch}.block_count`` and the per-layer arrays (any
@@ -145,6 +146,9 @@ def _folded(
         b = None if bias_tensor is None else source.dequantized(bias_tensor).astype(np.float64)
         for transform in transforms:
             t = _as_matrix(transform)
+            if t.shape == w.shape[::-1] and w.shape[0] != w.shape[1]:  # a map of the hidden activations
+                w, b = t.T.copy(), None if b is None else np.zeros_like(b)
+                continue
             if t.shape != (w.shape[0], w.shape[0]):
                 raise ConfigError(f"map of shape {t.shape} does not fit {weight_name} of shape {w.shape}")
             w = t.T @ w
@@ -211,8 +215,9 @@ def prune_gguf(
 ) -> dict[str, Any]:
     """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
-    ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, or a
-    length-d diagonal). ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
+    ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, d_ff×d
+    for a map of the MLP's hidden activations, or a length-d diagonal).
+    ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
     (False, Gemma). ``norm_weight_offset`` is what the runtime adds to the *stored* norm weight:
     0 for llama.cpp, whose Gemma files store ``1 + w`` already, so the stored weight is scaled as is.
 

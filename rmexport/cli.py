@@ -146,7 +146,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN
-    from .replaceme.select import SELECTION_RULES
+    from .replaceme.select import MAP_SPACES, SELECTION_RULES
 
     size = parser.add_argument_group("how much to cut")
     size.add_argument(
@@ -195,7 +195,22 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         ),
     )
     method.add_argument(
-        "--alpha", type=float, default=0.0, help="ridge term added to the normal equations (default 0)"
+        "--map",
+        dest="map_space",
+        choices=MAP_SPACES,
+        default="hidden",
+        help=(
+            "what the fitted map reads: hidden (default): the MLP's hidden activations, i.e. the block's "
+            "down_proj refitted by least squares, shrunk toward T by a ridge strength chosen on the "
+            "set-aside documents; output: ReplaceMe's d×d map T of the MLP's output, folded into "
+            "down_proj (always used for Gemma, whose MLP output passes a norm)"
+        ),
+    )
+    method.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="ridge term added to the normal equations of T (--map output, and the T of --map hidden)",
     )
     data = parser.add_argument_group("calibration and evaluation text")
     data.add_argument(
@@ -222,7 +237,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=64,
         help=(
             "calibration documents set aside (after the calibration ones) to judge the quality guard, "
-            "--select loss and the cosine epochs (default 64)"
+            "the ridge strength of --map hidden, --select loss and the cosine epochs (default 64)"
         ),
     )
     data.add_argument(
@@ -300,6 +315,7 @@ def prune_options(args: argparse.Namespace, **overrides: Any) -> Any:
         layers=args.layers,
         blocks=args.blocks,
         solver=args.solver,
+        map_space=args.map_space,
         alpha=args.alpha,
         select=args.select,
         distance_tokens=args.distance_tokens,
@@ -331,7 +347,8 @@ def _print_prune_summary(record: dict[str, Any], out_dir: Path) -> None:
         fit = cut["fit"]
         console.print(
             f"cut {cut['cut']} (original blocks {cut['removed_layers'][0]}..{cut['removed_layers'][-1]}), "
-            f"solver {fit['solver']}: fit error {fit['rel_residual']:.4f} vs plain removal "
+            f"solver {fit['solver']}, map of the MLP's {fit.get('map', 'output')}: fit error "
+            f"{fit['rel_residual']:.4f} vs plain removal "
             f"{fit['rel_residual_plain_removal']:.4f}"
         )
     quality = record["quality"]

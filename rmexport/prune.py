@@ -36,7 +36,7 @@ from .models import (
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
-from .replaceme.select import SELECTION_RULES, choose_start, cut_size, split_cut
+from .replaceme.select import MAP_SPACES, SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
 from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
 from .tokenizer_parity import tokenizer_parity_record
@@ -60,6 +60,7 @@ class PruneOptions:
     layers: int | None = None
     blocks: int = 1
     solver: str = "lstsq"
+    map_space: str = "hidden"  # what the map acts on: the MLP's hidden activations, or its output (T)
     alpha: float = 0.0
     select: str = "fit"
     distance_tokens: str = "last"
@@ -73,7 +74,7 @@ class PruneOptions:
     ood_data: tuple[str, ...] = OUT_OF_DOMAIN  # held-out text of other kinds than Wikipedia
     ood_tokens: int = 8192
     parity_windows: int = 2
-    selection_samples: int = 64  # documents after the calibration ones, for --select loss
+    selection_samples: int = 64  # documents after the calibration ones: guard, ridge, --select loss, cosine
     loss_candidates: int = 5  # best cuts by fit that --select loss tries
     device: str = "cpu"
     compute_dtype: str | None = None
@@ -85,6 +86,8 @@ class PruneOptions:
     def validate(self) -> None:
         if self.solver not in ("lstsq", "cosine"):
             raise ConfigError(f"unknown solver {self.solver!r}", hint="use lstsq or cosine")
+        if self.map_space not in MAP_SPACES:
+            raise ConfigError(f"unknown --map {self.map_space!r}", hint="use " + " or ".join(MAP_SPACES))
         if self.select not in SELECTION_RULES:
             raise ConfigError(
                 f"unknown --select {self.select!r}", hint="use one of " + ", ".join(SELECTION_RULES)
@@ -262,8 +265,9 @@ def choose_and_fit(
 ) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
     """Survey every cut of ``n`` blocks of ``plan``, choose one by ``options.select``, fit its map.
 
-    ``scorer`` (set-aside text) is what ``--select loss`` and the cosine solver's epochs are
-    judged on. Returns the cut, the fit and the survey's score table."""
+    ``scorer`` (set-aside text) is what ``--select loss``, the cosine solver's epochs and the
+    ridge strength of a map of the hidden activations are judged on. Returns the cut, the fit and
+    the survey's score table."""
     survey = survey_candidates(
         engine,
         plan,
@@ -293,6 +297,9 @@ def choose_and_fit(
         start,
         solver=options.solver,
         alpha=options.alpha,
+        map_space=options.map_space,
+        set_aside=scorer.selection if scorer is not None else None,
+        stats_budget_bytes=stats_budget_bytes,
         cosine=options.cosine,
         validate=scorer.validator(plan, cut) if scorer is not None else None,
         step=step,
@@ -356,7 +363,7 @@ class _SetAside:
 
     @classmethod
     def build(cls, tokenizer: Any, options: PruneOptions) -> _SetAside:
-        needs_scorer = options.select == "loss" or options.solver == "cosine"
+        needs_scorer = options.select == "loss" or options.solver == "cosine" or options.map_space == "hidden"
         return cls(
             calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
             set_aside_by_source(tokenizer, options) if options.quality_guard else {},
@@ -486,6 +493,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         selection={"rule": options.select, "distance_tokens": options.distance_tokens},
         solver={
             "name": options.solver,
+            "map": options.map_space,
             "alpha": options.alpha,
             **({"cosine": asdict(options.cosine)} if options.solver == "cosine" else {}),
         },

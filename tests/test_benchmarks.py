@@ -24,13 +24,16 @@ def test_quality_benchmark_rows(tiny_checkpoints, tmp_path):
     for row in rows[1:-1]:
         by_rule.setdefault(row["rule"], {})[row["solver"]] = row
     assert set(by_rule) == set(bench_quality.RULES)
-    assert all(set(solvers) == {"plain removal", "lstsq", "cosine"} for solvers in by_rule.values())
+    fitted = {f"{solver}, map of the {m}" for solver in ("lstsq", "cosine") for m in ("hidden", "output")}
+    assert all(set(solvers) == {"plain removal", *fitted} for solvers in by_rule.values())
     for solvers in by_rule.values():
-        cosine = solvers["cosine"]["cosine"]
-        validation = cosine["validation_curve"]
-        assert validation[cosine["best_epoch"]] == min(validation) <= validation[0]
-    fit_cut = by_rule["fit"]["lstsq"]["cut"]
-    same_cut = [r for r in rows[1:-1] if r["cut"] == fit_cut and r["solver"] == "lstsq"]
+        for m in ("hidden", "output"):
+            assert solvers[f"lstsq, map of the {m}"]["map"] == m
+            cosine = solvers[f"cosine, map of the {m}"]["cosine"]
+            validation = cosine["validation_curve"]
+            assert validation[cosine["best_epoch"]] == min(validation) <= validation[0]
+    fit_cut = by_rule["fit"]["lstsq, map of the hidden"]["cut"]
+    same_cut = [r for r in rows[1:-1] if r["cut"] == fit_cut and r["solver"] == "lstsq, map of the hidden"]
     assert len({r["ppl"] for r in same_cut}) == 1
     multi = rows[-1]
     assert multi["rule"] == "fit, 2 cuts" and len(multi["cut"]) == 2
@@ -64,6 +67,7 @@ def test_generalization_benchmark_rows(tiny_checkpoints, tmp_path):
     assert set(result["original"]) == {"builtin", "docs", "dialogue"}
     ideas = {(row["calibration"], row["idea"]) for row in result["rows"]}
     assert {("builtin×24", "fit"), ("builtin×16+dialogue×4+docs×4", "shrink")} <= ideas
+    assert {("builtin×24", "hidden"), ("builtin×24", "hidden, α=0")} <= ideas
     for row in result["rows"]:
         assert set(row["ppl"]) == set(row["ppl_plain_removal"]) == {"builtin", "docs", "dialogue"}
         assert all(value > 1.0 for value in row["ppl"].values())

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rmexport.arch import adapter_for
-from rmexport.calib.collect import _accumulate, collect
+from rmexport.calib.collect import _accumulate, collect, collect_hidden_statistics
 from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, original_plan
 from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches
@@ -230,3 +230,78 @@ def test_the_budget_reserves_the_largest_module_and_halves_the_rest(tiny_checkpo
         assert parts["stats_budget_bytes"] == parts["activation_budget_bytes"] == (total - held) // 2
         assert held + parts["stats_budget_bytes"] + parts["activation_budget_bytes"] <= total
     assert MemoryBudget(largest // 2).activation_bytes(weights, largest) == 0  # never negative
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hidden_statistics_equal_hooks_on_the_whole_model(family, tiny_checkpoints, builtin_corpus):
+    """The sums over down_proj's input, for two sets in one streamed pass, equal hooks on transformers."""
+    checkpoint = tiny_checkpoints[family]
+    tokenizer = load_tokenizer(resolve(str(checkpoint)))
+    sets = [
+        calibration_batches(builtin_corpus, tokenizer, n_samples=n, seq_len=32, batch_size=8) for n in (24, 8)
+    ]
+    cut = (3, 6)
+    model = _hf(checkpoint)
+    adapter = adapter_for(model.config)
+    seen = {}
+    blocks = adapter.blocks(model)
+    handles = [
+        blocks[cut[0] - 1].register_forward_hook(
+            lambda _m, _i, out: seen.__setitem__("before", _output(out))
+        ),
+        blocks[cut[1] - 1].register_forward_hook(lambda _m, _i, out: seen.__setitem__("after", _output(out))),
+        adapter.down_proj_module(blocks[cut[0] - 1]).register_forward_hook(
+            lambda _m, inputs, out: seen.update(hidden=inputs[0], mlp=out)
+        ),
+    ]
+    from rmexport.calib.collect import _empty_stats
+
+    d, d_ff = model.config.hidden_size, model.config.intermediate_size
+    expected = [_empty_stats([cut[0]], 3, d, d_ff)[cut[0]] for _ in sets]
+    with torch.inference_mode():
+        for acc, one in zip(expected, sets, strict=True):
+            for ids, mask in one.batches:
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                r = mask.bool()
+                _accumulate(
+                    acc, seen["mlp"][r], seen["before"][r], seen["after"][r], features=seen["hidden"][r]
+                )
+    for handle in handles:
+        handle.remove()
+    engine = _engine(checkpoint, resident=False, activation_bytes=0)
+    try:
+        got = collect_hidden_statistics(engine, original_plan(8), sets, cut)
+    finally:
+        engine.close()
+    for acc, ref in zip(got, expected, strict=True):
+        assert acc.gram.shape == (d_ff, d_ff) and acc.cross.shape == (d_ff, d)
+        torch.testing.assert_close(acc.gram, ref.gram, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(acc.cross, ref.cross, rtol=1e-6, atol=1e-6)
+        assert acc.tokens == ref.tokens > 0 and acc.target_energy == pytest.approx(ref.target_energy)
+
+
+def test_checks_with_a_hidden_map_equal_the_folded_model(tiny_checkpoints):
+    """A d_ff×d map replaces down_proj: the engine's pruned perplexity is transformers' on the
+    folded model, and fold parity compares it with the map applied to down_proj's input."""
+    checkpoint = tiny_checkpoints["llama"]
+    model = _hf(checkpoint)
+    adapter = adapter_for(model.config)
+    weight = adapter.down_proj_module(adapter.block(model, 2)).weight.detach().double()
+    generator = torch.Generator().manual_seed(3)
+    hidden_map = weight.T + 0.05 * torch.randn(weight.T.shape, generator=generator, dtype=torch.float64)
+    windows = _random_windows(model.config.vocab_size, rows=4)
+    final = cut_plan(original_plan(8), (3, 5), Map(hidden_map))
+    engine = _engine(checkpoint, resident=True)
+    try:
+        checks = run_checks(engine, final, windows, parity_windows=2)
+        assert torch.equal(engine.down_proj_weight(final[2]), hidden_map.T.float().double())
+    finally:
+        engine.close()
+    remove_blocks(model, adapter, (3, 5))
+    fold_map(adapter, adapter.block(model, 2), hidden_map)
+    assert math.log(checks.ppl_pruned) == pytest.approx(_hf_nll(model, windows), rel=1e-6)
+    assert checks.parity_passed and checks.parity_max_abs_logit_diff > 0

@@ -236,7 +236,11 @@ def _pruned_hf_model(checkpoint: Path, family: str, cut: tuple[int, int], fold_b
 
 @pytest.mark.parametrize(
     ("family", "transform"),
-    [("llama", _near_identity(64, seed=1, scale=0.3)), ("gemma2", 1 + 0.2 * torch.randn(64))],
+    [
+        ("llama", _near_identity(64, seed=1, scale=0.3)),
+        ("llama", 0.1 * torch.randn(128, 64, dtype=torch.float64)),  # a map of the hidden activations
+        ("gemma2", 1 + 0.2 * torch.randn(64)),
+    ],
 )
 def test_f32_prune_equals_pruning_the_hf_model(family, transform, tiny_checkpoints, tmp_path):
     """f32 GGUF -> prune_gguf -> read back == transformers model folded and cut by apply.py."""

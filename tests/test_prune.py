@@ -159,7 +159,7 @@ def test_a_budget_smaller_than_the_model_streams_and_gives_the_same_prune(tiny_c
     from rmexport.cli import main
 
     common = ["prune", str(tiny_checkpoints["qwen2"]), "--calib-samples", "48", "--seq-len", "32"]
-    common += ["--eval-tokens", "1024", "--no-quality-guard"]
+    common += ["--eval-tokens", "1024", "--no-quality-guard", "--map", "output"]
     assert main([*common, "--out", str(tmp_path / "resident")]) == 0
     assert main([*common, "--out", str(tmp_path / "streamed"), "--memory-budget", "64KiB"]) == 0
     resident, streamed = (
@@ -195,3 +195,34 @@ def test_quality_guard_keeps_plain_removal_when_the_map_does_worse(tiny_checkpoi
     start = record["cuts"][0]["cut"][0]
     name = f"model.layers.{start - 1}.mlp.down_proj.weight"
     assert torch.equal(saved[name], original[name]) == (better == "plain_removal")
+
+
+def test_the_default_map_refits_down_proj_with_a_ridge_chosen_on_set_aside_text(tiny_checkpoints, tmp_path):
+    record = prune(resolve(str(tiny_checkpoints["llama"])), PruneOptions(**TINY_OPTIONS), tmp_path)
+    fit = record["cuts"][0]["fit"]
+    assert record["solver"]["map"] == fit["map"] == "hidden"
+    errors = {a: e for a, e in fit["set_aside_rel_residual"].items() if e is not None}
+    assert "inf" in errors and errors[str(fit["ridge_toward_T"])] == min(errors.values())
+    assert fit["set_aside_tokens"] > 0 and record["fold_parity"]["passed"]
+    start = record["cuts"][0]["cut"][0]
+    maps = load_file(tmp_path / "maps.safetensors")
+    hidden_map = maps[f"block.{start - 1}.0"]
+    assert hidden_map.shape == (128, 64)  # d_ff × d
+    saved = load_file(tmp_path / "hf" / "model.safetensors")[f"model.layers.{start - 1}.mlp.down_proj.weight"]
+    torch.testing.assert_close(saved, hidden_map.T.to(saved.dtype), rtol=0, atol=0)
+
+
+def test_the_output_map_where_a_hidden_one_cannot_be_fitted(tiny_checkpoints, tmp_path):
+    """Gemma's MLP output passes a norm; a budget too small for d_ff² sums: T, and the reason."""
+    gemma = prune(resolve(str(tiny_checkpoints["gemma3"])), PruneOptions(**TINY_OPTIONS), tmp_path / "g")
+    assert gemma["cuts"][0]["fit"]["map"] == "output" and "norm" in gemma["cuts"][0]["fit"]["map_note"]
+    options = PruneOptions(**(TINY_OPTIONS | {"memory_budget": "256KiB"}))
+    small = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path / "s")
+    assert small["cuts"][0]["fit"]["map"] == "output"
+    assert "--memory-budget" in small["cuts"][0]["fit"]["map_note"]
+    assert load_file(tmp_path / "s" / "maps.safetensors")[
+        f"block.{small['cuts'][0]['cut'][0] - 1}.0"
+    ].shape == (
+        64,
+        64,
+    )

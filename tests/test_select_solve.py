@@ -5,7 +5,7 @@ import torch
 
 from rmexport.calib.collect import CutActivations, CutStatistics
 from rmexport.errors import ConfigError
-from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm
+from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm, is_hidden_map
 from rmexport.replaceme.select import CutScores, candidate_starts, choose_start, cut_size, split_cut
 from rmexport.replaceme.solve import (
     CosineSettings,
@@ -13,6 +13,7 @@ from rmexport.replaceme.solve import (
     diagonal_lstsq_from_gram,
     lstsq_from_gram,
     residual_energy,
+    ridge_toward,
 )
 
 
@@ -169,3 +170,58 @@ def test_fold_into_gemma_norm_scales_its_output():
     expected = norm(x) * scale
     fold_into_post_mlp_norm(norm, scale, weight_offset=1.0)
     assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
+def test_a_hidden_map_becomes_the_down_proj():
+    torch.manual_seed(0)
+    down = torch.nn.Linear(12, 6, bias=False)
+    h = torch.randn(5, 12)
+    hidden_map = torch.randn(12, 6, dtype=torch.float64)
+    assert is_hidden_map(hidden_map, tuple(down.weight.shape))
+    assert not is_hidden_map(torch.eye(6), tuple(down.weight.shape))
+    fold_into_down_proj(down, hidden_map)
+    assert torch.allclose(down(h), (h.double() @ hidden_map).float(), atol=1e-5)
+
+
+def test_the_output_map_is_the_hidden_map_through_w_down():
+    """T acting on M = H·W_downᵀ is the hidden map W_downᵀ·T: both folds give the same down_proj."""
+    torch.manual_seed(0)
+    by_output, by_hidden = torch.nn.Linear(12, 6, bias=False), torch.nn.Linear(12, 6, bias=False)
+    by_hidden.weight.data.copy_(by_output.weight.data)
+    transform = torch.randn(6, 6, dtype=torch.float64)
+    fold_into_down_proj(by_output, transform)
+    fold_into_down_proj(by_hidden, by_hidden.weight.detach().double().T @ transform)
+    torch.testing.assert_close(by_output.weight, by_hidden.weight, rtol=0, atol=1e-6)
+
+
+def _hidden_problem(tokens: int, features: int = 24, d: int = 8, seed: int = 0):
+    """Features H, a planted map of them, and the prior a d×d map would give."""
+    generator = torch.Generator().manual_seed(seed)
+    planted = torch.randn(features, d, generator=generator, dtype=torch.float64)
+    prior = planted + 0.3 * torch.randn(features, d, generator=generator, dtype=torch.float64)
+
+    def sample(n: int) -> CutStatistics:
+        h = torch.randn(n, features, generator=generator, dtype=torch.float64)
+        target = h @ planted + 0.5 * torch.randn(n, d, generator=generator, dtype=torch.float64)
+        return _stats_from(h, target, target)
+
+    return sample(tokens), sample(2000), planted, prior
+
+
+def test_ridge_toward_recovers_the_map_when_the_data_pin_it_down():
+    stats, set_aside, planted, prior = _hidden_problem(tokens=20000)
+    choice = ridge_toward(stats, set_aside, prior)
+    assert choice.alpha < 1e-2
+    assert (choice.transform - planted).norm() < 0.1 * (prior - planted).norm()
+    errors = {a: e for a, e in choice.set_aside_rel_residual.items() if e is not None}
+    assert errors[str(choice.alpha)] == min(errors.values()) < errors["inf"]
+
+
+def test_ridge_toward_leans_on_the_prior_when_the_data_do_not():
+    """Fewer calibration tokens than features: the exact solve is singular or overfits, and the
+    set-aside text picks a strong pull toward the prior; α = ∞ is the prior itself."""
+    stats, set_aside, _planted, prior = _hidden_problem(tokens=16)
+    choice = ridge_toward(stats, set_aside, prior)
+    assert choice.alpha >= 1e-2
+    only_prior = ridge_toward(stats, set_aside, prior, grid=(float("inf"),))
+    assert torch.equal(only_prior.transform, prior) and only_prior.alpha == float("inf")

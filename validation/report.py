@@ -401,6 +401,16 @@ def _guard_lines(prune: dict) -> list[str]:
     return lines
 
 
+def _map_words(fit: dict) -> str:
+    if fit.get("map") == "hidden":
+        return (
+            "map of the MLP's hidden activations (down_proj refitted), ridge toward T "
+            f"{fit['ridge_toward_T']:g} chosen on {fit['set_aside_tokens']} set-aside tokens"
+        )
+    note = f" ({fit['map_note']})" if fit.get("map_note") else ""
+    return f"map T of the MLP's output{note}"
+
+
 def _quality_table(prune: dict) -> str:
     sources = _sources(prune)
     header = ["model (PyTorch)"] + [
@@ -435,8 +445,9 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         removed = cut["removed_layers"]
         lines.append(
             f"- blocks {removed[0]}–{removed[-1]} (cut {cut['cut']}), rule `{prune['selection']['rule']}`, "
-            f"solver `{fit['solver']}`: error left after the map {fit['rel_residual']:.4f} "
-            f"of the stream's energy, against {fit['rel_residual_plain_removal']:.4f} for plain removal"
+            f"solver `{fit['solver']}`, {_map_words(fit)}: error left after the map "
+            f"{fit['rel_residual']:.4f} of the stream's energy, against "
+            f"{fit['rel_residual_plain_removal']:.4f} for plain removal"
         )
     cal = prune["calibration"]
     lines += [

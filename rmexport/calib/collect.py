@@ -6,8 +6,10 @@ Per calibration batch, the residual stream ``L_j`` after each block and the MLP'
 * the angular distance between ``L_{s-1}`` and ``L_{s+n-1}`` for every candidate start ``s``,
   over the last real token of each sequence and over all real tokens;
 * for every candidate whose statistics are requested, the float64 sums
-  ``A = Σ MᵀM``, ``B = Σ Mᵀ·target`` with ``M = M_{s-1}`` and ``target = L_{s+n-1} − L_{s-1} + M``,
-  plus ``Σ‖target‖²`` and ``Σ‖L_{s+n-1}‖²`` (for the residual of the fit and of plain removal).
+  ``A = Σ FᵀF``, ``B = Σ Fᵀ·target`` with ``target = L_{s+n-1} − L_{s-1} + M_{s-1}`` and features
+  ``F = M_{s-1}`` (the MLP's output, for a d×d map) or ``F = H_{s-1}`` (the MLP's hidden
+  activations, the input of ``down_proj``, for a d_ff×d map), plus ``Σ‖target‖²`` and
+  ``Σ‖L_{s+n-1}‖²`` (for the residual of the fit and of plain removal).
 
 A pass stops after the deepest block any candidate needs (no later blocks, no LM head). Only the
 activations a candidate still needs are kept, in the engine's store.
@@ -22,15 +24,17 @@ import torch
 
 from ..errors import CalibrationError
 from ..measures import angular_distance
-from .engine import Engine, Plan
+from .engine import Batches, Engine, Plan
 from .tokens import CalibrationSet
 
 __all__ = [
     "CutActivations",
+    "CutBatch",
     "CutStatistics",
     "DistanceProfile",
     "collect",
     "collect_activations",
+    "collect_hidden_statistics",
     "distances_then_closest_sums",
 ]
 
@@ -41,8 +45,8 @@ class CutStatistics:
 
     start: int
     n: int
-    gram: torch.Tensor  # A, d×d float64
-    cross: torch.Tensor  # B, d×d float64
+    gram: torch.Tensor  # A, f×f float64 (f = d, or d_ff for the hidden activations)
+    cross: torch.Tensor  # B, f×d float64
     target_energy: float = 0.0  # Σ‖target‖²
     stream_energy: float = 0.0  # Σ‖L_{s+n-1}‖²
     tokens: int = 0
@@ -68,61 +72,91 @@ class DistanceProfile:
         return {s: sums.get(s, 0.0) / max(count, 1) for s in self.starts}
 
 
-def _accumulate(acc: CutStatistics, mlp_out: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
-    m = mlp_out.to(torch.float64)
-    gram = m.T @ m
-    acc.gram += gram.cpu()
-    acc.cross += (m.T @ (after.to(torch.float64) - before.to(torch.float64))).cpu() + gram.cpu()
-    target = after.to(torch.float64) - before.to(torch.float64) + m
+def _accumulate(
+    acc: CutStatistics,
+    mlp_out: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    features: torch.Tensor | None = None,
+) -> None:
+    """Add one batch's real tokens; ``features`` default to the MLP's output."""
+    after64 = after.to(torch.float64)
+    target = after64 - before.to(torch.float64) + mlp_out.to(torch.float64)
+    f = (mlp_out if features is None else features).to(torch.float64)
+    acc.gram += (f.T @ f).cpu()
+    acc.cross += (f.T @ target).cpu()
     acc.target_energy += float((target * target).sum())
-    acc.stream_energy += float(after.to(torch.float64).pow(2).sum())
-    acc.tokens += int(m.shape[0])
+    acc.stream_energy += float(after64.pow(2).sum())
+    acc.tokens += int(f.shape[0])
 
 
 @dataclass
 class CutActivations:
     """Every real token's activations around one cut, float32, for solvers that need them raw.
 
-    After folding T, the stream leaving block ``s-1`` is ``bypass + mlp·T``; the fit wants it
-    to match ``after``, the stream the removed blocks produced."""
+    After folding the map, the stream leaving block ``s-1`` is ``bypass + features·map``; the fit
+    wants it to match ``after``, the stream the removed blocks produced. ``features`` are the
+    MLP's output (a d×d map) or its hidden activations (a d_ff×d map)."""
 
     mlp: torch.Tensor  # M_{s-1}
     bypass: torch.Tensor  # L_{s-1} − M_{s-1}
     after: torch.Tensor  # L_{s+n-1}
+    hidden: torch.Tensor | None = None  # H_{s-1}, when collected
 
     @classmethod
-    def from_batches(cls, mlp: list[torch.Tensor], before: list[torch.Tensor], after: list[torch.Tensor]):
+    def from_batches(
+        cls,
+        mlp: list[torch.Tensor],
+        before: list[torch.Tensor],
+        after: list[torch.Tensor],
+        hidden: list[torch.Tensor] | None = None,
+    ):
         m = torch.cat(mlp)
-        return cls(m, torch.cat(before) - m, torch.cat(after))
+        return cls(m, torch.cat(before) - m, torch.cat(after), torch.cat(hidden) if hidden else None)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.mlp if self.hidden is None else self.hidden
 
     @property
     def target(self) -> torch.Tensor:
-        """What ``mlp·T`` alone must reproduce (the least-squares target)."""
+        """What ``features·map`` alone must reproduce (the least-squares target)."""
         return self.after - self.bypass
 
 
-# callback(start, batch, before=L_{s-1}, after=L_{s+n-1}, mlp=M_{s-1} or None, real-token mask)
-CutCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+@dataclass
+class CutBatch:
+    """One batch's activations around cut ``[start, start + n)``, once its last block has run."""
+
+    start: int
+    batch: int
+    before: torch.Tensor  # L_{s-1}
+    after: torch.Tensor  # L_{s+n-1}
+    mlp: torch.Tensor | None  # M_{s-1}, where requested
+    hidden: torch.Tensor | None  # H_{s-1}, where requested
+    real: torch.Tensor  # mask of the real (non-pad) tokens
 
 
 def _stream_cuts(
     engine: Engine,
     plan: Plan,
-    calibration: CalibrationSet,
+    batches: Batches,
     *,
     n: int,
     starts: list[int],
     mlp_starts: list[int],
-    on_cut: CutCallback,
+    on_cut: Callable[[CutBatch], None],
     desc: str,
+    hidden_starts: list[int] = (),
     keep: bool = False,
 ) -> None:
-    """Run the calibration set through ``plan`` and call ``on_cut`` for every (start, batch) once
-    the block closing the cut has run. With ``keep``, every ``("L", k, b)``/``("M", k, b)`` stays
-    in the engine's store afterwards (the caller drops them)."""
+    """Run ``batches`` through ``plan`` and call ``on_cut`` for every (start, batch) once the
+    block closing the cut has run. With ``keep``, every ``("L", k, b)``/``("M", k, b)`` stays in
+    the engine's store afterwards (the caller drops them)."""
     store = engine.store
     residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts}
     mlp_positions = {s - 1 for s in mlp_starts}
+    hidden_positions = {s - 1 for s in hidden_starts}
     deepest = max(residual_positions | mlp_positions)
     last_use: dict[tuple[str, int], int] = {}
     for s in starts:
@@ -130,36 +164,51 @@ def _stream_cuts(
             last_use[key] = max(last_use.get(key, -1), s + n - 1)
     for s in mlp_starts:
         last_use[("M", s - 1)] = max(last_use.get(("M", s - 1), -1), s + n - 1)
+    for s in hidden_starts:
+        last_use[("H", s - 1)] = max(last_use.get(("H", s - 1), -1), s + n - 1)
     ending_at: dict[int, list[int]] = {}
     for s in starts:
         ending_at.setdefault(s + n - 1, []).append(s)
-    masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in calibration.batches]
+    masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in batches]
 
-    def on_block(position: int, b: int, hidden: torch.Tensor, mlp: torch.Tensor | None) -> None:
+    def stored(key: tuple[str, int, int]) -> torch.Tensor | None:
+        return store.get(key) if key in store else None
+
+    def on_block(position: int, b: int, hidden: torch.Tensor, mlp: torch.Tensor | None, h) -> None:
         if position in residual_positions:
             store.put(("L", position, b), hidden)
         if position in mlp_positions:
             store.put(("M", position, b), mlp)
+        if position in hidden_positions:
+            store.put(("H", position, b), h)
         for s in ending_at.get(position, []):
-            before_mlp = store.get(("M", s - 1, b)) if ("M", s - 1, b) in store else None
-            on_cut(s, b, store.get(("L", s - 1, b)), hidden, before_mlp, masks[b])
+            before = store.get(("L", s - 1, b))
+            on_cut(CutBatch(s, b, before, hidden, stored(("M", s - 1, b)), stored(("H", s - 1, b)), masks[b]))
         if not keep:
             for (kind, k), last in last_use.items():
                 if last == position:
                     store.drop((kind, k, b))
 
-    stream = engine.embed("calibration", calibration.batches)
+    stream = engine.embed("calibration", batches)
     try:
         engine.walk(
-            "calibration", stream, plan, until=deepest, mlp_at=mlp_positions, on_block=on_block, desc=desc
+            "calibration",
+            stream,
+            plan,
+            until=deepest,
+            mlp_at=mlp_positions,
+            hidden_at=hidden_positions,
+            on_block=on_block,
+            desc=desc,
         )
     finally:
         engine.forget("calibration")
 
 
-def _empty_stats(starts: list[int], n: int, d: int) -> dict[int, CutStatistics]:
+def _empty_stats(starts: list[int], n: int, d: int, features: int | None = None) -> dict[int, CutStatistics]:
+    f = features or d
     return {
-        s: CutStatistics(s, n, torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64))
+        s: CutStatistics(s, n, torch.zeros(f, f, dtype=torch.float64), torch.zeros(f, d, dtype=torch.float64))
         for s in starts
     }
 
@@ -179,15 +228,15 @@ def collect(
     profile = DistanceProfile(n=n, starts=list(starts))
     stats = _empty_stats(list(stats_for), n, engine.config.hidden_size)
 
-    def on_cut(s, _b, before, after, mlp, real):
-        _add_distances(profile, s, before, after, real)
-        if s in stats:
-            _accumulate(stats[s], mlp[real], before[real], after[real])
+    def on_cut(c: CutBatch) -> None:
+        _add_distances(profile, c.start, c.before, c.after, c.real)
+        if c.start in stats:
+            _accumulate(stats[c.start], c.mlp[c.real], c.before[c.real], c.after[c.real])
 
     _stream_cuts(
         engine,
         plan,
-        calibration,
+        calibration.batches,
         n=n,
         starts=list(starts),
         mlp_starts=list(stats_for),
@@ -197,6 +246,41 @@ def collect(
     _count_tokens(profile, calibration)
     _check_finite(stats)
     return profile, stats
+
+
+def collect_hidden_statistics(
+    engine: Engine,
+    plan: Plan,
+    sets: list[CalibrationSet],
+    cut: tuple[int, int],
+    desc: str = "Hidden statistics",
+) -> list[CutStatistics]:
+    """The sums over the MLP's hidden activations (features ``H_{s-1}``, d_ff of them) for one
+    cut, one ``CutStatistics`` per set, from one pass over all their batches together (it stops
+    at the cut's last block)."""
+    start, end = cut
+    batches = [batch for one in sets for batch in one.batches]
+    owner = [k for k, one in enumerate(sets) for _ in one.batches]
+    d = engine.config.hidden_size
+    stats = [_empty_stats([start], end - start, d, engine.config.intermediate_size)[start] for _ in sets]
+
+    def on_cut(c: CutBatch) -> None:
+        r = c.real
+        _accumulate(stats[owner[c.batch]], c.mlp[r], c.before[r], c.after[r], features=c.hidden[r])
+
+    _stream_cuts(
+        engine,
+        plan,
+        batches,
+        n=end - start,
+        starts=[start],
+        mlp_starts=[start],
+        hidden_starts=[start],
+        on_cut=on_cut,
+        desc=desc,
+    )
+    _check_finite({k: acc for k, acc in enumerate(stats)})
+    return stats
 
 
 def distances_then_closest_sums(
@@ -213,15 +297,15 @@ def distances_then_closest_sums(
     need are kept (spilled to disk beyond the budget); then the sums of the closest cut only."""
     profile = DistanceProfile(n=n, starts=list(starts))
 
-    def on_cut(s, _b, before, after, _mlp, real):
-        _add_distances(profile, s, before, after, real)
+    def on_cut(c: CutBatch) -> None:
+        _add_distances(profile, c.start, c.before, c.after, c.real)
 
     store = engine.store
     try:
         _stream_cuts(
             engine,
             plan,
-            calibration,
+            calibration.batches,
             n=n,
             starts=list(starts),
             mlp_starts=list(starts),
@@ -251,25 +335,38 @@ def distances_then_closest_sums(
 
 
 def collect_activations(
-    engine: Engine, plan: Plan, calibration: CalibrationSet, cut: tuple[int, int], desc: str = "Collecting"
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    cut: tuple[int, int],
+    *,
+    hidden: bool = False,
+    desc: str = "Collecting",
 ) -> CutActivations:
-    """Every real token's activations around ``cut``, for solvers that need them raw."""
+    """Every real token's activations around ``cut``, for solvers that need them raw (with
+    ``hidden``, the MLP's hidden activations too)."""
     start, end = cut
-    mlp: dict[int, torch.Tensor] = {}
-    before: dict[int, torch.Tensor] = {}
-    after: dict[int, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {"mlp": {}, "before": {}, "after": {}, "hidden": {}}
 
-    def on_cut(_s, b, stream_before, stream_after, mlp_out, real):
-        mlp[b] = mlp_out[real].float().cpu()
-        before[b] = stream_before[real].float().cpu()
-        after[b] = stream_after[real].float().cpu()
+    def on_cut(c: CutBatch) -> None:
+        for name, value in (("mlp", c.mlp), ("before", c.before), ("after", c.after), ("hidden", c.hidden)):
+            if value is not None:
+                parts[name][c.batch] = value[c.real].float().cpu()
 
     _stream_cuts(
-        engine, plan, calibration, n=end - start, starts=[start], mlp_starts=[start], on_cut=on_cut, desc=desc
+        engine,
+        plan,
+        calibration.batches,
+        n=end - start,
+        starts=[start],
+        mlp_starts=[start],
+        hidden_starts=[start] if hidden else [],
+        on_cut=on_cut,
+        desc=desc,
     )
-    order = sorted(mlp)
+    ordered = {name: [part[b] for b in sorted(part)] for name, part in parts.items()}
     return CutActivations.from_batches(
-        [mlp[b] for b in order], [before[b] for b in order], [after[b] for b in order]
+        ordered["mlp"], ordered["before"], ordered["after"], ordered["hidden"] or None
     )
 
 

@@ -48,7 +48,7 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask)
 
 @dataclass(frozen=True, eq=False)
 class Map:
-    """A fitted map (d×d, or a length-d diagonal); compared by identity."""
+    """A fitted map (see ``replaceme.apply.fold_map`` for its shapes); compared by identity."""
 
     transform: torch.Tensor
     label: str = ""
@@ -243,7 +243,8 @@ class Engine:
         handle = None
         try:
             if step.explicit:
-                handle = adapter.mlp_output_module(block).register_forward_hook(_apply_maps(step.maps))
+                applied = adapter.down_proj_module(block) if adapter.dense_fold else target
+                handle = applied.register_forward_hook(_apply_maps(step.maps))
             else:
                 for m in step.maps:
                     fold_map(adapter, block, m.transform)
@@ -332,12 +333,14 @@ class Engine:
         *,
         until: int,
         mlp_at: set[int],
-        on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None], None],
+        on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None], None],
+        hidden_at: set[int] = frozenset(),
         desc: str = "Calibrating",
     ) -> None:
-        """Run steps ``0 .. until`` of ``plan`` and call ``on_block(position, batch, L, M)`` after
-        each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at``. Consumes
-        ``stream`` (which must be at the start of the plan)."""
+        """Run steps ``0 .. until`` of ``plan`` and call ``on_block(position, batch, L, M, H)`` after
+        each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at`` and ``H`` the
+        input of ``down_proj`` (the MLP's hidden activations) where it is in ``hidden_at``.
+        Consumes ``stream`` (which must be at the start of the plan)."""
         if stream.done:
             raise ValueError("walk starts from embedded batches")
         captured: dict[str, torch.Tensor] = {}
@@ -345,24 +348,44 @@ class Engine:
         def on_mlp(_module, _inputs, output):
             captured["mlp"] = output.detach()
 
+        def on_down_proj(_module, inputs, _output):
+            captured["hidden"] = inputs[0].detach()
+
         with torch.inference_mode():
             for position in progress(range(until + 1), desc=desc, total=until + 1):
                 step = plan[position]
                 block = self.skeleton.load_block(step.layer)
-                handle = None
+                handles = []
                 try:
                     with self._variant(block, step):
                         if position in mlp_at:
-                            handle = self.adapter.mlp_output_module(block).register_forward_hook(on_mlp)
+                            handles.append(
+                                self.adapter.mlp_output_module(block).register_forward_hook(on_mlp)
+                            )
+                        if position in hidden_at:
+                            handles.append(
+                                self.adapter.down_proj_module(block).register_forward_hook(on_down_proj)
+                            )
                         for b, key in stream.keys.items():
                             hidden = self._run_block(name, b, block, self.store.get(key))
                             self.store.put(key, hidden)
-                            on_block(position, b, hidden, captured.pop("mlp", None))
+                            on_block(
+                                position, b, hidden, captured.pop("mlp", None), captured.pop("hidden", None)
+                            )
                 finally:
-                    if handle is not None:
+                    for handle in handles:
                         handle.remove()
                     self.skeleton.free_block(step.layer)
         self.release(stream)
+
+    def down_proj_weight(self, step: Step) -> torch.Tensor:
+        """``down_proj``'s weight ([d, d_ff], float64) of ``step``'s block, its maps folded in."""
+        block = self.skeleton.load_block(step.layer)
+        try:
+            with self._variant(block, step):
+                return self.adapter.down_proj_module(block).weight.detach().to(torch.float64).clone()
+        finally:
+            self.skeleton.free_block(step.layer)
 
     # --- the LM head ----------------------------------------------------------------------------
     def head_pass(
@@ -483,11 +506,19 @@ def _max_difference(
 
 
 def _apply_maps(maps: tuple[Map, ...]):
-    def hook(_module, _inputs, output):
+    """A forward hook on ``down_proj`` (or on Gemma's post-MLP norm) that applies ``maps`` to its
+    output in float64: the reference the folded weights are checked against."""
+
+    def hook(_module, inputs, output):
         mapped = output.to(torch.float64)
         for m in maps:
             t = m.transform.to(device=output.device, dtype=torch.float64)
-            mapped = mapped * t if t.dim() == 1 else mapped @ t
+            if t.dim() == 1:
+                mapped = mapped * t
+            elif t.shape[0] == inputs[0].shape[-1] != output.shape[-1]:  # a map of the hidden activations
+                mapped = inputs[0].to(torch.float64) @ t
+            else:
+                mapped = mapped @ t
         return mapped.to(output.dtype)
 
     return hook

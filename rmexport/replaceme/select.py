@@ -13,9 +13,21 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["SELECTION_RULES", "CutScores", "candidate_starts", "cut_size", "split_cut", "choose_start"]
+__all__ = [
+    "MAP_SPACES",
+    "SELECTION_RULES",
+    "CutScores",
+    "candidate_starts",
+    "cut_size",
+    "split_cut",
+    "choose_start",
+]
 
 SELECTION_RULES = ("distance", "fit", "loss")
+
+# What the chosen cut's map acts on: the MLP's hidden activations (a d_ff×d map: the block's
+# down_proj refitted by least squares) or its output (the d×d map T of ReplaceMe).
+MAP_SPACES = ("hidden", "output")
 
 
 def cut_size(n_layers: int, ratio: float | None = None, layers: int | None = None) -> int:

@@ -1,9 +1,11 @@
 """Pure maths: fit the linear map T from streamed statistics or raw activation pairs.
 
 ``lstsq`` solves the ridge normal equations ``(A + αI)·T = B`` (never an explicit inverse).
-``cosine`` minimises the cosine distance between the residual stream the fitted map produces
-and the one the removed blocks produced, with Adam, starting from the LS solution.
-For families whose MLP output passes through a norm, T is diagonal (one scale per channel).
+``ridge_toward`` fits a map of the MLP's hidden activations shrunk toward a prior map, with the
+strength chosen by the error on text set aside. ``cosine`` minimises the cosine distance between
+the residual stream the fitted map produces and the one the removed blocks produced, with Adam,
+starting from the LS solution. For families whose MLP output passes through a norm, T is
+diagonal (one scale per channel).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ __all__ = [
     "FitResult",
     "cosine_fit",
     "diagonal_lstsq_from_gram",
+    "RIDGE_GRID",
+    "RidgeChoice",
     "lstsq_from_gram",
     "residual_energy",
+    "ridge_toward",
 ]
 
 
@@ -62,6 +67,48 @@ def residual_energy(stats: CutStatistics, transform: torch.Tensor) -> float:
     return max(value, 0.0)
 
 
+# Ridge strengths tried, relative to the mean diagonal of the Gram matrix (its mean feature
+# energy per token times the tokens); ``inf`` is the prior map itself.
+RIDGE_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, float("inf"))
+
+
+@dataclass
+class RidgeChoice:
+    transform: torch.Tensor
+    alpha: float  # relative, as in RIDGE_GRID
+    set_aside_rel_residual: dict[str, float | None]  # per strength; None where the system was singular
+
+
+def ridge_toward(
+    stats: CutStatistics,
+    set_aside: CutStatistics,
+    prior: torch.Tensor,
+    grid: tuple[float, ...] = RIDGE_GRID,
+) -> RidgeChoice:
+    """``W = solve(A + αI, B + α·prior)`` (so α → ∞ gives ``prior``) for each strength of ``grid``,
+    keeping the one with the smallest residual on the ``set_aside`` sums. With more features than
+    the calibration tokens pin down, the set-aside text picks a strong pull toward ``prior``."""
+    scale = float(torch.diagonal(stats.gram).mean())
+    identity = torch.eye(stats.gram.shape[0], dtype=torch.float64)
+    errors: dict[str, float | None] = {}
+    best: tuple[float, float, torch.Tensor] | None = None
+    for alpha in grid:
+        if alpha == float("inf"):
+            candidate = prior.to(torch.float64)
+        else:
+            a = alpha * scale
+            candidate, info = torch.linalg.solve_ex(stats.gram + a * identity, stats.cross + a * prior)
+            if int(info) != 0 or not torch.isfinite(candidate).all():
+                errors[str(alpha)] = None
+                continue
+        error = residual_energy(set_aside, candidate) / max(set_aside.stream_energy, 1e-300)
+        errors[str(alpha)] = error
+        if best is None or error < best[0]:
+            best = (error, alpha, candidate)
+    assert best is not None  # the prior is always a candidate
+    return RidgeChoice(best[2], best[1], errors)
+
+
 @dataclass(frozen=True)
 class CosineSettings:
     lr: float = 3e-4
@@ -75,8 +122,8 @@ class CosineSettings:
 def _cosine_loss(
     activations: CutActivations, transform: torch.Tensor, rows: Any = slice(None)
 ) -> torch.Tensor:
-    mlp = activations.mlp[rows]
-    mapped = mlp * transform if transform.dim() == 1 else mlp @ transform
+    features = activations.features[rows]
+    mapped = features * transform if transform.dim() == 1 else features @ transform
     stream = activations.bypass[rows] + mapped
     return 1.0 - torch.nn.functional.cosine_similarity(stream, activations.after[rows], dim=-1).mean()
 
@@ -86,7 +133,7 @@ def _full_cosine_loss(activations: CutActivations, transform: torch.Tensor) -> f
     with torch.no_grad():
         for start in range(0, tokens, 8192):
             rows = slice(start, start + 8192)
-            total += float(_cosine_loss(activations, transform, rows)) * activations.mlp[rows].shape[0]
+            total += float(_cosine_loss(activations, transform, rows)) * activations.after[rows].shape[0]
     return total / tokens
 
 
@@ -96,7 +143,8 @@ def cosine_fit(
     settings: CosineSettings = CosineSettings(),
     validate: Callable[[torch.Tensor], float] | None = None,
 ) -> FitResult:
-    """Adam on ``1 − mean cos(bypass + M·T, after)`` from ``init`` (d×d or a diagonal).
+    """Adam on ``1 − mean cos(bypass + F·T, after)`` from ``init`` (d×d, d_ff×d on the hidden
+    activations, or a diagonal).
 
     The loss compares whole residual streams (the paper's objective), not only the part T
     produces. A lower cosine loss does not always mean a better model, so with ``validate``
@@ -107,7 +155,7 @@ def cosine_fit(
     transform = init.detach().to(torch.float32).contiguous().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([transform], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    tokens = activations.mlp.shape[0]
+    tokens = activations.after.shape[0]
 
     curve = [_full_cosine_loss(activations, transform)]
     validation = [validate(transform.detach().double())] if validate else []

@@ -19,28 +19,37 @@ from ..calib.collect import (
     DistanceProfile,
     collect,
     collect_activations,
+    collect_hidden_statistics,
     distances_then_closest_sums,
 )
 from ..calib.engine import Engine, Map, Plan, Stream, cut_plan
 from ..calib.tokens import CalibrationSet
 from ..errors import ConfigError
+from ..log import get_logger
 from .select import CutScores, candidate_starts
 from .solve import (
+    RIDGE_GRID,
     CosineSettings,
     FitResult,
     cosine_fit,
     diagonal_lstsq_from_gram,
     lstsq_from_gram,
     residual_energy,
+    ridge_toward,
 )
 
 __all__ = [
     "CandidateSurvey",
     "SelectionScorer",
     "fit_cut",
+    "hidden_map",
+    "hidden_map_problem",
+    "hidden_statistics_bytes",
     "least_squares_map",
     "survey_candidates",
 ]
+
+log = get_logger(__name__)
 
 
 def least_squares_map(adapter: ArchAdapter, stats: CutStatistics, alpha: float) -> torch.Tensor:
@@ -126,6 +135,62 @@ def survey_candidates(
     return CandidateSurvey(n, starts, profile, stats, maps)
 
 
+def hidden_map_problem(
+    engine: Engine, set_aside: CalibrationSet | None, stats_budget_bytes: int | None
+) -> str | None:
+    """Why this prune cannot fit a map of the MLP's hidden activations, or None."""
+    config, adapter = engine.config, engine.adapter
+    if not adapter.dense_fold:
+        return f"{adapter.family} has a norm after the MLP: only a diagonal map of its output folds exactly"
+    d, d_ff = config.hidden_size, getattr(config, "intermediate_size", None)
+    if d_ff is None or d_ff == d:
+        return "the MLP's hidden size equals the model's, so a map of it cannot be told from T"
+    if set_aside is None:
+        return "no set-aside text to choose the ridge strength on"
+    needed = hidden_statistics_bytes(d, d_ff)
+    if stats_budget_bytes is not None and needed > stats_budget_bytes:
+        return (
+            f"its statistics need {needed / 2**30:.2f} GiB, more than the "
+            f"{stats_budget_bytes / 2**30:.2f} GiB the memory budget leaves for statistics "
+            "(raise --memory-budget)"
+        )
+    return None
+
+
+def hidden_statistics_bytes(d: int, d_ff: int) -> int:
+    """Float64 sums of the calibration and set-aside text, and the solver's working copies."""
+    return 8 * (4 * d_ff * d_ff + 4 * d_ff * d)
+
+
+def hidden_map(
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    set_aside: CalibrationSet,
+    cut: tuple[int, int],
+    output_map: torch.Tensor,
+    *,
+    grid: tuple[float, ...] = RIDGE_GRID,
+    step: str = "",
+) -> tuple[torch.Tensor, CutStatistics, dict[str, Any]]:
+    """The map of the MLP's hidden activations for ``cut`` of ``plan``, shrunk toward
+    ``output_map`` (T, as the same map of the hidden activations: ``W_downᵀ·T``) by the strength of
+    ``grid`` with the smallest error on ``set_aside``. Returns the map, its calibration sums and
+    what the record says about it."""
+    stats, held = collect_hidden_statistics(
+        engine, plan, [calibration, set_aside], cut, desc=f"{step} Hidden statistics".strip()
+    )
+    prior = engine.down_proj_weight(plan[cut[0] - 1]).T @ output_map.to(torch.float64)
+    choice = ridge_toward(stats, held, prior, grid)
+    details = {
+        "map": "hidden",
+        "ridge_toward_T": choice.alpha,
+        "set_aside_rel_residual": choice.set_aside_rel_residual,
+        "set_aside_tokens": held.tokens,
+    }
+    return choice.transform, stats, details
+
+
 def fit_cut(
     engine: Engine,
     plan: Plan,
@@ -135,14 +200,21 @@ def fit_cut(
     *,
     solver: str = "lstsq",
     alpha: float = 0.0,
+    map_space: str = "output",
+    set_aside: CalibrationSet | None = None,
+    stats_budget_bytes: int | None = None,
     cosine: CosineSettings | None = None,
     validate: Callable[[torch.Tensor], float] | None = None,
     step: str = "",
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
 
-    ``validate`` (see ``SelectionScorer.validator``) judges the cosine epochs by a loss that
-    matters, so the LS map is kept unless an epoch does better there."""
+    ``map_space="hidden"`` fits the map of the MLP's hidden activations (one more pass, up to the
+    cut's last block, over the calibration and ``set_aside`` text), shrunk toward T by the ridge
+    strength that fits ``set_aside`` best; where that cannot be done (see ``hidden_map_problem``)
+    the map of the MLP's output is fitted and the reason recorded. ``validate`` (see
+    ``SelectionScorer.validator``) judges the cosine epochs by a loss that matters, so the LS map
+    is kept unless an epoch does better there."""
     cut = (start, start + survey.n)
     if start not in survey.stats:
         _, extra = collect(
@@ -157,16 +229,33 @@ def fit_cut(
         survey.stats[start] = extra[start]
         survey.maps[start] = least_squares_map(engine.adapter, extra[start], alpha)
     stats = survey.stats[start]
+    init, details = survey.maps[start], {"map": "output"}
+    if map_space == "hidden":
+        problem = hidden_map_problem(engine, set_aside, stats_budget_bytes)
+        if problem is None:
+            assert set_aside is not None
+            init, stats, details = hidden_map(engine, plan, calibration, set_aside, cut, init, step=step)
+        else:
+            log.warning("fitting the map of the MLP's output: %s", problem)
+            details["map_note"] = problem
     if solver == "cosine":
-        activations = collect_activations(engine, plan, calibration, cut, desc=f"{step} Collecting".strip())
-        result = cosine_fit(activations, survey.maps[start], cosine or CosineSettings(), validate)
+        activations = collect_activations(
+            engine,
+            plan,
+            calibration,
+            cut,
+            hidden=details["map"] == "hidden",
+            desc=f"{step} Collecting".strip(),
+        )
+        result = cosine_fit(activations, init, cosine or CosineSettings(), validate)
         del activations
     else:
-        result = FitResult(survey.maps[start], "lstsq", {"alpha": alpha})
-    identity = torch.ones(stats.gram.shape[0], dtype=torch.float64)
-    result.details |= {
+        result = FitResult(init, "lstsq", {"alpha": alpha})
+    plain = survey.stats[start]
+    identity = torch.ones(plain.gram.shape[0], dtype=torch.float64)
+    result.details |= details | {
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
-        "rel_residual_plain_removal": residual_energy(stats, identity) / stats.stream_energy,
+        "rel_residual_plain_removal": residual_energy(plain, identity) / plain.stream_energy,
         "tokens": stats.tokens,
         "diagonal": not engine.adapter.dense_fold,
     }
