@@ -25,6 +25,7 @@ __all__ = [
     "LLAMA_FTYPES",
     "PRE_TOKENIZER_REGEXES",
     "default_threads",
+    "extra_buffer_types_usable",
     "eval_logits",
     "library_info",
     "llama_module",
@@ -87,13 +88,48 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def library_info() -> dict[str, str]:
-    llama_cpp = llama_module()
-    info = llama_cpp.llama_print_system_info()
+def _system_info() -> str:
+    info = llama_module().llama_print_system_info()
+    return info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info)
+
+
+def extra_buffer_types_usable(system_info: str) -> bool:
+    """Whether llama.cpp may place weights in its extra CPU buffer types (AMX, repacked layouts).
+
+    On CPUs with AMX, llama.cpp puts quantized weights in its AMX buffer, and its AMX matrix
+    multiply crashes (SIGSEGV) on the first decode of any quantized model, Q4_1 and Q4_K_M alike
+    (llama-cpp-python 0.3.36 here; llama.cpp issue 20824). Without extra buffer types llama.cpp
+    runs its plain CPU kernels, as it does on every CPU without AMX.
+    """
+    return "AMX_INT8 = 1" not in system_info
+
+
+def library_info() -> dict[str, str | bool]:
+    system_info = _system_info()
     return {
-        "llama_cpp_python": llama_cpp.__version__,
-        "system_info": info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info),
+        "llama_cpp_python": llama_module().__version__,
+        "system_info": system_info,
+        "extra_buffer_types": extra_buffer_types_usable(system_info),
     }
+
+
+@contextlib.contextmanager
+def _model_params_without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """``llama_cpp.Llama`` takes no ``use_extra_bufts``; it builds its model parameters from
+    ``llama_model_default_params()`` while loading, so that function answers without them meanwhile."""
+    binding = llama_cpp.llama_cpp
+    default_params = binding.llama_model_default_params
+
+    def without_extra_buffer_types() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    binding.llama_model_default_params = without_extra_buffer_types
+    try:
+        yield
+    finally:
+        binding.llama_model_default_params = default_params
 
 
 @contextlib.contextmanager
@@ -112,20 +148,26 @@ def open_model(
     """
     llama_cpp = llama_module()
     threads = n_threads or default_threads()
+    params_context = (
+        contextlib.nullcontext()
+        if extra_buffer_types_usable(_system_info())
+        else _model_params_without_extra_buffer_types(llama_cpp)
+    )
     try:
-        model = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=logits_all,
-            n_gpu_layers=0,
-            seed=0,
-            verbose=False,
-            **({"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if f32_kv_cache else {}),
-        )
+        with params_context:
+            model = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=logits_all,
+                n_gpu_layers=0,
+                seed=0,
+                verbose=False,
+                **({"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if f32_kv_cache else {}),
+            )
     except ValueError as e:
         raise ExportError(
             f"llama.cpp could not load {path}: {e}", hint="run with -v to see llama.cpp's log"
