@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from rmexport import llamacpp
 from rmexport.cli import main
 from rmexport.config import RUN_EVAL_TOKENS
 
@@ -82,6 +83,9 @@ def test_run_writes_every_artefact_and_a_report(tiny_run):
     for row in report["speed"]:
         assert 1 < row["ideal"] < 8 / 6 and row["measured_min"] <= row["measured"] <= row["measured_max"]
     assert report["speed_checks"]["passed"] is True and report["machines"]
+    # Where llama.cpp ran without its extra buffer types (CPUs with AMX), the report says so.
+    left_out = not llamacpp.library_info()["extra_buffer_types"]
+    assert (markdown.count("weight buffers left out") == 2) == left_out
 
 
 def test_rerun_reuses_stages_and_interrupted_output_recovers(tiny_run, tiny_checkpoints, capsys):

@@ -376,8 +376,14 @@ def _speed_section(report: dict) -> list[str]:
             f"- {name}: {m.get('cpu')}, {m.get('usable_cores')} usable cores "
             f"({m.get('physical_cores')} physical), {m.get('threads')} threads, "
             f"flags {' '.join(m.get('cpu_flags') or []) or 'none found'}; {versions}"
+            + ("" if (m.get("llama_cpp") or {}).get("extra_buffer_types", True) else _NO_EXTRA_BUFFERS)
         )
     return [*lines, ""]
+
+
+_NO_EXTRA_BUFFERS = (
+    "; llama.cpp's AMX and repacked weight buffers left out (its AMX kernels crash here; see the README)"
+)
 
 
 def _guard_lines(prune: dict) -> list[str]:
