@@ -15,7 +15,7 @@ from rmexport.calib.weights import ModelSkeleton
 from rmexport.measures import angular_distance
 from rmexport.models import load_tokenizer, resolve
 from rmexport.replaceme.apply import fold_map, remove_blocks
-from rmexport.replaceme.checks import plain_removal, run_checks
+from rmexport.replaceme.checks import FOLD_PARITY_RTOL, plain_removal, run_checks
 from rmexport.replaceme.select import candidate_starts
 from rmexport.replaceme.survey import SelectionScorer
 
@@ -305,3 +305,34 @@ def test_checks_with_a_hidden_map_equal_the_folded_model(tiny_checkpoints):
     fold_map(adapter, adapter.block(model, 2), hidden_map)
     assert math.log(checks.ppl_pruned) == pytest.approx(_hf_nll(model, windows), rel=1e-6)
     assert checks.parity_passed and checks.parity_max_abs_logit_diff > 0
+
+
+def _bfloat16_checks(checkpoint, final, windows):
+    engine = Engine(
+        ModelSkeleton(checkpoint, resident=True, compute_dtype=torch.bfloat16),
+        ActivationStore(torch.device("cpu"), 2**30),
+    )
+    try:
+        return run_checks(engine, final, windows, parity_windows=2)
+    finally:
+        engine.close()
+
+
+def test_fold_parity_in_bfloat16_passes_rounding_and_fails_a_wrong_fold(tiny_checkpoints, monkeypatch):
+    """In bfloat16 the folded weights are rounded, so parity allows the dtype's rounding; a fold of
+    the wrong map (here its transpose) still fails."""
+    checkpoint = tiny_checkpoints["llama"]
+    d = _hf(checkpoint).config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    transform = torch.eye(d) + torch.randn(d, d, generator=generator, dtype=torch.float64) / d**0.5
+    windows = _random_windows(_hf(checkpoint).config.vocab_size, rows=5)
+    final = cut_plan(original_plan(8), (3, 5), Map(transform))
+
+    checks = _bfloat16_checks(checkpoint, final, windows)
+    assert checks.parity_rtol == 8 * torch.finfo(torch.bfloat16).eps > FOLD_PARITY_RTOL
+    assert checks.parity_passed and checks.parity_max_abs_logit_diff > 0
+
+    import rmexport.calib.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "fold_map", lambda adapter, block, t: fold_map(adapter, block, t.T))
+    assert not _bfloat16_checks(checkpoint, final, windows).parity_passed
