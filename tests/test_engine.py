@@ -322,10 +322,11 @@ def test_fold_parity_in_bfloat16_passes_rounding_and_fails_a_wrong_fold(tiny_che
     """In bfloat16 the folded weights are rounded, so parity allows the dtype's rounding; a fold of
     the wrong map (here its transpose) still fails."""
     checkpoint = tiny_checkpoints["llama"]
-    d = _hf(checkpoint).config.hidden_size
+    config = _hf(checkpoint).config
+    d = config.hidden_size
     generator = torch.Generator().manual_seed(1)
     transform = torch.eye(d) + torch.randn(d, d, generator=generator, dtype=torch.float64) / d**0.5
-    windows = _random_windows(_hf(checkpoint).config.vocab_size, rows=5)
+    windows = _random_windows(config.vocab_size, rows=5)
     final = cut_plan(original_plan(8), (3, 5), Map(transform))
 
     checks = _bfloat16_checks(checkpoint, final, windows)
