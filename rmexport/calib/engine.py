@@ -25,7 +25,7 @@ from torch import nn
 
 from ..log import get_logger, progress
 from ..measures import nll_sum
-from ..replaceme.apply import fold_map
+from ..replaceme.apply import fold_map, is_hidden_map
 from .budget import MemoryBudget
 from .store import ActivationStore
 from .weights import ModelSkeleton, largest_module_bytes, model_bytes
@@ -509,13 +509,13 @@ def _apply_maps(maps: tuple[Map, ...]):
     """A forward hook on ``down_proj`` (or on Gemma's post-MLP norm) that applies ``maps`` to its
     output in float64: the reference the folded weights are checked against."""
 
-    def hook(_module, inputs, output):
+    def hook(module, inputs, output):
         mapped = output.to(torch.float64)
         for m in maps:
             t = m.transform.to(device=output.device, dtype=torch.float64)
             if t.dim() == 1:
                 mapped = mapped * t
-            elif t.shape[0] == inputs[0].shape[-1] != output.shape[-1]:  # a map of the hidden activations
+            elif is_hidden_map(t, tuple(module.weight.shape)):
                 mapped = inputs[0].to(torch.float64) @ t
             else:
                 mapped = mapped @ t
