@@ -62,6 +62,7 @@ __all__ = [
     "check_export_gguf_args",
     "check_export_onnx_args",
     "check_gguf_file",
+    "check_memory_budget",
     "check_model_source",
     "check_number",
     "check_onnx_dir",
@@ -517,6 +518,96 @@ def check_cut(n_layers: int, ratio: float | None, layers: int | None, blocks: in
     return split_cut(cut_size(n_layers, ratio, layers), blocks)
 
 
+# --- memory budget --------------------------------------------------------------------------
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    nested = config.get("text_config")
+    return nested if "hidden_size" not in config and isinstance(nested, dict) else config
+
+
+def _largest_module(shapes: Iterable[tuple[str, Iterable[int]]], block: re.Pattern) -> int:
+    """Elements of the largest module: a decoder block (names ``block`` matches), or any other
+    module (the embedding, the LM head), grouped as ``calib.weights.largest_module_bytes`` does."""
+    elements: dict[str, int] = {}
+    for name, shape in shapes:
+        match = block.match(name)
+        module = match.group(0) if match else name.rpartition(".")[0]
+        elements[module] = elements.get(module, 0) + math.prod(shape)
+    return max(elements.values(), default=0)
+
+
+def _estimated_largest_module(config: dict[str, Any]) -> int:
+    """From a config alone (a hub model, or weights in pickles): a block's projections and norms,
+    or the embedding if larger."""
+    d, ff = int(config["hidden_size"]), int(config.get("intermediate_size") or 4 * config["hidden_size"])
+    heads = int(config.get("num_attention_heads") or 1)
+    head_dim = int(config.get("head_dim") or d // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    block = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * ff + 2 * d
+    return max(block, int(config.get("vocab_size") or 0) * d)
+
+
+def _block_shape_numbers(source: CheckedSource) -> tuple[int, int, int, int]:
+    """(hidden, intermediate, heads, elements of the largest module) from headers only."""
+    from .arch import ADAPTERS
+
+    if source.kind == "gguf":
+        header = read_gguf_header(source.location)
+        arch, meta = source.gguf_arch, header.metadata
+        ff = meta.get(f"{arch}.feed_forward_length")
+        numbers = (
+            int(meta[f"{arch}.embedding_length"]),
+            int(max(ff) if isinstance(ff, list) else ff),
+            int(meta[f"{arch}.attention.head_count"]),
+        )
+        shapes = ((t.name, t.shape) for t in header.tensors)
+        return (*numbers, _largest_module(shapes, re.compile(r"^blk\.\d+\.")))
+    if source.kind == "local":
+        config = _text_config(_read_config(Path(source.location), "MODEL"))
+        shards = _safetensors_shards(Path(source.location), "MODEL")
+        layers = ADAPTERS[source.family].layers_path
+        shapes = (
+            (name, entry["shape"])
+            for shard in shards
+            for name, entry in check_safetensors(shard, "MODEL").items()
+            if name != "__metadata__"
+        )
+        largest = _largest_module(shapes, re.compile(rf"^{re.escape(layers)}\.\d+\.")) if shards else 0
+    else:
+        config = _text_config(_hub_config(source, "MODEL"))
+        largest = 0
+    d = int(config["hidden_size"])
+    ff = int(config.get("intermediate_size") or 4 * d)
+    heads = int(config.get("num_attention_heads") or 1)
+    return d, ff, heads, largest or _estimated_largest_module(config)
+
+
+def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
+    """The memory budget parses and is at least what the smallest streamed prune holds at once
+    (ConfigError naming that minimum otherwise): refused before any weights are read."""
+    from .calib.budget import BlockShape, MemoryBudget, check_budget_fits
+
+    budget = MemoryBudget.from_option(options.memory_budget)
+    if options.memory_budget:
+        option = "--memory-budget"
+    elif os.environ.get("RMEXPORT_MEMORY_BUDGET"):
+        option = "RMEXPORT_MEMORY_BUDGET"
+    else:
+        option = "the default memory budget (half of RAM)"
+    # An automatic compute dtype may resolve to float32: its size gives a minimum that always works.
+    element_bytes = 2 if options.compute_dtype in ("bfloat16", "float16") else 4
+    d, ff, heads, largest = _block_shape_numbers(source)
+    shape = BlockShape(
+        hidden=d,
+        intermediate=ff,
+        heads=heads,
+        largest_module_elements=largest,
+        batch_size=options.batch_size,
+        seq_len=options.seq_len,
+        element_bytes=element_bytes,
+    )
+    check_budget_fits(budget.total_bytes, shape, option)
+
+
 def check_device(device: str, option: str = "--device") -> None:
     import torch
 
@@ -755,6 +846,7 @@ def _check_prune_options(model: str, options: PruneOptions) -> CheckedSource:
     source = check_model_source(model, "MODEL")
     if source.n_layers is not None:
         check_cut(source.n_layers, options.ratio, options.layers, options.blocks)
+    check_memory_budget(source, options)
     return source
 
 

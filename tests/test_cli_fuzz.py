@@ -423,6 +423,14 @@ def _listing(*roots: Path) -> dict[str, tuple]:
     return found
 
 
+def one_line_error(err: str) -> str:
+    """The one error line (and its hint) that end what a command printed on stderr."""
+    lines = err.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0] >= len(lines) - 2, err
+    return lines[errors[0]]
+
+
 @pytest.mark.parametrize(("template", "fragment"), CASES)
 def test_bad_input(template, fragment, inputs, tmp_path, capsys):
     argv = _argv(template, inputs, tmp_path)

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..sysinfo import ram_bytes
 
-__all__ = ["DEFAULT_RAM_FRACTION", "MemoryBudget", "parse_bytes"]
+__all__ = [
+    "DEFAULT_RAM_FRACTION",
+    "BlockShape",
+    "MemoryBudget",
+    "check_budget_fits",
+    "minimum_budget_bytes",
+    "parse_bytes",
+]
 
 # Without --memory-budget / RMEXPORT_MEMORY_BUDGET a prune may use this share of RAM.
 DEFAULT_RAM_FRACTION = 0.5
@@ -89,3 +96,56 @@ class MemoryBudget:
             "stats_budget_bytes": self.stats_bytes(weights_bytes, largest_module_bytes),
             "activation_budget_bytes": self.activation_bytes(weights_bytes, largest_module_bytes),
         }
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What the smallest streamed prune holds at once, read from headers before any work."""
+
+    hidden: int  # d
+    intermediate: int  # d_ff
+    heads: int
+    largest_module_elements: int  # one decoder block, or the embedding / LM head if larger
+    batch_size: int
+    seq_len: int
+    element_bytes: int  # of the compute dtype
+
+    def batch_activation_bytes(self) -> int:
+        """One batch through one block: its input and output hidden states, the MLP's gate, up and
+        product, and the attention scores (an estimate of the peak, not a measurement)."""
+        d, ff, s = self.hidden, self.intermediate, self.seq_len
+        return self.batch_size * s * (2 * d + 3 * ff + self.heads * s) * self.element_bytes
+
+    def candidate_stats_bytes(self) -> int:
+        """The float64 sums of one candidate cut (MᵀM and Mᵀ·target, d×d each), which the survey
+        keeps however small the budget."""
+        return 2 * self.hidden * self.hidden * 8
+
+
+def minimum_budget_bytes(shape: BlockShape) -> int:
+    """The smallest budget a prune runs under: the largest module held while streaming, plus
+    twice the larger of one candidate's statistics and one batch's activations, since each of
+    those gets half of what the weights leave."""
+    held = shape.largest_module_elements * shape.element_bytes
+    return held + 2 * max(shape.batch_activation_bytes(), shape.candidate_stats_bytes())
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def check_budget_fits(total_bytes: int, shape: BlockShape, option: str = "--memory-budget") -> None:
+    """ConfigError, naming the smallest budget that works, when ``total_bytes`` is below it."""
+    minimum = minimum_budget_bytes(shape)
+    if total_bytes >= minimum:
+        return
+    held = shape.largest_module_elements * shape.element_bytes
+    raise ConfigError(
+        f"{option} of {total_bytes} bytes ({_human(total_bytes)}) is below the smallest that works, "
+        f"{minimum} bytes ({_human(minimum)}): the largest module held at once ({_human(held)}) plus "
+        f"twice one block's working memory ({_human((minimum - held) // 2)})",
+        hint=f"use {option} {-(-minimum // 2**20)}MiB or more",
+    )
