@@ -19,7 +19,8 @@ from typing import Any
 
 from . import __version__
 from .errors import RMExportError
-from .log import set_quiet
+from .hub import set_retries
+from .log import route_library_logs, set_quiet
 
 __all__ = ["build_parser", "main", "protocol_from_args", "prune_config", "prune_options", "run_config"]
 
@@ -45,10 +46,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _retry_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--retries takes a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     parser.add_argument("--log-file", help="also write a plain log to this file")
+    parser.add_argument(
+        "--retries",
+        type=_retry_count,
+        default=0,
+        help="times to retry reaching the Hugging Face Hub before going offline (default 0)",
+    )
 
 
 def _command_parser(sub: argparse._SubParsersAction, name: str, key: tuple[str, str | None]) -> None:
@@ -101,7 +114,9 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=handlers, format="%(message)s", force=True)
     for name in ("rmexport", "converters", "validation"):
         logging.getLogger(name).setLevel(level)
+    route_library_logs(verbose=args.verbose)
     set_quiet(args.quiet)
+    set_retries(args.retries)
 
 
 def _stderr_console():

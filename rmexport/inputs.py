@@ -409,6 +409,9 @@ def check_model_source(
 def _hub_config(source: ModelSource, where: str) -> dict[str, Any]:
     from transformers import PretrainedConfig
 
+    from .hub import require_hub
+
+    require_hub(source.location)
     try:
         config, _ = PretrainedConfig.get_config_dict(source.location)
     except (OSError, ValueError) as e:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-__all__ = ["get_logger", "progress", "progress_enabled", "set_quiet"]
+__all__ = ["get_logger", "progress", "progress_enabled", "route_library_logs", "set_quiet"]
 
 T = TypeVar("T")
 _quiet = False
@@ -16,6 +17,50 @@ _quiet = False
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+# Third-party loggers and the levels their records reach the user at. urllib3 only says that it
+# retries a connection: rmexport says once, itself, that the hub cannot be reached.
+_LIBRARY_LEVELS = {
+    "urllib3": logging.ERROR,
+    "huggingface_hub": logging.WARNING,
+    "transformers": logging.WARNING,
+    "datasets": logging.WARNING,
+    "filelock": logging.WARNING,
+    "httpx": logging.WARNING,
+    "py.warnings": logging.WARNING,
+}
+
+
+# Warnings about the libraries' own internals, which a user cannot act on: debug level.
+_INTERNAL_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_INTERNAL_WARNING_NAMES = ("TracerWarning",)  # torch.jit's, raised while tracing the ONNX export
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    internal = issubclass(category, _INTERNAL_WARNINGS) or category.__name__ in _INTERNAL_WARNING_NAMES
+    logging.getLogger("py.warnings").log(
+        logging.DEBUG if internal else logging.WARNING, "%s: %s", category.__name__, message
+    )
+
+
+def route_library_logs(verbose: bool = False) -> None:
+    """Send third-party log records and ``warnings.warn`` through the root logger's handlers
+    only (the CLI's), each once, a warning as one line: the libraries' own stderr handlers are
+    removed."""
+    warnings.showwarning = _show_warning
+    for name, level in _LIBRARY_LEVELS.items():
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.DEBUG if verbose and name != "urllib3" else level)
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    # transformers installs its handler on import and stops propagation; undo both.
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 def set_quiet(quiet: bool) -> None:

@@ -170,6 +170,10 @@ def metadata_dir(source: ModelSource) -> str:
     saved verdict no longer applies), and a GGUF whose tokenizer can not be reproduced is refused
     with ModelLoadError before any weights are read.
     """
+    if source.kind == "hub":
+        from .hub import require_hub
+
+        require_hub(source.location)
     if not source.is_gguf:
         return source.location
     gguf_path = Path(source.location)

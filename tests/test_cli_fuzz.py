@@ -244,6 +244,17 @@ CASES = [
     case("prune-out-parent-is-file", "prune {llama} --out {file}/p", "cannot write"),
     case("prune-out-is-file", "prune {llama} --out {file}", "cannot write"),
     case("prune-out-foreign-folder", "prune {llama} --out {foreign}", "did not write"),
+    case(
+        "prune-memory-budget-tiny", "prune {llama} --out {out}/p --memory-budget 1KB", "smallest that works"
+    ),
+    case("prune-memory-budget-unreadable", "prune {llama} --out {out}/p --memory-budget lots", "memory size"),
+    case(
+        "prune-gguf-memory-budget-below-one-block",
+        "prune {gguf} --out {out}/p --memory-budget 200KB",
+        "smallest that works",
+    ),
+    case("prune-hub-offline-not-cached", "prune llama3-8b --out {out}/p", "not in the local"),
+    case("prune-retries-negative", "prune {llama} --out {out}/p --retries -1", "--retries"),
     case("prune-device-without-cuda", "prune {llama} --out {out}/p --device cuda", "CUDA", NO_CUDA),
     case("prune-device-nonsense", "prune {llama} --out {out}/p --device toaster", "torch device"),
     # export onnx

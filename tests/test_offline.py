@@ -1,0 +1,81 @@
+"""A hub that cannot be reached is one line, fast, without retries unless asked; HF_HUB_OFFLINE is
+honoured; library warnings reach the user once, through one handler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .test_cli_fuzz import REPO
+
+
+def _cli(argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    environ = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | env
+    environ |= {"PYTHONPATH": str(REPO), "RMEXPORT_NO_PROGRESS": "1"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "rmexport.cli", *argv],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # Nothing listens there, wherever the test runs: the hub is unreachable, for real.
+        {"HF_ENDPOINT": "http://127.0.0.1:9"},
+        {"HF_HUB_OFFLINE": "1"},
+    ],
+    ids=["unreachable", "HF_HUB_OFFLINE"],
+)
+def test_offline_hub_model_is_one_line_fast(env, tmp_path):
+    done, seconds = _cli(["prune", "llama3-8b", "--out", str(tmp_path / "p")], **env)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) <= 3, done.stderr
+    assert "Meta-Llama-3-8B-Instruct" in lines[0] and "not in the local" in lines[0]
+    assert seconds < 10, seconds
+    assert not tmp_path.joinpath("p").exists()
+
+
+def test_retries_are_made_only_when_asked(tmp_path):
+    """--retries 2 probes three times, 1 s and 2 s apart, and still says so in one line."""
+    argv = ["prune", "llama3-8b", "--out", str(tmp_path / "p"), "--retries", "2"]
+    done, seconds = _cli(argv, HF_ENDPOINT="http://127.0.0.1:9")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) <= 3, done.stderr
+    assert seconds >= 3
+
+
+def test_library_warnings_are_printed_once_at_sensible_levels(tiny_checkpoints, tmp_path):
+    """After the CLI set up logging: a transformers warning and a Python warning once each, in one
+    line; a urllib3 retry and a warning about a library's internals not at all."""
+    code = (
+        "import logging, sys, warnings\n"
+        "from rmexport.cli import main\n"
+        "main(['export', 'gguf', sys.argv[1], '--out', sys.argv[2]])\n"
+        "from transformers.utils import logging as tl\n"
+        "tl.get_logger('transformers.modeling_utils').warning('LIBRARY-WARNING')\n"
+        "warnings.warn('PYTHON-WARNING')\n"
+        "warnings.warn('LIBRARY-INTERNALS', FutureWarning)\n"
+        "logging.getLogger('urllib3.connectionpool').warning('Retrying (Retry(total=4))')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_checkpoints["llama"]), str(tmp_path / "m.gguf")],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("LIBRARY-WARNING") == 1, done.stderr
+    assert done.stderr.count("PYTHON-WARNING") == 1, done.stderr
+    assert "Retrying" not in done.stderr and "LIBRARY-INTERNALS" not in done.stderr
