@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationError",
     "ExportError",
     "ToolchainError",
+    "OutputBusyError",
     "ParityError",
     "ShapeMismatchError",
     "ToleranceError",
@@ -48,6 +49,10 @@ class ExportError(RMExportError):
 
 class ToolchainError(RMExportError):
     """A runtime (onnxruntime, llama.cpp) or tool is missing or too old."""
+
+
+class OutputBusyError(RMExportError):
+    """Another live rmexport process holds the output folder."""
 
 
 class ParityError(RMExportError):

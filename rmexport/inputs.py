@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .atomic import STAGING_PREFIX
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
+from .lock import LOCK_NAME, check_not_held
 from .models import ModelSource, resolve
 
 if TYPE_CHECKING:
@@ -755,7 +756,9 @@ def check_output_path(
                     f"cannot write {option} {target}: it is a file, not a folder",
                     hint="give a new folder or an earlier output folder",
                 )
-            entries = [e for e in target.iterdir() if not e.name.startswith(STAGING_PREFIX)]
+            entries = [
+                e for e in target.iterdir() if not e.name.startswith(STAGING_PREFIX) and e.name != LOCK_NAME
+            ]
             if markers is not None and entries and not any((target / m).exists() for m in markers):
                 raise ConfigError(
                     f"{option} {target} is a folder rmexport did not write; refusing to replace its contents",
@@ -879,7 +882,9 @@ def check_run_args(config: RunConfig) -> CheckedSource:
     run_dir = check_output_path(
         run_dir_for(root, source, config.ratio_label), "--out-root", "dir", markers=RUN_MARKERS
     )
-    check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
+    base_dir = check_output_path(root / f"{source.slug}-original", "--out-root", "dir", markers=RUN_MARKERS)
+    check_not_held(run_dir, "--out-root")
+    check_not_held(base_dir, "--out-root")
     _check_apart(run_dir, [source.location if source.kind != "hub" else None], "--out-root")
     _check_texts(config.prune)
     return source

@@ -19,6 +19,7 @@ from .atomic import write_json
 from .config import RunConfig
 from .errors import ConfigError
 from .inputs import existing_ancestor
+from .lock import hold_folder
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, resolve
 from .prune import prune
@@ -339,6 +340,14 @@ def run_pipeline(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     run_dir = run_dir_for(Path(cfg.out_root), source, ratio_label)
     base_dir = Path(cfg.out_root) / f"{source.slug}-original"
     config = _preflight(source, cfg, run_dir)
+    # The original's folder is shared by every ratio's run of the model, so it is held too.
+    with hold_folder(run_dir, "--out-root"), hold_folder(base_dir, "--out-root"):
+        return _run_stages(cfg, source, config, run_dir, base_dir, ratio_label)
+
+
+def _run_stages(
+    cfg: RunConfig, source: ModelSource, config: Any, run_dir: Path, base_dir: Path, ratio_label: str
+) -> tuple[Path, dict[str, Any]]:
     remove_partial_outputs(run_dir)
     remove_partial_outputs(base_dir)
     runner = StageRunner(run_dir / ".stages", force=cfg.force)

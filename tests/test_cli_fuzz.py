@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,8 +97,23 @@ def _drop_blocks(src: Path, dst: Path, keep: int) -> Path:
     return dst
 
 
+def hold_in_child(folder: Path) -> subprocess.Popen:
+    """A live process (not this one) holding ``folder`` with rmexport's run lock, until killed."""
+    code = "import sys, time\nfrom rmexport.lock import hold_folder\nwith hold_folder(sys.argv[1]):\n"
+    code += "    print('held', flush=True)\n    time.sleep(3600)\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_checkpoints, builtin_corpus) -> dict[str, str]:
+def inputs(tmp_path_factory, tiny_checkpoints, builtin_corpus) -> Iterator[dict[str, str]]:
     """Name -> path of every (mostly broken) input the table refers to, as ``{name}``."""
     from converters.gguf_export import export_gguf
 
@@ -201,7 +217,11 @@ def inputs(tmp_path_factory, tiny_checkpoints, builtin_corpus) -> dict[str, str]
     p["file"].write_text("just a file\n")
     p["readme"] = root / "README.md"
     p["readme"].write_text("# notes\n")
-    return {k: str(v) for k, v in p.items()} | {"root": str(root)}
+    p["held"] = root / "held"  # an out-root whose run folder for {llama} a live process holds
+    holder = hold_in_child(p["held"] / "llama-r0.25")
+    yield {k: str(v) for k, v in p.items()} | {"root": str(root)}
+    holder.kill()
+    holder.wait()
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -403,6 +423,13 @@ CASES = [
         "run {llama} --out-root {out}/r --eval-data {txt_random} " + RUN_LIGHT,
         "not UTF-8",
     ),
+    case(
+        "run-memory-budget-below-one-block",
+        "run {llama} --out-root {out}/r --memory-budget 100KB " + RUN_LIGHT,
+        "smallest that works",
+    ),
+    case("run-hub-offline-not-cached", "run someone/not-cached --out-root {out}/r", "not in the local"),
+    case("run-out-root-held-by-live-run", "run {llama} --out-root {held} " + RUN_LIGHT, "in use by another"),
     case("run-truncated-weights", "run {trunc} --out-root {out}/r " + RUN_LIGHT, "corrupt or truncated"),
     case(
         "run-eval-tokens-zero",
