@@ -21,6 +21,8 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
+from .hooks import signal_point
+
 __all__ = [
     "STAGING_PREFIX",
     "finalize_modes",
@@ -46,6 +48,7 @@ def write_json(path: Path | str, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        signal_point(f"wrote:{path.name}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -172,7 +175,9 @@ def staged_dir(target: Path | str) -> Iterator[Path]:
     remove_stale_staging(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
     try:
+        signal_point(f"write:{target.name}")
         yield tmp
+        signal_point(f"wrote:{target.name}")
         finalize_modes(tmp)
         replace_dir(tmp, target)
     except BaseException:
@@ -198,7 +203,9 @@ def staged_file(target: Path | str) -> Iterator[Path]:
             _remove(extra)
 
     try:
+        signal_point(f"write:{target.name}")
         yield tmp
+        signal_point(f"wrote:{target.name}")
         finalize_modes(tmp)
         os.replace(tmp, target)
     except BaseException:

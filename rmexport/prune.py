@@ -25,6 +25,7 @@ from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype
 from .errors import ConfigError, ModelLoadError, ToleranceError
+from .hooks import signal_point
 from .log import get_logger
 from .models import (
     ModelSource,
@@ -117,6 +118,7 @@ class _Clock:
             def __enter__(self):
                 self.start = time.perf_counter()
                 log.info("%s ...", name)
+                signal_point(name)
 
             def __exit__(self, *exc):
                 elapsed = time.perf_counter() - self.start

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from .atomic import STAGING_PREFIX, is_stale_staging
+from .hooks import signal_point
 from .log import get_logger
 
 __all__ = ["Stage", "StageRunner", "remove_partial_outputs"]
@@ -77,6 +78,7 @@ class StageRunner:
         log.info("%s ...", stage.name)
         started = time.perf_counter()
         self._manifest(stage.name).unlink(missing_ok=True)
+        signal_point(stage.name)
         result = stage.run()
         elapsed = time.perf_counter() - started
         self.seconds[stage.name] = elapsed

@@ -16,10 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -588,30 +585,19 @@ def test_remove_partial_outputs_reaches_subfolders(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["gguf", "hf"]
 
 
-@pytest.fixture(scope="module")
-def medium_checkpoint(tmp_path_factory, tiny_checkpoints) -> Path:
-    """A tiny-family model big enough (about 60 MB) that writing it takes a moment."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .tiny import tiny_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
-    config = tiny_config("llama", len(tokenizer))
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 1536, 4
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 4, 64
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    path = tmp_path_factory.mktemp("medium") / "llama-medium"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _start(argv: list[str], log_file: Path | None = None) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    extra = ["--log-file", str(log_file)] if log_file else []
+# Interruptions at named moments: the stage runner, the prune's stages and every atomic write
+# signal their own process when RMEXPORT_SIGNAL_AT names them (rmexport.hooks), so each test
+# interrupts exactly where it says, however fast the machine.
+def _start(argv: list[str], signal_at: str, sig: str = "KILL") -> subprocess.Popen:
+    env = os.environ | {
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RMEXPORT_SIGNAL_AT": signal_at,
+        "RMEXPORT_SIGNAL": sig,
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "rmexport.cli", *argv, *extra],
+        [sys.executable, "-m", "rmexport.cli", *argv],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -620,93 +606,29 @@ def _start(argv: list[str], log_file: Path | None = None) -> subprocess.Popen:
     )
 
 
-def _signal_when(jobs: list[tuple[subprocess.Popen, object, int]], timeout: float = 120.0) -> list[bool]:
-    """Poll several processes at once; send each its signal as soon as its condition holds.
-    Returns, per process, whether it was signalled (False: it ended first)."""
-    signalled = [False] * len(jobs)
-    pending = set(range(len(jobs)))
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for k in list(pending):
-            proc, ready, sig = jobs[k]
-            if ready():
-                proc.send_signal(sig)
-                signalled[k] = True
-                pending.discard(k)
-            elif proc.poll() is not None:
-                pending.discard(k)
-        time.sleep(0.002)
-    for k in pending:
-        jobs[k][0].kill()
-    assert not pending, "timed out"
-    return signalled
-
-
 def _staging(folder: Path) -> list[Path]:
     return list(folder.glob(STAGING_PREFIX + "*")) if folder.is_dir() else []
 
 
-def _logged(log_file: Path, text: str):
-    return lambda: log_file.is_file() and text in log_file.read_text()
-
-
-@contextmanager
-def _sigint_when(ready, timeout: float = 120.0):
-    """While the block runs, send this process SIGINT as soon as ``ready()`` holds. Yields a dict
-    whose "sent" says whether it was sent; a SIGINT arriving after the block is ignored."""
-    state = {"armed": True, "sent": False}
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        if state["armed"]:
-            raise KeyboardInterrupt
-
-    def watch():
-        deadline = time.monotonic() + timeout
-        while not stop.is_set() and time.monotonic() < deadline:
-            if ready():
-                state["sent"] = True
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.002)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        yield state
-    finally:
-        state["armed"] = False
-        stop.set()
-        watcher.join()
-        signal.signal(signal.SIGINT, previous)
-
-
-def _main_interrupted(argv: list[str], ready) -> int:
-    """``main(argv)`` in this process, interrupted by SIGINT once ``ready()`` holds."""
-    try:
-        with _sigint_when(ready) as state:
-            code = main(argv)
-    except KeyboardInterrupt:  # landed outside main's own handler: too late to test anything
-        pytest.skip("the command ended before it could be interrupted")
-    if not state["sent"] or code != 130:
-        pytest.skip("the command ended before it could be interrupted")
+def _main_interrupted(argv: list[str], moment: str, monkeypatch) -> int:
+    """``main(argv)`` in this process, sent SIGINT by itself on reaching ``moment``."""
+    monkeypatch.setenv("RMEXPORT_SIGNAL_AT", moment)
+    monkeypatch.setenv("RMEXPORT_SIGNAL", "INT")
+    code = main(argv)
+    monkeypatch.delenv("RMEXPORT_SIGNAL_AT")
     return code
 
 
-def test_export_gguf_killed_mid_write_next_run_leaves_nothing(tmp_path, medium_checkpoint, capsys):
+def test_export_gguf_killed_mid_write_next_run_leaves_nothing(tmp_path, tiny_checkpoints, capsys):
+    """SIGKILL once the whole file is written but before its rename: the target never appears,
+    and the next run removes the dead process's staging file."""
     out = tmp_path / "gguf" / "model.gguf"
-    argv = ["export", "gguf", str(medium_checkpoint), "--out", str(out), "--type", "f16"]
-    for _ in range(2):
-        proc = _start(argv)
-        hit = _signal_when([(proc, lambda: bool(_staging(out.parent)), signal.SIGKILL)])[0]
-        proc.communicate(timeout=60)
-        if hit and _staging(out.parent) and not out.exists():
-            break
-        shutil.rmtree(out.parent, ignore_errors=True)
-    else:
-        pytest.skip("the export finished before it could be killed (machine too fast for this model)")
-    assert proc.returncode == -signal.SIGKILL
+    argv = ["export", "gguf", str(tiny_checkpoints["llama"]), "--out", str(out), "--type", "f16"]
+    proc = _start(argv, "wrote:model.gguf")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    staged = _staging(out.parent)
+    assert len(staged) == 1 and staged[0].stat().st_size > 0 and not out.exists()
     assert main(argv) == 0
     capsys.readouterr()
     assert [p.name for p in out.parent.iterdir()] == ["model.gguf"], "the stale staging file is gone"
@@ -716,12 +638,13 @@ def test_export_gguf_killed_mid_write_next_run_leaves_nothing(tmp_path, medium_c
 # gguf-py's writer can lose its file object to a KeyboardInterrupt between open() and storing it;
 # the garbage collector closes it (the file itself is removed by the staging cleanup).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_export_gguf_interrupted_cleans_up_at_once(tmp_path, medium_checkpoint, capsys):
+@pytest.mark.parametrize("moment", ["write:model.gguf", "wrote:model.gguf"])
+def test_export_gguf_interrupted_cleans_up_at_once(moment, tmp_path, tiny_checkpoints, capsys, monkeypatch):
+    """Ctrl-C as the q4_k_m file's staging appears, and once it is complete (the float32
+    intermediate and llama.cpp's quantizer done): exit 130, nothing left, not even the folder."""
     out = tmp_path / "gguf" / "model.gguf"
-    # q4_k_m: an f32 file first, then llama.cpp's quantizer; Ctrl-C during either is handled
-    # before the rename, however fast this machine is.
-    argv = ["export", "gguf", str(medium_checkpoint), "--out", str(out), "--type", "q4_k_m"]
-    _main_interrupted(argv, lambda: bool(list(out.parent.glob(STAGING_PREFIX + "*.f32"))))
+    argv = ["export", "gguf", str(tiny_checkpoints["llama"]), "--out", str(out), "--type", "q4_k_m"]
+    assert _main_interrupted(argv, moment, monkeypatch) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
     assert not any(tmp_path.iterdir()), "neither the file nor the folder made for it is left"
@@ -738,41 +661,49 @@ def _check_pruned(out: Path) -> None:
     assert ((out / "hf" / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~mask
 
 
-def test_prune_killed_leaves_nothing_after_next_run(tmp_path, medium_checkpoint, capsys):
-    """SIGKILL during calibration and during the save (two processes at once): no output appears,
-    and after the next run the folder holds exactly hf/ and prune.json, no staging left."""
-    logs = tmp_path.parent / f"{tmp_path.name}-logs"
-    logs.mkdir(exist_ok=True)
-    moments = {"calibrate": "calibrate", "save": "save ..."}
-    argv = {name: ["prune", str(medium_checkpoint), "--out", str(tmp_path / name / "pruned"), *PRUNE_ARGS]
-            for name in moments}  # fmt: skip
-    jobs = [(_start(argv[name], logs / f"{name}.log"), _logged(logs / f"{name}.log", text), signal.SIGKILL)
-            for name, text in moments.items()]  # fmt: skip
-    signalled = _signal_when(jobs)
-    for proc, _, _ in jobs:
-        proc.communicate(timeout=60)
-    assert any(signalled), "no prune could be killed"
-    for name, hit in zip(moments, signalled, strict=True):
-        if hit:
-            out = tmp_path / name / "pruned"
-            if name == "calibrate":
-                assert not out.exists(), "a prune killed before its save leaves no output folder"
-            else:  # at most a staging entry, which the next run removes; never a half hf/
-                assert not (out / "hf").exists() and not (out / "prune.json").exists()
-            assert main(argv[name]) == 0
-            capsys.readouterr()
-            _check_pruned(out)
+def test_prune_killed_leaves_nothing_after_next_run(tmp_path, tiny_checkpoints, capsys):
+    """SIGKILL during calibration and with the pruned checkpoint written but not renamed (two
+    processes at once): no output appears, and after the next run the folder holds exactly hf/,
+    the maps and prune.json, no staging left."""
+    moments = {"calibrate": "calibrate", "save": "wrote:hf"}
+    argv = {name: ["prune", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / name / "pruned"),
+                   *PRUNE_ARGS] for name in moments}  # fmt: skip
+    procs = {name: _start(argv[name], moment) for name, moment in moments.items()}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, err
+    assert not (tmp_path / "calibrate" / "pruned").exists(), "killed before its save: no output folder"
+    out = tmp_path / "save" / "pruned"
+    assert len(_staging(out)) == 1, "the finished checkpoint was still in its staging folder"
+    assert not (out / "hf").exists() and not (out / "prune.json").exists()
+    for name in moments:
+        assert main(argv[name]) == 0
+        capsys.readouterr()
+        _check_pruned(tmp_path / name / "pruned")
 
 
-@pytest.mark.parametrize("moment", ["calibrate", "save ..."])
-def test_prune_interrupted_leaves_nothing(moment, tmp_path, medium_checkpoint, capsys):
-    """SIGINT (Ctrl-C) during calibration or the save: exit 130, nothing left behind at once."""
-    log_file = tmp_path.parent / f"{tmp_path.name}.log"
+@pytest.mark.parametrize("moment", ["calibrate", "save", "wrote:hf", "wrote:prune.json"])
+def test_prune_interrupted_leaves_nothing(moment, tmp_path, tiny_checkpoints, capsys, monkeypatch):
+    """SIGINT (Ctrl-C) during calibration, as the save starts, with the checkpoint written but not
+    renamed, and with prune.json written but not renamed: exit 130, nothing left behind at once."""
     out = tmp_path / "pruned"
-    _main_interrupted(
-        ["prune", str(medium_checkpoint), "--out", str(out), "--log-file", str(log_file), *PRUNE_ARGS],
-        _logged(log_file, moment),
-    )
+    argv = ["prune", str(tiny_checkpoints["llama"]), "--out", str(out), *PRUNE_ARGS]
+    assert _main_interrupted(argv, moment, monkeypatch) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
     assert not any(tmp_path.iterdir()), "an interrupted prune leaves nothing behind"
+
+
+def test_run_interrupted_at_a_stage_keeps_finished_stages(tmp_path, tiny_checkpoints, capsys, monkeypatch):
+    """Ctrl-C as the stage runner starts the GGUF export: exit 130, the lock is released, the
+    prune stays (whole) and the next run reuses it."""
+    root = tmp_path / "runs"
+    argv = ["run", str(tiny_checkpoints["llama"]), "--out-root", str(root), *RUN_FAST.split()]
+    assert _main_interrupted(argv, "export_gguf_f16", monkeypatch) == 130
+    run_dir = root / "llama-r0.25"
+    assert not (run_dir / ".rmexport.lock").exists() and not (run_dir / "gguf").exists()
+    assert (run_dir / ".stages" / "prune.json").is_file()
+    capsys.readouterr()
+    main(argv)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "prune" in report["reused_stages"] and "export_gguf_f16" not in report["reused_stages"]
