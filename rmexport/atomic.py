@@ -10,6 +10,7 @@ them private), see ``finalize_modes``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,10 +22,13 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-from .hooks import signal_point
+from .errors import DiskFullError
+from .hooks import fail_write_point, signal_point
 
 __all__ = [
     "STAGING_PREFIX",
+    "disk_full_error",
+    "disk_full_guard",
     "finalize_modes",
     "is_stale_staging",
     "remove_stale_staging",
@@ -38,6 +42,50 @@ __all__ = [
 
 STAGING_PREFIX = ".rmexport-staging-"
 _STAGING = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _size_of(path: Path) -> int:
+    """Bytes under ``path`` (a file, or a folder and everything in it); 0 if it is gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def disk_full_error(target: Path, written: int) -> DiskFullError:
+    """The one-line error for a write to ``target`` that ran out of space after ``written`` bytes:
+    those bytes are the least it needs, beside what is free there now."""
+    try:
+        free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
+    except OSError:
+        free = 0
+    return DiskFullError(
+        f"no space left on the device writing {target}: it needs at least {_size(written)}, "
+        f"{_size(free)} free there; nothing was left half-written",
+        hint="free some space or write to another folder",
+    )
+
+
+@contextmanager
+def disk_full_guard(target: Path, staging: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) inside the block into DiskFullError for ``target``,
+    measuring what ``staging`` held when it happened."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise disk_full_error(target, _size_of(staging)) from e
 
 
 def write_json(path: Path | str, data: Any) -> None:
@@ -46,10 +94,16 @@ def write_json(path: Path | str, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    text = json.dumps(data, indent=2, default=str) + "\n"
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(text)
         signal_point(f"wrote:{path.name}")
+        fail_write_point(path.name, str(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise disk_full_error(path, len(text.encode())) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -175,11 +229,13 @@ def staged_dir(target: Path | str) -> Iterator[Path]:
     remove_stale_staging(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
     try:
-        signal_point(f"write:{target.name}")
-        yield tmp
-        signal_point(f"wrote:{target.name}")
-        finalize_modes(tmp)
-        replace_dir(tmp, target)
+        with disk_full_guard(target, tmp):
+            signal_point(f"write:{target.name}")
+            yield tmp
+            signal_point(f"wrote:{target.name}")
+            fail_write_point(target.name, str(tmp))
+            finalize_modes(tmp)
+            replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
@@ -203,11 +259,13 @@ def staged_file(target: Path | str) -> Iterator[Path]:
             _remove(extra)
 
     try:
-        signal_point(f"write:{target.name}")
-        yield tmp
-        signal_point(f"wrote:{target.name}")
-        finalize_modes(tmp)
-        os.replace(tmp, target)
+        with disk_full_guard(target, tmp):
+            signal_point(f"write:{target.name}")
+            yield tmp
+            signal_point(f"wrote:{target.name}")
+            fail_write_point(target.name, str(tmp))
+            finalize_modes(tmp)
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         remove_extras()

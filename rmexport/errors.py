@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationError",
     "ExportError",
     "ToolchainError",
+    "DiskFullError",
     "OutputBusyError",
     "ParityError",
     "ShapeMismatchError",
@@ -49,6 +50,10 @@ class ExportError(RMExportError):
 
 class ToolchainError(RMExportError):
     """A runtime (onnxruntime, llama.cpp) or tool is missing or too old."""
+
+
+class DiskFullError(RMExportError):
+    """A write ran out of disk space; what it had written is removed."""
 
 
 class OutputBusyError(RMExportError):

@@ -6,14 +6,17 @@ the moment they name instead of racing the machine. Inert unless their variables
   (``prune``, ``export_gguf_f16``, ``calibrate+fit 1/1``, ``save`` ...) and every atomic write,
   once its staging entry exists (``write:<target name>``) and once its content is written but
   not yet renamed into place (``wrote:<target name>``).
+- ``RMEXPORT_FAIL_WRITE=NAME``: the atomic write of a target so named fails with ENOSPC, as a
+  full disk would, after its content was written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
-__all__ = ["signal_point"]
+__all__ = ["fail_write_point", "signal_point"]
 
 
 def signal_point(name: str) -> None:
@@ -22,3 +25,8 @@ def signal_point(name: str) -> None:
         return
     sig = getattr(signal, "SIG" + os.environ.get("RMEXPORT_SIGNAL", "INT").upper())
     os.kill(os.getpid(), sig)
+
+
+def fail_write_point(target_name: str, staging: str) -> None:
+    if os.environ.get("RMEXPORT_FAIL_WRITE") == target_name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), staging)

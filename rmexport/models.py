@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .atomic import disk_full_guard
 from .errors import ModelLoadError
 from .fileio import PROVENANCE_FILE, open_gguf, read_provenance, write_provenance
 from .log import get_logger
@@ -212,7 +213,8 @@ def _materialize_weights(directory: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=directory))
     try:
         tensors = [(n, reader.numel(n) * 4, lambda n=n: reader.get(n)) for n in reader.names()]
-        write_shards(tensors, tmp, after_shard=reader.close)
+        with disk_full_guard(directory, tmp):
+            write_shards(tensors, tmp, after_shard=reader.close)
         reader.close()
         finished = [tmp / INDEX_FILE, tmp / SINGLE_FILE]  # moved last: they mark the weights complete
         for item in sorted(tmp.iterdir(), key=lambda f: f in finished):
@@ -259,15 +261,16 @@ def _convert_gguf(gguf_path: Path, target: Path, fingerprint: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # transformers saves the whole GGUF as a bogus "tokenizer.model" for GGUF-born tokenizers;
-        # tokenizer.json is complete, and that file would mislead every later reader.
-        if (tmp / "tokenizer.json").is_file():
-            (tmp / "tokenizer.model").unlink(missing_ok=True)
-        write_provenance(tmp, {"gguf_file": str(gguf_path)})
-        write_record(tmp, parity)
+        with disk_full_guard(target, tmp):
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # transformers saves the whole GGUF as a bogus "tokenizer.model" for GGUF-born
+            # tokenizers; tokenizer.json is complete, and that file would mislead every later reader.
+            if (tmp / "tokenizer.json").is_file():
+                (tmp / "tokenizer.model").unlink(missing_ok=True)
+            write_provenance(tmp, {"gguf_file": str(gguf_path)})
+            write_record(tmp, parity)
         if (target / "config.json").is_file():
             replace_dir(tmp, target)  # a conversion whose tokenizer failed its check again
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import STAGING_PREFIX, is_stale_staging
+from .atomic import STAGING_PREFIX, is_stale_staging, write_json
 from .hooks import signal_point
 from .log import get_logger
 
@@ -82,12 +81,9 @@ class StageRunner:
         result = stage.run()
         elapsed = time.perf_counter() - started
         self.seconds[stage.name] = elapsed
-        self.manifest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._manifest(stage.name).with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"hash": digest, "seconds": round(elapsed, 2), "key": stage.key}, default=str)
+        write_json(
+            self._manifest(stage.name), {"hash": digest, "seconds": round(elapsed, 2), "key": stage.key}
         )
-        os.replace(tmp, self._manifest(stage.name))
         log.info("%s done in %.1f s", stage.name, elapsed)
         return result
 
