@@ -6,6 +6,7 @@ resolver (``rmexport.models``) to read them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -22,6 +23,7 @@ __all__ = [
     "GGUFHeader",
     "GGUFHeaderError",
     "GGUFTensorInfo",
+    "content_fingerprint",
     "open_gguf",
     "read_gguf_header",
     "read_provenance",
@@ -233,3 +235,35 @@ def write_provenance(checkpoint: Path, info: dict[str, Any]) -> None:
 def read_provenance(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+_EDGE_BYTES = 1 << 20
+
+
+def _file_fingerprint(path: Path, h: Any) -> None:
+    st = path.stat()
+    h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
+    with path.open("rb") as f:
+        h.update(f.read(_EDGE_BYTES))
+        if st.st_size > 2 * _EDGE_BYTES:
+            f.seek(st.st_size - _EDGE_BYTES)
+            h.update(f.read(_EDGE_BYTES))
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """A short hash that changes when the file (or any regular file directly in the folder) is
+    rewritten: its size, its modification and status-change times, its first and last MiB.
+
+    Reading every byte would cost seconds to minutes per run on multi-GB sources. The times catch
+    an edit anywhere in a file, which head and tail alone miss (a block changed mid-shard); the
+    status-change time is set by the kernel on every write and cannot be set back the way a
+    modification time can (``touch -d``, ``cp -p``); head and tail cover filesystems with coarse
+    timestamps. A chmod or a restore from backup also changes it: that costs a rerun, never a
+    wrong reuse."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        if not file.name.startswith("."):
+            _file_fingerprint(file, h)
+    return h.hexdigest()[:16]

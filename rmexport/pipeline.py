@@ -18,6 +18,7 @@ from typing import Any
 from .atomic import write_json
 from .config import RunConfig
 from .errors import ConfigError
+from .fileio import content_fingerprint
 from .inputs import existing_ancestor
 from .lock import hold_folder
 from .log import get_logger
@@ -237,7 +238,7 @@ def _gguf_stages(
                 needs=["prune"],
             )
         )
-        base_runner.hashes[f"export_gguf_{native}"] = model_key["location"]
+        base_runner.hashes[f"export_gguf_{native}"] = f"{model_key['location']}@{model_key['content']}"
     for t in [t for t in types if t != native]:
         if not cfg.skip_bench and t in bench_types:  # the original's GGUFs only serve the benchmark
             base_runner.run(
@@ -334,6 +335,16 @@ def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
     write_json(run_dir / "checks" / "gguf_native.json", result)
 
 
+def _text_file_fingerprints(options: Any) -> dict[str, str]:
+    """Content fingerprints of the text files the prune reads (calibration, held-out), by name."""
+    from .calib.corpus import parse_mixture
+
+    specs = [name for name, _ in parse_mixture(options.calib_data)]
+    specs += [options.eval_data, *options.ood_data]
+    files = {spec: Path(spec).expanduser() for spec in specs}
+    return {spec: content_fingerprint(path) for spec, path in files.items() if path.is_file()}
+
+
 def run_pipeline(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     source = resolve(cfg.model)
     ratio_label = cfg.ratio_label
@@ -356,7 +367,13 @@ def _run_stages(
     # The original's weights as a checkpoint serve only the side-by-side benchmarks' exports (for a
     # GGUF source that means dequantizing them once into the cache), so they are asked for then.
     original_ckpt = functools.cache(lambda: Path(checkpoint_dir(source)))
-    model_key = {"spec": source.spec, "location": source.location, "layers": config.num_hidden_layers}
+    model_key = {
+        "spec": source.spec,
+        "location": source.location,
+        "layers": config.num_hidden_layers,
+        # Same path, other bytes: every stage that read the source (and all after them) runs again.
+        "content": None if source.kind == "hub" else content_fingerprint(source.location),
+    }
     pruned_ckpt = run_dir / "hf"
     started = time.perf_counter()
 
@@ -367,6 +384,7 @@ def _run_stages(
                 "model": model_key,
                 # The memory budget changes where activations live, never the result.
                 "options": vars(options) | {"cosine": None, "memory_budget": None},
+                "text_files": _text_file_fingerprints(options),
             },
             [pruned_ckpt, run_dir / "prune.json"],
             lambda: prune(source, options, run_dir),
