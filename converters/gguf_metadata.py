@@ -7,10 +7,10 @@ What llama.cpp assumes differently from transformers is a fact of the family and
 adapter (``rmexport/arch``): the refusals (``gguf_cut_problem``, ``llama_cpp_problem``: Gemma's
 query scale, Qwen's missing sliding window, ...) and which keys exist (``gguf_softcapping``,
 ``gguf_sliding_window``, ``gguf_rope_base_swa``). This module turns a config into those keys.
-A sliding pattern is also written as an explicit per-layer array
-(``{arch}.attention.sliding_window_pattern``) for readers that use it; llama.cpp's Gemma loaders
-ignore it and derive the pattern from the layer index, which is why cuts that would shift that
-pattern are refused.
+The sliding pattern is written as the per-layer array ``{arch}.attention.sliding_window_pattern``
+(``adapter.gguf_swa_pattern``), which llama.cpp's Gemma loaders read (``load_swa_pattern``), so a
+pruned Gemma runs with the pattern of the blocks it kept. Only a llama.cpp too old to read the
+array, which would derive the pattern from the layer index instead, gets a refusal.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gguf import GGUFValueType, Keys
 from rmexport.arch import ArchAdapter
 from rmexport.errors import ExportError
 from rmexport.fileio import GGUFHeader, open_gguf
+from rmexport.llamacpp import installed_version
 from rmexport.log import get_logger
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "model_metadata",
     "read_metadata",
     "runtime_problem",
+    "swa_pattern_kv",
     "write_metadata",
 ]
 
@@ -73,9 +75,11 @@ def _layer_types(config: Any) -> list[str]:
     return list(getattr(config, "layer_types", None) or [])
 
 
-def runtime_problem(config: Any, adapter: ArchAdapter) -> str | None:
-    """Why llama.cpp would compute this config differently from transformers, or None."""
-    problem = adapter.gguf_cut_problem(config) or adapter.llama_cpp_problem(config)
+def runtime_problem(config: Any, adapter: ArchAdapter, llama_cpp_version: str | None = None) -> str | None:
+    """Why llama.cpp (llama-cpp-python ``llama_cpp_version``, default: the installed one) would
+    compute this config differently from transformers, or None."""
+    version = llama_cpp_version or installed_version()
+    problem = adapter.gguf_cut_problem(_layer_types(config), version) or adapter.llama_cpp_problem(config)
     if problem:
         return problem
     rope = _rope_scaling(config)
@@ -175,17 +179,32 @@ def _family_metadata(config: Any, adapter: ArchAdapter) -> Metadata:
     for field in adapter.gguf_softcapping:
         if getattr(config, field, None):
             meta[_SOFTCAPPING_KEYS[field].format(arch=arch)] = _f32(getattr(config, field))
-    layer_types = _layer_types(config)
-    sliding = getattr(config, "sliding_window", None) and (not layer_types or _SLIDING in layer_types)
+    pattern = adapter.gguf_swa_pattern(_layer_types(config))
+    sliding = getattr(config, "sliding_window", None) and (pattern is None or any(pattern))
     if adapter.gguf_sliding_window and sliding:
         meta[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(config.sliding_window)
-        if layer_types:
-            meta[Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)] = KV(
-                [t == _SLIDING for t in layer_types], GGUFValueType.ARRAY, GGUFValueType.BOOL
-            )
+    if pattern is not None:
+        meta[Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)] = swa_pattern_kv(pattern)
+        _note_pattern_needs_array(adapter, pattern)
     if adapter.gguf_rope_base_swa and getattr(config, "rope_local_base_freq", None):
         meta[Keys.Rope.FREQ_BASE_SWA.format(arch=arch)] = _f32(config.rope_local_base_freq)
     return meta
+
+
+def swa_pattern_kv(pattern: list[bool]) -> KV:
+    """``{arch}.attention.sliding_window_pattern`` as llama.cpp reads it: one bool per block."""
+    return KV([bool(v) for v in pattern], GGUFValueType.ARRAY, GGUFValueType.BOOL)
+
+
+def _note_pattern_needs_array(adapter: ArchAdapter, pattern: list[bool]) -> None:
+    derived = adapter.llama_cpp_layer_types(len(pattern))
+    if derived is not None and pattern != [t == _SLIDING for t in derived]:
+        log.warning(
+            "the %s layer pattern no longer follows the layer index: llama.cpp runs this GGUF right "
+            "only where it reads the per-layer sliding_window_pattern (llama-cpp-python >= %s)",
+            adapter.family,
+            adapter.llama_cpp_swa_array_since,
+        )
 
 
 def read_metadata(path: str) -> Metadata:

@@ -10,7 +10,10 @@
   It is computed in float64 from the dequantized source and quantized back to the source's type
   (``ggml_quant.quantize_like``: gguf-py, or llama.cpp's own quantizer for K-quants);
 - metadata is the source's, except ``{arch}.block_count`` and the per-layer arrays (any
-  ``{arch}.*`` array as long as the old block count), which are sliced to the kept blocks.
+  ``{arch}.*`` array as long as the old block count), which are sliced to the kept blocks;
+- a family whose llama.cpp loader has sliding layers (Gemma 2/3) gets the kept blocks' pattern as
+  the per-layer array ``{arch}.attention.sliding_window_pattern``: the source's array, sliced, or,
+  when the source has none, the pattern llama.cpp derived for the source from the layer index.
 
 The file is written beside the target and renamed into place when complete.
 """
@@ -31,6 +34,7 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError, ExportError, ModelLoadError
 from rmexport.fileio import GGUFTensorInfo, open_gguf
+from rmexport.llamacpp import installed_version
 from rmexport.log import get_logger, progress
 
 from . import gguf_metadata
@@ -39,6 +43,8 @@ from .ggml_quant import quantize_like
 __all__ = ["prune_gguf"]
 
 log = get_logger(__name__)
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
 
 
 def _renamed(tensor: GGUFTensorInfo, new_block: int) -> str:
@@ -85,7 +91,9 @@ class _Source:
 
 
 # --- checks --------------------------------------------------------------------------------------
-def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch.Tensor]]) -> None:
+def _check_request(
+    source: _Source, kept: list[int], folds: dict[int, list[torch.Tensor]], llama_cpp_version: str | None
+) -> None:
     n = source.block_count
     if not kept:
         raise ConfigError("no blocks would be kept", hint="keep at least one block")
@@ -98,21 +106,24 @@ def _check_request(source: _Source, kept: list[int], folds: dict[int, list[torch
         raise ConfigError(
             f"maps are folded into blocks {stray}, which are removed", hint="fold into kept blocks"
         )
-    problem = _runtime_pattern_problem(source.arch, n, kept)
-    if problem:
-        raise ExportError(f"llama.cpp cannot represent this cut: {problem}", hint="choose another cut")
+    layer_types = _source_layer_types(source)
+    adapter = gguf_adapter(source.arch)
+    if layer_types is not None and adapter is not None:
+        problem = adapter.gguf_cut_problem([layer_types[i] for i in kept], llama_cpp_version)
+        if problem:
+            raise ExportError(f"llama.cpp cannot represent this cut: {problem}", hint="choose another cut")
 
 
-def _runtime_pattern_problem(arch: str, n_blocks: int, kept: list[int]) -> str | None:
-    """llama.cpp's Gemma loaders derive the sliding/global pattern from the layer index."""
-    adapter = gguf_adapter(arch)
-    before = adapter.llama_cpp_layer_types(n_blocks) if adapter is not None else None
-    if before is not None and [before[i] for i in kept] != adapter.llama_cpp_layer_types(len(kept)):
-        return (
-            f"{arch} blocks {kept} would change llama.cpp's sliding/global layer pattern "
-            f"(every {adapter.llama_cpp_swa_period}th layer global)"
-        )
-    return None
+def _source_layer_types(source: _Source) -> list[str] | None:
+    """The sliding/global pattern llama.cpp runs the source with: its per-layer array, or the one
+    derived from the layer index (None: the family's loader has no sliding layers)."""
+    adapter = gguf_adapter(source.arch)
+    if adapter is None or not adapter.llama_cpp_swa_period:
+        return None
+    stored = source.metadata.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=source.arch))
+    if stored is not None and isinstance(stored.value, list) and len(stored.value) == source.block_count:
+        return [_SLIDING if v else _FULL for v in stored.value]
+    return adapter.llama_cpp_layer_types(source.block_count)
 
 
 # --- the fold ------------------------------------------------------------------------------------
@@ -194,6 +205,12 @@ def _pruned_metadata(source: _Source, kept: list[int]) -> gguf_metadata.Metadata
         ):
             kv = gguf_metadata.KV([kv.value[i] for i in kept], kv.vtype, kv.sub_type)
         meta[key] = kv
+    adapter, layer_types = gguf_adapter(source.arch), _source_layer_types(source)
+    if adapter is not None and layer_types is not None:
+        pattern = adapter.gguf_swa_pattern([layer_types[i] for i in kept])
+        if pattern is not None:
+            key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=source.arch)
+            meta[key] = gguf_metadata.swa_pattern_kv(pattern)
     return meta
 
 
@@ -212,6 +229,7 @@ def prune_gguf(
     *,
     dense_fold: bool,
     norm_weight_offset: float = 0.0,
+    llama_cpp_version: str | None = None,
 ) -> dict[str, Any]:
     """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
@@ -220,6 +238,8 @@ def prune_gguf(
     ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
     (False, Gemma). ``norm_weight_offset`` is what the runtime adds to the *stored* norm weight:
     0 for llama.cpp, whose Gemma files store ``1 + w`` already, so the stored weight is scaled as is.
+    ``llama_cpp_version``: the llama-cpp-python the file must run in (default: the installed one); a
+    cut whose layer pattern it cannot read is refused.
 
     Returns what was done: counts, and per output tensor its source name, type and action
     (``copied``, ``requantized``, or ``requantized`` with a different ``type`` than ``source_type``).
@@ -228,7 +248,7 @@ def prune_gguf(
     source = _Source(Path(source_gguf))
     kept = [int(i) for i in blocks]
     folds = {int(i): list(ts) for i, ts in folds.items() if len(ts)}
-    _check_request(source, kept, folds)
+    _check_request(source, kept, folds, llama_cpp_version or installed_version())
     new_index = {old: new for new, old in enumerate(kept)}
 
     rewritten: dict[str, Any] = {}

@@ -27,6 +27,7 @@ __all__ = [
     "default_threads",
     "extra_buffer_types_usable",
     "eval_logits",
+    "installed_version",
     "library_info",
     "llama_module",
     "open_model",
@@ -82,6 +83,16 @@ def llama_module() -> Any:
             hint="pip install llama-cpp-python (builds llama.cpp from source)",
         ) from e
     return llama_cpp
+
+
+def installed_version() -> str | None:
+    """llama-cpp-python's version from its package metadata (None: not installed); loads no library."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
 
 
 def default_threads() -> int:

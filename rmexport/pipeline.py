@@ -67,16 +67,20 @@ def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
             raise ConfigError(
                 f"--gguf-type {cfg.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
             )
-        workable = adapter.gguf_cut_sizes(config.num_hidden_layers)
+        from .llamacpp import installed_version
+
+        llama_cpp_version = installed_version()
+        workable = adapter.gguf_cut_sizes(config.num_hidden_layers, llama_cpp_version)
         if workable is not None and any(size not in workable for size in sizes):
             nearest = sorted(workable, key=lambda k: (abs(k - n), k))[:2]
             raise ConfigError(
-                f"llama.cpp derives {adapter.family}'s sliding/global layer pattern from the layer "
-                f"index, and no cut of {' + '.join(map(str, sizes))} of its {config.num_hidden_layers} "
-                "blocks keeps it; "
+                f"llama-cpp-python {llama_cpp_version} derives {adapter.family}'s sliding/global layer "
+                f"pattern from the layer index, and no cut of {' + '.join(map(str, sizes))} of its "
+                f"{config.num_hidden_layers} blocks keeps it; "
                 f"cuts of {', '.join(map(str, workable)) or 'no size'} block(s) do",
                 hint=(f"use --layers {nearest[0]}" if nearest else "this model is too shallow for a GGUF cut")
-                + " (with --blocks 1), or --skip-gguf",
+                + " (with --blocks 1), --skip-gguf, or llama-cpp-python >= "
+                + f"{adapter.llama_cpp_swa_array_since}, which reads the GGUF's per-layer pattern",
             )
     if not cfg.skip_onnx:
         params = _estimate_params(config)

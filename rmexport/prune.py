@@ -81,7 +81,7 @@ class PruneOptions:
     compute_dtype: str | None = None
     memory_budget: str | None = None
     quality_guard: bool = True
-    gguf_compatible: bool = False  # only cuts llama.cpp can run (layer patterns fixed by the index)
+    gguf_compatible: bool = False  # only cuts the installed llama.cpp runs (an old one: Gemma by index)
     cosine: CosineSettings = field(default_factory=CosineSettings)
 
     def validate(self) -> None:
@@ -310,11 +310,17 @@ def choose_and_fit(
 
 
 def _gguf_filter(engine: Engine, plan: Plan, n: int):
-    """Starts whose cut leaves a model llama.cpp runs correctly (Gemma's index-derived pattern)."""
+    """Starts whose cut leaves a model the installed llama.cpp runs correctly; None when every cut
+    does (a llama.cpp that reads Gemma's per-layer pattern from the GGUF runs any cut)."""
+    from .llamacpp import installed_version
+
+    version = installed_version()
+    if engine.adapter.gguf_cut_sizes(engine.config.num_hidden_layers, version) is None:
+        return None
 
     def allowed(start: int) -> bool:
         kept = [step.layer for step in cut_plan(plan, (start, start + n))]
-        return engine.adapter.gguf_keeps_pattern(engine.config, kept)
+        return engine.adapter.gguf_keeps_pattern(engine.config, kept, version)
 
     return allowed
 

@@ -155,30 +155,6 @@ def test_sentencepiece_tokenizers_match_in_llama_cpp(builtin_corpus, tmp_path):
     assert result["passed"] and result["tokenization_mismatches"] == []
 
 
-def _broken_gemma(tiny_checkpoints, tmp_path) -> Path:
-    src = tiny_checkpoints["gemma3"]
-    broken = tmp_path / "gemma3-broken"
-    broken.mkdir()
-    for item in src.iterdir():
-        if item.name != "config.json":
-            (broken / item.name).symlink_to(item)
-    config = json.loads((src / "config.json").read_text())
-    types = config["layer_types"]
-    assert "full_attention" in types
-    config["layer_types"] = types[1:] + types[:1]  # as if the first block had been cut
-    (broken / "config.json").write_text(json.dumps(config))
-    return broken
-
-
-def test_gemma_cut_that_breaks_llama_cpp_pattern_is_refused(tiny_checkpoints, tmp_path, capsys):
-    broken = _broken_gemma(tiny_checkpoints, tmp_path)
-    out_dir = tmp_path / "out"
-    code = main(["export", "gguf", str(broken), "--out", str(out_dir / "x.gguf"), "--type", "f32"])
-    assert code == 2
-    assert "llama.cpp" in capsys.readouterr().err
-    assert not out_dir.exists() or not any(out_dir.iterdir())
-
-
 def test_unknown_type_is_a_config_error(tiny_checkpoints, tmp_path):
     with pytest.raises(ConfigError):
         export_gguf(tiny_checkpoints["llama"], tmp_path / "x.gguf", "q3_k_xs")

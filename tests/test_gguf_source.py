@@ -51,29 +51,3 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
         bench["pruned"]["block_count"] == prune["N"]
         and bench["pruned"]["tokens"] == bench["original"]["tokens"]
     )
-
-
-def test_a_gemma3_gguf_with_a_sentencepiece_vocabulary_is_cut_only_where_llama_cpp_can_run_it(
-    tmp_path_factory, tmp_path, monkeypatch, builtin_corpus, capsys
-):
-    """Gemma 3 keeps every 6th layer global by index: 2 blocks cannot be cut, 6 can, end to end."""
-    from .test_tokenizer_parity import PROBES, sentencepiece_tokenizer, tiny_gguf
-
-    texts = builtin_corpus.pool[:300] + list(PROBES) * 20
-    source = tiny_gguf(
-        "gemma3", sentencepiece_tokenizer(texts, space_prefix=False), tmp_path_factory.mktemp("g3"), "g3-spm"
-    )
-    monkeypatch.setenv("RMEXPORT_CACHE", str(tmp_path / "cache"))
-    out_root = tmp_path / "runs"
-    common = ["run", str(source), "--out-root", str(out_root), "--skip-onnx", "--skip-bench", *FAST]
-    assert main([*common, "--layers", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "cuts of 6 block(s) do" in err and "--layers 6" in err
-    assert not out_root.exists() or not any(out_root.iterdir())
-
-    code = main([*common, "--layers", "6"])
-    run_dir = out_root / "g3-spm-r6l"
-    report = assert_checks_passed(code, run_dir)
-    prune = json.loads((run_dir / "prune.json").read_text())
-    assert prune["N"] == 2 and prune["tokenizer_parity"]["verdict"]
-    assert report["gguf_parity"]["f16"]["passed"] and report["gguf_parity"]["f16"]["positions"] > 0

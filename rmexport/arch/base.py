@@ -10,18 +10,23 @@ A new family provides one adapter (a new file here, registered in ``__init__``):
 ``hf_architectures``, ``model_type``, ``gguf_arch``, where its blocks/MLP/``down_proj`` live if not
 Llama's, ``post_mlp_norm`` and ``norm_weight_offset`` if it has them, ``per_layer_keys`` (plus
 ``_slice_extra`` for fields that depend on the block count), and, where a runtime differs from
-transformers, the GGUF flags below and ``llama_cpp_problem`` / ``gguf_cut_problem`` /
-``genai_layer_types``; plus its tiny-model entry in ``tests/tiny.py``.
+transformers, the GGUF flags below, llama.cpp's sliding-window loader (``llama_cpp_swa_period``,
+``llama_cpp_swa_array_since``) and ``llama_cpp_problem`` / ``genai_layer_types``; plus its tiny-model
+entry in ``tests/tiny.py``.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 __all__ = ["ArchAdapter"]
+
+_SLIDING = "sliding_attention"
+_FULL = "full_attention"
 
 
 def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -54,6 +59,12 @@ class ArchAdapter:
     gguf_rope_base_swa: bool = False
     # llama.cpp runs this family with full attention although its config may set sliding_window.
     llama_cpp_full_attention: bool = False
+    # How llama.cpp's loader for this family learns which layers slide (its ``load_swa_pattern``):
+    # the period it derives from the layer index when a GGUF has no per-layer array (0: the loader
+    # calls no load_swa_pattern and has no sliding layers), and the first llama-cpp-python release
+    # whose llama.cpp reads ``{arch}.attention.sliding_window_pattern`` as that array (None: none).
+    llama_cpp_swa_period: int = 0
+    llama_cpp_swa_array_since: str | None = None
     # Why optimum's ORTModelForCausalLM cannot generate() with an export of this family when it has
     # fewer KV heads than query heads (the graph itself is right), or None.
     optimum_runtime_gap: str | None = None
@@ -96,13 +107,63 @@ class ArchAdapter:
         """Family-specific config fields that depend on the block count."""
 
     # --- runtime rules ------------------------------------------------------------------
-    def gguf_cut_problem(self, config: Any) -> str | None:
-        """Why llama.cpp would run this (possibly pruned) config wrongly, or None if it is fine."""
-        return None
+    def gguf_swa_pattern(self, layer_types: list[str]) -> list[bool] | None:
+        """Per block, whether it slides, as ``{arch}.attention.sliding_window_pattern`` states it; from
+        a config's ``layer_types`` (after a cut: the kept blocks'). None: this family writes no array."""
+        if not (self.gguf_sliding_window and layer_types):
+            return None
+        return [kind == _SLIDING for kind in layer_types]
 
     def llama_cpp_layer_types(self, n_layers: int) -> list[str] | None:
-        """The sliding/global pattern llama.cpp derives from the layer index (None: it derives none)."""
-        return None
+        """The sliding/global pattern llama.cpp derives from the layer index when a GGUF carries no
+        per-layer array (None: it derives none): layer il is global when (il + 1) % period == 0."""
+        period = self.llama_cpp_swa_period
+        if not period:
+            return None
+        return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(n_layers)]
+
+    def llama_cpp_reads_swa_pattern(self, llama_cpp_version: str | None) -> bool:
+        """Whether llama-cpp-python ``llama_cpp_version`` reads this family's per-layer array."""
+        since = self.llama_cpp_swa_array_since
+        if since is None or llama_cpp_version is None:
+            return False
+        return _release(llama_cpp_version) >= _release(since)
+
+    def gguf_cut_problem(self, layer_types: list[str], llama_cpp_version: str | None) -> str | None:
+        """Why that llama.cpp would run a model with these ``layer_types`` (possibly pruned) with
+        another sliding/global pattern, or None."""
+        derived = self.llama_cpp_layer_types(len(layer_types))
+        if derived is None or not layer_types or list(layer_types) == derived:
+            return None
+        if self.llama_cpp_reads_swa_pattern(llama_cpp_version):
+            return None
+        since = self.llama_cpp_swa_array_since
+        needed = (
+            f"llama.cpp reads the GGUF's per-layer pattern from llama-cpp-python {since} on"
+            if since
+            else "no llama.cpp reads a per-layer pattern for it"
+        )
+        return (
+            f"llama-cpp-python {llama_cpp_version or '(not installed)'} derives {self.family}'s "
+            f"sliding/global layer pattern from the layer index (every {self.llama_cpp_swa_period}th "
+            f"layer global), but this model's layer_types no longer follow it; {needed}"
+        )
+
+    def gguf_keeps_pattern(self, config: Any, kept: list[int], llama_cpp_version: str | None) -> bool:
+        """Whether that llama.cpp runs the model that keeps original blocks ``kept`` of ``config``."""
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        if not layer_types:
+            return True
+        return self.gguf_cut_problem([layer_types[i] for i in kept], llama_cpp_version) is None
+
+    def gguf_cut_sizes(self, n_layers: int, llama_cpp_version: str | None) -> list[int] | None:
+        """Block counts a single cut may remove for that llama.cpp; None when any count works.
+        Whole periods keep every later block's place in the index-derived pattern (a cut at the very
+        end keeps it too, but removing the last blocks is never a cut worth making)."""
+        period = self.llama_cpp_swa_period
+        if not period or self.llama_cpp_reads_swa_pattern(llama_cpp_version):
+            return None
+        return list(range(period, n_layers - 1, period))
 
     def llama_cpp_problem(self, config: Any) -> str | None:
         """What else llama.cpp computes differently from transformers for this config, or None."""
@@ -112,13 +173,22 @@ class ArchAdapter:
         """The attention pattern onnxruntime-genai's builder assumes (None: no sliding layers)."""
         return None
 
-    def complete_config_from_gguf(self, config: Any) -> None:
-        """Set what a GGUF leaves implicit (llama.cpp derives it) on a config read from one."""
+    def complete_config_from_gguf(self, config: Any, swa_pattern: list[bool] | None = None) -> None:
+        """Set what a GGUF leaves implicit (llama.cpp derives it) on a config read from one, and the
+        layer pattern its per-layer ``sliding_window_pattern`` states (transformers reads no array)."""
+        readable = self.llama_cpp_swa_period and swa_pattern is not None
+        if readable and len(swa_pattern) == config.num_hidden_layers:
+            config.layer_types = [_SLIDING if sliding else _FULL for sliding in swa_pattern]
 
-    def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
-        """Whether llama.cpp can run the model that keeps original blocks ``kept`` of ``config``."""
-        return True
 
-    def gguf_cut_sizes(self, n_layers: int) -> list[int] | None:
-        """Block counts a single cut may remove for llama.cpp; None when any count works."""
-        return None
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: "0.3.36" -> (0, 3, 36), "0.4.0rc1" -> (0, 4, 0)."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(numbers)

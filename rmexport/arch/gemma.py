@@ -4,9 +4,13 @@ The MLP output passes through ``post_feedforward_layernorm`` before the residual
 dense map cannot be folded into ``down_proj`` exactly. These adapters declare the norm; the
 solver then fits a diagonal map, which folds exactly into the norm's weight.
 
-llama.cpp does not read a per-layer attention pattern from GGUF for these families: it derives
-it from the layer index (Gemma 2: every other layer sliding; Gemma 3: every 6th layer global).
-A cut that shifts the pattern would load but compute the wrong thing, so it is refused.
+llama.cpp's Gemma 2 and Gemma 3 loaders call ``load_swa_pattern``: they read
+``{arch}.attention.sliding_window_pattern`` as one bool per layer (``hparams.is_swa_impl``) and
+derive the pattern from the layer index only when a GGUF has no array (Gemma 2: every other layer
+sliding; Gemma 3: every 6th layer global). The array form came with llama.cpp PR 29042 (2026-09);
+llama-cpp-python 0.3.36 (llama.cpp 0c1e57098) is the first release with it, 0.3.35 (4df29be4f)
+ignores an array. So a GGUF of a pruned Gemma carries the kept blocks' pattern and runs any cut;
+only an older llama.cpp gets the whole-period rule and its refusal.
 """
 
 from __future__ import annotations
@@ -28,12 +32,7 @@ class GemmaAdapter(ArchAdapter):
     post_mlp_norm: str | None = "post_feedforward_layernorm"
     norm_weight_offset: float = 1.0
     per_layer_keys: tuple[str, ...] = ("layer_types",)
-    # llama.cpp: layer il is global when (il + 1) % period == 0, sliding otherwise.
-    llama_cpp_swa_period: int = 2
-
-    def llama_cpp_layer_types(self, n_layers: int) -> list[str]:
-        period = self.llama_cpp_swa_period
-        return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(n_layers)]
+    llama_cpp_swa_array_since: str | None = "0.3.36"
 
     # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 27B models, by 1/sqrt(head_dim)
     # for every other size; a GGUF stores no query_pre_attn_scalar.
@@ -71,35 +70,13 @@ class GemmaAdapter(ArchAdapter):
             return f"llama.cpp's {self.family} has no attention logit softcapping, but this config sets it"
         return None
 
-    def complete_config_from_gguf(self, config: Any) -> None:
+    def complete_config_from_gguf(self, config: Any, swa_pattern: list[bool] | None = None) -> None:
+        super().complete_config_from_gguf(config, swa_pattern)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if config.num_hidden_layers == self.llama_cpp_27b_blocks:
             config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
         else:
             config.query_pre_attn_scalar = head_dim
-
-    def gguf_keeps_pattern(self, config: Any, kept: list[int]) -> bool:
-        layer_types = list(getattr(config, "layer_types", None) or [])
-        if not layer_types:
-            return True
-        return [layer_types[i] for i in kept] == self.llama_cpp_layer_types(len(kept))
-
-    def gguf_cut_sizes(self, n_layers: int) -> list[int] | None:
-        """Whole periods keep every later block's place in the pattern (a cut at the very end keeps
-        it too, but removing the last blocks is never a cut worth making)."""
-        period = self.llama_cpp_swa_period
-        return [n for n in range(period, n_layers - 1, period)]
-
-    def gguf_cut_problem(self, config: Any) -> str | None:
-        layer_types = list(getattr(config, "layer_types", None) or [])
-        expected = self.llama_cpp_layer_types(config.num_hidden_layers)
-        if layer_types and layer_types != expected:
-            return (
-                f"llama.cpp derives {self.family}'s sliding/global layer pattern from the layer "
-                f"index (every {self.llama_cpp_swa_period}th layer global), but this model's "
-                "layer_types no longer follow it"
-            )
-        return None
 
 
 GEMMA2 = GemmaAdapter(

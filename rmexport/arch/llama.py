@@ -1,4 +1,9 @@
-"""Llama and Mistral: pre-norm blocks, SwiGLU MLP, no per-layer config lists."""
+"""Llama and Mistral: pre-norm blocks, SwiGLU MLP, no per-layer config lists.
+
+llama.cpp's ``llama`` loader (Llama and Mistral GGUFs alike) calls no ``load_swa_pattern`` (checked in
+the llama.cpp of llama-cpp-python 0.3.36): it has no sliding layers, so ``llama_cpp_swa_period`` is 0
+and a GGUF's sliding-window pattern, if any, is never read.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Qwen2 and Qwen3: Llama-shaped blocks; Qwen3 adds q/k norms. Both carry sliding-window lists."""
+"""Qwen2 and Qwen3: Llama-shaped blocks; Qwen3 adds q/k norms. Both carry sliding-window lists.
+
+llama.cpp's ``qwen2`` and ``qwen3`` loaders call no ``load_swa_pattern`` (checked in the llama.cpp of
+llama-cpp-python 0.3.36): every layer attends fully, so ``llama_cpp_swa_period`` is 0, no GGUF
+pattern is written or read, and a model that really uses its sliding window is refused
+(``llama_cpp_problem``).
+"""
 
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def config_from_gguf(path: str | Path) -> Any:
     adapter = adapter_for(config)
     if not getattr(config, "architectures", None):
         config.architectures = [adapter.hf_architectures[0]]
-    adapter.complete_config_from_gguf(config)
+    pattern = open_gguf(path).metadata.get(f"{adapter.gguf_arch}.attention.sliding_window_pattern")
+    adapter.complete_config_from_gguf(config, pattern if isinstance(pattern, list) else None)
     return config
 
 
