@@ -89,12 +89,16 @@ def _go_offline() -> None:
 def require_hub(repo_id: str) -> None:
     """Before the hub is asked for ``repo_id``: return when it can be reached, or when the model is
     in the local cache (then the run goes on offline); raise ModelLoadError, one line, otherwise."""
-    hint = "pass a local model folder or .gguf file, or download the model where the network allows"
+    hint = (
+        "pass a local directory (HF checkpoint) or .gguf file, or download the model where the network allows"
+    )
     if offline_requested():
         _go_offline()
         if not _cached(repo_id):
             raise ModelLoadError(
-                f"HF_HUB_OFFLINE is set and {repo_id} is not in the local Hugging Face cache", hint=hint
+                f"HF_HUB_OFFLINE is set, so the Hugging Face Hub is not asked, and {repo_id} is not in the "
+                "local cache",
+                hint=hint,
             )
         return
     reason = unreachable_reason()
