@@ -650,7 +650,7 @@ def test_export_gguf_interrupted_cleans_up_at_once(moment, tmp_path, tiny_checkp
     assert not any(tmp_path.iterdir()), "neither the file nor the folder made for it is left"
 
 
-PRUNE_ARGS = PRUNE_FAST.split() + ["--ratio", "0.5"]
+PRUNE_ARGS = PRUNE_FAST.split() + ["--ratio", "0.5", "--ood-data", "none", "--selection-samples", "8"]
 
 
 def _check_pruned(out: Path) -> None:
