@@ -286,7 +286,12 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="held-out tokens of each --ood-data source (default 8192)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device of the prune's forwards: auto (default: CUDA when torch sees a GPU, else cpu), "
+        "cpu, cuda or cuda:N",
+    )
     method.add_argument(
         "--no-quality-guard",
         action="store_true",
@@ -307,8 +312,11 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compute-dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="dtype of the forwards (default float32 on CPU, bfloat16 on CUDA)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the blocks' forwards: auto (default) is bfloat16 where the device multiplies it "
+        "natively (CUDA, or a CPU with AMX or AVX512-BF16) and float32 elsewhere; statistics and solves "
+        "are float64 in every case",
     )
     parser.epilog = (
         "Memory: one calibration pass collects the distance of every candidate cut and the float64 "

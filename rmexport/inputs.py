@@ -615,6 +615,8 @@ def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
 def check_device(device: str, option: str = "--device") -> None:
     import torch
 
+    if device == "auto":  # resolved by rmexport.compute to what torch sees
+        return
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):

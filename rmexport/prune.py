@@ -24,11 +24,13 @@ from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corp
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype
+from .compute import AUTO, Compute, resolve_compute
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .hooks import signal_point
 from .log import get_logger
 from .models import (
     ModelSource,
+    cache_dir,
     load_config,
     load_tokenizer,
     metadata_dir,
@@ -36,6 +38,7 @@ from .models import (
 )
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
+from .replaceme.original_perplexity import OriginalPerplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import MAP_SPACES, SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
@@ -77,8 +80,8 @@ class PruneOptions:
     parity_windows: int = 2
     selection_samples: int = 64  # documents after the calibration ones: guard, ridge, --select loss, cosine
     loss_candidates: int = 5  # best cuts by fit that --select loss tries
-    device: str = "cpu"
-    compute_dtype: str | None = None
+    device: str = AUTO  # CUDA when torch sees it, else the CPU
+    compute_dtype: str = AUTO  # bfloat16 where the device multiplies it natively, else float32
     memory_budget: str | None = None
     quality_guard: bool = True
     gguf_compatible: bool = False  # only cuts the installed llama.cpp runs (an old one: Gemma by index)
@@ -101,6 +104,10 @@ class PruneOptions:
             raise ConfigError(f"--eval-tokens {self.eval_tokens} must be at least one 512-token window")
         if self.ood_data and self.ood_tokens < 512:
             raise ConfigError(f"--ood-tokens {self.ood_tokens} must be at least one 512-token window")
+
+    def compute(self) -> Compute:
+        """The device and forward dtype that ``device`` and ``compute_dtype`` resolve to here."""
+        return resolve_compute(self.device, self.compute_dtype)
 
 
 class _Clock:
@@ -232,27 +239,10 @@ def _local_checkpoint(source: ModelSource) -> str:
         ) from e
 
 
-def _compute_dtype(options: PruneOptions) -> torch.dtype:
-    if options.compute_dtype:
-        dtype = getattr(torch, options.compute_dtype)
-    else:
-        dtype = torch.bfloat16 if torch.device(options.device).type == "cuda" else torch.float32
-    allowed = (
-        (torch.bfloat16, torch.float16, torch.float32)
-        if torch.device(options.device).type == "cuda"
-        else (torch.float32, torch.bfloat16)
-    )
-    if dtype not in allowed:
-        raise ConfigError(
-            f"compute dtype {dtype} is not supported on {options.device}",
-            hint="use " + " or ".join(str(d).removeprefix("torch.") for d in allowed),
-        )
-    return dtype
-
-
 def open_engine(checkpoint: str, options: PruneOptions, budget: MemoryBudget) -> Engine:
     """The block engine over ``checkpoint``: weights resident when they fit the budget."""
-    return Engine.open(checkpoint, budget, device=options.device, compute_dtype=_compute_dtype(options))
+    compute = options.compute()
+    return Engine.open(checkpoint, budget, device=compute.device, compute_dtype=compute.dtype)
 
 
 def choose_and_fit(
@@ -425,6 +415,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     n = cut_size(n_layers, options.ratio, options.layers)
     sizes = split_cut(n, options.blocks)
     budget = MemoryBudget.from_option(options.memory_budget)
+    compute = options.compute()
 
     with clock.stage("load"):
         checkpoint = _local_checkpoint(source)
@@ -441,7 +432,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     weights, largest = engine.weights_bytes, engine.largest_module_bytes
     log.info(
         "%s: %s, %d blocks, hidden %d; removing %d block(s) as %s; weights %s (%.2f GiB of a %.2f GiB "
-        "budget)",
+        "budget); forwards in %s on %s (%s)",
         source.spec,
         adapter.family,
         n_layers,
@@ -451,6 +442,9 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         "resident" if engine.skeleton.resident else "streamed block by block",
         weights / 2**30,
         budget.total_bytes / 2**30,
+        compute.dtype_name,
+        compute.device,
+        compute.reason,
     )
     log.info("calibration: %s", calibration.describe())
 
@@ -459,12 +453,20 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             engine, options, sizes, calibration, set_aside, clock, budget.stats_bytes(weights, largest)
         )
         with clock.stage("checks"):
-            checks = run_checks(engine, plan, windows, options.parity_windows)
-            ood = source_perplexities(engine, plan, ood_windows)
+            known = OriginalPerplexities(checkpoint, compute, cache_dir() / "original-perplexity")
+            known_ood = {spec: known.get(w) for spec, w in ood_windows.items()}
+            original_reused = known.get(windows) is not None and None not in known_ood.values()
+            if original_reused:
+                log.info("the original's held-out perplexities: measured by an earlier prune, reused")
+            checks = run_checks(engine, plan, windows, options.parity_windows, known.get(windows))
+            ood = source_perplexities(engine, plan, ood_windows, known_ood)
+            known.put(windows, checks.ppl_original)
+            for spec, w in ood_windows.items():
+                known.put(w, ood[spec]["original"])
         activations = {
             "activations_peak_resident_bytes": engine.store.peak_resident_bytes,
             "activations_spilled_bytes": engine.store.offloaded_bytes,
-        }
+        } | _gpu_peak(compute.device)
     finally:
         engine.close()  # also removes activations spilled to disk
     parity = FoldParity(
@@ -522,10 +524,12 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
                 )
                 for spec, p in ood.items()
             ],
+            original_reused=original_reused,
         ),
         guard=guard,
         tokenizer_parity=tokenizer_parity_record(source),
-        memory=budget.describe(weights, largest) | activations | {"device": str(options.device)},
+        memory=budget.describe(weights, largest) | activations | {"device": compute.device},
+        compute=compute.describe(),
         saved_dtype=str(checkpoint_dtype(config)).removeprefix("torch."),
         versions=_versions(),
     )
@@ -549,6 +553,13 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         _remove_outputs(outputs, out_dir if made_out_dir else None)
         raise
     return data
+
+
+def _gpu_peak(device: str) -> dict[str, int]:
+    """The most GPU memory torch held at once during the prune, on a CUDA device."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(torch.device(device)))}
 
 
 def _remove_outputs(outputs: list[Path], made_dir: Path | None) -> None:

@@ -68,6 +68,7 @@ class Quality:
     ppl_plain_removal: float
     ppl_pruned: float
     out_of_domain: list[SourceQuality] = field(default_factory=list)
+    original_reused: bool = False  # the original's perplexities came from an earlier prune of the model
 
 
 @dataclass
@@ -90,6 +91,7 @@ class PruneRecord:
     memory: dict[str, Any]
     saved_dtype: str
     versions: dict[str, str]
+    compute: dict[str, str] = field(default_factory=dict)  # device, forward dtype and why
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     peak_rss_mib_after_stage: dict[str, float] = field(default_factory=dict)

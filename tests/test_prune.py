@@ -123,6 +123,30 @@ def test_same_inputs_give_the_same_cut_map_and_files(tiny_checkpoints, tmp_path)
     ).read_bytes()
 
 
+def test_the_original_perplexities_are_measured_once_per_model(tiny_checkpoints, tmp_path, monkeypatch):
+    source = resolve(str(tiny_checkpoints["llama"]))
+    float32 = TINY_OPTIONS | {"compute_dtype": "float32"}
+
+    def run(name: str, cache: str, **changes) -> dict:
+        monkeypatch.setenv("RMEXPORT_CACHE", str(tmp_path / cache))
+        return prune(source, PruneOptions(**(float32 | changes)), tmp_path / name)
+
+    def originals(record: dict) -> list[float]:
+        quality = record["quality"]
+        return [quality["ppl_original"]] + [q["ppl_original"] for q in quality["out_of_domain"]]
+
+    first = run("first", "cache")
+    other_cut = run("other-cut", "cache", ratio=0.5)
+    measured_again = run("measured-again", "fresh-cache", ratio=0.5)
+    in_bfloat16 = run("bfloat16", "cache", compute_dtype="bfloat16")
+    assert not first["quality"]["original_reused"] and other_cut["quality"]["original_reused"]
+    assert other_cut["kept_layers"] != first["kept_layers"]
+    # Measured beside other plans or alone, the original's perplexity is the same number.
+    assert originals(first) == originals(other_cut) == originals(measured_again)
+    assert not measured_again["quality"]["original_reused"]
+    assert not in_bfloat16["quality"]["original_reused"] and in_bfloat16["compute"]["dtype"] == "bfloat16"
+
+
 def test_cosine_solver_starts_from_lstsq_and_keeps_its_best_epoch(tiny_checkpoints, tmp_path):
     options = PruneOptions(**(TINY_OPTIONS | {"solver": "cosine"}))
     record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)

@@ -46,7 +46,9 @@ def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
                 "onnxruntime",
                 onnx.get("precision", "fp32"),
                 onnx.get("top1_agreement"),
+                None,
                 onnx.get("max_abs_diff"),
+                None,
                 None,
                 onnx.get("decode_match"),
                 onnx.get("passed"),
@@ -437,6 +439,16 @@ def _quality_table(prune: dict) -> str:
     return _table(header, rows)
 
 
+def _compute_lines(prune: dict) -> list[str]:
+    compute = prune.get("compute")
+    if not compute:
+        return []
+    return [
+        f"- forwards in {compute['dtype']} on {compute['device']} ({compute['dtype_reason']}); "
+        "statistics and solves in float64"
+    ]
+
+
 def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images: dict[str, str]) -> str:
     lines = [
         f"# {prune['model']['spec']}: {prune['L']} → {prune['N']} blocks",
@@ -459,6 +471,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
     lines += [
         f"- calibration: {cal['documents']} documents of `{cal['source']}` packed={cal['packed']}, "
         f"{cal['tokens']} tokens (sha256 {cal['sha256']})",
+        *_compute_lines(prune),
         "",
         *_image(images, "selection", "selection profile"),
         "## Quality",

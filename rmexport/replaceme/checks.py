@@ -108,28 +108,37 @@ def perplexities(engine: Engine, plans: dict[str, Plan], windows: torch.Tensor) 
 
 
 def source_perplexities(
-    engine: Engine, final: Plan, windows: dict[str, torch.Tensor]
+    engine: Engine, final: Plan, windows: dict[str, torch.Tensor], known_original: dict[str, float | None]
 ) -> dict[str, dict[str, float]]:
-    """Per text source: perplexity of the original, plain removal and the pruned model."""
-    plans = {
-        "original": original_plan(engine.n_layers),
-        "plain_removal": plain_removal(final),
-        "pruned": final,
-    }
-    return {source: perplexities(engine, plans, w) for source, w in windows.items()}
+    """Per text source: perplexity of the original (unless ``known_original`` has it), plain removal
+    and the pruned model."""
+    results = {}
+    for source, w in windows.items():
+        plans = {"plain_removal": plain_removal(final), "pruned": final}
+        if known_original.get(source) is None:
+            plans = {"original": original_plan(engine.n_layers)} | plans
+        results[source] = {"original": known_original.get(source)} | perplexities(engine, plans, w)
+    return results
 
 
-def run_checks(engine: Engine, final: Plan, windows: torch.Tensor, parity_windows: int) -> CheckResults:
-    """Perplexity of the original, plain removal and pruned model on ``windows``, and fold parity
-    on the first ``parity_windows`` of them."""
+def run_checks(
+    engine: Engine,
+    final: Plan,
+    windows: torch.Tensor,
+    parity_windows: int,
+    known_original: float | None = None,
+) -> CheckResults:
+    """Perplexity of the original (unless ``known_original``), plain removal and pruned model on
+    ``windows``, and fold parity on the first ``parity_windows`` of them."""
     parity_windows = max(1, min(parity_windows, windows.shape[0]))
     batches = _window_batches(windows, parity_windows)
     plans = {
-        "original": original_plan(engine.n_layers),
         "plain_removal": plain_removal(final),
         "pruned": final,
         "explicit": explicit(final),
     }
+    if known_original is None:
+        plans = {"original": original_plan(engine.n_layers)} | plans
     stream = engine.embed("heldout", batches)
     ends = {}
     try:
@@ -151,7 +160,7 @@ def run_checks(engine: Engine, final: Plan, windows: torch.Tensor, parity_window
 
     worst, scale = diffs[("pruned", "explicit")]
     return CheckResults(
-        ppl_original=ppl("original"),
+        ppl_original=ppl("original") if known_original is None else known_original,
         ppl_plain_removal=ppl("plain_removal"),
         ppl_pruned=ppl("pruned"),
         tokens=sums["pruned"][1],
