@@ -69,6 +69,24 @@ def _choose_documents(pool: list[Document], n: int, seed: int, offset: int = 0) 
     return [pool[i] for i in order[offset : offset + n]]
 
 
+# Tokens past those needed that a prefix must yield: a tokenizer merges only across a few characters,
+# so ids this far before the prefix's end are the ids of the whole text.
+_PREFIX_MARGIN_TOKENS = 256
+
+
+def _encode_prefix(tokenizer: Any, text: str, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` ids of ``text`` (fewer if it is shorter), tokenizing only as long a
+    prefix as they need: the held-out text of a corpus can be hundreds of times longer."""
+    chars = 8 * (n_tokens + _PREFIX_MARGIN_TOKENS)
+    while True:
+        if chars >= len(text):
+            return _encode(tokenizer, text)
+        ids = _encode(tokenizer, text[:chars])
+        if len(ids) >= n_tokens + _PREFIX_MARGIN_TOKENS:
+            return ids[:n_tokens]
+        chars *= 2
+
+
 def _bos_id(tokenizer: Any) -> int | None:
     return tokenizer.bos_token_id
 
@@ -256,7 +274,7 @@ def heldout_windows(
     """``[n_windows, window + 1]`` token ids: BOS then ``window`` held-out tokens per row."""
     if n_tokens < window:
         raise ConfigError(f"--eval-tokens {n_tokens} is shorter than one window of {window} tokens")
-    ids = _encode(tokenizer, _heldout_text(corpus))
+    ids = _encode_prefix(tokenizer, _heldout_text(corpus), n_tokens)
     usable = min(n_tokens, len(ids)) // window * window
     if usable == 0:
         raise ConfigError(f"held-out text of {corpus.name!r} has {len(ids)} tokens; need {window}")
