@@ -5,6 +5,10 @@ The checkpoint (16 GB) is written one shard (≈ 4 blocks) at a time, never whol
 it in llama.cpp against the streamed PyTorch logits (``--skip-onnx --skip-bench``: the ONNX export
 needs the whole model in memory). The run's peak RSS, summed over its process tree, is sampled.
 
+Options it does not know go to ``rmexport run``: ``--compute-dtype float32`` for the float32 baseline
+(``make bench-8b DTYPE=float32``), ``--device cuda`` for the GPU check (``make gpu-check``), which prints
+the time of every stage and the prune's peak GPU memory.
+
     python -m bench.run_8b --dir out/bench-8b
 """
 
@@ -169,6 +173,11 @@ class _TreeRss:
         self._thread.join()
 
 
+def _prune_record(run_dirs: list[Path]) -> dict[str, Any]:
+    path = run_dirs[-1] / "prune.json" if run_dirs else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_8b", description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=Path("out/bench-8b"), help="model and run outputs")
@@ -212,6 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out or args.dir / "run-8b.json", result)
     written = args.out or args.dir / "run-8b.json"
+    for stage, seconds in report.get("timings_s", {}).items():
+        print(f"{stage:>24}: {seconds:8.1f} s")
+    prune_stages = _prune_record(run_dirs).get("timings_s", {})
+    for stage, seconds in prune_stages.items():
+        print(f"{'prune: ' + stage:>24}: {seconds:8.1f} s")
+    result["prune_timings_s"] = prune_stages
+    result["prune_compute"] = _prune_record(run_dirs).get("compute", {})
+    gpu_peak = _prune_record(run_dirs).get("memory", {}).get("gpu_peak_allocated_bytes")
+    if gpu_peak is not None:
+        result["prune_gpu_peak_allocated_bytes"] = gpu_peak
+        print(f"prune's peak GPU memory: {gpu_peak / 2**30:.2f} GiB")
+    write_json(written, result)
     print(
         f"exit {code}, {wall:.0f} s, peak RSS {rss.peak / 2**30:.2f} GiB "
         f"(anonymous {rss.peak_anon / 2**30:.2f} GiB); wrote {written}"
