@@ -19,6 +19,7 @@ from .sysinfo import cpu_flags
 __all__ = [
     "AUTO",
     "COMPUTE_DTYPES",
+    "GPU_MEMORY_SHARE",
     "Compute",
     "native_bfloat16",
     "resolve_compute",
@@ -27,6 +28,7 @@ __all__ = [
 
 AUTO = "auto"
 COMPUTE_DTYPES = (AUTO, "float32", "bfloat16", "float16")
+GPU_MEMORY_SHARE = 0.9
 # CPU flags that mean bfloat16 matmuls run in hardware, fastest first.
 _BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -42,6 +44,14 @@ class Compute:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    def memory_bytes(self) -> int | None:
+        """What the prune may hold on the device, where that is not the CPU's RAM: 90 % of a GPU's
+        memory (the rest is CUDA's own context and the allocator's slack)."""
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return None
+        return int(GPU_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
 
     def describe(self) -> dict[str, str]:
         return {"device": self.device, "dtype": self.dtype_name, "dtype_reason": self.reason}

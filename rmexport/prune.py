@@ -414,8 +414,8 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
     n_layers = config.num_hidden_layers
     n = cut_size(n_layers, options.ratio, options.layers)
     sizes = split_cut(n, options.blocks)
-    budget = MemoryBudget.from_option(options.memory_budget)
     compute = options.compute()
+    budget = MemoryBudget.from_option(options.memory_budget, compute.memory_bytes())
 
     with clock.stage("load"):
         checkpoint = _local_checkpoint(source)

@@ -48,6 +48,21 @@ def test_auto_device_is_cuda_when_torch_sees_it(monkeypatch):
     assert "Fake GPU" in chosen.reason
 
 
+def test_on_a_gpu_the_default_budget_is_at_most_its_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from rmexport.calib.budget import MemoryBudget
+
+    _fake_cuda(monkeypatch, present=True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=2**30))
+    monkeypatch.delenv("RMEXPORT_MEMORY_BUDGET", raising=False)
+    gpu = resolve_compute("auto", "auto")
+    assert gpu.memory_bytes() == int(0.9 * 2**30)
+    assert MemoryBudget.from_option(None, gpu.memory_bytes()).total_bytes == int(0.9 * 2**30)
+    assert MemoryBudget.from_option("8GiB", gpu.memory_bytes()).total_bytes == 8 * 2**30  # asked for
+    assert resolve_compute("cpu", "auto").memory_bytes() is None
+
+
 def test_a_gpu_without_bfloat16_computes_in_float32(monkeypatch):
     _fake_cuda(monkeypatch, present=True, bf16=False)
     assert native_bfloat16("cuda") is None

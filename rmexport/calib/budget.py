@@ -70,9 +70,14 @@ class MemoryBudget:
     total_bytes: int
 
     @classmethod
-    def from_option(cls, text: str | None) -> MemoryBudget:
+    def from_option(cls, text: str | None, device_bytes: int | None = None) -> MemoryBudget:
+        """``text`` (or ``RMEXPORT_MEMORY_BUDGET``); else half of RAM, and at most ``device_bytes``
+        where the prune computes on an accelerator whose memory holds what stays resident."""
         text = text or os.environ.get("RMEXPORT_MEMORY_BUDGET")
-        return cls(parse_bytes(text) if text else int(DEFAULT_RAM_FRACTION * ram_bytes()))
+        if text:
+            return cls(parse_bytes(text))
+        default = int(DEFAULT_RAM_FRACTION * ram_bytes())
+        return cls(default if device_bytes is None else min(default, device_bytes))
 
     def weights_resident(self, weights_bytes: int) -> bool:
         return weights_bytes <= WEIGHTS_SHARE * self.total_bytes
