@@ -146,10 +146,12 @@ def log_cut(
 ) -> None:
     contiguous = removed == list(range(removed[0], removed[-1] + 1))
     log.info(
-        "cut %s blocks %s (original indices %s): distance %.4f, fit error %.4f vs plain removal %.4f",
+        "cut %s [%d, %d) of the model as it stands, i.e. original blocks %s: distance %.4f, fit error %.4f "
+        "vs plain removal %.4f",
         step,
-        list(cut),
-        [removed[0], removed[-1] + 1] if contiguous else removed,
+        cut[0],
+        cut[1],
+        f"{removed[0]}–{removed[-1]}" if contiguous else ", ".join(map(str, removed)),
         table["distance_" + tokens][cut[0]],
         result.details["rel_residual"],
         result.details["rel_residual_plain_removal"],
@@ -446,7 +448,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         compute.device,
         compute.reason,
     )
-    log.info("calibration: %s", calibration.describe())
+    log.info("calibration: %s", calibration.summary())
 
     try:
         plan, records, guard = _cut_and_fit(

@@ -48,6 +48,18 @@ class CalibrationSet:
     token_hash: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One sentence for the log: how much text, from where, and its hash."""
+        parts = self.extras.get("parts")
+        sources = (
+            ", ".join(f"{p['documents']} of `{p['source']}`" for p in parts) if parts else f"`{self.source}`"
+        )
+        return (
+            f"{self.n_documents} documents ({sources}) in {sum(len(ids) for ids, _ in self.batches)} "
+            f"sequences of up to {self.seq_len} tokens, {self.n_tokens} tokens in all "
+            f"(sha256 {self.token_hash})"
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
