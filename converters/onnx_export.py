@@ -18,10 +18,14 @@ when complete, with config, generation config, tokenizer and provenance copied b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,52 @@ def _check_checkpoint(checkpoint: str | Path) -> tuple[str, Any]:
     return str(directory), config
 
 
+# Log lines the export provokes in its libraries that say nothing about the user's model: the
+# exporter itself passes the deprecated ``torch_dtype``, and optimum lists the tied embedding's
+# duplicate initializers before it deduplicates them. (logger, message pattern)
+_EXPORT_NOISE = (
+    ("transformers.modeling_utils", re.compile(r"`torch_dtype` is deprecated")),
+    ("transformers.configuration_utils", re.compile(r"`torch_dtype` is deprecated")),
+    ("optimum", re.compile(r"Found different candidate ONNX initializers|\t\S+: \{.*\}")),
+)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence what tracing a model to ONNX says about the tracer, not about the model.
+
+    Tracing turns every data-dependent Python branch of transformers into a ``TracerWarning``
+    (dozens per export); the TorchScript exporter adds a ``UserWarning`` per advanced-indexing op
+    and ``DeprecationWarning``s about itself, and optimum one about using it. The graph is checked
+    against PyTorch by ``validate onnx`` instead. Only these categories and modules are silenced,
+    only inside the export; filters and loggers are restored on exit.
+    """
+    import torch
+
+    filters = [(logging.getLogger(name), _DropMatching(pattern)) for name, pattern in _EXPORT_NOISE]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"optimum\.exporters\.onnx\.")
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
+
+
 def _export_optimum(ckpt: str, tmp: Path, dtype: str) -> None:
     try:
         from optimum.exporters.onnx import main_export
@@ -93,15 +143,16 @@ def _export_optimum(ckpt: str, tmp: Path, dtype: str) -> None:
             "optimum-onnx is not installed", hint="pip install 'optimum-onnx>=0.1,<0.2'"
         ) from e
     try:
-        main_export(
-            ckpt,
-            output=tmp,
-            task=ONNX_TASK,
-            dtype=dtype,
-            device="cpu",
-            do_validation=False,  # validation/onnx_parity.py checks the graph against PyTorch
-            local_files_only=True,
-        )
+        with _quiet_tracing():
+            main_export(
+                ckpt,
+                output=tmp,
+                task=ONNX_TASK,
+                dtype=dtype,
+                device="cpu",
+                do_validation=False,  # validation/onnx_parity.py checks the graph against PyTorch
+                local_files_only=True,
+            )
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ExportError(
             f"optimum could not export {ckpt} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
