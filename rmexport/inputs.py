@@ -550,21 +550,15 @@ def _estimated_largest_module(config: dict[str, Any]) -> int:
     return max(block, int(config.get("vocab_size") or 0) * d)
 
 
-def _block_shape_numbers(source: CheckedSource) -> tuple[int, int, int, int]:
-    """(hidden, intermediate, heads, elements of the largest module) from headers only."""
+def _hidden_and_largest_module(source: CheckedSource) -> tuple[int, int]:
+    """(hidden size, elements of the largest module) from headers only."""
     from .arch import ADAPTERS
 
     if source.kind == "gguf":
         header = read_gguf_header(source.location)
-        arch, meta = source.gguf_arch, header.metadata
-        ff = meta.get(f"{arch}.feed_forward_length")
-        numbers = (
-            int(meta[f"{arch}.embedding_length"]),
-            int(max(ff) if isinstance(ff, list) else ff),
-            int(meta[f"{arch}.attention.head_count"]),
-        )
         shapes = ((t.name, t.shape) for t in header.tensors)
-        return (*numbers, _largest_module(shapes, re.compile(r"^blk\.\d+\.")))
+        hidden = int(header.metadata[f"{source.gguf_arch}.embedding_length"])
+        return hidden, _largest_module(shapes, re.compile(r"^blk\.\d+\."))
     if source.kind == "local":
         config = _text_config(_read_config(Path(source.location), "MODEL"))
         shards = _safetensors_shards(Path(source.location), "MODEL")
@@ -579,10 +573,7 @@ def _block_shape_numbers(source: CheckedSource) -> tuple[int, int, int, int]:
     else:
         config = _text_config(_hub_config(source, "MODEL"))
         largest = 0
-    d = int(config["hidden_size"])
-    ff = int(config.get("intermediate_size") or 4 * d)
-    heads = int(config.get("num_attention_heads") or 1)
-    return d, ff, heads, largest or _estimated_largest_module(config)
+    return int(config["hidden_size"]), largest or _estimated_largest_module(config)
 
 
 def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
@@ -599,16 +590,8 @@ def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
         option = "the default memory budget (half of RAM)"
     # An automatic compute dtype may resolve to float32: its size gives a minimum that always works.
     element_bytes = 2 if options.compute_dtype in ("bfloat16", "float16") else 4
-    d, ff, heads, largest = _block_shape_numbers(source)
-    shape = BlockShape(
-        hidden=d,
-        intermediate=ff,
-        heads=heads,
-        largest_module_elements=largest,
-        batch_size=options.batch_size,
-        seq_len=options.seq_len,
-        element_bytes=element_bytes,
-    )
+    hidden, largest = _hidden_and_largest_module(source)
+    shape = BlockShape(hidden=hidden, largest_module_elements=largest, element_bytes=element_bytes)
     check_budget_fits(budget.total_bytes, shape, option)
 
 

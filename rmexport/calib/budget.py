@@ -108,18 +108,11 @@ class BlockShape:
     """What the smallest streamed prune holds at once, read from headers before any work."""
 
     hidden: int  # d
-    intermediate: int  # d_ff
-    heads: int
     largest_module_elements: int  # one decoder block, or the embedding / LM head if larger
-    batch_size: int
-    seq_len: int
     element_bytes: int  # of the compute dtype
 
-    def batch_activation_bytes(self) -> int:
-        """One batch through one block: its input and output hidden states, the MLP's gate, up and
-        product, and the attention scores (an estimate of the peak, not a measurement)."""
-        d, ff, s = self.hidden, self.intermediate, self.seq_len
-        return self.batch_size * s * (2 * d + 3 * ff + self.heads * s) * self.element_bytes
+    def largest_module_bytes(self) -> int:
+        return self.largest_module_elements * self.element_bytes
 
     def candidate_stats_bytes(self) -> int:
         """The float64 sums of one candidate cut (MᵀM and Mᵀ·target, d×d each), which the survey
@@ -128,11 +121,11 @@ class BlockShape:
 
 
 def minimum_budget_bytes(shape: BlockShape) -> int:
-    """The smallest budget a prune runs under: the largest module held while streaming, plus
-    twice the larger of one candidate's statistics and one batch's activations, since each of
-    those gets half of what the weights leave."""
-    held = shape.largest_module_elements * shape.element_bytes
-    return held + 2 * max(shape.batch_activation_bytes(), shape.candidate_stats_bytes())
+    """The smallest budget a prune runs under: the largest module held while streaming, plus twice
+    one candidate's statistics, since statistics get half of what the weights leave. Activations
+    need no floor (beyond their share they spill to disk); one batch's forward comes on top, as
+    Python and PyTorch do."""
+    return shape.largest_module_bytes() + 2 * shape.candidate_stats_bytes()
 
 
 def _human(n: int) -> str:
@@ -147,10 +140,10 @@ def check_budget_fits(total_bytes: int, shape: BlockShape, option: str = "--memo
     minimum = minimum_budget_bytes(shape)
     if total_bytes >= minimum:
         return
-    held = shape.largest_module_elements * shape.element_bytes
     raise ConfigError(
         f"{option} of {total_bytes} bytes ({_human(total_bytes)}) is below the smallest that works, "
-        f"{minimum} bytes ({_human(minimum)}): the largest module held at once ({_human(held)}) plus "
-        f"twice one block's working memory ({_human((minimum - held) // 2)})",
+        f"{minimum} bytes ({_human(minimum)}): the largest module held at once "
+        f"({_human(shape.largest_module_bytes())}) plus twice one candidate cut's float64 statistics "
+        f"({_human(shape.candidate_stats_bytes())})",
         hint=f"use {option} {-(-minimum // 2**20)}MiB or more",
     )
