@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-import pytest
+from rmexport.cli import main
 
-from .test_cli_fuzz import REPO
+from .test_cli_fuzz import REPO, one_line_error
 
 
 def _cli(argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -28,30 +28,40 @@ def _cli(argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, floa
     return done, time.monotonic() - started
 
 
-@pytest.mark.parametrize(
-    "env",
-    [
-        # Nothing listens there, wherever the test runs: the hub is unreachable, for real.
-        {"HF_ENDPOINT": "http://127.0.0.1:9"},
-        {"HF_HUB_OFFLINE": "1"},
-    ],
-    ids=["unreachable", "HF_HUB_OFFLINE"],
-)
-def test_offline_hub_model_is_one_line_fast(env, tmp_path):
-    done, seconds = _cli(["prune", "llama3-8b", "--out", str(tmp_path / "p")], **env)
+def test_unreachable_hub_is_one_line_fast(tmp_path):
+    """The command as a user runs it, in its own process: at most 3 lines, exit 2, within 10 s."""
+    # Nothing listens there, wherever the test runs: the hub is unreachable, for real.
+    argv = ["prune", "llama3-8b", "--out", str(tmp_path / "p")]
+    done, seconds = _cli(argv, HF_ENDPOINT="http://127.0.0.1:9")
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) <= 3, done.stderr
-    assert "Meta-Llama-3-8B-Instruct" in lines[0] and "not in the local" in lines[0]
+    assert "Meta-Llama-3-8B-Instruct" in lines[0] and "cannot be reached" in lines[0]
     assert seconds < 10, seconds
     assert not tmp_path.joinpath("p").exists()
 
 
-def test_retries_are_made_only_when_asked(tmp_path):
-    """--retries 2 probes three times, 1 s and 2 s apart, and still says so in one line."""
-    argv = ["prune", "llama3-8b", "--out", str(tmp_path / "p"), "--retries", "2"]
-    done, seconds = _cli(argv, HF_ENDPOINT="http://127.0.0.1:9")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) <= 3, done.stderr
-    assert seconds >= 3
+def _prune_hub_model(tmp_path, capsys, *extra: str) -> tuple[str, float]:
+    started = time.monotonic()
+    assert main(["prune", "llama3-8b", "--out", str(tmp_path / "p"), *extra]) == 2
+    return one_line_error(capsys.readouterr().err), time.monotonic() - started
+
+
+def test_hf_hub_offline_is_honoured_without_a_probe(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # would time out if it were probed
+    line, seconds = _prune_hub_model(tmp_path, capsys)
+    assert "HF_HUB_OFFLINE" in line and "not in the local cache" in line and seconds < 2
+
+
+def test_retries_are_made_only_when_asked(tmp_path, capsys, monkeypatch):
+    """No retry by default; --retries 2 probes three times, 1 s and 2 s apart; one line either way."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:7")
+    line, seconds = _prune_hub_model(tmp_path, capsys)
+    assert "cannot be reached" in line and seconds < 1
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:13")  # a new host: probed afresh
+    line, seconds = _prune_hub_model(tmp_path, capsys, "--retries", "2")
+    assert "cannot be reached" in line and seconds >= 3
 
 
 def test_library_warnings_are_printed_once_at_sensible_levels(tiny_checkpoints, tmp_path):
