@@ -193,6 +193,9 @@ def test_a_budget_smaller_than_the_model_streams_and_gives_the_same_prune(tiny_c
     )
     assert resident["memory"]["weights_resident"] and not streamed["memory"]["weights_resident"]
     assert streamed["memory"]["budget_bytes"] == 512 * 1024
+    # Whether the original's perplexities were measured or reused (the streamed prune reuses the
+    # resident one's) is not part of the result.
+    streamed["quality"].pop("original_reused"), resident["quality"].pop("original_reused")
     for key in ("kept_layers", "quality", "fold_parity"):
         assert streamed[key] == resident[key], key
     # Too small a budget for every candidate's statistics: distances first, then the closest only.
