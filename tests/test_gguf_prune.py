@@ -1,11 +1,12 @@
 """prune_gguf: a pruned GGUF written straight from a quantized GGUF, checked in the real llama.cpp.
 
 On the default model's Q4_1 file (blocks [12, 20) removed, a random near-identity map folded into
-block 11): untouched tensors are byte-identical, the folded tensor is Q4_1 again and within Q4_1's
-error of Tᵀ·W, the metadata is the source's with the block count changed, and llama.cpp's logits
-agree with the dequantized PyTorch model pruned the same way as closely as they agree on the
-unpruned model. Tiny models cover K-quants (llama.cpp's own quantizer), Gemma's norm fold and
-per-layer arrays, exactness in f32, and broken inputs.
+block 11): untouched tensors are byte-identical, the folded tensor is written in Q8_0 (its source
+type, Q4_1, has fewer bits) within Q8_0's error of Tᵀ·W, the metadata is the source's with the block
+count changed, and llama.cpp's logits agree with the dequantized PyTorch model pruned the same way as
+closely as they agree on the unpruned model. Tiny models cover K-quant sources (the fold in Q8_0,
+llama.cpp's own quantizer byte for byte), Gemma's norm fold and per-layer arrays, exactness in f32,
+and broken inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from converters.ggml_quant import quantize_like
 from converters.gguf_export import export_gguf
 from converters.gguf_metadata import read_metadata
-from converters.gguf_prune import prune_gguf
+from converters.gguf_prune import folded_type, prune_gguf
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
@@ -125,14 +126,16 @@ def test_untouched_tensors_are_byte_identical(default_readers, pruned_default):
         else:
             new_name = name
         got = pruned[new_name]
-        assert got.tensor_type == t.tensor_type and list(got.shape) == list(t.shape), new_name
+        assert list(got.shape) == list(t.shape), new_name
         if name == folded:
-            assert _sha(got) != _sha(t)
+            assert got.tensor_type == gguf.GGMLQuantizationType.Q8_0 != t.tensor_type
             continue
+        assert got.tensor_type == t.tensor_type, new_name
         assert _sha(got) == _sha(t), f"{new_name} (from {name}) changed"
         checked += 1
     assert checked == len(pruned) - 1 == record["copied"] and record["requantized"] == 1
-    assert record["dropped"] == 72 and record["type_changed"] == {}
+    assert record["dropped"] == 72 and record["type_changed"] == {folded: "Q8_0"}
+    assert record["folded"][folded]["source_type"] == "Q4_1"
     assert record["tensors"]["blk.12.attn_q.weight"] == {
         "source": "blk.20.attn_q.weight",
         "action": "copied",
@@ -140,22 +143,28 @@ def test_untouched_tensors_are_byte_identical(default_readers, pruned_default):
     }
 
 
-def test_folded_tensor_is_q4_1_again_within_q4_1_error(default_readers, pruned_default):
+def test_folded_tensor_is_q8_0_within_q8_0_error(default_readers, pruned_default):
     _, record, transform, _ = pruned_default
     name = f"blk.{FOLD_BLOCK}.ffn_down.weight"
     src, got = (_by_name(r)[name] for r in default_readers)
-    assert src.tensor_type == got.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    assert src.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    assert got.tensor_type == gguf.GGMLQuantizationType.Q8_0
     w = _dequantized(src)  # [576, 1536]: transformers' W_down
     target = transform.double().numpy().T @ w
     approx = _dequantized(got)
-    # Q4_1: per block of 32, scale d = (max - min)/15 and min in fp16; rounding error <= d/2.
+    # Q8_0: per block of 32, scale d = max|x|/127 in fp16; rounding error <= d/2, plus up to 127
+    # times the fp16 rounding of d (2^-11 relative).
     blocks = target.reshape(-1, 32)
-    d = (blocks.max(1) - blocks.min(1)) / 15
-    bound = 0.5 * d * 1.01 + np.abs(blocks.min(1)) * 2.0**-10 + 1e-7
+    d = np.abs(blocks).max(1) / 127
+    bound = d * (0.5 + 127 * 2.0**-11) * 1.01 + 1e-7
     err = np.abs(approx.reshape(-1, 32) - blocks).max(1)
-    assert (err <= bound).all(), f"{(err > bound).sum()} blocks exceed Q4_1's rounding bound"
+    assert (err <= bound).all(), f"{(err > bound).sum()} blocks exceed Q8_0's rounding bound"
     rel = np.linalg.norm(approx - target) / np.linalg.norm(target)
     assert rel == pytest.approx(record["folded"][name]["relative_error"], rel=1e-6)
+    # Far below what the source's own type would have given the same weights.
+    in_q4_1 = quantize_like(target.astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+    back = np.asarray(gguf.quants.dequantize(in_q4_1.data, in_q4_1.qtype), dtype=np.float64)
+    assert rel < 0.25 * np.linalg.norm(back.reshape(target.shape) - target) / np.linalg.norm(target)
     # The fold is really there: the stored weight is much closer to Tᵀ·W than to W.
     assert np.linalg.norm(approx - target) < 0.7 * np.linalg.norm(approx - w)
     assert record["folded"][name]["quantizer"] == "gguf-py"
@@ -216,7 +225,7 @@ def test_llama_cpp_runs_the_pruned_file_like_the_pruned_pytorch_model(
     # The pruned file adds nothing to it: llama.cpp computes exactly the model the file describes.
     assert stored_kl <= 2 * base_kl + 1e-3, (stored_kl, base_kl)
     assert stored_top1 >= base_top1 - 0.1, (stored_top1, base_top1)
-    # Against the exact fold, the only further error is Q4_1's own on the one rewritten tensor.
+    # Against the exact fold, the only further error is Q8_0's own on the one rewritten tensor.
     requant_kl, exact_kl = _kl(exact_ref, stored_ref), _kl(exact_ref, got)
     assert exact_kl <= 2 * (base_kl + requant_kl) + 1e-3, (exact_kl, base_kl, requant_kl)
     # And llama.cpp runs the fold: it matches the folded model far better than the unfolded one.
@@ -295,7 +304,17 @@ def tiny_k_quant(builtin_corpus, tmp_path_factory):
     return f32, q4km
 
 
-def test_k_quant_fold_is_requantized_by_llama_cpp(tiny_k_quant, tmp_path):
+def test_folded_type_is_at_least_q8_0_for_a_dense_fold_only():
+    Q = gguf.GGMLQuantizationType
+    for source, dense in [(Q.Q4_1, Q.Q8_0), (Q.Q4_K, Q.Q8_0), (Q.Q6_K, Q.Q8_0), (Q.IQ4_NL, Q.Q8_0)]:
+        assert folded_type(source, dense=True) == dense, source
+    for kept in (Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+        assert folded_type(kept, dense=True) == kept
+    for norm in (Q.Q4_1, Q.Q6_K, Q.F32):  # Gemma's folded norm weight keeps its type
+        assert folded_type(norm, dense=False) == norm
+
+
+def test_k_quant_fold_is_written_in_q8_0(tiny_k_quant, tmp_path):
     f32, q4km = tiny_k_quant
     name = "blk.1.ffn_down.weight"
     source = _tensors(q4km)
@@ -303,17 +322,25 @@ def test_k_quant_fold_is_requantized_by_llama_cpp(tiny_k_quant, tmp_path):
     assert qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
     transform = _near_identity(256, seed=2)
     record = prune_gguf(q4km, tmp_path / "out.gguf", [0, 1, 3], {1: [transform]}, dense_fold=True)
-    assert record["folded"][name]["quantizer"] == "llama.cpp" and record["type_changed"] == {}
+    assert record["type_changed"] == {name: "Q8_0"} and record["folded"][name]["source_type"] == qtype.name
+    assert record["folded"][name]["quantizer"] == "gguf-py"
     pruned = _tensors(tmp_path / "out.gguf")
-    assert pruned[name].tensor_type == qtype
+    assert pruned[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert pruned["blk.2.ffn_down.weight"].tensor_type == source["blk.3.ffn_down.weight"].tensor_type
     assert _sha(pruned["blk.2.ffn_down.weight"]) == _sha(source["blk.3.ffn_down.weight"])
-    # Error of the requantized fold, against the same type's error on the original float weights.
+    # Error of the stored fold, against the source type's error on the original float weights and
+    # against the same fold requantized to the source's K-quant by llama.cpp's quantizer.
     w_float = _dequantized(_tensors(f32)[name])
     w_src = _dequantized(source[name])
     source_error = np.linalg.norm(w_src - w_float) / np.linalg.norm(w_float)
     target = transform.double().numpy().T @ w_src
     fold_error = np.linalg.norm(_dequantized(pruned[name]) - target) / np.linalg.norm(target)
-    assert fold_error < 1.5 * source_error, (fold_error, source_error)
+    in_k = quantize_like(target.astype(np.float32), qtype, name=name)
+    assert in_k.quantizer == "llama.cpp" and in_k.qtype == qtype
+    k_back = np.asarray(gguf.quants.dequantize(in_k.data, qtype), dtype=np.float64).reshape(target.shape)
+    k_error = np.linalg.norm(k_back - target) / np.linalg.norm(target)
+    assert k_error < 1.5 * source_error, (k_error, source_error)
+    assert fold_error < 0.5 * min(k_error, source_error), (fold_error, k_error, source_error)
     with llama_cpp_tools.open_model(tmp_path / "out.gguf", n_ctx=32, n_threads=1, logits_all=True) as llm:
         logits = llama_cpp_tools.eval_logits(llm, [1, 5, 9, 17, 33])
     assert np.isfinite(logits).all() and logits.std() > 0
