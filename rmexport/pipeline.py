@@ -22,7 +22,7 @@ from .fileio import content_fingerprint
 from .inputs import existing_ancestor
 from .lock import hold_folder
 from .log import get_logger
-from .models import ModelSource, checkpoint_dir, load_config, resolve
+from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
 from .prune import prune
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
@@ -215,7 +215,13 @@ def _gguf_stages(
 ) -> dict:
     from converters.gguf_export import export_gguf
     from validation.gguf_bench import DEFAULT_PROTOCOL, bench_gguf, gguf_perplexity
-    from validation.gguf_parity import gguf_type_of, validate_gguf
+    from validation.gguf_parity import (
+        EXACT_TYPES,
+        SOURCE_KL_MULTIPLE,
+        SOURCE_TOP1_MARGIN,
+        gguf_type_of,
+        validate_gguf,
+    )
 
     protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
 
@@ -236,7 +242,9 @@ def _gguf_stages(
         runner.run(
             Stage(
                 f"export_gguf_{native}",
-                {"type": native, "native": True},
+                # folded_min: the folded ffn_down is written at no fewer bits than Q8_0 (a file
+                # written before that rule is written again).
+                {"type": native, "native": True, "folded_min": "q8_0"},
                 [pruned_files[native]],
                 lambda: _prune_gguf_natively(source, run_dir, pruned_files[native]),
                 needs=["prune"],
@@ -244,7 +252,8 @@ def _gguf_stages(
         )
         base_runner.hashes[f"export_gguf_{native}"] = f"{model_key['location']}@{model_key['content']}"
     for t in [t for t in types if t != native]:
-        if not cfg.skip_bench and t in bench_types:  # the original's GGUFs only serve the benchmark
+        # The original's GGUFs serve the benchmark and, for a lossy type, the source's own error.
+        if (not cfg.skip_bench and t in bench_types) or t not in EXACT_TYPES:
             base_runner.run(
                 Stage(
                     f"export_gguf_{t}",
@@ -262,14 +271,37 @@ def _gguf_stages(
                 needs=["prune"],
             )
         )
+    # A GGUF source's own error is measured against its weights read from the file by the block
+    # engine (as the prune read them), so no float32 copy of the weights is written for it.
+    source_errors = {
+        t: _source_error(
+            base_runner,
+            t,
+            base_files[t],
+            (lambda: Path(metadata_dir(source))) if t == native else original_ckpt,
+            base_dir,
+        )
+        for t in types
+        if t not in EXACT_TYPES
+    }
     parity_file = run_dir / "checks" / "gguf_parity.json"
     runner.run(
         Stage(
             "validate_gguf",
-            {"types": types},
+            {
+                "types": types,
+                "source_errors": [base_runner.hashes[f"validate_gguf_{t}"] for t in source_errors],
+                "source_rule": [SOURCE_KL_MULTIPLE, SOURCE_TOP1_MARGIN],
+            },
             [parity_file],
             lambda: write_json(
-                parity_file, {t: validate_gguf(pruned_files[t], pruned_ckpt, check=False) for t in types}
+                parity_file,
+                {
+                    t: validate_gguf(
+                        pruned_files[t], pruned_ckpt, check=False, source_error=source_errors.get(t)
+                    )
+                    for t in types
+                },
             ),
             needs=[f"export_gguf_{t}" for t in types],
         )
@@ -319,6 +351,25 @@ def _gguf_stages(
         )
         outputs["gguf_bench"] = _read_json(bench_file)
     return outputs
+
+
+def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_dir: Path) -> dict:
+    """The original model's GGUF of ``gguf_type`` against the original in PyTorch (``reference()``,
+    its checkpoint): the error a pruned file of that type is judged against. Measured once per model
+    and type."""
+    from validation.gguf_parity import validate_gguf
+
+    out = base_dir / "checks" / f"gguf_{gguf_type}_parity.json"
+    base_runner.run(
+        Stage(
+            f"validate_gguf_{gguf_type}",
+            {"type": gguf_type},
+            [out],
+            lambda: write_json(out, validate_gguf(gguf_file, reference(), check=False)),
+            needs=[f"export_gguf_{gguf_type}"],
+        )
+    )
+    return _read_json(out)
 
 
 def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:

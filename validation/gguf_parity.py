@@ -15,7 +15,7 @@ ToleranceError (exit 1) with the table; ``validate_gguf`` returns the same numbe
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,18 @@ from rmexport.log import get_logger, progress
 from . import parity
 from .parity import Tolerance
 
-__all__ = ["TOLERANCES", "Tolerance", "format_table", "gguf_type_of", "print_table", "validate_gguf"]
+__all__ = [
+    "EXACT_TYPES",
+    "SOURCE_KL_MULTIPLE",
+    "SOURCE_TOP1_MARGIN",
+    "TOLERANCES",
+    "Tolerance",
+    "format_table",
+    "gguf_type_of",
+    "print_table",
+    "source_relative_tolerance",
+    "validate_gguf",
+]
 
 log = get_logger(__name__)
 
@@ -53,6 +64,38 @@ TOLERANCES: dict[str, Tolerance] = {
     "q8_0": Tolerance(min_top1_agreement=0.5),
     "q4_k_m": Tolerance(min_top1_agreement=0.3),
 }
+
+# Types whose error is rounding only, judged by the absolute limits above.
+EXACT_TYPES = ("f32", "f16", "bf16")
+# Lossy types are judged against the source's own quantization error: the original model's GGUF of
+# the same type against the original in PyTorch, on the same prompts (for a GGUF source, the
+# source file itself). The pruned file passes when its KL to the pruned PyTorch model is at most
+# SOURCE_KL_MULTIPLE times that, and its top-1 agreement at most SOURCE_TOP1_MARGIN below it.
+# Measured (pruned file / source file, 4 prompts x 96 tokens, ~370 positions): tiny llama and
+# qwen2 Q8_0 and Q4_K_M, KL 0.96-1.41x, top-1 0.010 lower to 0.047 higher; SmolLM2-135M Q4_1,
+# GGUF-native with the folded ffn_down in Q8_0, KL 0.0070 vs 0.0043 (1.6x), top-1 0.942 vs 0.984
+# (0.042 lower). Broken files: two ffn_down swapped, KL 35-2200x, top-1 below 0.1; one Q8_0 tensor's
+# scales x1.5, 45x (x1.25: 12x); SmolLM2's fold requantized to Q4_1, 50x and 0.28 lower, to Q6_K
+# 4.9x. 3x is about twice the worst real ratio and below every broken one. Top-1 over ~370
+# positions has a standard error of ~0.01 per file, so the margin is 0.10: over twice the worst
+# real drop, and a tenth of a swap's. KL is the finer gate; top-1 catches a wholly wrong tensor.
+SOURCE_KL_MULTIPLE = 3.0
+SOURCE_TOP1_MARGIN = 0.10
+# Below this KL a lossy file is as good as exact: a near-lossless source does not make noise fail.
+SOURCE_KL_FLOOR = 1e-4
+
+
+def source_relative_tolerance(gguf_type: str, source_error: dict[str, Any]) -> Tolerance:
+    """The tolerance of a lossy ``gguf_type`` given the source's own error (a ``validate_gguf``
+    result of the original); the absolute sanity floor of ``TOLERANCES`` still applies."""
+    floor = TOLERANCES.get(gguf_type, Tolerance())
+    top1 = source_error["top1_agreement"] - SOURCE_TOP1_MARGIN
+    return replace(
+        floor,
+        max_mean_kl=max(SOURCE_KL_MULTIPLE * source_error["mean_kl"], SOURCE_KL_FLOOR),
+        min_top1_agreement=max(top1, floor.min_top1_agreement or 0.0),
+    )
+
 
 # Text whose splitting differs between pre-tokenizers: digits, contractions, whitespace runs, unicode.
 TOKENIZER_PROBES = (
@@ -102,8 +145,12 @@ def validate_gguf(
     n_threads: int = 2,
     gguf_type: str | None = None,
     check: bool = True,
+    source_error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compare llama.cpp running ``gguf_file`` with PyTorch running ``reference`` (HF dir)."""
+    """Compare llama.cpp running ``gguf_file`` with PyTorch running ``reference`` (HF dir).
+
+    ``source_error``: the same comparison of the original model's GGUF of this type with the
+    original model; a lossy type is then held to ``source_relative_tolerance``."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -139,7 +186,12 @@ def validate_gguf(
         )
     matched = parity.matching_prefix(torch_new, llama_new)
     summary = parity.summarize(per_prompt)
-    tol = TOLERANCES.get(gguf_type, Tolerance())
+    relative = source_error is not None and gguf_type not in EXACT_TYPES
+    tol = (
+        source_relative_tolerance(gguf_type, source_error)
+        if relative
+        else TOLERANCES.get(gguf_type, Tolerance())
+    )
     result: dict[str, Any] = {
         "gguf_file": str(gguf_file),
         "reference": str(reference),
@@ -157,6 +209,12 @@ def validate_gguf(
         "tokenization_probes": len(TOKENIZER_PROBES),
         "tokenization_mismatches": mismatches,
         "tolerance": asdict(tol),
+        "tolerance_basis": "source's own error" if relative else "absolute",
+        "source_error": (
+            {k: source_error[k] for k in ("gguf_file", "top1_agreement", "mean_kl", "max_abs_diff")}
+            if relative
+            else None
+        ),
         "n_threads": n_threads,
         "kv_cache_type": "f32" if f32_kv_cache else "f16",
         "elapsed_s": time.perf_counter() - start,

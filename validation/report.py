@@ -37,7 +37,8 @@ def _get(data: Any, *path: str) -> Any:
 
 
 def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
-    """runtime, type, top-1 agreement, max |Δlogit|, mean KL, greedy decode match, passed."""
+    """runtime, type, top-1 agreement, the source file's own, max |Δlogit|, mean KL, the source
+    file's own, greedy decode match, passed (a lossy GGUF is judged against its source's error)."""
     rows = []
     onnx = outputs.get("onnx_parity")
     if onnx:
@@ -55,18 +56,32 @@ def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
             ]
         )
     for gguf_type, entry in (outputs.get("gguf_parity") or {}).items():
+        source = entry.get("source_error") or {}
         rows.append(
             [
                 "llama.cpp",
                 gguf_type,
                 entry.get("top1_agreement"),
+                source.get("top1_agreement"),
                 entry.get("max_abs_diff"),
                 entry.get("mean_kl"),
+                source.get("mean_kl"),
                 entry.get("decode_match"),
                 entry.get("passed"),
             ]
         )
     return rows
+
+
+def _source_rule() -> str:
+    from .gguf_parity import SOURCE_KL_MULTIPLE, SOURCE_TOP1_MARGIN
+
+    return (
+        "\"Source file's own\": the original model's GGUF of the same type against the original in "
+        "PyTorch, on the same prompts (for a GGUF source, the source file itself). A lossy GGUF passes "
+        f"when its mean KL is at most {SOURCE_KL_MULTIPLE:g}× that and its top-1 agreement at most "
+        f"{SOURCE_TOP1_MARGIN:g} below it."
+    )
 
 
 def _bench_entries(outputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
@@ -499,13 +514,17 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
                     "runtime",
                     "type",
                     "top-1 agreement",
+                    "source file's own",
                     "max abs logit diff",
                     "mean KL",
+                    "source file's own",
                     "greedy decode match",
                     "passed",
                 ],
                 parity,
             ),
+            "",
+            _source_rule(),
             "",
         ]
     if rows:
