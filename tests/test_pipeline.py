@@ -164,7 +164,10 @@ def test_a_budget_below_the_model_size_runs_to_a_complete_report(tiny_checkpoint
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["gguf_parity"]) == {"f16", "q4_k_m"}
     assert all(entry["positions"] > 0 for entry in report["gguf_parity"].values())
-    assert "8 → 6 blocks" in (run_dir / "report.md").read_text()
+    markdown = (run_dir / "report.md").read_text()
+    assert "8 → 6 blocks" in markdown
+    assert prune["compute"] == {"device": "cpu", "dtype": "float32", "dtype_reason": "requested"}
+    assert "forwards in float32 on cpu (requested)" in markdown
 
 
 @pytest.mark.parametrize(
