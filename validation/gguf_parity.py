@@ -71,14 +71,14 @@ EXACT_TYPES = ("f32", "f16", "bf16")
 # the same type against the original in PyTorch, on the same prompts (for a GGUF source, the
 # source file itself). The pruned file passes when its KL to the pruned PyTorch model is at most
 # SOURCE_KL_MULTIPLE times that, and its top-1 agreement at most SOURCE_TOP1_MARGIN below it.
-# Measured (pruned file / source file, 4 prompts x 96 tokens, ~370 positions): tiny llama and
-# qwen2 Q8_0 and Q4_K_M, KL 0.96-1.41x, top-1 0.010 lower to 0.047 higher; SmolLM2-135M Q4_1,
-# GGUF-native with the folded ffn_down in Q8_0, KL 0.0070 vs 0.0043 (1.6x), top-1 0.942 vs 0.984
-# (0.042 lower). Broken files: two ffn_down swapped, KL 35-2200x, top-1 below 0.1; one Q8_0 tensor's
-# scales x1.5, 45x (x1.25: 12x); SmolLM2's fold requantized to Q4_1, 50x and 0.28 lower, to Q6_K
-# 4.9x. 3x is about twice the worst real ratio and below every broken one. Top-1 over ~370
-# positions has a standard error of ~0.01 per file, so the margin is 0.10: over twice the worst
-# real drop, and a tenth of a swap's. KL is the finer gate; top-1 catches a wholly wrong tensor.
+# Measured (pruned file / source file, 4 prompts x 96 tokens, ~370 positions): tiny llama and qwen2 Q8_0 and
+# Q4_K_M, KL 0.96-1.41x, top-1 0.010 lower to 0.047 higher; SmolLM2-135M Q4_1, GGUF-native with the folded
+# ffn_down in Q8_0, KL 0.0070 vs 0.0043 (1.6x), top-1 0.942 vs 0.984 (0.042 lower) after a 64-sample prune;
+# after `rmexport run`'s prune 0.0054 (1.26x), 0.961. Broken files: two ffn_down swapped, KL 35-2200x, top-1
+# below 0.1; one Q8_0 tensor's scales x1.5, 45x (x1.25: 12x); SmolLM2's fold requantized to Q4_1, 50x and
+# 0.28 lower, to Q6_K 4.9x. 3x is about twice the worst real ratio and below every broken one. Top-1 over
+# ~370 positions has a standard error of ~0.01 per file, so the margin is 0.10: over twice the worst real
+# drop, and a tenth of a swap's. KL is the finer gate; top-1 catches a wholly wrong tensor.
 SOURCE_KL_MULTIPLE = 3.0
 SOURCE_TOP1_MARGIN = 0.10
 # Below this KL a lossy file is as good as exact: a near-lossless source does not make noise fail.
