@@ -21,7 +21,7 @@ from .arch import adapter_for
 from .atomic import write_json
 from .calib.budget import MemoryBudget
 from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corpus, parse_mixture
-from .calib.engine import Engine, Map, Plan, Step, cut_plan, original_plan
+from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype
 from .compute import AUTO, Compute, resolve_compute
@@ -37,7 +37,6 @@ from .models import (
     read_provenance,
 )
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
-from .replaceme.apply import blend_map
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
 from .replaceme.original_perplexity import OriginalPerplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
@@ -47,9 +46,7 @@ from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
 from .tokenizer_parity import tokenizer_parity_record
 
 __all__ = [
-    "BLEND_SHARES",
     "PruneOptions",
-    "best_blend",
     "calibration_set",
     "choose_and_fit",
     "log_cut",
@@ -320,62 +317,21 @@ def _gguf_filter(engine: Engine, plan: Plan, n: int):
     return allowed
 
 
-# Shares of the fitted maps tried, against plain removal, when the fitted maps lose on some source.
-BLEND_SHARES = (0.75, 0.5, 0.25)
-
-
-def _blended(engine: Engine, plan: Plan, share: float) -> Plan:
-    """``plan`` with every map replaced by ``share`` of it and the rest of no map at all."""
-    steps = []
-    for step in plan:
-        maps: tuple[Map, ...] = ()
-        for m in step.maps:
-            t = m.transform
-            hidden = t.dim() == 2 and t.shape[0] != t.shape[1]
-            weight = engine.down_proj_weight(Step(step.layer, maps)) if hidden else torch.empty(0, 0)
-            maps += (Map(blend_map(t, weight, share), f"{m.label} x{share:g}"),)
-        steps.append(Step(step.layer, maps, step.explicit))
-    return tuple(steps)
-
-
-def _set_aside_losses(
-    engine: Engine, set_aside: dict[str, CalibrationSet], plans: dict[str, Plan], shared: int
-) -> dict[str, dict[str, float]]:
+def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) -> tuple[Plan, dict[str, Any]]:
+    """Keep the fitted maps only if they beat plain removal of the same blocks on the set-aside
+    text of every source of the calibration mixture: a map that helps on one kind of text and
+    hurts another is not kept."""
+    removal = plain_removal(final)
+    shared = next(i for i, step in enumerate(final) if step.maps)
     by_source: dict[str, dict[str, float]] = {}
     for source, selection in set_aside.items():
         scorer = SelectionScorer(engine, selection)
         try:
-            by_source[source] = scorer.losses(plans, shared=shared)
+            by_source[source] = scorer.losses({"fitted": final, "plain_removal": removal}, shared=shared)
         finally:
             scorer.close()
-    return by_source
-
-
-def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) -> tuple[Plan, dict[str, Any]]:
-    """Keep the fitted maps if they are no worse than plain removal of the same blocks on the
-    set-aside text of every source of the calibration mixture. Where they lose on some source, the
-    blend of the maps and plain removal (``BLEND_SHARES``) with the lowest mean set-aside loss among
-    those no worse than plain removal on every source is kept; plain removal only if none is."""
-    plans = {"fitted": final, "plain_removal": plain_removal(final)}
-    shared = next(i for i, step in enumerate(final) if step.maps)
-    by_source = _set_aside_losses(engine, set_aside, plans, shared)
     worse = [source for source, losses in by_source.items() if losses["fitted"] > losses["plain_removal"]]
-    kept, share = "fitted", 1.0
-    if worse:
-        blends = {_blend_name(share): _blended(engine, final, share) for share in BLEND_SHARES}
-        for source, losses in _set_aside_losses(engine, set_aside, blends, shared).items():
-            by_source[source] |= losses
-        plans |= blends
-        share = best_blend(by_source, BLEND_SHARES)
-        kept = "blend" if share > 0 else "plain_removal"
-        log.warning(
-            "the fitted map is worse than plain removal on set-aside text of %s: %s; the calibration data is "
-            "probably too small or unlike the model's text (use more --calib-samples)",
-            ", ".join(worse),
-            f"keeping {share:g} of it blended with plain removal, no worse on any source"
-            if kept == "blend"
-            else "no blend with plain removal is better on every source, keeping plain removal",
-        )
+    kept = "plain_removal" if worse else "fitted"
     record = {
         "judged_on": f"{sum(s.n_documents for s in set_aside.values())} set-aside documents of "
         + ", ".join(f"`{source}`" for source in set_aside),
@@ -384,26 +340,16 @@ def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) ->
         / len(by_source),
         "by_source": by_source,
         "kept": kept,
-        "map_share": share,  # 1: the fitted maps; 0: plain removal; between: their blend
     }
-    return plans[{"fitted": "fitted", "plain_removal": "plain_removal"}.get(kept, _blend_name(share))], record
-
-
-def _blend_name(share: float) -> str:
-    return f"blend {share:g}"
-
-
-def best_blend(by_source: dict[str, dict[str, float]], shares: tuple[float, ...]) -> float:
-    """The share whose blend has the lowest mean loss among those no worse than plain removal on
-    any source (``by_source[source][_blend_name(share)]``), or 0 (plain removal) if none is."""
-    safe = [
-        share
-        for share in shares
-        if all(losses[_blend_name(share)] <= losses["plain_removal"] for losses in by_source.values())
-    ]
-    if not safe:
-        return 0.0
-    return min(safe, key=lambda share: (sum(loss[_blend_name(share)] for loss in by_source.values()), -share))
+    if worse:
+        log.warning(
+            "the fitted map is worse than plain removal on set-aside text of %s: keeping plain removal of "
+            "the same blocks; the calibration data is probably too small or unlike the model's text (use "
+            "more --calib-samples)",
+            ", ".join(worse),
+        )
+        return removal, record
+    return final, record
 
 
 @dataclass

@@ -207,29 +207,23 @@ def test_a_budget_smaller_than_the_model_streams_and_gives_the_same_prune(tiny_c
     assert a == (tmp_path / "streamed" / "hf" / "model.safetensors").read_bytes()
 
 
-def test_quality_guard_keeps_the_map_a_blend_or_plain_removal_by_set_aside_loss(tiny_checkpoints, tmp_path):
-    """A map fitted on 12 short documents of a random model against 16 set-aside ones: the whole map
-    where it is no worse than plain removal on every source, else the best blend no worse anywhere,
-    else plain removal; what is saved is what the record says."""
+def test_quality_guard_keeps_plain_removal_when_the_map_does_worse(tiny_checkpoints, tmp_path):
+    """A map fitted on 12 short documents of a random model against 16 set-aside ones: whichever wins on the
+    set-aside text is what gets saved, and the record says which."""
     options = PruneOptions(**(TINY_OPTIONS | {"quality_guard": True, "calib_samples": 12}))
     record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
     guard = record["guard"]
-    by_source = guard["by_source"]
-    fitted_ok = all(loss["fitted"] <= loss["plain_removal"] for loss in by_source.values())
-    if fitted_ok:
-        assert (guard["kept"], guard["map_share"]) == ("fitted", 1.0)
-    else:
-        blend = f"blend {guard['map_share']:g}"
-        assert guard["kept"] in ("blend", "plain_removal")
-        assert (guard["kept"] == "blend") == (guard["map_share"] > 0)
-        if guard["kept"] == "blend":
-            assert all(loss[blend] <= loss["plain_removal"] for loss in by_source.values())
+    better = (
+        "fitted"
+        if guard["selection_loss_fitted"] <= guard["selection_loss_plain_removal"]
+        else "plain_removal"
+    )
+    assert guard["kept"] == better
     saved = load_file(tmp_path / "hf" / "model.safetensors")
     original = load_file(tiny_checkpoints["llama"] / "model.safetensors")
     start = record["cuts"][0]["cut"][0]
     name = f"model.layers.{start - 1}.mlp.down_proj.weight"
-    assert torch.equal(saved[name], original[name]) == (guard["kept"] == "plain_removal")
-    assert record["fold_parity"]["passed"]
+    assert torch.equal(saved[name], original[name]) == (better == "plain_removal")
 
 
 def test_the_default_map_refits_down_proj_with_a_ridge_chosen_on_set_aside_text(tiny_checkpoints, tmp_path):

@@ -5,8 +5,7 @@ import torch
 
 from rmexport.calib.collect import CutActivations, CutStatistics
 from rmexport.errors import ConfigError
-from rmexport.prune import best_blend
-from rmexport.replaceme.apply import blend_map, fold_into_down_proj, fold_into_post_mlp_norm, is_hidden_map
+from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm, is_hidden_map
 from rmexport.replaceme.select import CutScores, candidate_starts, choose_start, cut_size, split_cut
 from rmexport.replaceme.solve import (
     CosineSettings,
@@ -151,48 +150,6 @@ def test_fold_into_down_proj_gives_m_times_t():
     expected = (down(x).double() @ transform).float()
     fold_into_down_proj(down, transform)
     assert torch.allclose(down(x), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["output", "hidden", "diagonal"])
-def test_a_blended_map_folds_to_that_blend_of_the_fitted_and_the_unchanged_block(kind):
-    torch.manual_seed(0)
-    d, d_ff = 6, 10
-    down = torch.nn.Linear(d_ff, d, bias=False).double()
-    shapes = {"output": (d, d), "hidden": (d_ff, d), "diagonal": (d,)}
-    transform = torch.randn(*shapes[kind], dtype=torch.float64)
-    hidden = torch.randn(5, d_ff, dtype=torch.float64)
-    before = down(hidden)
-
-    def folded_output(share: float) -> torch.Tensor:
-        layer = torch.nn.Linear(d_ff, d, bias=False).double()
-        layer.weight.data.copy_(down.weight.data)
-        mapped = blend_map(transform, down.weight.data, share)
-        fold_into_down_proj(layer, torch.diag(mapped) if kind == "diagonal" else mapped)
-        return layer(hidden)
-
-    assert torch.allclose(folded_output(0.0), before)  # plain removal: the block as it was
-    fitted = folded_output(1.0)
-    assert not torch.allclose(fitted, before)
-    assert torch.allclose(folded_output(0.25), 0.25 * fitted + 0.75 * before)
-
-
-def test_the_guard_keeps_the_best_blend_no_worse_than_plain_removal_anywhere():
-    sources = ("wiki", "docs", "dialogue")
-
-    def table(blends: dict[float, tuple[float, float, float]]) -> dict[str, dict[str, float]]:
-        rows = {s: {"plain_removal": 4.0} for s in sources}
-        for share, losses in blends.items():
-            for s, loss in zip(sources, losses, strict=True):
-                rows[s][f"blend {share:g}"] = loss
-        return rows
-
-    shares = (0.75, 0.5, 0.25)
-    # Helps two sources, hurts the third at 0.75; 0.5 is no worse anywhere and beats 0.25 on the mean.
-    helps_two = table({0.75: (3.0, 3.1, 4.2), 0.5: (3.3, 3.4, 4.0), 0.25: (3.6, 3.7, 3.9)})
-    assert best_blend(helps_two, shares) == 0.5
-    # No blend is safe on every source: plain removal.
-    hurts = table({0.75: (3.0, 3.1, 4.3), 0.5: (3.3, 3.4, 4.2), 0.25: (3.6, 3.7, 4.1)})
-    assert best_blend(hurts, shares) == 0.0
 
 
 def test_fold_with_identity_is_a_no_op():

@@ -407,18 +407,10 @@ def _guard_lines(prune: dict) -> list[str]:
     lines = []
     guard = prune.get("guard") or {}
     if guard.get("judged_on"):
-        share = guard.get("map_share", 1.0)
-        kept = {
-            "fitted": "the fitted map",
-            "plain_removal": "**plain removal** (the map, alone or blended, did worse)",
-            "blend": f"**{share:g} of the fitted map blended with plain removal** (the whole map did worse "
-            "on some source; the blend is no worse than plain removal on any)",
-        }[guard["kept"]]
-        blend = f"blend {share:g}"
+        kept = "the fitted map" if guard["kept"] == "fitted" else "**plain removal** (the map did worse)"
         by_source = guard.get("by_source") or {}
         losses = "; ".join(
             f"`{source}` {loss['fitted']:.4f} with the map, {loss['plain_removal']:.4f} without"
-            + (f", {loss[blend]:.4f} blended" if blend in loss else "")
             for source, loss in by_source.items()
         ) or (
             f"{guard['selection_loss_fitted']:.4f} with the map, "
@@ -485,8 +477,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         fit = cut["fit"]
         removed = cut["removed_layers"]
         lines.append(
-            f"- blocks {removed[0]}–{removed[-1]} (cut [{cut['cut'][0]}, {cut['cut'][1]})), "
-            f"rule `{prune['selection']['rule']}`, "
+            f"- blocks {removed[0]}–{removed[-1]} (cut [{cut['cut'][0]}, {cut['cut'][1]})), rule `{prune['selection']['rule']}`, "
             f"solver `{fit['solver']}`, {_map_words(fit)}: error left after the map "
             f"{fit['rel_residual']:.4f} of the stream's energy, against "
             f"{fit['rel_residual_plain_removal']:.4f} for plain removal"

@@ -21,7 +21,6 @@ from ..arch import ArchAdapter
 from ..errors import ConfigError
 
 __all__ = [
-    "blend_map",
     "fold_into_down_proj",
     "fold_into_post_mlp_norm",
     "fold_map",
@@ -37,21 +36,6 @@ def is_hidden_map(transform: torch.Tensor, down_proj_shape: tuple[int, ...]) -> 
     where d_ff ≠ d."""
     d, d_ff = down_proj_shape
     return d != d_ff and tuple(transform.shape) == (d_ff, d)
-
-
-def blend_map(transform: torch.Tensor, down_proj_weight: torch.Tensor, share: float) -> torch.Tensor:
-    """``share`` of ``transform`` and the rest of the map that changes nothing, in float64: the
-    identity for a d×d map or a diagonal, ``W_downᵀ`` for a map of the hidden activations (with
-    ``down_proj_weight`` the [d, d_ff] weight the map replaces). The folded block then adds that
-    blend of the fitted and the unchanged MLP output, i.e. of the map and plain removal."""
-    t64 = transform.to(torch.float64)
-    if t64.dim() == 1:
-        unchanged = torch.ones_like(t64)
-    elif is_hidden_map(t64, tuple(down_proj_weight.shape)):
-        unchanged = down_proj_weight.to(device=t64.device, dtype=torch.float64).T
-    else:
-        unchanged = torch.eye(t64.shape[0], dtype=torch.float64, device=t64.device)
-    return share * t64 + (1.0 - share) * unchanged
 
 
 def fold_into_down_proj(down_proj: nn.Linear, transform: torch.Tensor) -> None:
