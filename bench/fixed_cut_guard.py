@@ -1,6 +1,10 @@
 """The quality guard on a known cut, without the survey: fit the default map, score it, its blends
 with plain removal and plain removal on each source's set-aside text.
 
+A blend with share s folds ``s·W + (1 − s)·W_downᵀ`` (W the fitted map of the hidden activations):
+the block adds s of the fitted MLP output and the rest of the unchanged one. Tried as a rule for the
+guard (keep the best blend no worse than plain removal on any source); it never paid (docs/quality.md).
+
 For a model whose survey is long (Qwen2.5-Coder-1.5B: most of an hour on 2 cores), this answers
 "what would the guard keep?" for a cut an earlier prune chose, in one pass up to the cut's last
 block. ``T`` (the prior the hidden map is shrunk toward) comes from the same pass: with
@@ -15,22 +19,38 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from rmexport.atomic import write_json
 from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.collect import collect_hidden_statistics
-from rmexport.calib.engine import Map, cut_plan, original_plan
+from rmexport.calib.engine import Map, Plan, cut_plan, original_plan
 from rmexport.models import load_tokenizer, resolve
 from rmexport.prune import (
     PruneOptions,
-    _guard,
     _local_checkpoint,
     calibration_set,
     open_engine,
     set_aside_by_source,
 )
+from rmexport.replaceme.checks import plain_removal
 from rmexport.replaceme.solve import lstsq_from_gram, ridge_toward
+from rmexport.replaceme.survey import SelectionScorer
 
-__all__ = ["main"]
+__all__ = ["SHARES", "main"]
+
+SHARES = (1.0, 0.75, 0.5, 0.25)
+
+
+def _losses(engine, by_source, plans: dict[str, Plan], shared: int) -> dict[str, dict[str, float]]:
+    losses = {}
+    for source, selection in by_source.items():
+        scorer = SelectionScorer(engine, selection)
+        try:
+            losses[source] = scorer.losses(plans, shared=shared)
+        finally:
+            scorer.close()
+    return losses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         output_map = lstsq_from_gram(down @ stats.gram @ down.T, down @ stats.cross)
         choice = ridge_toward(stats, held_stats, down.T @ output_map)
         fitted_s = time.perf_counter() - started
-        final = cut_plan(plan, cut, Map(choice.transform, "cut 1"))
-        _, guard = _guard(engine, by_source, final)
+        unchanged = down.T.to(torch.float64)
+        plans = {
+            f"share {share:g}": cut_plan(
+                plan, cut, Map(share * choice.transform + (1 - share) * unchanged, f"share {share:g}")
+            )
+            for share in SHARES
+        }
+        plans["plain_removal"] = plain_removal(plans["share 1"])
+        losses = _losses(engine, by_source, plans, shared=cut[0] - 1)
     finally:
         engine.close()
     result = {
@@ -69,14 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": calibration.describe(),
         "ridge_toward_T": choice.alpha,
         "set_aside_rel_residual": choice.set_aside_rel_residual,
-        "guard": guard,
+        "set_aside_loss": losses,
         "fit_s": round(fitted_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    for source_name, losses in guard["by_source"].items():
-        print(source_name, {k: round(v, 4) for k, v in losses.items()})
-    share = guard["map_share"]
-    print(f"kept {guard['kept']} (share {share:g}); ridge {choice.alpha:g}; {result['wall_s']} s")
+    for source_name, row in losses.items():
+        print(source_name, {k: round(v, 4) for k, v in row.items()})
+    print(f"ridge {choice.alpha:g}; {result['wall_s']} s")
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

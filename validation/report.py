@@ -477,7 +477,8 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         fit = cut["fit"]
         removed = cut["removed_layers"]
         lines.append(
-            f"- blocks {removed[0]}–{removed[-1]} (cut [{cut['cut'][0]}, {cut['cut'][1]})), rule `{prune['selection']['rule']}`, "
+            f"- blocks {removed[0]}–{removed[-1]} (cut [{cut['cut'][0]}, {cut['cut'][1]})), "
+            f"rule `{prune['selection']['rule']}`, "
             f"solver `{fit['solver']}`, {_map_words(fit)}: error left after the map "
             f"{fit['rel_residual']:.4f} of the stream's energy, against "
             f"{fit['rel_residual_plain_removal']:.4f} for plain removal"
