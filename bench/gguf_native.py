@@ -10,7 +10,7 @@ on the same held-out windows in llama.cpp:
 * ``dequantize → requantize``: the pruned HF checkpoint (dequantized float32, map folded) written as
   f32 GGUF and quantized to the source's type by llama.cpp's quantizer (every weight quantized twice);
 * ``GGUF-native``: ``converters.gguf_prune``: untouched tensors copied, only the folded ``ffn_down``
-  requantized to its own type.
+  requantized (to its own type, or Q8_0 where that type has fewer bits; see ``gguf_prune.folded_type``).
 
 Each route runs in its own child process, so its wall time and peak RSS are its own (the child's
 RSS includes the Python interpreter and its imports). The times cover producing the pruned GGUF
