@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
@@ -220,6 +220,19 @@ def replace_dir(staged: Path, target: Path) -> None:
 
 
 @contextmanager
+def _staged_write(target: Path, tmp: Path, place: Callable[[], None]) -> Iterator[None]:
+    """The body writes ``tmp``; then it gets the usual modes and ``place`` puts it onto ``target``.
+    A full disk anywhere in between is one ``DiskFullError``; the fault hooks fire at their points."""
+    with disk_full_guard(target, tmp):
+        signal_point(f"write:{target.name}")
+        yield
+        signal_point(f"wrote:{target.name}")
+        fail_write_point(target.name, str(tmp))
+        finalize_modes(tmp)
+        place()
+
+
+@contextmanager
 def staged_dir(target: Path | str) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target``; on success give it the usual modes and
     put it in place of ``target``; on any exception (KeyboardInterrupt included) remove it, and
@@ -229,13 +242,8 @@ def staged_dir(target: Path | str) -> Iterator[Path]:
     remove_stale_staging(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
     try:
-        with disk_full_guard(target, tmp):
-            signal_point(f"write:{target.name}")
+        with _staged_write(target, tmp, place=lambda: replace_dir(tmp, target)):
             yield tmp
-            signal_point(f"wrote:{target.name}")
-            fail_write_point(target.name, str(tmp))
-            finalize_modes(tmp)
-            replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
@@ -259,13 +267,8 @@ def staged_file(target: Path | str) -> Iterator[Path]:
             _remove(extra)
 
     try:
-        with disk_full_guard(target, tmp):
-            signal_point(f"write:{target.name}")
+        with _staged_write(target, tmp, place=lambda: os.replace(tmp, target)):
             yield tmp
-            signal_point(f"wrote:{target.name}")
-            fail_write_point(target.name, str(tmp))
-            finalize_modes(tmp)
-            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         remove_extras()
