@@ -456,11 +456,12 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         )
         with clock.stage("checks"):
             known = OriginalPerplexities(checkpoint, compute, cache_dir() / "original-perplexity")
+            known_main = known.get(windows)
             known_ood = {spec: known.get(w) for spec, w in ood_windows.items()}
-            original_reused = known.get(windows) is not None and None not in known_ood.values()
+            original_reused = known_main is not None and None not in known_ood.values()
             if original_reused:
                 log.info("the original's held-out perplexities: measured by an earlier prune, reused")
-            checks = run_checks(engine, plan, windows, options.parity_windows, known.get(windows))
+            checks = run_checks(engine, plan, windows, options.parity_windows, known_main)
             ood = source_perplexities(engine, plan, ood_windows, known_ood)
             known.put(windows, checks.ppl_original)
             for spec, w in ood_windows.items():
