@@ -12,9 +12,10 @@ from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, origina
 from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches
 from rmexport.calib.weights import ModelSkeleton
+from rmexport.fold import fold_map
 from rmexport.measures import angular_distance
 from rmexport.models import load_tokenizer, resolve
-from rmexport.replaceme.apply import fold_map, remove_blocks
+from rmexport.replaceme.apply import remove_blocks
 from rmexport.replaceme.checks import FOLD_PARITY_RTOL, plain_removal, run_checks
 from rmexport.replaceme.select import candidate_starts
 from rmexport.replaceme.survey import SelectionScorer

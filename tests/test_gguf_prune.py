@@ -30,8 +30,9 @@ from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
 from rmexport.errors import ConfigError, ModelLoadError
 from rmexport.fileio import read_gguf_header
+from rmexport.fold import fold_map
 from rmexport.models import DEFAULT_MODEL, resolve
-from rmexport.replaceme.apply import fold_map, remove_blocks
+from rmexport.replaceme.apply import remove_blocks
 
 from .tiny import tiny_config, tiny_tokenizer
 

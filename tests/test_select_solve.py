@@ -5,7 +5,7 @@ import torch
 
 from rmexport.calib.collect import CutActivations, CutStatistics
 from rmexport.errors import ConfigError
-from rmexport.replaceme.apply import fold_into_down_proj, fold_into_post_mlp_norm, is_hidden_map
+from rmexport.fold import fold_into_down_proj, fold_into_post_mlp_norm, is_hidden_map
 from rmexport.replaceme.select import CutScores, candidate_starts, choose_start, cut_size, split_cut
 from rmexport.replaceme.solve import (
     CosineSettings,

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fold import fold_map, is_hidden_map
 from ..log import get_logger, progress
 from ..measures import nll_sum
-from ..replaceme.apply import fold_map, is_hidden_map
 from .budget import MemoryBudget
 from .store import ActivationStore
 from .weights import ModelSkeleton, largest_module_bytes, model_bytes
@@ -48,7 +48,7 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask)
 
 @dataclass(frozen=True, eq=False)
 class Map:
-    """A fitted map (see ``replaceme.apply.fold_map`` for its shapes); compared by identity."""
+    """A fitted map (see ``rmexport.fold.fold_map`` for its shapes); compared by identity."""
 
     transform: torch.Tensor
     label: str = ""

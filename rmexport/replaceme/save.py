@@ -23,9 +23,9 @@ from ..arch import ArchAdapter, adapter_for
 from ..atomic import staged_dir, staged_file
 from ..calib.weights import checkpoint_dtype, open_weights, write_shards
 from ..errors import ExportError
+from ..fold import fold_into_down_proj, fold_into_post_mlp_norm
 from ..log import get_logger
 from ..models import PROVENANCE_FILE, write_provenance
-from .apply import fold_into_down_proj, fold_into_post_mlp_norm
 
 __all__ = ["MAPS_FILE", "fold_tensor", "load_maps", "save_maps", "save_pruned_checkpoint"]
 
@@ -59,7 +59,7 @@ def fold_tensor(
 ) -> torch.Tensor:
     """A block's ``param_name`` tensor with ``transforms`` folded in, in the tensor's dtype.
 
-    The arithmetic is that of ``replaceme.apply`` on a float32 model: each fold in float64,
+    The arithmetic is that of ``rmexport.fold`` on a float32 model: each fold in float64,
     stored as float32, and the result cast back to the checkpoint's dtype."""
     value = tensor.to(torch.float32)
     if adapter.dense_fold:
