@@ -29,6 +29,7 @@ __all__ = [
     "STAGING_PREFIX",
     "disk_full_error",
     "disk_full_guard",
+    "existing_ancestor",
     "finalize_modes",
     "is_stale_staging",
     "remove_stale_staging",
@@ -74,6 +75,15 @@ def disk_full_error(target: Path, written: int) -> DiskFullError:
         f"{_size(free)} free there; nothing was left half-written",
         hint="free some space or write to another folder",
     )
+
+
+def existing_ancestor(path: Path | str) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (e.g. for a free-space check
+    before the output folder is created)."""
+    ancestor = Path(path).expanduser().absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
 
 
 @contextmanager

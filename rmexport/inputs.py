@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .atomic import STAGING_PREFIX
+from .atomic import STAGING_PREFIX, existing_ancestor
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from .lock import LOCK_NAME, check_not_held
@@ -75,7 +75,6 @@ __all__ = [
     "check_text_source",
     "check_validate_gguf_args",
     "check_validate_onnx_args",
-    "existing_ancestor",
     "is_gguf_file",
 ]
 
@@ -702,15 +701,6 @@ def check_text_source(
 def _writable(folder: Path, option: str, target: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write {option} {target}: no write permission in {folder}")
-
-
-def existing_ancestor(path: Path | str) -> Path:
-    """``path`` itself if it exists, else its nearest existing parent (e.g. for a free-space check
-    before the output folder is created)."""
-    ancestor = Path(path).expanduser().absolute()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    return ancestor
 
 
 def check_output_path(

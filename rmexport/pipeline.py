@@ -15,11 +15,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+from .atomic import existing_ancestor, write_json
 from .config import RunConfig
 from .errors import ConfigError
 from .fileio import content_fingerprint
-from .inputs import existing_ancestor
 from .lock import hold_folder
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
