@@ -1,4 +1,5 @@
-"""Small readers and writers of the files every stage shares: a GGUF's header, a checkpoint's provenance.
+"""Small readers and writers of the files every stage shares: a GGUF's header, a checkpoint's provenance,
+the cache folder.
 
 They sit below method, converters and validation alike, so none of those has to import the model
 resolver (``rmexport.models``) to read them.
@@ -10,6 +11,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from .errors import ModelLoadError
 __all__ = [
     "GGUF_MAGIC",
     "PROVENANCE_FILE",
+    "cache_dir",
     "GGUFHeader",
     "GGUFHeaderError",
     "GGUFTensorInfo",
@@ -219,6 +222,12 @@ def open_gguf(path: str | Path, *, strings: bool = False) -> GGUFHeader:
             f"{path} is not a readable GGUF file ({e})",
             hint="the file may be truncated or corrupt; download or convert it again",
         ) from e
+
+
+def cache_dir() -> Path:
+    """Where rmexport keeps what it derives once per machine (conversions, corpora, perplexities)."""
+    root = os.environ.get("RMEXPORT_CACHE") or Path.home() / ".cache" / "rmexport"
+    return Path(root)
 
 
 PROVENANCE_FILE = "rmexport_source.json"

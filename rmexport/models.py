@@ -17,10 +17,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .atomic import disk_full_guard
+from .arch import adapter_for
+from .atomic import disk_full_guard, replace_dir
+from .calib.gguf_reader import config_from_gguf
+from .calib.weights import INDEX_FILE, SINGLE_FILE, open_weights, write_shards
 from .errors import ModelLoadError
-from .fileio import PROVENANCE_FILE, open_gguf, read_provenance, write_provenance
+from .fileio import PROVENANCE_FILE, cache_dir, open_gguf, read_provenance, write_provenance
+from .hub import require_hub
 from .log import get_logger
+from .tokenizer_parity import check_saved, ensure_parity, read_record, write_record
 
 __all__ = [
     "PROVENANCE_FILE",
@@ -36,6 +41,7 @@ __all__ = [
     "open_gguf",
     "read_provenance",
     "resolve",
+    "tokenizer_parity_record",
     "write_provenance",
 ]
 
@@ -138,11 +144,6 @@ def resolve(spec: str) -> ModelSource:
     )
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("RMEXPORT_CACHE") or Path.home() / ".cache" / "rmexport"
-    return Path(root)
-
-
 def _file_fingerprint(path: Path) -> str:
     """Hash of size + first and last MiB: cheap, and changes when the file does."""
     h = hashlib.sha256()
@@ -172,8 +173,6 @@ def metadata_dir(source: ModelSource) -> str:
     with ModelLoadError before any weights are read.
     """
     if source.kind == "hub":
-        from .hub import require_hub
-
         require_hub(source.location)
     if not source.is_gguf:
         return source.location
@@ -181,8 +180,6 @@ def metadata_dir(source: ModelSource) -> str:
     fingerprint = _file_fingerprint(gguf_path)
     target = cache_dir() / f"gguf-hf-v{_CONVERSION_VERSION}" / f"{_slugify(gguf_path.stem)}-{fingerprint}"
     if (target / "config.json").is_file():
-        from .tokenizer_parity import check_saved
-
         if check_saved(gguf_path, target, fingerprint):
             return str(target)
         log.warning(
@@ -191,6 +188,23 @@ def metadata_dir(source: ModelSource) -> str:
         )
     _convert_gguf(gguf_path, target, fingerprint)
     return str(target)
+
+
+def tokenizer_parity_record(source: ModelSource) -> dict[str, Any]:
+    """What ``prune.json`` records about tokenizer parity for ``source``.
+
+    For a GGUF source: the verdict saved beside its cached conversion (``metadata_dir`` checks
+    it, or refuses the model, before returning). An HF checkpoint is its own reference.
+    """
+    if not source.is_gguf:
+        return {
+            "method": "the checkpoint's own tokenizer",
+            "verdict": "not checked: the source is not a GGUF",
+        }
+    record = read_record(metadata_dir(source))
+    if record is None:  # pragma: no cover - metadata_dir never returns a conversion without one
+        raise ModelLoadError(f"no tokenizer parity record beside the conversion of {source.location}")
+    return record
 
 
 def checkpoint_dir(source: ModelSource) -> str:
@@ -204,8 +218,6 @@ def checkpoint_dir(source: ModelSource) -> str:
 
 
 def _materialize_weights(directory: Path) -> None:
-    from .calib.weights import INDEX_FILE, SINGLE_FILE, open_weights, write_shards
-
     if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
         return
     log.info("dequantizing %s's weights into the cached checkpoint (once)", directory.name)
@@ -241,10 +253,6 @@ def _transformers_tokenizer(gguf_path: Path) -> Any:
 def _convert_gguf(gguf_path: Path, target: Path, fingerprint: str) -> None:
     """Config, generation config and tokenizer of a GGUF, checked against llama.cpp; no weights."""
     from transformers import GenerationConfig
-
-    from .atomic import replace_dir
-    from .calib.gguf_reader import config_from_gguf
-    from .tokenizer_parity import ensure_parity, write_record
 
     # The tokenizer first: a file whose tokenizer llama.cpp reads differently is refused before
     # anything else is read.
@@ -336,8 +344,6 @@ def load_model(source: ModelSource, dtype: Any = None, device: str = "cpu") -> A
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from .arch import adapter_for
 
     adapter_for(load_config(source))  # fail on unsupported architectures before loading weights
     try:

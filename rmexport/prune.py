@@ -35,6 +35,7 @@ from .models import (
     load_tokenizer,
     metadata_dir,
     read_provenance,
+    tokenizer_parity_record,
 )
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
@@ -43,7 +44,6 @@ from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import MAP_SPACES, SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
 from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
-from .tokenizer_parity import tokenizer_parity_record
 
 __all__ = [
     "PruneOptions",

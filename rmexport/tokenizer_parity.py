@@ -31,8 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
+from .calib.corpus import BUILTIN, load_corpus
 from .errors import ModelLoadError
+from .llamacpp import llama_module
 from .log import get_logger
+from .sysinfo import package_versions
+from .tokenizer_rebuild import SpecialTokens, read_gguf_vocab, rebuild_tokenizer
 
 __all__ = [
     "CHECK_VERSION",
@@ -50,7 +55,6 @@ __all__ = [
     "parity_texts",
     "read_record",
     "record_is_current",
-    "tokenizer_parity_record",
     "write_record",
 ]
 
@@ -79,8 +83,6 @@ CHAT_PROBE = (
 @functools.lru_cache(maxsize=4)
 def parity_texts(n_characters: int = PARITY_CHARACTERS) -> tuple[str, ...]:
     """The first ``n_characters`` of the built-in held-out documents, then ``PROBES``."""
-    from .calib.corpus import BUILTIN, load_corpus
-
     texts: list[str] = []
     total = 0
     for document in load_corpus(BUILTIN).heldout:
@@ -153,8 +155,6 @@ def _metadata(llama_cpp: Any, model: Any, key: str) -> str:
 def open_llama_cpp_vocab(gguf_path: str | Path) -> Iterator[LlamaCppVocab]:
     """llama.cpp reading only the vocabulary of ``gguf_path``; ModelLoadError when it can not."""
     from llama_cpp import _logger as llama_cpp_logger
-
-    from .llamacpp import llama_module
 
     llama_cpp = llama_module()
     llama_cpp_logger.set_verbose(log.isEnabledFor(logging.DEBUG))
@@ -279,8 +279,6 @@ def _describe(template: Any) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from .sysinfo import package_versions
-
     versions = package_versions("llama_cpp_python", "tokenizers", "transformers")
     return {package: version or "absent" for package, version in versions.items()}
 
@@ -292,8 +290,6 @@ def ensure_parity(gguf_path: str | Path, tokenizer: Any, fingerprint: str) -> tu
     could not build one). When it differs from llama.cpp, a tokenizer is rebuilt from the file's
     vocabulary and must agree instead.
     """
-    from .tokenizer_rebuild import SpecialTokens, read_gguf_vocab, rebuild_tokenizer
-
     gguf_path = Path(gguf_path)
     start = time.perf_counter()
     texts = parity_texts()
@@ -378,8 +374,6 @@ def _record(
 
 
 def write_record(checkpoint: str | Path, record: dict[str, Any]) -> None:
-    from .atomic import write_json
-
     write_json(Path(checkpoint) / PARITY_FILE, record)
 
 
@@ -434,22 +428,3 @@ def check_saved(gguf_path: str | Path, checkpoint: str | Path, fingerprint: str)
         record["transformers_differed"] = saved["transformers_differed"]
     write_record(checkpoint, record)
     return True
-
-
-def tokenizer_parity_record(source: Any) -> dict[str, Any]:
-    """What ``prune.json`` records about tokenizer parity for ``source`` (a ``models.ModelSource``).
-
-    For a GGUF source: the verdict saved beside its cached conversion (``metadata_dir`` checks
-    it, or refuses the model, before returning). An HF checkpoint is its own reference.
-    """
-    if not source.is_gguf:
-        return {
-            "method": "the checkpoint's own tokenizer",
-            "verdict": "not checked: the source is not a GGUF",
-        }
-    from .models import metadata_dir
-
-    record = read_record(metadata_dir(source))
-    if record is None:  # pragma: no cover - metadata_dir never returns a conversion without one
-        raise ModelLoadError(f"no tokenizer parity record beside the conversion of {source.location}")
-    return record

@@ -20,7 +20,7 @@ from converters.gguf_export import export_gguf
 from converters.gguf_metadata import KV, read_metadata, write_metadata
 from rmexport.cli import main
 from rmexport.errors import ModelLoadError
-from rmexport.models import DEFAULT_MODEL, _file_fingerprint, checkpoint_dir, resolve
+from rmexport.models import DEFAULT_MODEL, _file_fingerprint, checkpoint_dir, resolve, tokenizer_parity_record
 from rmexport.tokenizer_parity import (
     PARITY_FILE,
     PROBES,
@@ -32,7 +32,6 @@ from rmexport.tokenizer_parity import (
     parity_texts,
     read_record,
     record_is_current,
-    tokenizer_parity_record,
 )
 
 from .tiny import tiny_config, tiny_tokenizer

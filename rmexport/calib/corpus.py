@@ -31,7 +31,7 @@ from typing import Any
 
 from ..atomic import write_json
 from ..errors import ConfigError
-from ..models import cache_dir
+from ..fileio import cache_dir
 
 __all__ = [
     "BUILTIN",

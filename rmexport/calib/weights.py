@@ -26,7 +26,9 @@ from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
 from ..errors import ExportError, ModelLoadError
+from ..fileio import read_provenance
 from ..log import get_logger, progress
+from .gguf_reader import GGUFCheckpointReader
 
 __all__ = [
     "CheckpointReader",
@@ -150,16 +152,12 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
 def open_weights(directory: str | Path) -> Any:
     """The reader of a checkpoint's weights: its safetensors shards, or, for a GGUF source's cached
     conversion (config and tokenizer only), the GGUF file itself, dequantized one tensor at a time."""
-    from ..models import read_provenance
-
     directory = Path(directory)
     if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
         return CheckpointReader(directory)
     gguf_file = read_provenance(directory).get("gguf_file")
     if gguf_file and Path(gguf_file).is_file():
         from transformers import AutoConfig
-
-        from .gguf_reader import GGUFCheckpointReader
 
         return GGUFCheckpointReader(gguf_file, config=AutoConfig.from_pretrained(directory))
     return CheckpointReader(directory)  # raises the clear "no weights" error
