@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from validation.speed import SpeedRounds
 
 from .models import DEFAULT_MODEL
 from .prune import PruneOptions
-
-if TYPE_CHECKING:
-    from validation.speed import SpeedProtocol
+from .speed_settings import SpeedProtocol, SpeedRounds
 
 __all__ = [
     "ONNX_DTYPES",
@@ -54,6 +49,7 @@ class ExportONNXConfig:
 @dataclass(frozen=True)
 class ExportGGUFConfig:
     type: str = "f16"
+    imatrix: str | None = None  # auto, none or a file; None: auto at 4 bits and fewer, else none
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
-from rmexport.sysinfo import load_average, usable_cores
+from rmexport.speed_settings import SpeedProtocol, SpeedRounds
+from rmexport.sysinfo import load_average
 
 __all__ = [
     "Phase",
@@ -65,29 +66,6 @@ def _nothing() -> None:
 
 
 @dataclass(frozen=True)
-class SpeedRounds:
-    """How long the speed benchmarks time each phase, in both runtimes (the phases themselves are
-    each runtime's: ``validation.speed.SpeedProtocol``)."""
-
-    warmup: int = 1
-    min_rounds: int = 3
-    max_rounds: int = 10
-    rel_tol: float = 0.02  # stop once the median's estimated standard error is this fraction of it
-    threads: int = 0  # 0: every usable core
-
-    def __post_init__(self) -> None:
-        if self.warmup < 0 or not 1 <= self.min_rounds <= self.max_rounds:
-            raise ConfigError(
-                f"need warmup >= 0 and 1 <= min rounds <= max rounds, got warmup={self.warmup} "
-                f"min={self.min_rounds} max={self.max_rounds}"
-            )
-        if not 0 < self.rel_tol < 1 or self.threads < 0:
-            raise ConfigError(
-                f"need 0 < rel tol < 1 and threads >= 0, got rel_tol={self.rel_tol} threads={self.threads}"
-            )
-
-
-@dataclass(frozen=True)
 class Phase:
     """One repetition of a phase on one model: ``reset()`` (untimed), then ``step(k)`` for
     ``k < steps``, each returning the seconds it timed."""
@@ -95,46 +73,6 @@ class Phase:
     step: Callable[[int], float]
     steps: int = 1
     reset: Callable[[], None] = _nothing
-
-
-@dataclass(frozen=True)
-class SpeedProtocol:
-    """The phases timed (llama-bench's pp and tg tests) and how long each is timed."""
-
-    prompt_tokens: tuple[int, ...] = (512,)
-    gen_tokens: int = 128
-    rounds: SpeedRounds = SpeedRounds()
-
-    def with_rounds(self, rounds: SpeedRounds) -> SpeedProtocol:
-        """The same phases, timed as ``rounds`` says."""
-        return replace(self, rounds=rounds)
-
-    def __post_init__(self) -> None:
-        if not self.prompt_tokens or any(n < 1 for n in self.prompt_tokens) or self.gen_tokens < 1:
-            raise ConfigError(
-                f"prompt tokens {list(self.prompt_tokens)} and generated tokens {self.gen_tokens} "
-                "must all be >= 1"
-            )
-
-    @property
-    def phases(self) -> dict[str, int]:
-        """Phase name -> tokens, prompt phases first: ``{"pp512": 512, "tg128": 128}``."""
-        return {f"pp{n}": n for n in sorted(set(self.prompt_tokens))} | {
-            f"tg{self.gen_tokens}": self.gen_tokens
-        }
-
-    @property
-    def context(self) -> int:
-        """The context every model gets (llama-bench: longest prompt + generated tokens)."""
-        return max(self.prompt_tokens) + self.gen_tokens
-
-    def resolved_threads(self) -> int:
-        return self.rounds.threads or usable_cores()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": sorted(set(self.prompt_tokens)), "gen_tokens": self.gen_tokens} | asdict(
-            self.rounds
-        )
 
 
 def phase_kind(name: str) -> str:

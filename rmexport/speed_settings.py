@@ -1,0 +1,78 @@
+"""What the speed benchmarks time, and for how long: the settings a run's configuration carries.
+
+The timing itself (A B B A turns, warm-up, the stopping rule) is ``validation.speed``'s; these
+settings sit below it so that configurations can hold them without importing validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import ConfigError
+from .sysinfo import usable_cores
+
+__all__ = ["SpeedProtocol", "SpeedRounds"]
+
+
+@dataclass(frozen=True)
+class SpeedRounds:
+    """How long the speed benchmarks time each phase, in both runtimes (the phases themselves are
+    each runtime's: ``SpeedProtocol``)."""
+
+    warmup: int = 1
+    min_rounds: int = 3
+    max_rounds: int = 10
+    rel_tol: float = 0.02  # stop once the median's estimated standard error is this fraction of it
+    threads: int = 0  # 0: every usable core
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or not 1 <= self.min_rounds <= self.max_rounds:
+            raise ConfigError(
+                f"need warmup >= 0 and 1 <= min rounds <= max rounds, got warmup={self.warmup} "
+                f"min={self.min_rounds} max={self.max_rounds}"
+            )
+        if not 0 < self.rel_tol < 1 or self.threads < 0:
+            raise ConfigError(
+                f"need 0 < rel tol < 1 and threads >= 0, got rel_tol={self.rel_tol} threads={self.threads}"
+            )
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """The phases timed (llama-bench's pp and tg tests) and how long each is timed."""
+
+    prompt_tokens: tuple[int, ...] = (512,)
+    gen_tokens: int = 128
+    rounds: SpeedRounds = SpeedRounds()
+
+    def with_rounds(self, rounds: SpeedRounds) -> SpeedProtocol:
+        """The same phases, timed as ``rounds`` says."""
+        return replace(self, rounds=rounds)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens or any(n < 1 for n in self.prompt_tokens) or self.gen_tokens < 1:
+            raise ConfigError(
+                f"prompt tokens {list(self.prompt_tokens)} and generated tokens {self.gen_tokens} "
+                "must all be >= 1"
+            )
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Phase name -> tokens, prompt phases first: ``{"pp512": 512, "tg128": 128}``."""
+        return {f"pp{n}": n for n in sorted(set(self.prompt_tokens))} | {
+            f"tg{self.gen_tokens}": self.gen_tokens
+        }
+
+    @property
+    def context(self) -> int:
+        """The context every model gets (llama-bench: longest prompt + generated tokens)."""
+        return max(self.prompt_tokens) + self.gen_tokens
+
+    def resolved_threads(self) -> int:
+        return self.rounds.threads or usable_cores()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": sorted(set(self.prompt_tokens)), "gen_tokens": self.gen_tokens} | asdict(
+            self.rounds
+        )
