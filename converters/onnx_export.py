@@ -32,6 +32,9 @@ from typing import Any
 from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
+from rmexport.sysinfo import package_versions
+
+from .onnx_genai import build_genai
 
 __all__ = [
     "DTYPES",
@@ -235,8 +238,6 @@ def export_onnx(
         if flavor == "optimum":
             _export_optimum(ckpt, tmp, dtype)
         else:
-            from .onnx_genai import build_genai
-
             build_genai(ckpt, tmp, config, precision=precision)
         graph = _check_graph(tmp, n_layers)
         optimum_gap = adapter_for(config).optimum_runtime_gap if flavor == "optimum" else None
@@ -264,8 +265,6 @@ def export_onnx(
 
 
 def _versions(flavor: str) -> dict[str, str | None]:
-    from rmexport.sysinfo import package_versions
-
     names = ["onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"]
     if flavor == "genai":
         names.append("onnxruntime-genai")

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .fileio import open_gguf
+from .llamacpp import PRE_TOKENIZER_REGEXES
 
 __all__ = ["GGUFVocab", "SpecialTokens", "read_gguf_vocab", "rebuild_tokenizer"]
 
@@ -91,8 +93,6 @@ class SpecialTokens:
 
 def read_gguf_vocab(gguf_path: str | Path) -> GGUFVocab:
     """The tokenizer fields of a GGUF file (ModelLoadError when it has no vocabulary)."""
-    from .fileio import open_gguf
-
     metadata = open_gguf(gguf_path, strings=True).metadata
 
     def value(key: str, default: Any = None) -> Any:
@@ -184,8 +184,6 @@ def _spm_tokenizer(vocab: GGUFVocab) -> Any:
 
 def _gpt2_tokenizer(vocab: GGUFVocab) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    from .llamacpp import PRE_TOKENIZER_REGEXES
 
     rule = _PRE_RULES.get(vocab.pre)
     if rule is None:

@@ -20,10 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.gguf_export import describe_gguf
 from rmexport import llamacpp as llama_cpp_tools
+from rmexport.calib.corpus import load_corpus
+from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
 from rmexport.sysinfo import machine_info, usable_cores
+from validation.gguf_parity import gguf_type_of
+from validation.perplexity import measured_on, perplexity, torch_forward, windows_digest
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
@@ -121,15 +126,10 @@ def _is_gguf(spec: str | Path) -> bool:
 
 
 def _block_count(path: Path) -> int | None:
-    from converters.gguf_export import describe_gguf
-
     return describe_gguf(path)["block_count"]
 
 
 def _windows(original: str | Path, pruned: str | Path, eval_tokens: int, window: int) -> torch.Tensor:
-    from rmexport.calib.corpus import load_corpus
-    from rmexport.calib.tokens import heldout_windows
-
     corpus = load_corpus("builtin")
     checkpoint = next((s for s in (original, pruned) if not _is_gguf(s)), None)
     if checkpoint is not None:
@@ -142,8 +142,6 @@ def _windows(original: str | Path, pruned: str | Path, eval_tokens: int, window:
 
 def _torch_ppl(checkpoint: Path, windows: torch.Tensor) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
-
-    from validation.perplexity import perplexity, torch_forward
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     return perplexity(torch_forward(model), windows, batch_size=1, desc="PyTorch perplexity").as_dict()
@@ -163,9 +161,6 @@ def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str, expo
 
 def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
     """Size, blocks and perplexity of one GGUF over the held-out windows (and their digest)."""
-    from validation.gguf_parity import gguf_type_of
-    from validation.perplexity import perplexity, windows_digest
-
     f32 = gguf_type_of(path) == "f32"  # f32 weights: keep the KV cache in f32 too, as parity does
     with llama_cpp_tools.open_model(
         path, n_ctx=windows.shape[1], n_threads=n_threads, logits_all=True, f32_kv_cache=f32
@@ -183,8 +178,6 @@ def _earlier_measurement(
     earlier: Sequence[dict[str, Any]], path: Path, windows: torch.Tensor
 ) -> dict[str, Any] | None:
     """The measurement of ``path`` among ``earlier`` ones, if it was made on this file and these windows."""
-    from validation.perplexity import measured_on
-
     size = path.stat().st_size
     return next(
         (m for m in earlier if measured_on(m, path, windows, "file") and m["size_bytes"] == size), None
@@ -220,8 +213,6 @@ def bench_gguf(
     of each of ``types`` into ``work_dir`` (a benchmark measures; it does not convert by itself).
     ``original_quality`` (``gguf_perplexity`` of original GGUF files) is used instead of measuring
     an original again when it was measured on the same file and the same windows."""
-    from validation.gguf_parity import gguf_type_of
-
     file_types = {gguf_type_of(s) for s in (original, pruned) if _is_gguf(s)}
     if len(file_types) > 1:
         raise ConfigError(f"--original and --pruned GGUF files have different types: {sorted(file_types)}")

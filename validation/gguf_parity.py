@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.gguf_export import GGUF_TYPES
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ShapeMismatchError, ToleranceError
 from rmexport.fileio import open_gguf
@@ -110,8 +111,6 @@ TOKENIZER_PROBES = (
 def gguf_type_of(path: str | Path) -> str:
     """Our type name (f32, f16, ...) from the file's ``general.file_type``."""
     import gguf
-
-    from converters.gguf_export import GGUF_TYPES
 
     file_type = open_gguf(path).metadata.get(gguf.Keys.General.FILE_TYPE)
     if file_type is None:

@@ -20,11 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from rmexport.calib.corpus import load_corpus
+from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError, ModelLoadError
 from rmexport.sysinfo import machine_info, usable_cores
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
+from .ort_decoder import OrtDecoder
+from .perplexity import measured_on, perplexity, windows_digest
 
 __all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table", "onnx_perplexity"]
 
@@ -88,9 +92,6 @@ def speed(decoders: dict[str, Any], protocol: speed_protocol.SpeedProtocol) -> d
 def _windows(onnx_dir: Path, eval_tokens: int, window: int):
     from transformers import AutoTokenizer
 
-    from rmexport.calib.corpus import load_corpus
-    from rmexport.calib.tokens import heldout_windows
-
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
     return heldout_windows(load_corpus("builtin"), tokenizer, eval_tokens, window=window)
 
@@ -106,8 +107,6 @@ def _checked_dir(path: str | Path) -> Path:
 
 def _measured(decoder: Any, windows: Any, role: str) -> dict[str, Any]:
     """One export's size and held-out perplexity, with the digest of the windows it was measured on."""
-    from .perplexity import perplexity, windows_digest
-
     ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {role}")
     log.info("bench onnx: %s (%d blocks) ppl=%.3f", role, decoder.num_layers, ppl.ppl)
     return {
@@ -126,8 +125,6 @@ def onnx_perplexity(
     """What ``bench_onnx`` measures of one export besides speed: size and held-out perplexity. The
     original's never changes between runs, so a pipeline measures it once per model and hands it
     back to ``bench_onnx(original_perplexity=...)``."""
-    from .ort_decoder import OrtDecoder
-
     onnx_dir = _checked_dir(onnx_dir)
     windows = _windows(onnx_dir, eval_tokens, window)
     return _measured(OrtDecoder(onnx_dir, threads=threads or usable_cores()), windows, "original")
@@ -153,8 +150,6 @@ def bench_onnx(
             "the two exports tokenize the held-out text differently",
             hint="compare a pruned model with the model it was pruned from",
         )
-    from .ort_decoder import OrtDecoder
-    from .perplexity import measured_on
 
     threads = protocol.resolved_threads()
     paths = {"original": original_dir, "pruned": pruned_dir}

@@ -23,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from converters.onnx_export import read_export_info
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
+from rmexport.models import load_model, load_tokenizer, resolve
 
 from . import parity
+from .ort_decoder import OrtDecoder
 from .parity import Tolerance, heldout_prompts
 
 __all__ = ["TOLERANCES", "Tolerance", "format_table", "heldout_prompts", "print_table", "validate_onnx"]
@@ -56,8 +59,6 @@ DEFAULT_NEW_TOKENS = 32
 
 
 def _precision_of(onnx_dir: Path, decoder: Any) -> str:
-    from converters.onnx_export import read_export_info
-
     precision = read_export_info(onnx_dir).get("precision")
     if precision:
         return precision
@@ -126,11 +127,6 @@ def validate_onnx(
     fails and ``raise_on_failure``.
     """
     import torch
-
-    from converters.onnx_export import read_export_info
-    from rmexport.models import load_model, load_tokenizer, resolve
-
-    from .ort_decoder import OrtDecoder
 
     if new_tokens < 1:
         raise ConfigError("--new-tokens must be >= 1")

@@ -29,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from rmexport.calib.budget import MemoryBudget
+from rmexport.calib.corpus import load_corpus
+from rmexport.calib.engine import Engine, original_plan
 from rmexport.errors import ConfigError
 from rmexport.measures import kl_rows
 
@@ -77,8 +80,6 @@ def heldout_prompts(
     """The first ``n_prompts`` held-out documents of at least ``min_tokens`` tokens, each as BOS +
     up to ``max_tokens - 1`` tokens. Fewer than ``n_prompts`` is an error when ``need_all``, and
     none always is."""
-    from rmexport.calib.corpus import load_corpus
-
     if n_prompts < 1 or max_tokens < min_tokens:
         raise ConfigError(f"need at least 1 prompt of at least {min_tokens} tokens")
     bos = tokenizer.bos_token_id
@@ -126,17 +127,12 @@ class EngineReference:
     disk as in a prune. Open with ``EngineReference.open(checkpoint)``."""
 
     def __init__(self, engine: Any) -> None:
-        from rmexport.calib.engine import original_plan
-
         self.engine = engine
         self.plan = original_plan(engine.n_layers)
 
     @classmethod
     @contextmanager
     def open(cls, checkpoint: str | Path) -> Iterator[EngineReference]:
-        from rmexport.calib.budget import MemoryBudget
-        from rmexport.calib.engine import Engine
-
         engine = Engine.open(checkpoint, MemoryBudget.from_option(None))
         try:
             yield cls(engine)

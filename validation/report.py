@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .gguf_parity import SOURCE_KL_MULTIPLE, SOURCE_TOP1_MARGIN
 from .plots import plot_bars, plot_selection_profile, plot_speedups
 
 __all__ = ["machines", "print_summary", "runtime_rows", "speed_check", "speed_rows", "write_report"]
@@ -74,8 +75,6 @@ def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
 
 
 def _source_rule() -> str:
-    from .gguf_parity import SOURCE_KL_MULTIPLE, SOURCE_TOP1_MARGIN
-
     return (
         "\"Source file's own\": the original model's GGUF of the same type against the original in "
         "PyTorch, on the same prompts (for a GGUF source, the source file itself). A lossy GGUF passes "
