@@ -14,11 +14,13 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from rmexport.errors import ExportError, ModelLoadError, ToolchainError
+from rmexport.errors import ExportError, ModelLoadError
+from rmexport.optional import optional_import
 
 __all__ = ["OrtDecoder", "default_providers", "text_config"]
 
@@ -33,11 +35,13 @@ _NUMPY_TYPES = {
 }
 
 
+def _onnxruntime() -> ModuleType:
+    return optional_import("onnxruntime", package="onnxruntime", needed_for="running an ONNX model")
+
+
 def default_providers() -> list[str]:
     """CUDA when onnxruntime-gpu provides it, else the CPU execution provider."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
+    available = _onnxruntime().get_available_providers()
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -61,10 +65,7 @@ class OrtDecoder:
     ):
         """``spinning=False`` stops idle onnxruntime threads from busy-waiting between runs; use it
         when PyTorch shares the CPU with the session (parity checks), keep it for benchmarks."""
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ToolchainError("onnxruntime is not installed", hint="pip install onnxruntime") from e
+        ort = _onnxruntime()
         self.dir = Path(onnx_dir)
         model_path = self.dir / "model.onnx"
         config_path = self.dir / "config.json"
@@ -81,8 +82,7 @@ class OrtDecoder:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers or default_providers()
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-
+        ort_errors = ort.capi.onnxruntime_pybind11_state
         load_errors = (
             ort_errors.Fail,
             ort_errors.InvalidGraph,
@@ -151,9 +151,7 @@ class OrtDecoder:
 
     # --- IO-bound greedy decoding --------------------------------------------------------
     def _ortvalue(self, array: np.ndarray):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        return _onnxruntime().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def _run_bound(self, ids: np.ndarray, past: list | None, past_len: int) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()

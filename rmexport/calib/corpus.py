@@ -32,6 +32,7 @@ from typing import Any
 from ..atomic import write_json
 from ..errors import ConfigError
 from ..fileio import cache_dir
+from ..optional import optional_import
 
 __all__ = [
     "BUILTIN",
@@ -207,10 +208,7 @@ def _hub_documents(spec: str) -> list[Document]:
     else:
         parts = spec.removeprefix("hf:").split(":")
         dataset_id, config, split, reader = parts[0], (parts[1] if len(parts) > 1 else None), "train", "auto"
-    try:
-        import datasets
-    except ImportError as e:
-        raise ConfigError("hub datasets need the 'datasets' package", hint="pip install datasets") from e
+    datasets = optional_import("datasets", package="datasets", needed_for="a hub dataset")
     try:
         stream = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
         records = [r for _, r in zip(range(_HUB_FETCH_LIMIT), stream, strict=False)]

@@ -1,0 +1,25 @@
+"""The one way to import a dependency that only some installs have (the ``cpu``/``gpu``/``hub`` extras).
+
+Everything else is imported at the top of its module. A dependency here is imported on first use,
+and its absence is a one-line error that says what to install, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import ToolchainError
+
+__all__ = ["optional_import"]
+
+
+def optional_import(module: str, *, package: str, needed_for: str) -> ModuleType:
+    """``module``, or ToolchainError naming the pip ``package`` that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ToolchainError(
+            f"{needed_for} needs the {package!r} package, which is not installed",
+            hint=f"pip install {package}",
+        ) from e
