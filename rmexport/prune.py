@@ -43,7 +43,7 @@ from .replaceme.original_perplexity import OriginalPerplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import MAP_SPACES, SELECTION_RULES, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
-from .replaceme.survey import SelectionScorer, fit_cut, survey_candidates
+from .replaceme.survey import CandidateSurvey, SelectionScorer, fit_cut, survey_candidates
 
 __all__ = [
     "PruneOptions",
@@ -272,8 +272,28 @@ def choose_and_fit(
         distance_tokens=options.distance_tokens,
         shortlist_only=options.select == "distance",
         allowed=_gguf_filter(engine, plan, n) if options.gguf_compatible else None,
+        keep_trace=options.map_space == "hidden",
         step=step,
     )
+    try:
+        return _choose_and_fit_surveyed(
+            engine, plan, calibration, survey, options, step, scorer, stats_budget_bytes
+        )
+    finally:
+        survey.release_trace()
+
+
+def _choose_and_fit_surveyed(
+    engine: Engine,
+    plan: Plan,
+    calibration: CalibrationSet,
+    survey: CandidateSurvey,
+    options: PruneOptions,
+    step: str,
+    scorer: SelectionScorer | None,
+    stats_budget_bytes: int,
+) -> tuple[tuple[int, int], FitResult, dict[str, Any]]:
+    n = survey.n
     scores = survey.scores(options.distance_tokens)
     table = survey.table()
     if options.select == "loss":

@@ -338,3 +338,37 @@ def test_fold_parity_in_bfloat16_passes_rounding_and_fails_a_wrong_fold(tiny_che
 
     monkeypatch.setattr(engine_module, "fold_map", lambda adapter, block, t: fold_map(adapter, block, t.T))
     assert not _bfloat16_checks(checkpoint, final, windows).parity_passed
+
+
+@pytest.mark.parametrize("cut", [(1, 4), (3, 6)])
+def test_hidden_statistics_resumed_from_a_trace_equal_a_fresh_pass(cut, tiny_checkpoints, builtin_corpus):
+    """The survey's pass keeps the stream after every block; the hidden statistics of the chosen cut,
+    run from it through the one block before the cut, are the bytes a pass from the embeddings gives,
+    and releasing the trace leaves nothing of it in the store."""
+    from rmexport.calib.collect import Trace
+
+    checkpoint = tiny_checkpoints["qwen2"]
+    tokenizer = load_tokenizer(resolve(str(checkpoint)))
+    calibration, set_aside = (
+        calibration_batches(builtin_corpus, tokenizer, n_samples=n, seq_len=32, batch_size=8) for n in (24, 8)
+    )
+    plan, n = original_plan(8), cut[1] - cut[0]
+    engine = _engine(checkpoint, resident=True)
+    try:
+        fresh = collect_hidden_statistics(engine, plan, [calibration, set_aside], cut)
+        trace = Trace(engine, plan, calibration)
+        starts = candidate_starts(len(plan), n)
+        collect(engine, plan, calibration, n=n, starts=starts, stats_for=starts, trace=trace)
+        assert trace.holds(plan, calibration, cut) and not trace.holds(plan, set_aside, cut)
+        resumed = collect_hidden_statistics(engine, plan, [calibration, set_aside], cut, trace=trace)
+        trace.release()
+        assert engine.store.resident_bytes == 0 and not engine.store._tensors
+    finally:
+        engine.close()
+    for got, ref in zip(resumed, fresh, strict=True):
+        assert torch.equal(got.gram, ref.gram) and torch.equal(got.cross, ref.cross)
+        assert (got.tokens, got.target_energy, got.stream_energy) == (
+            ref.tokens,
+            ref.target_energy,
+            ref.stream_energy,
+        )

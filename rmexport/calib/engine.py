@@ -218,6 +218,14 @@ class Engine:
             skeleton.free(skeleton.embedding_path)
         return Stream(keys)
 
+    def stream(self, name: str, states: dict[int, torch.Tensor], done: Plan) -> Stream:
+        """A stream of ``name``'s batches from hidden states after ``done`` (stored anew)."""
+        keys = {}
+        for b, state in states.items():
+            keys[b] = self._new_key(name)
+            self.store.put(keys[b], state)
+        return Stream(keys, done)
+
     def release(self, *streams: Stream) -> None:
         for stream in streams:
             for key in stream.keys.values():
@@ -337,12 +345,13 @@ class Engine:
         hidden_at: set[int] = frozenset(),
         desc: str = "Calibrating",
     ) -> None:
-        """Run steps ``0 .. until`` of ``plan`` and call ``on_block(position, batch, L, M, H)`` after
-        each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at`` and ``H`` the
-        input of ``down_proj`` (the MLP's hidden activations) where it is in ``hidden_at``.
-        Consumes ``stream`` (which must be at the start of the plan)."""
-        if stream.done:
-            raise ValueError("walk starts from embedded batches")
+        """Run steps ``len(stream.done) .. until`` of ``plan`` and call ``on_block(position, batch,
+        L, M, H)`` after each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at``
+        and ``H`` the input of ``down_proj`` (the MLP's hidden activations) where it is in
+        ``hidden_at``. Consumes ``stream``, whose ``done`` steps must begin ``plan``."""
+        first = len(stream.done)
+        if plan[:first] != stream.done:
+            raise ValueError("the stream is not at a point of this plan")
         captured: dict[str, torch.Tensor] = {}
 
         def on_mlp(_module, _inputs, output):
@@ -352,7 +361,7 @@ class Engine:
             captured["hidden"] = inputs[0].detach()
 
         with torch.inference_mode():
-            for position in progress(range(until + 1), desc=desc, total=until + 1):
+            for position in progress(range(first, until + 1), desc=desc, total=until + 1 - first):
                 step = plan[position]
                 block = self.skeleton.load_block(step.layer)
                 handles = []

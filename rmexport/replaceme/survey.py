@@ -17,6 +17,7 @@ from ..arch import ArchAdapter
 from ..calib.collect import (
     CutStatistics,
     DistanceProfile,
+    Trace,
     collect,
     collect_activations,
     collect_hidden_statistics,
@@ -66,6 +67,12 @@ class CandidateSurvey:
     profile: DistanceProfile
     stats: dict[int, CutStatistics]
     maps: dict[int, torch.Tensor]  # least-squares map per candidate with statistics
+    trace: Trace | None = None  # the calibration pass's stream after every step, until fitted
+
+    def release_trace(self) -> None:
+        if self.trace is not None:
+            self.trace.release()
+            self.trace = None
 
     def scores(self, distance_tokens: str) -> CutScores:
         d = next(iter(self.stats.values())).gram.shape[0] if self.stats else 0
@@ -98,12 +105,14 @@ def survey_candidates(
     distance_tokens: str = "last",
     shortlist_only: bool = False,
     allowed: Callable[[int], bool] | None = None,
+    keep_trace: bool = False,
     step: str = "",
 ) -> CandidateSurvey:
     """One pass when the sums of every candidate fit in ``stats_budget_bytes``; otherwise distances
     first, then sums for as many of the closest candidates as fit (only the closest with
     ``shortlist_only``, which is all the distance rule needs). ``allowed`` keeps only the starts a
-    deployment target can represent."""
+    deployment target can represent. ``keep_trace`` keeps the one pass's stream after every step
+    for the chosen cut's next pass (see ``Trace``) where it fits the activations' budget."""
     starts = [s for s in candidate_starts(len(plan), n) if allowed is None or allowed(s)]
     if not starts:
         raise ConfigError(f"no cut of {n} blocks of {len(plan)} is allowed", hint="choose another --layers")
@@ -115,7 +124,16 @@ def survey_candidates(
             engine, plan, calibration, n=n, starts=starts, distance_tokens=distance_tokens, desc=label
         )
     elif affordable >= len(starts):
-        profile, stats = collect(engine, plan, calibration, n=n, starts=starts, stats_for=starts, desc=label)
+        trace = (
+            Trace(engine, plan, calibration)
+            if keep_trace and _trace_fits(engine, plan, calibration)
+            else None
+        )
+        profile, stats = collect(
+            engine, plan, calibration, n=n, starts=starts, stats_for=starts, desc=label, trace=trace
+        )
+        maps = {s: least_squares_map(engine.adapter, acc, alpha) for s, acc in stats.items()}
+        return CandidateSurvey(n, starts, profile, stats, maps, trace)
     else:
         profile, _ = collect(
             engine, plan, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
@@ -133,6 +151,11 @@ def survey_candidates(
         )
     maps = {s: least_squares_map(engine.adapter, acc, alpha) for s, acc in stats.items()}
     return CandidateSurvey(n, starts, profile, stats, maps)
+
+
+def _trace_fits(engine: Engine, plan: Plan, calibration: CalibrationSet) -> bool:
+    store = engine.store
+    return Trace.bytes_needed(engine, plan, calibration) <= store.budget_bytes - store.resident_bytes
 
 
 def hidden_map_problem(
@@ -171,6 +194,7 @@ def hidden_map(
     output_map: torch.Tensor,
     *,
     grid: tuple[float, ...] = RIDGE_GRID,
+    trace: Trace | None = None,
     step: str = "",
 ) -> tuple[torch.Tensor, CutStatistics, dict[str, Any]]:
     """The map of the MLP's hidden activations for ``cut`` of ``plan``, shrunk toward
@@ -178,7 +202,7 @@ def hidden_map(
     ``grid`` with the smallest error on ``set_aside``. Returns the map, its calibration sums and
     what the record says about it."""
     stats, held = collect_hidden_statistics(
-        engine, plan, [calibration, set_aside], cut, desc=f"{step} Hidden statistics".strip()
+        engine, plan, [calibration, set_aside], cut, desc=f"{step} Hidden statistics".strip(), trace=trace
     )
     prior = engine.down_proj_weight(plan[cut[0] - 1]).T @ output_map.to(torch.float64)
     choice = ridge_toward(stats, held, prior, grid)
@@ -234,10 +258,13 @@ def fit_cut(
         problem = hidden_map_problem(engine, set_aside, stats_budget_bytes)
         if problem is None:
             assert set_aside is not None
-            init, stats, details = hidden_map(engine, plan, calibration, set_aside, cut, init, step=step)
+            init, stats, details = hidden_map(
+                engine, plan, calibration, set_aside, cut, init, trace=survey.trace, step=step
+            )
         else:
             log.warning("fitting the map of the MLP's output: %s", problem)
             details["map_note"] = problem
+    survey.release_trace()
     if solver == "cosine":
         activations = collect_activations(
             engine,
