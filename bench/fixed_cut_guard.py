@@ -23,7 +23,7 @@ import torch
 
 from rmexport.atomic import write_json
 from rmexport.calib.budget import MemoryBudget
-from rmexport.calib.collect import collect_hidden_statistics
+from rmexport.calib.collect import cut_sums
 from rmexport.calib.engine import Map, Plan, cut_plan, original_plan
 from rmexport.models import load_tokenizer, resolve
 from rmexport.prune import (
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = open_engine(_local_checkpoint(source), options, MemoryBudget.from_option(None))
     try:
         plan, cut = original_plan(engine.n_layers), tuple(args.cut)
-        stats, held_stats = collect_hidden_statistics(engine, plan, [calibration, held], cut)
+        sums, held_sums = cut_sums(engine, plan, [calibration, held], cut, hidden=True)
+        output_map = lstsq_from_gram(sums.output.gram, sums.output.cross)
         down = engine.down_proj_weight(plan[cut[0] - 1])  # [d, d_ff]
-        output_map = lstsq_from_gram(down @ stats.gram @ down.T, down @ stats.cross)
-        choice = ridge_toward(stats, held_stats, down.T @ output_map)
+        choice = ridge_toward(sums.hidden, held_sums.hidden, down.T @ output_map)
         fitted_s = time.perf_counter() - started
         unchanged = down.T.to(torch.float64)
         plans = {

@@ -31,7 +31,7 @@ import torch
 
 from rmexport.atomic import write_json
 from rmexport.calib.budget import MemoryBudget
-from rmexport.calib.collect import collect
+from rmexport.calib.collect import collect, cut_sums
 from rmexport.calib.corpus import BUILTIN, OUT_OF_DOMAIN, load_corpus
 from rmexport.calib.engine import Map, cut_plan, original_plan
 from rmexport.calib.tokens import heldout_windows, mixture_batches
@@ -94,8 +94,9 @@ def _hidden_ideas(engine, full, calibration, set_aside, start, output_map, n):
     """The map of the MLP's hidden activations at ``start``: ridge toward ``output_map``, strength
     chosen on ``set_aside`` (what the prune does), and the unregularised one."""
     cut = (start, start + n)
-    chosen, _, details = hidden_map(engine, full, calibration, set_aside, cut, output_map)
-    exact, _, _ = hidden_map(engine, full, calibration, set_aside, cut, output_map, grid=(0.0,))
+    sums, held = cut_sums(engine, full, [calibration, set_aside], cut, hidden=True)
+    chosen, details = hidden_map(engine, full, cut, sums, held, output_map)
+    exact, _ = hidden_map(engine, full, cut, sums, held, output_map, grid=(0.0,))
     return {
         "hidden": (start, chosen, {"alpha": details["ridge_toward_T"]}),
         "hidden, α=0": (start, exact, {}),

@@ -788,6 +788,7 @@ def _check_calibration_numbers(options: PruneOptions) -> None:
     from .calib.tokens import DEFAULT_EVAL_WINDOW
 
     check_count(options.calib_samples, "--calib-samples")
+    check_count(options.survey_samples, "--survey-samples")
     check_count(options.batch_size, "--batch-size")
     check_count(options.seq_len, "--seq-len", 8)
     check_count(options.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)

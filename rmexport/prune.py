@@ -70,6 +70,7 @@ class PruneOptions:
     distance_tokens: str = "last"
     calib_data: str = DEFAULT_CALIBRATION
     calib_samples: int = 384  # 512 gave the same perplexity on every held-out source (within 0.3 %)
+    survey_samples: int = 128  # of them, what the survey of every cut reads; the chosen cut's fit reads all
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -272,6 +273,7 @@ def choose_and_fit(
         distance_tokens=options.distance_tokens,
         shortlist_only=options.select == "distance",
         allowed=_gguf_filter(engine, plan, n) if options.gguf_compatible else None,
+        survey_batches=calibration.spread(options.survey_samples),
         keep_trace=options.map_space == "hidden",
         step=step,
     )

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rmexport.arch import adapter_for
-from rmexport.calib.collect import _accumulate, collect, collect_hidden_statistics
+from rmexport.calib.collect import Trace, _accumulate, collect, cut_sums
 from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, original_plan
 from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches
@@ -275,7 +275,7 @@ def test_hidden_statistics_equal_hooks_on_the_whole_model(family, tiny_checkpoin
         handle.remove()
     engine = _engine(checkpoint, resident=False, activation_bytes=0)
     try:
-        got = collect_hidden_statistics(engine, original_plan(8), sets, cut)
+        got = [one.hidden for one in cut_sums(engine, original_plan(8), sets, cut, hidden=True)]
     finally:
         engine.close()
     for acc, ref in zip(got, expected, strict=True):
@@ -340,35 +340,39 @@ def test_fold_parity_in_bfloat16_passes_rounding_and_fails_a_wrong_fold(tiny_che
     assert not _bfloat16_checks(checkpoint, final, windows).parity_passed
 
 
-@pytest.mark.parametrize("cut", [(1, 4), (3, 6)])
-def test_hidden_statistics_resumed_from_a_trace_equal_a_fresh_pass(cut, tiny_checkpoints, builtin_corpus):
-    """The survey's pass keeps the stream after every block; the hidden statistics of the chosen cut,
-    run from it through the one block before the cut, are the bytes a pass from the embeddings gives,
-    and releasing the trace leaves nothing of it in the store."""
-    from rmexport.calib.collect import Trace
-
+@pytest.mark.parametrize(("cut", "surveyed"), [((1, 4), None), ((3, 6), None), ((3, 6), [0, 2])])
+def test_cut_sums_resumed_from_a_trace_equal_a_fresh_pass(cut, surveyed, tiny_checkpoints, builtin_corpus):
+    """The survey's pass keeps the stream after every block; the chosen cut's sums, run from it
+    through the one block before the cut (and, for the batches a survey of a share did not read,
+    from the embeddings), are what a pass from the embeddings gives: the same bytes where the trace
+    holds every batch. Releasing the trace leaves nothing of it in the store."""
     checkpoint = tiny_checkpoints["qwen2"]
     tokenizer = load_tokenizer(resolve(str(checkpoint)))
     calibration, set_aside = (
-        calibration_batches(builtin_corpus, tokenizer, n_samples=n, seq_len=32, batch_size=8) for n in (24, 8)
+        calibration_batches(builtin_corpus, tokenizer, n_samples=n, seq_len=32, batch_size=8) for n in (32, 8)
     )
+    assert len(calibration.batches) >= 3
     plan, n = original_plan(8), cut[1] - cut[0]
+    ids = surveyed or list(range(len(calibration.batches)))
     engine = _engine(checkpoint, resident=True)
     try:
-        fresh = collect_hidden_statistics(engine, plan, [calibration, set_aside], cut)
-        trace = Trace(engine, plan, calibration)
+        fresh = cut_sums(engine, plan, [calibration, set_aside], cut, hidden=True)
+        trace = Trace(engine, plan, calibration, ids)
         starts = candidate_starts(len(plan), n)
-        collect(engine, plan, calibration, n=n, starts=starts, stats_for=starts, trace=trace)
-        assert trace.holds(plan, calibration, cut) and not trace.holds(plan, set_aside, cut)
-        resumed = collect_hidden_statistics(engine, plan, [calibration, set_aside], cut, trace=trace)
+        collect(engine, plan, calibration.subset(ids), n=n, starts=starts, stats_for=starts, trace=trace)
+        assert trace.holds(plan, calibration, cut) == ids and not trace.holds(plan, set_aside, cut)
+        resumed = cut_sums(engine, plan, [calibration, set_aside], cut, hidden=True, trace=trace)
         trace.release()
         assert engine.store.resident_bytes == 0 and not engine.store._tensors
     finally:
         engine.close()
     for got, ref in zip(resumed, fresh, strict=True):
-        assert torch.equal(got.gram, ref.gram) and torch.equal(got.cross, ref.cross)
-        assert (got.tokens, got.target_energy, got.stream_energy) == (
-            ref.tokens,
-            ref.target_energy,
-            ref.stream_energy,
-        )
+        for a, b in ((got.output, ref.output), (got.hidden, ref.hidden)):
+            assert a.tokens == b.tokens > 0
+            if surveyed is None:
+                assert torch.equal(a.gram, b.gram) and torch.equal(a.cross, b.cross)
+                assert (a.target_energy, a.stream_energy) == (b.target_energy, b.stream_energy)
+            else:  # the same sums added in another order
+                torch.testing.assert_close(a.gram, b.gram, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(a.cross, b.cross, rtol=1e-12, atol=1e-12)
+                assert a.stream_energy == pytest.approx(b.stream_energy, rel=1e-12)

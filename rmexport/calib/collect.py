@@ -35,7 +35,8 @@ __all__ = [
     "Trace",
     "collect",
     "collect_activations",
-    "collect_hidden_statistics",
+    "CutSums",
+    "cut_sums",
     "distances_then_closest_sums",
 ]
 
@@ -142,41 +143,49 @@ class CutActivations:
 class Trace:
     """The residual stream after every step of one calibration pass, kept in the engine's store.
 
-    A later pass over one cut of the same plan then runs only the step before the cut from it,
-    instead of every step from the embeddings: on a model the size of Qwen2.5-1.5B the hidden
-    map's pass to the end of the cut was a third of the prune."""
+    The pass reads batches ``batch_ids`` of ``calibration`` (all of them, or the share a survey of
+    cuts reads). A later pass over one cut of the same plan runs only the step before the cut on
+    them, from the stream kept here, instead of every step from the embeddings: on a model the
+    size of Qwen2.5-1.5B that pass to the end of the cut was a third of the prune."""
 
     engine: Engine
     plan: Plan
     calibration: CalibrationSet
+    batch_ids: list[int]
     tag: str = "trace"
     positions: range = range(0)
 
+    @property
+    def batches(self) -> Batches:
+        return [self.calibration.batches[i] for i in self.batch_ids]
+
     @staticmethod
-    def bytes_needed(engine: Engine, plan: Plan, calibration: CalibrationSet) -> int:
+    def bytes_needed(engine: Engine, plan: Plan, batches: Batches) -> int:
         """What a pass over every step of ``plan`` keeps, and the one stream it runs."""
-        slots = sum(ids.numel() for ids, _mask in calibration.batches)
+        slots = sum(ids.numel() for ids, _mask in batches)
         element = torch.empty((), dtype=engine.skeleton.compute_dtype).element_size()
         return (len(plan) + 1) * slots * engine.config.hidden_size * element
 
     def key(self, position: int, b: int) -> tuple[str, str, int, int]:
+        """The stream after step ``position`` of the pass's batch ``b``."""
         return (self.tag, "L", position, b)
 
-    def holds(self, plan: Plan, calibration: CalibrationSet, cut: tuple[int, int]) -> bool:
-        return plan == self.plan and calibration is self.calibration and cut[1] - 1 in self.positions
+    def holds(self, plan: Plan, calibration: CalibrationSet, cut: tuple[int, int]) -> list[int]:
+        """The batches of ``calibration`` whose stream around ``cut`` of ``plan`` is kept here."""
+        if plan != self.plan or calibration is not self.calibration or cut[1] - 1 not in self.positions:
+            return []
+        return list(self.batch_ids)
 
     def resume(self, position: int) -> Stream:
-        """The batches as they enter step ``position``; the caller's walk consumes the stream."""
+        """The pass's batches as they enter step ``position``; the caller's walk consumes it."""
         if position == 0:
-            return self.engine.embed(self.tag, self.calibration.batches)
-        states = {
-            b: self.engine.store.get(self.key(position - 1, b)) for b in range(len(self.calibration.batches))
-        }
+            return self.engine.embed(self.tag, self.batches)
+        states = {b: self.engine.store.get(self.key(position - 1, b)) for b in range(len(self.batch_ids))}
         return self.engine.stream(self.tag, states, self.plan[:position])
 
     def release(self) -> None:
         for position in self.positions:
-            for b in range(len(self.calibration.batches)):
+            for b in range(len(self.batch_ids)):
                 self.engine.store.drop(self.key(position, b))
         self.positions = range(0)
         self.engine.forget(self.tag)
@@ -323,61 +332,87 @@ def collect(
     return profile, stats
 
 
-def collect_hidden_statistics(
+@dataclass
+class CutSums:
+    """One set's sums for one cut: of the MLP's output (the d×d map), and of its hidden
+    activations (the d_ff×d map) where they were asked for."""
+
+    output: CutStatistics
+    hidden: CutStatistics | None = None
+
+
+def cut_sums(
     engine: Engine,
     plan: Plan,
     sets: list[CalibrationSet],
     cut: tuple[int, int],
-    desc: str = "Hidden statistics",
+    *,
+    hidden: bool,
     trace: Trace | None = None,
-) -> list[CutStatistics]:
-    """The sums over the MLP's hidden activations (features ``H_{s-1}``, d_ff of them) for one
-    cut, one ``CutStatistics`` per set: a set whose stream ``trace`` holds runs only the block
-    before the cut from it, the others one pass over all their batches together (it stops at the
-    cut's last block)."""
+    desc: str = "Statistics",
+) -> list[CutSums]:
+    """The sums of one cut for each set: the batches whose stream ``trace`` holds run only the
+    step before the cut from it; all other batches of all sets run together in one pass from the
+    embeddings that stops at the cut's last step."""
     start, end = cut
     d = engine.config.hidden_size
-    stats = [_empty_stats([start], end - start, d, engine.config.intermediate_size)[start] for _ in sets]
-    traced = [k for k, one in enumerate(sets) if trace is not None and trace.holds(plan, one, cut)]
-    for k in traced:
-        _hidden_sums_from_trace(engine, trace, cut, stats[k], desc)
-    walked = [k for k in range(len(sets)) if k not in traced]
-    batches = [batch for k in walked for batch in sets[k].batches]
-    owner = [k for k in walked for _ in sets[k].batches]
-    if not batches:
-        _check_finite(dict(enumerate(stats)))
-        return stats
+    sums = [
+        CutSums(
+            _empty_stats([start], end - start, d)[start],
+            _empty_stats([start], end - start, d, engine.config.intermediate_size)[start] if hidden else None,
+        )
+        for _ in sets
+    ]
 
-    def on_cut(c: CutBatch) -> None:
-        r = c.real
-        _accumulate(stats[owner[c.batch]], c.mlp[r], c.before[r], c.after[r], features=c.hidden[r])
+    def add(k: int, mlp: torch.Tensor, before: torch.Tensor, after: torch.Tensor, h: torch.Tensor | None):
+        _accumulate(sums[k].output, mlp, before, after)
+        if hidden:
+            _accumulate(sums[k].hidden, mlp, before, after, features=h)
 
-    _stream_cuts(
-        engine,
-        plan,
-        batches,
-        n=end - start,
-        starts=[start],
-        mlp_starts=[start],
-        hidden_starts=[start],
-        on_cut=on_cut,
-        desc=desc,
-    )
-    _check_finite({k: acc for k, acc in enumerate(stats)})
-    return stats
+    held: set[tuple[int, int]] = set()
+    for k, one in enumerate(sets):
+        kept = trace.holds(plan, one, cut) if trace is not None else []
+        if kept:
+            _sums_from_trace(engine, trace, cut, lambda *a, k=k: add(k, *a), desc)
+            held |= {(k, b) for b in kept}
+    walked = [(k, b) for k, one in enumerate(sets) for b in range(len(one.batches)) if (k, b) not in held]
+    if walked:
+
+        def on_cut(c: CutBatch) -> None:
+            r = c.real
+            add(walked[c.batch][0], c.mlp[r], c.before[r], c.after[r], c.hidden[r] if hidden else None)
+
+        _stream_cuts(
+            engine,
+            plan,
+            [sets[k].batches[b] for k, b in walked],
+            n=end - start,
+            starts=[start],
+            mlp_starts=[start],
+            hidden_starts=[start] if hidden else [],
+            on_cut=on_cut,
+            desc=desc,
+        )
+    for one in sums:
+        _check_finite({0: one.output} | ({1: one.hidden} if one.hidden is not None else {}))
+    return sums
 
 
-def _hidden_sums_from_trace(
-    engine: Engine, trace: Trace, cut: tuple[int, int], acc: CutStatistics, desc: str
+def _sums_from_trace(
+    engine: Engine,
+    trace: Trace,
+    cut: tuple[int, int],
+    add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None],
+    desc: str,
 ) -> None:
-    """Add the hidden sums of ``trace``'s batches for ``cut``, running only step ``start - 1``."""
+    """``add(M, L_{s-1}, L_{s+n-1}, H)`` for each of ``trace``'s batches, running only step ``s - 1``."""
     start, end = cut
-    masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in trace.calibration.batches]
+    masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in trace.batches]
 
-    def on_block(_position: int, b: int, hidden: torch.Tensor, mlp, h) -> None:
+    def on_block(_position: int, b: int, before: torch.Tensor, mlp, h) -> None:
         r = masks[b]
         after = engine.store.get(trace.key(end - 1, b))
-        _accumulate(acc, mlp[r], hidden[r], after[r], features=h[r])
+        add(mlp[r], before[r], after[r], h[r])
 
     engine.walk(
         trace.tag,

@@ -13,8 +13,9 @@ window is predicted, so perplexity averages over exactly ``n_tokens`` prediction
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +60,18 @@ class CalibrationSet:
             f"sequences of up to {self.seq_len} tokens, {self.n_tokens} tokens in all "
             f"(sha256 {self.token_hash})"
         )
+
+    def subset(self, indices: list[int]) -> CalibrationSet:
+        """The same text's batches ``indices`` only (a survey of cuts reads a share of them)."""
+        batches = [self.batches[i] for i in indices]
+        return replace(self, batches=batches, n_tokens=sum(int(mask.sum()) for _ids, mask in batches))
+
+    def spread(self, documents: int) -> list[int]:
+        """Indices of batches evenly spread over the set, about ``documents`` documents' share of it
+        (all of them where ``documents`` is at least the set's)."""
+        total = len(self.batches)
+        count = min(total, max(1, math.ceil(total * documents / max(self.n_documents, 1))))
+        return sorted({(2 * i + 1) * total // (2 * count) for i in range(count)})
 
     def describe(self) -> dict[str, Any]:
         return {

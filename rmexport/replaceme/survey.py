@@ -16,11 +16,12 @@ import torch
 from ..arch import ArchAdapter
 from ..calib.collect import (
     CutStatistics,
+    CutSums,
     DistanceProfile,
     Trace,
     collect,
     collect_activations,
-    collect_hidden_statistics,
+    cut_sums,
     distances_then_closest_sums,
 )
 from ..calib.engine import Engine, Map, Plan, Stream, cut_plan
@@ -68,6 +69,7 @@ class CandidateSurvey:
     stats: dict[int, CutStatistics]
     maps: dict[int, torch.Tensor]  # least-squares map per candidate with statistics
     trace: Trace | None = None  # the calibration pass's stream after every step, until fitted
+    surveyed_all: bool = True  # whether the survey read every calibration batch
 
     def release_trace(self) -> None:
         if self.trace is not None:
@@ -87,6 +89,7 @@ class CandidateSurvey:
         scores = self.scores("last")
         return {
             "candidates": self.starts,
+            "tokens": self.profile.all_count,
             "distance_last": self.profile.mean("last"),
             "distance_all": self.profile.mean("all"),
             "fit_rel_residual": scores.fit,
@@ -105,57 +108,58 @@ def survey_candidates(
     distance_tokens: str = "last",
     shortlist_only: bool = False,
     allowed: Callable[[int], bool] | None = None,
+    survey_batches: list[int] | None = None,
     keep_trace: bool = False,
     step: str = "",
 ) -> CandidateSurvey:
     """One pass when the sums of every candidate fit in ``stats_budget_bytes``; otherwise distances
     first, then sums for as many of the closest candidates as fit (only the closest with
     ``shortlist_only``, which is all the distance rule needs). ``allowed`` keeps only the starts a
-    deployment target can represent. ``keep_trace`` keeps the one pass's stream after every step
-    for the chosen cut's next pass (see ``Trace``) where it fits the activations' budget."""
+    deployment target can represent. The survey reads ``calibration``'s batches ``survey_batches``
+    (all by default); ``fit_cut`` reads all of them for the chosen cut. ``keep_trace`` keeps the one
+    pass's stream after every step for that next pass (see ``Trace``) where it fits the
+    activations' budget."""
     starts = [s for s in candidate_starts(len(plan), n) if allowed is None or allowed(s)]
     if not starts:
         raise ConfigError(f"no cut of {n} blocks of {len(plan)} is allowed", hint="choose another --layers")
+    ids = list(range(len(calibration.batches))) if survey_batches is None else sorted(survey_batches)
+    surveyed = calibration if len(ids) == len(calibration.batches) else calibration.subset(ids)
     d = engine.config.hidden_size
     affordable = max(1, stats_budget_bytes // (2 * d * d * 8))
     label = f"{step} Calibrating".strip()
+    trace = None
     if shortlist_only:
         profile, stats = distances_then_closest_sums(
-            engine, plan, calibration, n=n, starts=starts, distance_tokens=distance_tokens, desc=label
+            engine, plan, surveyed, n=n, starts=starts, distance_tokens=distance_tokens, desc=label
         )
     elif affordable >= len(starts):
-        trace = (
-            Trace(engine, plan, calibration)
-            if keep_trace and _trace_fits(engine, plan, calibration)
-            else None
-        )
+        if keep_trace and _trace_fits(engine, plan, surveyed):
+            trace = Trace(engine, plan, calibration, ids)
         profile, stats = collect(
-            engine, plan, calibration, n=n, starts=starts, stats_for=starts, desc=label, trace=trace
+            engine, plan, surveyed, n=n, starts=starts, stats_for=starts, desc=label, trace=trace
         )
-        maps = {s: least_squares_map(engine.adapter, acc, alpha) for s, acc in stats.items()}
-        return CandidateSurvey(n, starts, profile, stats, maps, trace)
     else:
         profile, _ = collect(
-            engine, plan, calibration, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
+            engine, plan, surveyed, n=n, starts=starts, stats_for=[], desc=f"{step} Distances".strip()
         )
         distances = profile.mean(distance_tokens)
         shortlist = sorted(starts, key=lambda s: (distances[s], s))[:affordable]
         _, stats = collect(
             engine,
             plan,
-            calibration,
+            surveyed,
             n=n,
             starts=shortlist,
             stats_for=shortlist,
             desc=f"{step} Statistics".strip(),
         )
     maps = {s: least_squares_map(engine.adapter, acc, alpha) for s, acc in stats.items()}
-    return CandidateSurvey(n, starts, profile, stats, maps)
+    return CandidateSurvey(n, starts, profile, stats, maps, trace, surveyed_all=surveyed is calibration)
 
 
-def _trace_fits(engine: Engine, plan: Plan, calibration: CalibrationSet) -> bool:
+def _trace_fits(engine: Engine, plan: Plan, surveyed: CalibrationSet) -> bool:
     store = engine.store
-    return Trace.bytes_needed(engine, plan, calibration) <= store.budget_bytes - store.resident_bytes
+    return Trace.bytes_needed(engine, plan, surveyed.batches) <= store.budget_bytes - store.resident_bytes
 
 
 def hidden_map_problem(
@@ -188,31 +192,27 @@ def hidden_statistics_bytes(d: int, d_ff: int) -> int:
 def hidden_map(
     engine: Engine,
     plan: Plan,
-    calibration: CalibrationSet,
-    set_aside: CalibrationSet,
     cut: tuple[int, int],
+    sums: CutSums,
+    set_aside: CutSums,
     output_map: torch.Tensor,
     *,
     grid: tuple[float, ...] = RIDGE_GRID,
-    trace: Trace | None = None,
-    step: str = "",
-) -> tuple[torch.Tensor, CutStatistics, dict[str, Any]]:
-    """The map of the MLP's hidden activations for ``cut`` of ``plan``, shrunk toward
-    ``output_map`` (T, as the same map of the hidden activations: ``W_downᵀ·T``) by the strength of
-    ``grid`` with the smallest error on ``set_aside``. Returns the map, its calibration sums and
-    what the record says about it."""
-    stats, held = collect_hidden_statistics(
-        engine, plan, [calibration, set_aside], cut, desc=f"{step} Hidden statistics".strip(), trace=trace
-    )
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The map of the MLP's hidden activations for ``cut`` of ``plan`` from the calibration
+    ``sums``, shrunk toward ``output_map`` (T, as the same map of the hidden activations:
+    ``W_downᵀ·T``) by the strength of ``grid`` with the smallest error on ``set_aside``. Returns
+    the map and what the record says about it."""
+    assert sums.hidden is not None and set_aside.hidden is not None
     prior = engine.down_proj_weight(plan[cut[0] - 1]).T @ output_map.to(torch.float64)
-    choice = ridge_toward(stats, held, prior, grid)
+    choice = ridge_toward(sums.hidden, set_aside.hidden, prior, grid)
     details = {
         "map": "hidden",
         "ridge_toward_T": choice.alpha,
         "set_aside_rel_residual": choice.set_aside_rel_residual,
-        "set_aside_tokens": held.tokens,
+        "set_aside_tokens": set_aside.hidden.tokens,
     }
-    return choice.transform, stats, details
+    return choice.transform, details
 
 
 def fit_cut(
@@ -233,52 +233,53 @@ def fit_cut(
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
 
-    ``map_space="hidden"`` fits the map of the MLP's hidden activations (one more pass, up to the
-    cut's last block, over the calibration and ``set_aside`` text), shrunk toward T by the ridge
-    strength that fits ``set_aside`` best; where that cannot be done (see ``hidden_map_problem``)
-    the map of the MLP's output is fitted and the reason recorded. ``validate`` (see
-    ``SelectionScorer.validator``) judges the cosine epochs by a loss that matters, so the LS map
-    is kept unless an epoch does better there."""
+    The sums come from the survey where it read every calibration batch and holds them; else from
+    one more pass over the calibration text for this cut (from the survey's trace where it kept
+    one, see ``Trace``). ``map_space="hidden"`` fits the map of the MLP's hidden activations
+    (their sums gathered in that pass, with the ``set_aside`` text's), shrunk toward T by the
+    ridge strength that fits ``set_aside`` best; where that cannot be done (see
+    ``hidden_map_problem``) the map of the MLP's output is fitted and the reason recorded.
+    ``validate`` (see ``SelectionScorer.validator``) judges the cosine epochs by a loss that
+    matters, so the LS map is kept unless an epoch does better there."""
     cut = (start, start + survey.n)
-    if start not in survey.stats:
-        _, extra = collect(
+    problem = hidden_map_problem(engine, set_aside, stats_budget_bytes) if map_space == "hidden" else None
+    hidden = map_space == "hidden" and problem is None
+    if hidden or not survey.surveyed_all or start not in survey.stats:
+        sets = [calibration] + ([set_aside] if hidden and set_aside is not None else [])
+        sums = cut_sums(
             engine,
             plan,
-            calibration,
-            n=survey.n,
-            starts=[start],
-            stats_for=[start],
-            desc=f"{step} Statistics".strip(),
+            sets,
+            cut,
+            hidden=hidden,
+            trace=survey.trace,
+            desc=f"{step} {'Hidden statistics' if hidden else 'Statistics'}".strip(),
         )
-        survey.stats[start] = extra[start]
-        survey.maps[start] = least_squares_map(engine.adapter, extra[start], alpha)
-    stats = survey.stats[start]
-    init, details = survey.maps[start], {"map": "output"}
-    if map_space == "hidden":
-        problem = hidden_map_problem(engine, set_aside, stats_budget_bytes)
-        if problem is None:
-            assert set_aside is not None
-            init, stats, details = hidden_map(
-                engine, plan, calibration, set_aside, cut, init, trace=survey.trace, step=step
-            )
-        else:
-            log.warning("fitting the map of the MLP's output: %s", problem)
-            details["map_note"] = problem
+        plain, output_map = sums[0].output, least_squares_map(engine.adapter, sums[0].output, alpha)
+    else:
+        sums, plain, output_map = None, survey.stats[start], survey.maps[start]
     survey.release_trace()
+    stats, init, details = plain, output_map, {"map": "output"}
+    if hidden:
+        assert sums is not None
+        init, details = hidden_map(engine, plan, cut, sums[0], sums[1], output_map)
+        stats = sums[0].hidden
+    elif problem is not None:
+        log.warning("fitting the map of the MLP's output: %s", problem)
+        details["map_note"] = problem
     if solver == "cosine":
         activations = collect_activations(
             engine,
             plan,
             calibration,
             cut,
-            hidden=details["map"] == "hidden",
+            hidden=hidden,
             desc=f"{step} Collecting".strip(),
         )
         result = cosine_fit(activations, init, cosine or CosineSettings(), validate)
         del activations
     else:
         result = FitResult(init, "lstsq", {"alpha": alpha})
-    plain = survey.stats[start]
     identity = torch.ones(plain.gram.shape[0], dtype=torch.float64)
     result.details |= details | {
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
