@@ -244,6 +244,7 @@ CASES = [
     case("prune-blocks-too-many", "prune {llama} --out {out}/p --blocks 5", "cannot split"),
     case("prune-alpha-negative", "prune {llama} --out {out}/p --alpha -1", "--alpha"),
     case("prune-calib-samples-zero", "prune {llama} --out {out}/p --calib-samples 0", "--calib-samples"),
+    case("prune-survey-samples-zero", "prune {llama} --out {out}/p --survey-samples 0", "--survey-samples"),
     case("prune-batch-size-zero", "prune {llama} --out {out}/p --batch-size 0", "--batch-size"),
     case("prune-seq-len-one", "prune {llama} --out {out}/p --seq-len 1", "--seq-len"),
     case("prune-eval-tokens-short", "prune {llama} --out {out}/p --eval-tokens 100", "--eval-tokens"),

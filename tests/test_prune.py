@@ -255,3 +255,15 @@ def test_the_output_map_where_a_hidden_one_cannot_be_fitted(tiny_checkpoints, tm
         64,
         64,
     )
+
+
+@pytest.mark.parametrize("map_space", ["hidden", "output"])
+def test_a_survey_of_a_share_chooses_the_cut_and_the_fit_reads_every_document(
+    map_space, tiny_checkpoints, tmp_path
+):
+    options = PruneOptions(**(TINY_OPTIONS | {"survey_samples": 16, "map_space": map_space}))
+    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
+    cut = record["cuts"][0]
+    assert cut["fit"]["map"] == map_space
+    assert 0 < cut["scores"]["tokens"] < cut["fit"]["tokens"] == record["calibration"]["tokens"]
+    assert record["fold_parity"]["passed"]
