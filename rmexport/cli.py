@@ -243,6 +243,15 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         "--calib-samples", type=int, default=384, help="documents used for calibration (default 384)"
     )
     data.add_argument(
+        "--survey-samples",
+        type=int,
+        default=128,
+        help=(
+            "of the calibration documents, how many the survey of every candidate cut reads; the chosen "
+            "cut's map is fitted on all of them (default 128)"
+        ),
+    )
+    data.add_argument(
         "--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)"
     )
     data.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -344,6 +353,7 @@ def prune_options(args: argparse.Namespace, **overrides: Any) -> Any:
         distance_tokens=args.distance_tokens,
         calib_data=args.calib_data,
         calib_samples=args.calib_samples,
+        survey_samples=args.survey_samples,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
