@@ -27,6 +27,7 @@ from .calib.weights import checkpoint_dtype
 from .compute import AUTO, Compute, resolve_compute
 from .errors import ConfigError, ModelLoadError, ToleranceError
 from .hooks import signal_point
+from .llamacpp import installed_version
 from .log import get_logger
 from .models import (
     ModelSource,
@@ -326,8 +327,6 @@ def _choose_and_fit_surveyed(
 def _gguf_filter(engine: Engine, plan: Plan, n: int):
     """Starts whose cut leaves a model the installed llama.cpp runs correctly; None when every cut
     does (a llama.cpp that reads Gemma's per-layer pattern from the GGUF runs any cut)."""
-    from .llamacpp import installed_version
-
     version = installed_version()
     if engine.adapter.gguf_cut_sizes(engine.config.num_hidden_layers, version) is None:
         return None

@@ -32,6 +32,21 @@ CONVERTERS = ("converters",)
 VALIDATION = ("validation",)
 ARCH = ("rmexport.arch",)
 BASE = ("rmexport.errors", "rmexport.log", "rmexport.measures")
+# Above calibration, below the method: resolving and loading a model (which streams its weights with
+# calib.weights and checks a GGUF's tokenizer on the built-in text).
+SOURCES = ("rmexport.models", "rmexport.tokenizer_parity")
+
+# Every module's rank, top first; a module in none of these groups is a shared helper (rmexport.atomic,
+# rmexport.fold, ...), between calibration and arch. An import never goes to a higher rank.
+RANKS: tuple[tuple[str, ...], ...] = (
+    TOP,
+    METHOD + VALIDATION,
+    SOURCES,
+    CALIB + CONVERTERS,
+    (),  # shared helpers
+    ARCH,
+    BASE,
+)
 
 # Edges a lower layer may still take, each with why; an entry that no longer exists fails the test,
 # so that the list only ever shrinks.
@@ -169,6 +184,120 @@ def test_the_package_imports_its_api_lazily():
         and (getattr(node, "level", 0) or (getattr(node, "module", "") or "").startswith(PACKAGES))
     ]
     assert not eager
+
+
+def _rank(module: str) -> int:
+    ranked = [rank for rank, groups in enumerate(RANKS) if _within(module, groups)]
+    return ranked[0] if ranked else RANKS.index(())
+
+
+def test_no_import_points_upward():
+    upward = [
+        f"{module} -> {target}"
+        for module in MODULES
+        for target in sorted(GRAPH[module])
+        if _rank(target) < _rank(module) and (module, target) not in ALLOWED_EDGES
+    ]
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, targets = work[-1]
+            target = next(targets, None)
+            if target is not None:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph.get(target, ())))))
+                elif target in on_stack:
+                    low[node] = min(low[node], index[target])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle():
+    cycles = _cycles(GRAPH)
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    assert _rank("rmexport.calib.engine") > _rank("rmexport.replaceme.apply")  # engine -> apply is upward
+    assert _rank("rmexport.config") < _rank("validation.speed")
+    assert _rank("rmexport.atomic") > _rank("rmexport.models") > _rank("rmexport.prune")
+
+
+OPTIONAL = ("onnxruntime", "onnxruntime_genai", "datasets")
+
+
+def test_optional_dependencies_are_imported_through_one_helper():
+    """A dependency only some installs have is imported by ``rmexport.optional.optional_import``."""
+    direct = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            direct += [f"{module}: {name}" for name in names if name.split(".")[0] in OPTIONAL]
+    assert not direct, "import these with optional_import:\n" + "\n".join(direct)
+
+
+# The top layer keeps its imports inside the commands, so that ``rmexport --help`` loads no torch.
+LAZY_TOP = ("rmexport.cli", "rmexport.api", "rmexport.pipeline", "rmexport.inputs", "bench")
+
+
+def test_project_imports_are_at_module_top():
+    """Below the top layer, a module imports the project at its top: no import hides a cycle."""
+    inside = []
+    for module, path in MODULES.items():
+        if _within(module, LAZY_TOP):
+            continue
+        tree = ast.parse(path.read_text())
+        top = {id(node) for statement in tree.body for node in ast.walk(statement)} - {
+            id(node)
+            for statement in tree.body
+            if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            for node in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top:
+                name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if getattr(node, "level", 0) or (name or "").startswith(PACKAGES):
+                    inside.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    assert not inside, "move these imports to the module top:\n" + "\n".join(inside)
 
 
 def test_allowed_edges_still_exist():
