@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +16,7 @@ __all__ = [
     "PruneRecord",
     "Quality",
     "SourceQuality",
+    "from_jsonable",
     "jsonable",
 ]
 
@@ -99,6 +103,11 @@ class PruneRecord:
     def to_json(self) -> dict[str, Any]:
         return jsonable(asdict(self))
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PruneRecord:
+        """The record ``to_json`` wrote (``prune.json`` read back)."""
+        return from_jsonable(cls, data)
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with string keys and floats rounded to 6 significant decimals, for JSON."""
@@ -108,4 +117,25 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, float):
         return round(value, 6)
+    return value
+
+
+def from_jsonable(kind: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as ``kind``: a record dataclass, a list, dict or union of them, or a plain
+    value. The inverse of ``jsonable(asdict(record))`` for the records of this module."""
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise TypeError(f"{kind.__name__} has no field {unknown[0]!r}")
+        return kind(**{k: from_jsonable(hints[k], v) for k, v in value.items()})
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return from_jsonable(next(a for a in args if a is not type(None)), value)
+    if origin is list:
+        return [from_jsonable(args[0], v) for v in value]
+    if origin is dict:
+        return {k: from_jsonable(args[1], v) for k, v in value.items()}
     return value

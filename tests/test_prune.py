@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.models import read_provenance, resolve
 from rmexport.prune import PruneOptions, prune
+from rmexport.records import PruneRecord
 
 from .conftest import FAMILIES
 
@@ -36,6 +37,7 @@ def test_prune_tiny_model_saves_an_ordinary_smaller_checkpoint(family, tiny_chec
 
     saved = json.loads((tmp_path / "prune.json").read_text())
     assert saved["kept_layers"] == record["kept_layers"]
+    assert PruneRecord.from_json(saved).to_json() == saved  # prune.json reads back as the typed record
     # Peak RSS as each stage ended: every stage, never decreasing, at most the final peak.
     after = saved["peak_rss_mib_after_stage"]
     assert list(after) == list(saved["timings_s"]) and list(after.values()) == sorted(after.values())
