@@ -1,16 +1,16 @@
-"""The quality guard on a known cut, without the survey: fit the default map, score it, its blends
-with plain removal and plain removal on each source's set-aside text.
+"""The quality guard on a known cut, without the survey: the default map, maps of other ridge
+strengths toward ``T``, blends with plain removal, and plain removal, each scored on each source's
+set-aside text.
 
-A blend with share s folds ``s·W + (1 − s)·W_downᵀ`` (W the fitted map of the hidden activations):
-the block adds s of the fitted MLP output and the rest of the unchanged one. Tried as a rule for the
-guard (keep the best blend no worse than plain removal on any source); it never paid (docs/quality.md).
+A ridge strength α gives ``W = solve(A + α·mean(diag A)·I, B + α·mean(diag A)·W_downᵀ·T)`` (α = inf
+is ``T`` itself, folded as a map of the hidden activations). A blend with share s folds
+``s·W + (1 − s)·W_downᵀ``: the block adds s of the fitted MLP output and the rest of the unchanged
+one. Blends were tried as a rule for the guard and never paid (docs/quality.md).
 
-For a model whose survey is long (Qwen2.5-Coder-1.5B: most of an hour on 2 cores), this answers
-"what would the guard keep?" for a cut an earlier prune chose, in one pass up to the cut's last
-block. ``T`` (the prior the hidden map is shrunk toward) comes from the same pass: with
-``M = H·W_downᵀ`` its sums are ``W_down·A_H·W_downᵀ`` and ``W_down·B_H``.
+For a model whose survey is long (Qwen2.5-Coder-1.5B), this answers "what would the guard keep?"
+for a cut an earlier prune chose, in one pass up to the cut's last block.
 
-    python -m bench.fixed_cut_guard MODEL --cut 10 17 --out out/bench/fixed-cut-guard.json
+    python -m bench.fixed_cut_guard MODEL --cut 10 17 --ridge 1,10,inf --out out/bench/fixed-cut-guard.json
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ from rmexport.replaceme.checks import plain_removal
 from rmexport.replaceme.solve import lstsq_from_gram, ridge_toward
 from rmexport.replaceme.survey import SelectionScorer
 
-__all__ = ["SHARES", "main"]
-
-SHARES = (1.0, 0.75, 0.5, 0.25)
+__all__ = ["main"]
 
 
 def _losses(engine, by_source, plans: dict[str, Plan], shared: int) -> dict[str, dict[str, float]]:
@@ -53,6 +51,10 @@ def _losses(engine, by_source, plans: dict[str, Plan], shared: int) -> dict[str,
     return losses
 
 
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fixed_cut_guard", description=__doc__.split("\n")[0]
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--cut", type=int, nargs=2, required=True, metavar=("START", "END"))
     parser.add_argument("--calib-samples", type=int, default=PruneOptions.calib_samples)
+    parser.add_argument("--ridge", default="", help="more strengths to score, e.g. 1,10,inf")
+    parser.add_argument("--shares", default="", help="blends of the default map to score, e.g. 0.75,0.5")
     parser.add_argument("--out", type=Path, default=Path("out/bench/fixed-cut-guard.json"))
     args = parser.parse_args(argv)
 
@@ -78,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         down = engine.down_proj_weight(plan[cut[0] - 1])  # [d, d_ff]
         choice = ridge_toward(sums.hidden, held_sums.hidden, down.T @ output_map)
         fitted_s = time.perf_counter() - started
+        prior = down.T @ output_map
+        maps = {"fitted": choice.transform}
+        residuals = dict(choice.set_aside_rel_residual)
+        for alpha in _numbers(args.ridge):
+            extra = ridge_toward(sums.hidden, held_sums.hidden, prior, (alpha,))
+            maps[f"ridge {alpha:g}"] = extra.transform
+            residuals |= extra.set_aside_rel_residual
         unchanged = down.T.to(torch.float64)
-        plans = {
-            f"share {share:g}": cut_plan(
-                plan, cut, Map(share * choice.transform + (1 - share) * unchanged, f"share {share:g}")
-            )
-            for share in SHARES
-        }
-        plans["plain_removal"] = plain_removal(plans["share 1"])
+        for share in _numbers(args.shares):
+            maps[f"share {share:g}"] = share * choice.transform + (1 - share) * unchanged
+        plans = {name: cut_plan(plan, cut, Map(m, name)) for name, m in maps.items()}
+        plans["plain_removal"] = plain_removal(plans["fitted"])
         losses = _losses(engine, by_source, plans, shared=cut[0] - 1)
     finally:
         engine.close()
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute": options.compute().describe(),
         "calibration": calibration.describe(),
         "ridge_toward_T": choice.alpha,
-        "set_aside_rel_residual": choice.set_aside_rel_residual,
+        "set_aside_rel_residual": residuals,
         "set_aside_loss": losses,
         "fit_s": round(fitted_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),
