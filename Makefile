@@ -13,11 +13,12 @@ QWEN_GGUF ?= $(OUT)/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 QWEN_OPTIONS ?= --memory-budget 2GiB --calib-samples 32 --selection-samples 24 --eval-tokens 1024 \
 	--ood-tokens 512 --min-rounds 3 --max-rounds 3
 
-.PHONY: help setup export test test-slow bench bench-8b gpu-check qwen-gguf export-qwen lint clean
+.PHONY: help setup llama-tools export test test-slow bench bench-8b gpu-check qwen-gguf export-qwen lint clean
 
 help:
 	@echo "make export [MODEL=smollm2-135m] [RATIO=0.25]   prune, export ONNX+GGUF, validate, report"
 	@echo "make test                                       run the test suite (what CI runs)"
+	@echo "make llama-tools                                build llama-imatrix and llama-quantize (once, minutes)"
 	@echo "make bench                                      quality table (every selection rule x solver) + pruning speed"
 	@echo "make bench-8b [DTYPE=float32]                   rmexport run on a Llama-3-8B-shaped random model (16 GB disk)"
 	@echo "make gpu-check                                  the same run on one CUDA GPU: time per stage, peak GPU memory"
@@ -49,10 +50,15 @@ $(STAMP): pyproject.toml
 	@echo "set up for $(if $(filter 1,$(GPU)),the GPU (torch with CUDA, onnxruntime-gpu, llama.cpp with CUDA),the CPU (GPU=1 to change))"
 	echo "$(EXTRA)" > $@
 
+# llama.cpp's llama-imatrix and llama-quantize, built once per llama-cpp-python version from the
+# sources its sdist vendors (a few minutes on 2 cores; a no-op once built).
+llama-tools: $(STAMP)
+	$(PY) -m rmexport.llama_tools
+
 export: $(STAMP)
 	$(VENV)/bin/rmexport run $(MODEL) --ratio $(RATIO) --out-root $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) llama-tools
 	$(PY) -m pytest -m "not slow and not hub and not gpu" -q --durations=15
 
 test-slow: $(STAMP)

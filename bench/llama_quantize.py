@@ -1,25 +1,21 @@
-"""llama.cpp's ``llama-quantize`` tool, built once from the source llama-cpp-python's sdist vendors.
+"""llama.cpp's ``llama-quantize`` tool for the GGUF-native benchmark (``--prune-layers``).
 
-The installed llama-cpp-python ships libllama but not the command-line tools. Its sdist carries the
-matching ``vendor/llama.cpp``; we download it, build only the ``llama-quantize`` target (static, no
-network libraries) and keep the binary in ``$RMEXPORT_CACHE/llama-quantize/<version>/``, so the
-build happens once per llama-cpp-python version.
+Built once per llama-cpp-python version from the sources its sdist vendors, by
+``rmexport.llama_tools`` (``make llama-tools``); this module builds it on demand.
 
     python -m bench.llama_quantize            # build (or find) it and print its path
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from rmexport import llama_tools
 from rmexport.errors import ToolchainError
 from rmexport.log import get_logger
 
@@ -28,95 +24,6 @@ __all__ = ["find_or_build", "prune_layers", "prune_layers_libllama", "supports_p
 log = get_logger(__name__)
 
 _BINARY = "llama-quantize"
-_CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_NATIVE=ON",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-)
-
-
-def _cache_root() -> Path:
-    from rmexport.models import cache_dir
-
-    return cache_dir() / "llama-quantize"
-
-
-def _version() -> str:
-    import llama_cpp
-
-    return llama_cpp.__version__
-
-
-def _download_sdist(version: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(into)]
-    done = subprocess.run([*cmd, f"llama-cpp-python=={version}"], capture_output=True, text=True)
-    archives = list(into.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not archives:
-        raise ToolchainError(
-            f"could not download the llama-cpp-python {version} sdist: {done.stderr.strip()[-300:]}",
-            hint="pass --llama-quantize PATH to a llama-quantize you built yourself",
-        )
-    return archives[0]
-
-
-def _vendored_commit(archive: Path) -> str:
-    """The llama.cpp commit the sdist's changelog names for its own version (``unknown`` if none)."""
-    with tarfile.open(archive) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith("/CHANGELOG.md")), None)
-        if member is None:
-            return "unknown"
-        text = tar.extractfile(member).read().decode(errors="replace")
-    for line in text.splitlines():
-        if "update llama.cpp to ggml-org/llama.cpp@" in line:
-            return line.rsplit("@", 1)[1].strip()
-    return "unknown"
-
-
-def _build(version: str, target: Path) -> None:
-    if shutil.which("cmake") is None:
-        raise ToolchainError("cmake is not installed", hint="apt-get install cmake build-essential")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent.parent) as scratch:
-        scratch = Path(scratch)
-        archive = _download_sdist(version, scratch)
-        with tarfile.open(archive) as tar:
-            members = []
-            for m in tar.getmembers():
-                parts = m.name.split("/", 3)
-                if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"]:
-                    m.name = parts[3]
-                    members.append(m)
-            tar.extractall(scratch / "src", members=members, filter="data")
-        start = time.perf_counter()
-        jobs = str(min(2, os.cpu_count() or 1))
-        steps = (
-            ["cmake", "-S", str(scratch / "src"), "-B", str(scratch / "build"), *_CMAKE_FLAGS],
-            ["cmake", "--build", str(scratch / "build"), "--target", _BINARY, "-j", jobs],
-        )
-        for cmd in steps:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ToolchainError(
-                    f"building {_BINARY} failed at `{' '.join(cmd[:2])}`: {done.stderr.strip()[-400:]}",
-                    hint="pass --llama-quantize PATH to a llama-quantize you built yourself",
-                )
-        built = scratch / "build" / "bin" / _BINARY
-        staged = target.with_name(target.name + ".partial")
-        shutil.copy2(built, staged)
-        info = {
-            "llama_cpp_python": version,
-            "llama_cpp_commit": _vendored_commit(archive),
-            "cmake_flags": list(_CMAKE_FLAGS),
-            "build_seconds": round(time.perf_counter() - start, 1),
-        }
-        (target.parent / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(staged, target)
-        log.info("built %s in %.0f s: %s", _BINARY, info["build_seconds"], target)
 
 
 def find_or_build(explicit: str | Path | None = None) -> Path:
@@ -126,12 +33,7 @@ def find_or_build(explicit: str | Path | None = None) -> Path:
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise ToolchainError(f"{path} is not an executable", hint="give the path of llama-quantize")
         return path
-    version = _version()
-    target = _cache_root() / version / _BINARY
-    if not target.is_file():
-        log.info("building %s from llama-cpp-python %s's vendored llama.cpp (once)", _BINARY, version)
-        _build(version, target)
-    return target
+    return llama_tools.build((_BINARY,))[_BINARY]
 
 
 def supports_prune_layers(tool: Path) -> bool:

@@ -18,7 +18,9 @@ llama.cpp's own quantizer. A model whose source was a GGUF keeps that file's met
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,32 +36,74 @@ from rmexport.arch import ArchAdapter, adapter_for
 from rmexport.atomic import staged_file
 from rmexport.errors import ConfigError, ExportError
 from rmexport.fileio import open_gguf, read_provenance
+from rmexport.llamacpp import QUANTIZER_TYPES
 from rmexport.log import get_logger, progress
 
-from . import gguf_metadata, gguf_tokenizer
+from . import gguf_metadata, gguf_tokenizer, imatrix
 
-__all__ = ["GGUF_TYPES", "describe_gguf", "export_gguf"]
+__all__ = ["GGUF_TYPES", "describe_gguf", "export_gguf", "requantize_gguf"]
 
 log = get_logger(__name__)
+
+# An importance matrix file, calibration text to compute one from, or none.
+ImatrixSource = Path | str | imatrix.CalibrationText | None
+
+
+# llama.cpp refuses these without an importance matrix (their main tensors are IQ1/IQ2/IQ3_XXS, or
+# Q2_K in a Q2_K_S file).
+_NEEDS_IMATRIX = frozenset("iq1_s iq1_m iq2_xxs iq2_xs iq2_s iq2_m iq3_xxs q2_k_s".split())
+# Types whose quantizers ignore an importance matrix.
+_IGNORES_IMATRIX = frozenset("f32 f16 bf16 q8_0 tq1_0 tq2_0 mxfp4_moe".split())
+# llama.h's value for a file type the installed gguf-py has no name for yet.
+_FILE_TYPES_NOT_IN_GGUF_PY = {"q2_0": 41}
 
 
 @dataclass(frozen=True)
 class GGUFType:
     name: str
-    file_type: LlamaFileType
-    tensor_type: GGMLQuantizationType  # for 2-D weights; 1-D tensors are always F32
-    by_llama_cpp: bool = False  # True: written as f32, then quantized by llama.cpp
+    file_type: int  # llama_ftype, as general.file_type records it
+    tensor_type: GGMLQuantizationType | None  # written by us (2-D weights; 1-D stay F32); None: by llama.cpp
+
+    @property
+    def by_llama_cpp(self) -> bool:
+        """Written as f32, then quantized by llama.cpp's own quantizer (its per-tensor type mixture)."""
+        return self.tensor_type is None
+
+    @property
+    def bits(self) -> int:
+        """Nominal bits per weight of the type's main tensors, from its name (q4_k_m: 4, bf16: 16)."""
+        return int(re.search(r"\d+", self.name).group())
+
+    @property
+    def uses_imatrix(self) -> bool:
+        return self.name not in _IGNORES_IMATRIX
+
+    @property
+    def needs_imatrix(self) -> bool:
+        return self.name in _NEEDS_IMATRIX
+
+    @property
+    def imatrix_by_default(self) -> bool:
+        """Whether ``--imatrix`` defaults to ``auto``: for types at or below 4 bits that use one."""
+        return self.uses_imatrix and self.bits <= 4
 
 
+def _file_type(name: str) -> int:
+    if name in _FILE_TYPES_NOT_IN_GGUF_PY:
+        return _FILE_TYPES_NOT_IN_GGUF_PY[name]
+    return int(LlamaFileType["ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"])
+
+
+# f32/f16/bf16/q8_0 are written by gguf-py directly; every other type llama.cpp's quantizer makes is
+# quantized by it, from an f32 file.
+_WRITTEN_BY_US = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+}
 GGUF_TYPES: dict[str, GGUFType] = {
-    t.name: t
-    for t in (
-        GGUFType("f32", LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
-        GGUFType("f16", LlamaFileType.MOSTLY_F16, GGMLQuantizationType.F16),
-        GGUFType("bf16", LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.BF16),
-        GGUFType("q8_0", LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
-        GGUFType("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, GGMLQuantizationType.Q4_K, by_llama_cpp=True),
-    )
+    name: GGUFType(name, _file_type(name), _WRITTEN_BY_US.get(name)) for name in QUANTIZER_TYPES
 }
 
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -219,7 +263,7 @@ def _write(checkpoint: Path, config: Any, adapter: ArchAdapter, path: Path, gtyp
     writer = GGUFWriter(path, adapter.gguf_arch)
     try:
         gguf_metadata.write_metadata(writer, meta)
-        writer.add_file_type(gtype.file_type)
+        writer.add_file_type(LlamaFileType(gtype.file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         producers: list[Any] = []
         rope_factors = gguf_metadata.llama3_rope_factors(config)
@@ -249,14 +293,107 @@ def _write(checkpoint: Path, config: Any, adapter: ArchAdapter, path: Path, gtyp
         writer.close()
 
 
-def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16") -> Path:
-    """Write ``checkpoint`` (an HF directory) as a GGUF of ``type`` to ``out_file``; return its path."""
+def _quantize(
+    f32_file: Path, target: Path, gtype: GGUFType, importance: imatrix.Importance | None, name: str
+) -> None:
+    """llama.cpp's quantizer, given the importance matrix and its provenance keys as llama-quantize
+    gives them (the matrix's file ``name``, not where it was staged, so the bytes do not vary)."""
+    metadata: dict[str, int | str] = {}
+    if importance is not None:
+        imatrix.check_matches(importance, f32_file)
+        metadata["quantize.imatrix.file"] = name
+        if importance.datasets:
+            metadata["quantize.imatrix.dataset"] = importance.datasets[0]
+        metadata["quantize.imatrix.entries_count"] = len(importance.entries)
+        if importance.chunk_count > 0:
+            metadata["quantize.imatrix.chunks_count"] = importance.chunk_count
+    llama_cpp_tools.quantize(
+        f32_file,
+        target,
+        gtype.name,
+        imatrix=importance.entries if importance is not None else None,
+        metadata=metadata,
+    )
+
+
+def _quantize_staged(
+    f32_file: Path,
+    tmp: Path,
+    staged_matrix: Path | None,
+    out: Path,
+    gtype: GGUFType,
+    source: imatrix.Importance | ImatrixSource,
+) -> None:
+    """Quantize ``f32_file`` into ``tmp`` (staged for ``out``); a matrix computed from calibration
+    text goes to ``staged_matrix`` (staged for ``imatrix_path_for(out)``)."""
+    importance = source if isinstance(source, imatrix.Importance) else None
+    name = None if importance is None else importance.path.name
+    if isinstance(source, imatrix.CalibrationText):
+        imatrix.compute_imatrix(f32_file, source, staged_matrix)
+        importance, name = imatrix.read_imatrix(staged_matrix), imatrix.imatrix_path_for(out).name
+    _quantize(f32_file, tmp, gtype, importance, name)
+
+
+def _staged_outputs(
+    stack: contextlib.ExitStack, out: Path, source: ImatrixSource
+) -> tuple[Path, Path | None]:
+    """Staging paths for ``out`` and, when one is computed, its matrix. The matrix's is entered first,
+    so it is placed after the GGUF and removed with it when anything fails."""
+    matrix = None
+    if isinstance(source, imatrix.CalibrationText):
+        matrix = stack.enter_context(staged_file(imatrix.imatrix_path_for(out)))
+    return stack.enter_context(staged_file(out)), matrix
+
+
+def requantize_gguf(
+    source: str | Path, out_file: str | Path, type: str, *, imatrix_source: ImatrixSource = None
+) -> Path:
+    """A GGUF file (any type, e.g. a quantized source model) as ``type``, by llama.cpp's quantizer from
+    its weights dequantized to f32: the other route to a ladder of types when there is no float
+    checkpoint. ``imatrix_source`` as for ``export_gguf``."""
+    gtype = _gguf_type(type)
+    imatrix_source = _usable_imatrix(gtype, imatrix_source)
+    given = imatrix.read_imatrix(imatrix_source) if isinstance(imatrix_source, (str, Path)) else None
+    out = Path(out_file)
+    with contextlib.ExitStack() as stack:
+        tmp, staged_matrix = _staged_outputs(stack, out, imatrix_source)
+        f32_tmp = tmp.with_name(tmp.name + ".f32")
+        llama_cpp_tools.quantize(source, f32_tmp, "f32", allow_requantize=True)
+        _quantize_staged(f32_tmp, tmp, staged_matrix, out, gtype, given or imatrix_source)
+    log.info(
+        "wrote %s (%s from %s, %.1f MiB)", out, gtype.name, Path(source).name, out.stat().st_size / 2**20
+    )
+    return out
+
+
+def _usable_imatrix(gtype: GGUFType, source: ImatrixSource) -> ImatrixSource:
+    if source is not None and not gtype.uses_imatrix:
+        log.warning("%s does not use an importance matrix: the one given is not used", gtype.name)
+        return None
+    if source is None and gtype.needs_imatrix:
+        raise ConfigError(
+            f"llama.cpp quantizes {gtype.name} only with an importance matrix",
+            hint="use --imatrix auto or --imatrix FILE",
+        )
+    return source
+
+
+def export_gguf(
+    checkpoint: str | Path, out_file: str | Path, type: str = "f16", *, imatrix_source: ImatrixSource = None
+) -> Path:
+    """Write ``checkpoint`` (an HF directory) as a GGUF of ``type`` to ``out_file``; return its path.
+
+    ``imatrix_source``: an importance matrix file to quantize with, or calibration text to compute
+    one from (on the f32 file, with ``llama-imatrix``; written beside ``out_file`` as
+    ``<stem>.imatrix.gguf``), or None. Types that ignore a matrix warn and go without."""
     from transformers import AutoConfig
 
     gtype = _gguf_type(type)
+    imatrix_source = _usable_imatrix(gtype, imatrix_source)
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"{checkpoint} is not an HF checkpoint directory (no config.json)")
+    given = imatrix.read_imatrix(imatrix_source) if isinstance(imatrix_source, (str, Path)) else None
     config = AutoConfig.from_pretrained(checkpoint)
     adapter = adapter_for(config)
     problem = gguf_metadata.runtime_problem(config, adapter)
@@ -268,11 +405,12 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, type: str = "f16")
     if out.is_dir():
         raise ConfigError(f"{out} is a folder; give the GGUF file to write", hint=f"e.g. {out}/model.gguf")
     # Staged beside ``out`` as .rmexport-staging-<pid>-<name>.*, renamed into place when complete.
-    with staged_file(out) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp, staged_matrix = _staged_outputs(stack, out, imatrix_source)
         if gtype.by_llama_cpp:
             f32_tmp = tmp.with_name(tmp.name + ".f32")
             _write(checkpoint, config, adapter, f32_tmp, GGUF_TYPES["f32"])
-            llama_cpp_tools.quantize(f32_tmp, tmp, gtype.name)
+            _quantize_staged(f32_tmp, tmp, staged_matrix, out, gtype, given or imatrix_source)
         else:
             _write(checkpoint, config, adapter, tmp, gtype)
     log.info("wrote %s (%s, %.1f MiB)", out, gtype.name, out.stat().st_size / 2**20)

@@ -102,8 +102,12 @@ def export_gguf(
     from converters.gguf_export import describe_gguf
     from converters.gguf_export import export_gguf as write_gguf
 
+    from .imatrix_text import resolve_imatrix
+
     config = config or ExportGGUFConfig()
-    path = write_gguf(_local_checkpoint(checkpoint), out_file, type=config.type)
+    local = _local_checkpoint(checkpoint)
+    imatrix_source = resolve_imatrix(config.imatrix, config.type, local)
+    path = write_gguf(local, out_file, type=config.type, imatrix_source=imatrix_source)
     return GGUFExport(path=path, info=describe_gguf(path))
 
 

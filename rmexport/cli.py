@@ -556,7 +556,23 @@ def _add_export_gguf(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
     parser.add_argument("--out", required=True, help="GGUF file to write")
-    parser.add_argument("--type", default="f16", choices=sorted(GGUF_TYPES), help="tensor type (default f16)")
+    parser.add_argument(
+        "--type",
+        default="f16",
+        choices=list(GGUF_TYPES),
+        metavar="TYPE",
+        help="f32, f16, bf16, q8_0 (written directly) or any type llama.cpp's quantizer makes: "
+        + ", ".join(t for t in GGUF_TYPES if GGUF_TYPES[t].by_llama_cpp)
+        + " (default f16)",
+    )
+    parser.add_argument(
+        "--imatrix",
+        metavar="auto|FILE|none",
+        help="importance matrix for llama.cpp's quantizer: auto computes it with llama-imatrix from the "
+        "calibration text of the prune (prune.json beside the checkpoint; else the default mixture) and "
+        "writes it beside the GGUF as <name>.imatrix.gguf; FILE reuses one (default: auto for types of "
+        "4 bits and fewer, none above)",
+    )
 
 
 def _run_export_gguf(args: argparse.Namespace) -> int:
@@ -565,7 +581,7 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     from .inputs import check_export_gguf_args
 
     check_export_gguf_args(args.checkpoint, args.out)
-    info = export_gguf(args.checkpoint, args.out, ExportGGUFConfig(type=args.type)).info
+    info = export_gguf(args.checkpoint, args.out, ExportGGUFConfig(type=args.type, imatrix=args.imatrix)).info
     types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
     size = info["size_bytes"] / 2**20
     print(f"{info['file']}  {size:.1f} MiB  {info['block_count']} blocks  tensors: {types}")

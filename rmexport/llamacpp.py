@@ -23,6 +23,7 @@ from rmexport.log import get_logger
 
 __all__ = [
     "LLAMA_FTYPES",
+    "QUANTIZER_TYPES",
     "PRE_TOKENIZER_REGEXES",
     "default_threads",
     "extra_buffer_types_usable",
@@ -39,19 +40,16 @@ log = get_logger(__name__)
 
 _GGML_TYPE_F32 = 0  # ggml_type enum value
 
-# Our type names -> llama_ftype values (llama.h's enum, as the binding exposes it).
+# Every file type llama.cpp's quantizer makes (llama-quantize's list, less its aliases and COPY), by
+# our lower-case names -> llama_ftype values (llama.h's enum, as the binding exposes it).
+QUANTIZER_TYPES = (
+    "f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 iq4_xs iq4_nl mxfp4_moe "
+    "q3_k_l q3_k_m q3_k_s iq3_m iq3_s iq3_xs iq3_xxs q2_k q2_k_s q2_0 iq2_m iq2_s iq2_xs iq2_xxs "
+    "iq1_m iq1_s q1_0 tq2_0 tq1_0"
+).split()
 LLAMA_FTYPES = {
-    "f32": "LLAMA_FTYPE_ALL_F32",
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    name: "LLAMA_FTYPE_ALL_F32" if name == "f32" else f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
+    for name in QUANTIZER_TYPES
 }
 
 
@@ -201,8 +199,49 @@ def tokenize(model: Any, text: str) -> list[int]:
     return list(model.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 
-def quantize(source: str | Path, target: str | Path, type_name: str, *, n_threads: int | None = None) -> None:
-    """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
+def _imatrix_array(llama_cpp: Any, imatrix: dict[str, np.ndarray]) -> tuple[Any, list[Any]]:
+    """``imatrix`` as libllama's null-terminated ``llama_model_imatrix_data`` array, and the buffers
+    it points into (kept alive by the caller for the duration of the call)."""
+    entry = llama_cpp.llama_model_imatrix_data
+    buffers = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]
+    array = (entry * (len(imatrix) + 1))()
+    for i, (name, values) in enumerate(zip(imatrix, buffers, strict=True)):
+        array[i].name = name.encode()
+        array[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        array[i].size = values.size
+    array[len(imatrix)].name = None
+    return array, buffers
+
+
+def _kv_overrides(llama_cpp: Any, values: dict[str, int | str]) -> Any:
+    """``values`` as libllama's ``llama_model_kv_override`` array, ended by an empty key."""
+    array = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for item, (key, value) in zip(array, values.items(), strict=False):
+        item.key = key.encode()
+        if isinstance(value, int):
+            item.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            item.value.val_i64 = value
+        else:
+            item.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            item.value.val_str = value.encode()[:127]
+    array[len(values)].key = b""
+    return array
+
+
+def quantize(
+    source: str | Path,
+    target: str | Path,
+    type_name: str,
+    *,
+    n_threads: int | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
+    metadata: dict[str, int | str] | None = None,
+    allow_requantize: bool = False,
+) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``), as ``llama-quantize``
+    does: ``imatrix`` maps weight names to the mean squared activation of each input column,
+    ``metadata`` is written into the file as extra keys (``quantize.imatrix.*``); ``allow_requantize``
+    takes quantized tensors too (dequantized first)."""
     llama_cpp = llama_module()
     from llama_cpp import _logger as llama_cpp_logger
 
@@ -211,8 +250,26 @@ def quantize(source: str | Path, target: str | Path, type_name: str, *, n_thread
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[type_name])
     params.nthread = n_threads or default_threads()
+    params.allow_requantize = allow_requantize
+    keep_alive: list[Any] = []
+    if imatrix:
+        array, buffers = _imatrix_array(llama_cpp, imatrix)
+        keep_alive += [array, buffers]
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if metadata:
+        overrides = _kv_overrides(llama_cpp, metadata)
+        keep_alive.append(overrides)
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     start = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if rc != 0:
-        raise ExportError(f"llama.cpp's quantizer failed for {type_name} (return code {rc})")
-    log.info("llama.cpp quantized to %s in %.1f s", type_name, time.perf_counter() - start)
+        raise ExportError(
+            f"llama.cpp's quantizer failed for {type_name} (return code {rc})",
+            hint="run with -v to see llama.cpp's log",
+        )
+    log.info(
+        "llama.cpp quantized to %s%s in %.1f s",
+        type_name,
+        " with an importance matrix" if imatrix else "",
+        time.perf_counter() - start,
+    )

@@ -11,7 +11,8 @@ Top to bottom: cli -> pipeline -> {method, calibration, converters, validation} 
 
 "Reaches" is transitive: an import of a shared module (``rmexport.models``, ``rmexport.tokenizer_parity``,
 ...) counts with everything that module imports, function-level imports included. The top layer
-(``rmexport.cli``, ``rmexport.pipeline``, ``rmexport.inputs``, the ``rmexport`` package's API, ``bench``)
+(``rmexport.cli``, ``rmexport.pipeline``, ``rmexport.inputs``, the ``rmexport`` package's API,
+``rmexport.imatrix_text``, ``bench``)
 may import anything.
 """
 
@@ -25,7 +26,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("rmexport", "converters", "validation", "bench")
 
-TOP = ("rmexport.cli", "rmexport.pipeline", "rmexport.inputs", "rmexport.api", "rmexport.config", "bench")
+# rmexport.imatrix_text joins a prune's calibration text to the GGUF exporter, for api and pipeline.
+TOP = (
+    "rmexport.cli",
+    "rmexport.pipeline",
+    "rmexport.inputs",
+    "rmexport.api",
+    "rmexport.config",
+    "rmexport.imatrix_text",
+    "bench",
+)
 METHOD = ("rmexport.replaceme", "rmexport.prune")
 CALIB = ("rmexport.calib",)
 CONVERTERS = ("converters",)

@@ -1,0 +1,112 @@
+"""What ``--imatrix auto`` computes the importance matrix from: the calibration text of the prune.
+
+A pruned checkpoint (``<run>/hf``) has its prune's record beside it (``<run>/prune.json``); the
+calibration documents are drawn again exactly as the prune drew them (mixture, samples, sequence
+length, seed) and their token sequences decoded back to text, special tokens included, for
+``llama-imatrix --parse-special``. A checkpoint without a record (an original model) gets the text
+a default prune would calibrate on, so an original and its pruned model are quantized alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from converters.gguf_export import GGUF_TYPES
+from converters.imatrix import CalibrationText
+
+from .calib.tokens import mixture_batches
+from .errors import ConfigError
+from .log import get_logger
+from .prune import PruneOptions
+
+__all__ = ["IMATRIX_CHOICES", "calibration_text", "default_imatrix_recipe", "resolve_imatrix"]
+
+log = get_logger(__name__)
+
+IMATRIX_CHOICES = ("auto", "none")
+_SEPARATOR = "\n\n"
+
+
+def _prune_record(record: Path) -> dict[str, Any] | None:
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s is unreadable: the importance matrix uses the default calibration text", record)
+        return None
+
+
+def _calibration_recipe(record: dict[str, Any] | None) -> dict[str, Any]:
+    defaults = PruneOptions()
+    recipe = {
+        "source": defaults.calib_data,
+        "documents": defaults.calib_samples,
+        "seq_len": defaults.seq_len,
+        "seed": defaults.seed,
+    }
+    calibration = (record or {}).get("calibration") or {}
+    return recipe | {k: calibration[k] for k in recipe if k in calibration}
+
+
+def calibration_text(checkpoint: str | Path, prune_record: str | Path | None = None) -> CalibrationText:
+    """``converters.imatrix.CalibrationText`` of the prune recorded in ``prune_record`` (default: the
+    ``prune.json`` beside ``checkpoint``; none there: a default prune's), tokenized as ``checkpoint``
+    tokenizes. An original model is given its pruned model's record, so both see the same text."""
+    from transformers import AutoTokenizer
+
+    checkpoint = Path(checkpoint)
+    record_file = Path(prune_record) if prune_record is not None else checkpoint.parent / "prune.json"
+    recipe = _calibration_recipe(_prune_record(record_file))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    calibration = mixture_batches(
+        recipe["source"],
+        tokenizer,
+        n_samples=int(recipe["documents"]),
+        seq_len=int(recipe["seq_len"]),
+        batch_size=8,
+        seed=int(recipe["seed"]),
+    )
+    texts = [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+        for batch_ids, batch_mask in calibration.batches
+        for ids, mask in zip(batch_ids, batch_mask, strict=True)
+    ]
+    log.info("importance matrix text: %s", calibration.summary())
+    return CalibrationText(_SEPARATOR.join(texts), chunk_tokens=int(recipe["seq_len"]))
+
+
+def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> dict[str, Any] | None:
+    """What the default ``--imatrix`` of ``type_name`` computes its matrix from (the calibration
+    recipe), or None where the default is no matrix: a pipeline stage's key."""
+    if not GGUF_TYPES[type_name].imatrix_by_default:
+        return None
+    return _calibration_recipe(_prune_record(Path(prune_record)))
+
+
+def resolve_imatrix(
+    choice: str | None, type_name: str, checkpoint: str | Path, prune_record: str | Path | None = None
+) -> Any:
+    """What ``--imatrix CHOICE`` means for ``type_name``: calibration text (``auto``), a file, or None.
+
+    No choice: ``auto`` for the types at or below 4 bits that use a matrix, ``none`` above. ``auto``
+    on a type that ignores a matrix is handed on, so the converter warns about it."""
+    gtype = GGUF_TYPES.get(type_name)
+    if gtype is None:
+        return None  # the converter reports the unknown type
+    if choice is None:
+        choice = "auto" if gtype.imatrix_by_default else "none"
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if not gtype.uses_imatrix:
+            return "auto"  # not computed; the converter warns that it is not used
+        return calibration_text(checkpoint, prune_record)
+    path = Path(choice)
+    if not path.is_file():
+        raise ConfigError(
+            f"--imatrix {choice}: no such file", hint="give an importance matrix file, auto or none"
+        )
+    return path
