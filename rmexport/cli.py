@@ -512,12 +512,14 @@ def prune_config(args: argparse.Namespace) -> Any:
 
 def _run_prune(args: argparse.Namespace) -> int:
     from .inputs import check_prune_args
+    from .lock import hold_folder
     from .models import resolve
     from .prune import prune
 
     config = prune_config(args)
     check_prune_args(config)
-    record = prune(resolve(config.model), config.prune, config.out)
+    with hold_folder(config.out, "--out"):
+        record = prune(resolve(config.model), config.prune, config.out)
     _print_prune_summary(record, config.out)
     return 0
 

@@ -837,6 +837,7 @@ def check_prune_args(config: PruneConfig) -> CheckedSource:
     source = _check_prune_options(config.model, config.prune)
     check_device(config.prune.device)
     out = check_output_path(config.out, "--out", "dir", markers=PRUNE_MARKERS)
+    check_not_held(out, "--out")
     _check_apart(out, [source.location if source.kind != "hub" else None], "--out")
     _check_texts(config.prune)
     return source
