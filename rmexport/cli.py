@@ -159,174 +159,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_prune_options(parser: argparse.ArgumentParser) -> None:
-    from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN
-    from .replaceme.select import MAP_SPACES, SELECTION_RULES
+def _add_prune_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """The options of ``PruneOptions``, as it declares them; ``defaults`` are another command's."""
+    from .options import add_arguments
+    from .prune import PruneOptions
 
-    size = parser.add_argument_group("how much to cut")
-    size.add_argument(
-        "--ratio",
-        type=float,
-        default=0.25,
-        help="fraction of blocks to remove: n = floor(ratio*L + 0.5) (default 0.25)",
-    )
-    size.add_argument("--layers", type=int, help="remove exactly this many blocks (overrides --ratio)")
-    size.add_argument(
-        "--blocks",
-        type=int,
-        default=1,
-        help=(
-            "split the removal into K non-overlapping cuts, each chosen on the model "
-            "pruned by the previous ones (default 1)"
-        ),
-    )
-    method = parser.add_argument_group("where to cut and how to fit")
-    method.add_argument(
-        "--select",
-        choices=SELECTION_RULES,
-        default="fit",
-        help=(
-            "distance: smallest angular distance across the cut (the reference rule); "
-            "fit: smallest error left after the fitted map (default); "
-            "loss: try the 5 best cuts by fit and keep the one with the lowest loss on 64 "
-            "calibration documents set aside for selection"
-        ),
-    )
-    method.add_argument(
-        "--distance-tokens",
-        choices=("last", "all"),
-        default="last",
-        help="angular distance over the last token of each sequence (reference) or all real tokens",
-    )
-    method.add_argument(
-        "--solver",
-        choices=("lstsq", "cosine"),
-        default="lstsq",
-        help=(
-            "lstsq: float64 normal equations (default); cosine: Adam on the cosine distance between "
-            "the residual stream after the cut and the original one, started from lstsq; every epoch "
-            "is scored by the pruned model's loss on 64 calibration documents set aside, and the best "
-            "epoch (lstsq included) is kept"
-        ),
-    )
-    method.add_argument(
-        "--map",
-        dest="map_space",
-        choices=MAP_SPACES,
-        default="hidden",
-        help=(
-            "what the fitted map reads: hidden (default): the MLP's hidden activations, i.e. the block's "
-            "down_proj refitted by least squares, shrunk toward T by a ridge strength chosen on the "
-            "set-aside documents; output: ReplaceMe's d×d map T of the MLP's output, folded into "
-            "down_proj (always used for Gemma, whose MLP output passes a norm)"
-        ),
-    )
-    method.add_argument(
-        "--alpha",
-        type=float,
-        default=0.0,
-        help="ridge term added to the normal equations of T (--map output, and the T of --map hidden)",
-    )
-    data = parser.add_argument_group("calibration and evaluation text")
-    data.add_argument(
-        "--calib-data",
-        default=DEFAULT_CALIBRATION,
-        help=(
-            "builtin (Wikipedia summaries), docs (Python's documentation), dialogue (casual chats), all "
-            "offline; a .txt or .jsonl file; slimorca, wikitext, fineweb or hf:DATASET[:CONFIG]; or a "
-            "mixture SOURCE*WEIGHT+SOURCE... drawing --calib-samples in proportion "
-            f"(default {DEFAULT_CALIBRATION}: a map fitted on one kind of text alone does worse than "
-            "plain removal on others)"
-        ),
-    )
-    data.add_argument(
-        "--calib-samples", type=int, default=384, help="documents used for calibration (default 384)"
-    )
-    data.add_argument(
-        "--survey-samples",
-        type=int,
-        default=128,
-        help=(
-            "of the calibration documents, how many the survey of every candidate cut reads; the chosen "
-            "cut's map is fitted on all of them (default 128)"
-        ),
-    )
-    data.add_argument(
-        "--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)"
-    )
-    data.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    data.add_argument(
-        "--selection-samples",
-        type=int,
-        default=64,
-        help=(
-            "calibration documents set aside (after the calibration ones) to judge the quality guard, "
-            "the ridge strength of --map hidden, --select loss and the cosine epochs (default 64)"
-        ),
-    )
-    data.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="0 takes the first documents of the calibration pool; others sample it",
-    )
-    data.add_argument(
-        "--eval-data", default=BUILTIN, help="held-out text for the perplexity checks (default builtin)"
-    )
-    data.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=16384,
-        help="held-out tokens for the perplexity checks (default 16384)",
-    )
-    data.add_argument(
-        "--ood-data",
-        default=",".join(OUT_OF_DOMAIN),
-        type=lambda text: tuple(s for s in text.split(",") if s and s != "none"),
-        help=(
-            "comma-separated held-out sources of other kinds than --eval-data, each also checked: docs "
-            "(Python's documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips "
-            f"(default {','.join(OUT_OF_DOMAIN)})"
-        ),
-    )
-    data.add_argument(
-        "--ood-tokens",
-        type=int,
-        default=8192,
-        help="held-out tokens of each --ood-data source (default 8192)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="torch device of the prune's forwards: auto (default: CUDA when torch sees a GPU, else cpu), "
-        "cpu, cuda or cuda:N",
-    )
-    method.add_argument(
-        "--no-quality-guard",
-        action="store_true",
-        help=(
-            "keep the fitted maps even when plain removal of the same blocks does better on the 64 "
-            "set-aside calibration documents (by default the prune then saves plain removal and says so)"
-        ),
-    )
-    parser.add_argument(
-        "--memory-budget",
-        help=(
-            "memory the prune's data may use, e.g. 8GiB (default: RMEXPORT_MEMORY_BUDGET, else half of "
-            "RAM). Weights stay resident when they fit half of it, otherwise every pass streams them from "
-            "disk one block at a time; of what the weights leave, half is for the candidate cuts' "
-            "statistics (more candidates than fit take a second pass) and half for activations (beyond "
-            "it they spill to disk)"
-        ),
-    )
-    parser.add_argument(
-        "--compute-dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="dtype of the blocks' forwards: auto (default) is bfloat16 where the device multiplies it "
-        "natively (CUDA, or a CPU with AMX or AVX512-BF16) and float32 elsewhere; statistics and solves "
-        "are float64 in every case",
-    )
+    add_arguments(parser, PruneOptions, defaults)
     parser.epilog = (
         "Memory: one calibration pass collects the distance of every candidate cut and the float64 "
         "statistics (2·d² numbers per candidate) that the fit needs. When those do not fit in a quarter "
@@ -340,35 +178,11 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
 
 def prune_options(args: argparse.Namespace, **overrides: Any) -> Any:
     """The ``PruneOptions`` the prune options of ``args`` describe."""
+    from .options import from_args
     from .prune import PruneOptions
 
-    return PruneOptions(
-        ratio=args.ratio,
-        layers=args.layers,
-        blocks=args.blocks,
-        solver=args.solver,
-        map_space=args.map_space,
-        alpha=args.alpha,
-        select=args.select,
-        distance_tokens=args.distance_tokens,
-        calib_data=args.calib_data,
-        calib_samples=args.calib_samples,
-        survey_samples=args.survey_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        selection_samples=args.selection_samples,
-        eval_data=args.eval_data,
-        eval_tokens=args.eval_tokens,
-        ood_data=args.ood_data,
-        ood_tokens=args.ood_tokens,
-        device=args.device,
-        compute_dtype=args.compute_dtype,
-        memory_budget=args.memory_budget,
-        quality_guard=not args.no_quality_guard,
-        gguf_compatible=not getattr(args, "skip_gguf", True),
-        **overrides,
-    )
+    given = {"gguf_compatible": not getattr(args, "skip_gguf", True)} | overrides
+    return from_args(PruneOptions, args, **given)
 
 
 def _print_prune_summary(record: dict[str, Any], out_dir: Path) -> None:
@@ -765,7 +579,7 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
 def _add_run(parser: argparse.ArgumentParser) -> None:
     from converters.gguf_export import GGUF_TYPES
 
-    from .config import ONNX_DTYPES, ONNX_FLAVORS, RUN_EVAL_TOKENS
+    from .config import ONNX_DTYPES, ONNX_FLAVORS, RUN_PRUNE_DEFAULTS
 
     _add_model_argument(parser)
     parser.add_argument(
@@ -796,17 +610,7 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     _add_round_options(
         parser.add_argument_group("speed benchmarks (original and pruned interleaved, llama-bench style)")
     )
-    _add_prune_options(parser)
-    # One set of held-out windows for every backend, so the report compares like with like.
-    parser.set_defaults(eval_tokens=RUN_EVAL_TOKENS, ood_tokens=RUN_EVAL_TOKENS)
-    for action in parser._actions:
-        if action.dest == "eval_tokens":
-            action.help = (
-                "held-out tokens for perplexity in PyTorch, onnxruntime and llama.cpp "
-                f"(default {RUN_EVAL_TOKENS})"
-            )
-        elif action.dest == "ood_tokens":
-            action.help = f"held-out tokens of each --ood-data source (default {RUN_EVAL_TOKENS})"
+    _add_prune_options(parser, RUN_PRUNE_DEFAULTS)
 
 
 def run_config(args: argparse.Namespace) -> Any:

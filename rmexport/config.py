@@ -20,6 +20,7 @@ __all__ = [
     "ONNX_DTYPES",
     "ONNX_FLAVORS",
     "RUN_EVAL_TOKENS",
+    "RUN_PRUNE_DEFAULTS",
     "BenchGGUFConfig",
     "BenchONNXConfig",
     "ExportGGUFConfig",
@@ -37,6 +38,8 @@ ONNX_DTYPES = ("fp32", "fp16")
 # 4,096 tokens (8 windows) per text source: the pruned and original models are compared on the
 # same windows, so the gaps the report shows (tens of percent) are far above this sample's noise.
 RUN_EVAL_TOKENS = 4096
+# The prune options whose default differs in ``rmexport run`` (its --help and the README say so).
+RUN_PRUNE_DEFAULTS = {"eval_tokens": RUN_EVAL_TOKENS, "ood_tokens": RUN_EVAL_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,7 @@ class RunConfig:
     """``rmexport run``: prune, export ONNX and GGUF, validate, benchmark, report."""
 
     model: str = DEFAULT_MODEL
-    prune: PruneOptions = field(
-        default_factory=lambda: PruneOptions(eval_tokens=RUN_EVAL_TOKENS, ood_tokens=RUN_EVAL_TOKENS)
-    )
+    prune: PruneOptions = field(default_factory=lambda: PruneOptions(**RUN_PRUNE_DEFAULTS))
     out_root: Path = Path("out")
     force: bool = False
     onnx_flavor: str = "optimum"

@@ -36,6 +36,9 @@ from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from .lock import LOCK_NAME, check_not_held
 from .models import ModelSource, resolve
+from .options import check_count, check_number
+from .replaceme.select import SelectionRule
+from .replaceme.solvers import solver_named
 
 if TYPE_CHECKING:
     from .config import (
@@ -473,28 +476,6 @@ def check_onnx_dir(path: Path | str, where: str = "ONNX folder") -> OnnxFacts:
 
 
 # --- numbers --------------------------------------------------------------------------------
-def check_count(value: int | None, option: str, minimum: int = 1, *, optional: bool = False) -> None:
-    """A count of something to do: an int of at least ``minimum`` (None only when ``optional``)."""
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            f"{option} must be at least {minimum} (got {value})",
-            hint="no value of an option means 'everything'; give the number you want",
-        )
-
-
-def check_number(
-    value: float | None, option: str, *, minimum: float | None = None, optional: bool = False
-) -> None:
-    if value is None and optional:
-        return
-    if value is None or not math.isfinite(value):
-        raise ConfigError(f"{option} must be a finite number (got {value})")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{option} must be at least {minimum:g} (got {value:g})")
-
-
 def check_cut(n_layers: int, ratio: float | None, layers: int | None, blocks: int = 1) -> list[int]:
     """Sizes of the cuts ``--ratio``/``--layers``/``--blocks`` ask of a model of ``n_layers``."""
     from .replaceme.select import cut_size, split_cut
@@ -784,25 +765,9 @@ def _json_output(path: str | None) -> None:
 
 
 # --- per subcommand -------------------------------------------------------------------------
-def _check_calibration_numbers(options: PruneOptions) -> None:
-    from .calib.tokens import DEFAULT_EVAL_WINDOW
-
-    check_count(options.calib_samples, "--calib-samples")
-    check_count(options.survey_samples, "--survey-samples")
-    check_count(options.batch_size, "--batch-size")
-    check_count(options.seq_len, "--seq-len", 8)
-    check_count(options.eval_tokens, "--eval-tokens", DEFAULT_EVAL_WINDOW)
-    if options.ood_data:
-        check_count(options.ood_tokens, "--ood-tokens", DEFAULT_EVAL_WINDOW)
-    check_number(options.alpha, "--alpha", minimum=0.0)
-    check_number(options.ratio, "--ratio", optional=True)
-    check_count(options.layers, "--layers", optional=True)
-    check_count(options.blocks, "--blocks")
-
-
 def _selection_documents(options: PruneOptions) -> int:
-    """Documents after the calibration ones that --select loss / --solver cosine set aside."""
-    if options.select != "loss" and options.solver != "cosine":
+    """Documents after the calibration ones that --select loss / a solver judged on them set aside."""
+    if options.select != SelectionRule.LOSS and not solver_named(options.solver).judged_on_set_aside:
         return 0
     return int(options.selection_samples)
 
@@ -824,7 +789,7 @@ def _check_texts(options: PruneOptions) -> None:
 
 def _check_prune_options(model: str, options: PruneOptions) -> CheckedSource:
     """The prune options and the model they apply to, the part ``prune`` and ``run`` share."""
-    _check_calibration_numbers(options)
+    options.validate()  # each value within its declared bounds
     source = check_model_source(model, "MODEL")
     if source.n_layers is not None:
         check_cut(source.n_layers, options.ratio, options.layers, options.blocks)

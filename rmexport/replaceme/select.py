@@ -10,12 +10,17 @@ lowest next-token loss on calibration text set aside for selection wins.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ..errors import ConfigError
 
 __all__ = [
+    "DISTANCE_TOKENS",
     "MAP_SPACES",
     "SELECTION_RULES",
+    "DistanceTokens",
+    "MapSpace",
+    "SelectionRule",
     "CutScores",
     "candidate_starts",
     "cut_size",
@@ -23,11 +28,31 @@ __all__ = [
     "choose_start",
 ]
 
-SELECTION_RULES = ("distance", "fit", "loss")
 
-# What the chosen cut's map acts on: the MLP's hidden activations (a d_ff×d map: the block's
-# down_proj refitted by least squares) or its output (the d×d map T of ReplaceMe).
-MAP_SPACES = ("hidden", "output")
+class SelectionRule(StrEnum):
+    DISTANCE = "distance"
+    FIT = "fit"
+    LOSS = "loss"
+
+
+class MapSpace(StrEnum):
+    """What the chosen cut's map acts on: the MLP's hidden activations (a d_ff×d map: the block's
+    down_proj refitted by least squares) or its output (the d×d map T of ReplaceMe)."""
+
+    HIDDEN = "hidden"
+    OUTPUT = "output"
+
+
+class DistanceTokens(StrEnum):
+    """The tokens the angular distance across a cut is averaged over."""
+
+    LAST = "last"  # the last token of each sequence (the reference)
+    ALL = "all"  # every real token
+
+
+SELECTION_RULES = tuple(rule.value for rule in SelectionRule)
+MAP_SPACES = tuple(space.value for space in MapSpace)
+DISTANCE_TOKENS = tuple(tokens.value for tokens in DistanceTokens)
 
 
 def cut_size(n_layers: int, ratio: float | None = None, layers: int | None = None) -> int:

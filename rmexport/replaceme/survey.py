@@ -20,7 +20,6 @@ from ..calib.collect import (
     DistanceProfile,
     Trace,
     collect,
-    collect_activations,
     cut_sums,
     distances_then_closest_sums,
 )
@@ -33,12 +32,12 @@ from .solve import (
     RIDGE_GRID,
     CosineSettings,
     FitResult,
-    cosine_fit,
     diagonal_lstsq_from_gram,
     lstsq_from_gram,
     residual_energy,
     ridge_toward,
 )
+from .solvers import FitInputs, solver_named
 
 __all__ = [
     "CandidateSurvey",
@@ -231,7 +230,7 @@ def fit_cut(
     validate: Callable[[torch.Tensor], float] | None = None,
     step: str = "",
 ) -> FitResult:
-    """The map for the cut ``[start, start + n)``: least squares, or cosine started from it.
+    """The map for the cut ``[start, start + n)``: the least-squares map, given to ``solver``.
 
     The sums come from the survey where it read every calibration batch and holds them; else from
     one more pass over the calibration text for this cut (from the survey's trace where it kept
@@ -267,19 +266,10 @@ def fit_cut(
     elif problem is not None:
         log.warning("fitting the map of the MLP's output: %s", problem)
         details["map_note"] = problem
-    if solver == "cosine":
-        activations = collect_activations(
-            engine,
-            plan,
-            calibration,
-            cut,
-            hidden=hidden,
-            desc=f"{step} Collecting".strip(),
-        )
-        result = cosine_fit(activations, init, cosine or CosineSettings(), validate)
-        del activations
-    else:
-        result = FitResult(init, "lstsq", {"alpha": alpha})
+    given = FitInputs(
+        engine, plan, calibration, cut, hidden, init, alpha, cosine or CosineSettings(), validate, step
+    )
+    result = solver_named(solver).fit(given)
     identity = torch.ones(plain.gram.shape[0], dtype=torch.float64)
     result.details |= details | {
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
