@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- shared option groups --------------------------------------------------------------------
-def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default="smollm2-135m",
-        help="alias, hub id, HF directory or .gguf file (default: smollm2-135m)",
-    )
-
-
 def _add_prune_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """The options of ``PruneOptions``, as it declares them; ``defaults`` are another command's."""
     from .options import add_arguments
@@ -221,99 +212,46 @@ def _print_prune_summary(record: dict[str, Any], out_dir: Path) -> None:
     )
 
 
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from e
+def _add_config(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    from .options import add_arguments
 
-
-def _add_speed_options(parser: argparse.ArgumentParser, *, prompt_default: Sequence[int]) -> None:
-    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
-    from validation.speed import SpeedProtocol
-
-    default = SpeedProtocol(prompt_tokens=tuple(prompt_default))
-    group = parser.add_argument_group("speed (llama-bench style: original and pruned alternate)")
-    text = ",".join(map(str, default.prompt_tokens))
-    group.add_argument(
-        "--prompt-tokens",
-        type=_lengths,
-        default=default.prompt_tokens,
-        metavar="N[,N]",
-        help=f"prompt-processing lengths to time, from an empty cache (default {text})",
-    )
-    group.add_argument(
-        "--gen-tokens",
-        type=int,
-        default=default.gen_tokens,
-        help=f"tokens generated one at a time from an empty cache (default {default.gen_tokens})",
-    )
-    _add_round_options(group)
-
-
-def _add_round_options(group: Any) -> None:
-    """How long each phase is timed: shared by ``bench gguf``, ``bench onnx`` and ``run``."""
-    from validation.speed import SpeedRounds
-
-    default = SpeedRounds()
-    group.add_argument(
-        "--warmup",
-        type=int,
-        default=default.warmup,
-        help=f"untimed turns of every phase per model first (default {default.warmup})",
-    )
-    group.add_argument(
-        "--min-rounds", type=int, default=default.min_rounds, help=f"default {default.min_rounds}"
-    )
-    group.add_argument(
-        "--max-rounds",
-        type=int,
-        default=default.max_rounds,
-        help=f"rounds of a phase at most, precise or not (default {default.max_rounds})",
-    )
-    group.add_argument(
-        "--rel-tol",
-        type=float,
-        default=default.rel_tol,
-        help="a phase stops once the estimated standard error of its median speed-up is at most "
-        f"this fraction of it (default {default.rel_tol})",
-    )
-    group.add_argument("--threads", type=int, default=0, help="threads for both models (default: all cores)")
-
-
-def speed_rounds(args: argparse.Namespace) -> Any:
-    from validation.speed import SpeedRounds
-
-    return SpeedRounds(
-        warmup=args.warmup,
-        min_rounds=args.min_rounds,
-        max_rounds=args.max_rounds,
-        rel_tol=args.rel_tol,
-        threads=args.threads or 0,
-    )
+    add_arguments(parser, cls, defaults)
 
 
 def _config(cls: type, args: argparse.Namespace, **given: Any) -> Any:
-    """The config ``cls`` (a dataclass of ``rmexport.config``): each field not ``given`` is the
-    argument of the same name."""
-    from dataclasses import fields
+    """The config ``cls`` (``rmexport.config``) its declared options in ``args`` describe."""
+    from .options import from_args
 
-    return cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in fields(cls)})
+    return from_args(cls, args, **given)
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """The protocol's options, shared by ``rmexport bench gguf`` and ``rmexport bench onnx``."""
+    from .speed_settings import SpeedProtocol, SpeedRounds
+
+    group = parser.add_argument_group("speed (llama-bench style: original and pruned alternate)")
+    _add_config(group, SpeedProtocol)
+    _add_config(group, SpeedRounds)
+
+
+def speed_rounds(args: argparse.Namespace) -> Any:
+    from .speed_settings import SpeedRounds
+
+    return _config(SpeedRounds, args)
 
 
 def protocol_from_args(args: argparse.Namespace) -> Any:
     """The ``SpeedProtocol`` the options describe (ConfigError for impossible values)."""
-    from validation.speed import SpeedProtocol
+    from .speed_settings import SpeedProtocol
 
-    return SpeedProtocol(prompt_tokens=tuple(args.prompt_tokens), gen_tokens=args.gen_tokens).with_rounds(
-        speed_rounds(args)
-    )
+    return _config(SpeedProtocol, args, rounds=speed_rounds(args))
 
 
 # --- prune ------------------------------------------------------------------------------------
 def _add_prune(parser: argparse.ArgumentParser) -> None:
-    _add_model_argument(parser)
-    parser.add_argument("--out", required=True, type=Path, help="output folder; gets hf/ and prune.json")
+    from .config import PruneConfig
+
+    _add_config(parser, PruneConfig)
     _add_prune_options(parser)
 
 
@@ -321,7 +259,7 @@ def prune_config(args: argparse.Namespace) -> Any:
     """The ``PruneConfig`` the arguments of ``rmexport prune`` describe."""
     from .config import PruneConfig
 
-    return PruneConfig(model=args.model, out=args.out, prune=prune_options(args))
+    return _config(PruneConfig, args, prune=prune_options(args))
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -340,20 +278,11 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 # --- export -----------------------------------------------------------------------------------
 def _add_export_onnx(parser: argparse.ArgumentParser) -> None:
-    from converters.onnx_export import DTYPES, FLAVORS, PRECISIONS
+    from .config import ExportONNXConfig
 
     parser.add_argument("checkpoint", help="HF checkpoint directory (original or pruned), alias or .gguf")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically when done)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="activation/weight dtype")
-    parser.add_argument(
-        "--flavor",
-        choices=FLAVORS,
-        default="optimum",
-        help="optimum: standard ops, ORTModelForCausalLM; genai: onnxruntime-genai builder (fused ops)",
-    )
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default=None, help="weights; int4 needs --flavor genai"
-    )
+    _add_config(parser, ExportONNXConfig)
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
@@ -362,33 +291,17 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     from .inputs import check_export_onnx_args
 
     check_export_onnx_args(args.checkpoint, args.out)
-    config = ExportONNXConfig(dtype=args.dtype, flavor=args.flavor, precision=args.precision)
+    config = _config(ExportONNXConfig, args)
     print(export_onnx(args.checkpoint, args.out, config).path)
     return 0
 
 
 def _add_export_gguf(parser: argparse.ArgumentParser) -> None:
-    from converters.gguf_export import GGUF_TYPES
+    from .config import ExportGGUFConfig
 
     parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint directory (or model alias / .gguf)")
     parser.add_argument("--out", required=True, help="GGUF file to write")
-    parser.add_argument(
-        "--type",
-        default="f16",
-        choices=list(GGUF_TYPES),
-        metavar="TYPE",
-        help="f32, f16, bf16, q8_0 (written directly) or any type llama.cpp's quantizer makes: "
-        + ", ".join(t for t in GGUF_TYPES if GGUF_TYPES[t].by_llama_cpp)
-        + " (default f16)",
-    )
-    parser.add_argument(
-        "--imatrix",
-        metavar="auto|FILE|none",
-        help="importance matrix for llama.cpp's quantizer: auto computes it with llama-imatrix from the "
-        "calibration text of the prune (prune.json beside the checkpoint; else the default mixture) and "
-        "writes it beside the GGUF as <name>.imatrix.gguf; FILE reuses one (default: auto for types of "
-        "4 bits and fewer, none above)",
-    )
+    _add_config(parser, ExportGGUFConfig)
 
 
 def _run_export_gguf(args: argparse.Namespace) -> int:
@@ -397,7 +310,7 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     from .inputs import check_export_gguf_args
 
     check_export_gguf_args(args.checkpoint, args.out)
-    info = export_gguf(args.checkpoint, args.out, ExportGGUFConfig(type=args.type, imatrix=args.imatrix)).info
+    info = export_gguf(args.checkpoint, args.out, _config(ExportGGUFConfig, args)).info
     types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
     size = info["size_bytes"] / 2**20
     print(f"{info['file']}  {size:.1f} MiB  {info['block_count']} blocks  tensors: {types}")
@@ -406,14 +319,9 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
 
 # --- validate ---------------------------------------------------------------------------------
 def _add_validate_onnx(parser: argparse.ArgumentParser) -> None:
-    from validation.onnx_parity import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_TOKENS, DEFAULT_PROMPTS
+    from .config import ValidateONNXConfig
 
-    parser.add_argument("onnx_dir", help="folder written by `rmexport export onnx`")
-    parser.add_argument("--reference", required=True, help="the HF checkpoint the export was made from")
-    parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="held-out prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, help="tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help="greedy tokens to compare")
-    parser.add_argument("--json", help="also write the result to this JSON file")
+    _add_config(parser, ValidateONNXConfig)
 
 
 def _run_validate_onnx(args: argparse.Namespace) -> int:
@@ -445,16 +353,9 @@ def _run_validate_onnx(args: argparse.Namespace) -> int:
 
 
 def _add_validate_gguf(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("gguf_file", metavar="GGUF_FILE", help="GGUF file to check")
-    parser.add_argument(
-        "--reference", required=True, metavar="CKPT", help="HF checkpoint it was written from"
-    )
-    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts (default 4)")
-    parser.add_argument("--tokens", type=int, default=96, help="tokens per prompt incl. BOS (default 96)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
-    parser.add_argument("--report-only", action="store_true", help="report, do not fail on tolerances")
-    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    from .config import ValidateGGUFConfig
+
+    _add_config(parser, ValidateGGUFConfig)
 
 
 def _run_validate_gguf(args: argparse.Namespace) -> int:
@@ -490,16 +391,10 @@ def _run_validate_gguf(args: argparse.Namespace) -> int:
 
 # --- bench ------------------------------------------------------------------------------------
 def _add_bench_onnx(parser: argparse.ArgumentParser) -> None:
-    from validation.onnx_bench import DEFAULT_EVAL_TOKENS, DEFAULT_PROTOCOL
+    from .config import BenchONNXConfig
 
-    parser.add_argument("--original", required=True, help="ONNX export of the original model")
-    parser.add_argument("--pruned", required=True, help="ONNX export of the pruned model")
-    parser.add_argument(
-        "--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens for PPL"
-    )
-    parser.add_argument("--window", type=int, default=512, help="perplexity window")
-    parser.add_argument("--json", help="write the result to this JSON file")
-    _add_speed_options(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
+    _add_config(parser, BenchONNXConfig)
+    _add_speed_options(parser)
 
 
 def _run_bench_onnx(args: argparse.Namespace) -> int:
@@ -525,25 +420,10 @@ def _run_bench_onnx(args: argparse.Namespace) -> int:
 
 
 def _add_bench_gguf(parser: argparse.ArgumentParser) -> None:
-    from validation.gguf_bench import DEFAULT_PROTOCOL
+    from .config import BenchGGUFConfig
 
-    parser.add_argument(
-        "--original", required=True, metavar="FILE_OR_CKPT", help="unpruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--pruned", required=True, metavar="FILE_OR_CKPT", help="pruned model: .gguf or HF dir"
-    )
-    parser.add_argument(
-        "--types", default="f16,q4_k_m", help="GGUF types for checkpoints (default f16,q4_k_m)"
-    )
-    parser.add_argument(
-        "--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)"
-    )
-    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch perplexity reference")
-    parser.add_argument("--work-dir", help="keep the exported GGUFs here (default: a temporary folder)")
-    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    _add_speed_options(parser, prompt_default=DEFAULT_PROTOCOL.prompt_tokens)
+    _add_config(parser, BenchGGUFConfig)
+    _add_speed_options(parser)
 
 
 def _run_bench_gguf(args: argparse.Namespace) -> int:
@@ -554,9 +434,7 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
     from .config import BenchGGUFConfig
     from .inputs import check_bench_gguf_args
 
-    config = _config(
-        BenchGGUFConfig, args, protocol=protocol_from_args(args), torch_reference=not args.no_torch
-    )
+    config = _config(BenchGGUFConfig, args, protocol=protocol_from_args(args))
     types = check_bench_gguf_args(config)
     result = bench_gguf(
         config.original,
@@ -577,39 +455,12 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
 
 # --- run --------------------------------------------------------------------------------------
 def _add_run(parser: argparse.ArgumentParser) -> None:
-    from converters.gguf_export import GGUF_TYPES
+    from .config import RUN_PRUNE_DEFAULTS, RunConfig
+    from .speed_settings import SpeedRounds
 
-    from .config import ONNX_DTYPES, ONNX_FLAVORS, RUN_PRUNE_DEFAULTS
-
-    _add_model_argument(parser)
-    parser.add_argument(
-        "--out-root", default="out", help="results go to OUT_ROOT/<model>-r<ratio>/ (default out)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="redo every stage even if its inputs did not change"
-    )
-    parser.add_argument(
-        "--onnx-flavor", choices=ONNX_FLAVORS, default="optimum", help="optimum (default) or genai"
-    )
-    parser.add_argument(
-        "--onnx-dtype", choices=ONNX_DTYPES, default="fp32", help="ONNX weights (default fp32)"
-    )
-    parser.add_argument(
-        "--gguf-type",
-        default="f16",
-        help="GGUF type checked for parity: "
-        + ", ".join(GGUF_TYPES)
-        + " (default f16; benchmarked with q4_k_m, except that a quantized GGUF source is benchmarked in its"
-        " own type only, against the source file)",
-    )
-    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX export")
-    parser.add_argument("--skip-gguf", action="store_true", help="no GGUF export")
-    parser.add_argument(
-        "--skip-bench", action="store_true", help="no perplexity/latency benchmarks in the runtimes"
-    )
-    _add_round_options(
-        parser.add_argument_group("speed benchmarks (original and pruned interleaved, llama-bench style)")
-    )
+    _add_config(parser, RunConfig)
+    group = parser.add_argument_group("speed benchmarks (original and pruned interleaved, llama-bench style)")
+    _add_config(group, SpeedRounds)
     _add_prune_options(parser, RUN_PRUNE_DEFAULTS)
 
 
@@ -617,19 +468,7 @@ def run_config(args: argparse.Namespace) -> Any:
     """The ``RunConfig`` the arguments of ``rmexport run`` describe."""
     from .config import RunConfig
 
-    return RunConfig(
-        model=args.model,
-        prune=prune_options(args),
-        out_root=Path(args.out_root),
-        force=args.force,
-        onnx_flavor=args.onnx_flavor,
-        onnx_dtype=args.onnx_dtype,
-        gguf_type=args.gguf_type,
-        skip_onnx=args.skip_onnx,
-        skip_gguf=args.skip_gguf,
-        skip_bench=args.skip_bench,
-        speed=speed_rounds(args),
-    )
+    return _config(RunConfig, args, prune=prune_options(args), speed=speed_rounds(args))
 
 
 def _run_run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from .lock import LOCK_NAME, check_not_held
 from .models import ModelSource, resolve
-from .options import check_count, check_number
+from .options import check_bounds, check_count, check_number
 from .replaceme.select import SelectionRule
 from .replaceme.solvers import solver_named
 
@@ -849,10 +849,7 @@ def check_export_onnx_args(checkpoint: str, out: str | Path) -> tuple[CheckedSou
 
 
 def check_validate_gguf_args(config: ValidateGGUFConfig) -> tuple[GGUFFacts, CheckpointFacts]:
-    check_count(config.prompts, "--prompts")
-    check_count(config.tokens, "--tokens", 2)
-    check_count(config.new_tokens, "--new-tokens")
-    check_count(config.threads, "--threads")
+    check_bounds(config)
     facts = check_gguf_file(config.gguf_file, "GGUF_FILE")
     reference = check_checkpoint_dir(config.reference, "--reference")
     if facts.architecture != reference.gguf_arch:
@@ -867,9 +864,7 @@ def check_validate_gguf_args(config: ValidateGGUFConfig) -> tuple[GGUFFacts, Che
 
 
 def check_validate_onnx_args(config: ValidateONNXConfig) -> tuple[OnnxFacts, CheckedSource]:
-    check_count(config.prompts, "--prompts")
-    check_count(config.prompt_tokens, "--prompt-tokens", 2)
-    check_count(config.new_tokens, "--new-tokens")
+    check_bounds(config)
     facts = check_onnx_dir(config.onnx_dir, "ONNX_DIR")
     reference = check_model_source(config.reference, "--reference")
     check_same_model("ONNX_DIR", facts.n_layers, reference.n_layers, "--reference")
@@ -879,7 +874,7 @@ def check_validate_onnx_args(config: ValidateONNXConfig) -> tuple[OnnxFacts, Che
 
 def check_bench_onnx_args(config: BenchONNXConfig) -> tuple[OnnxFacts, OnnxFacts]:
     """``bench onnx``; its speed protocol checked itself when the CLI built it."""
-    check_count(config.window, "--window")
+    check_bounds(config)
     check_count(config.eval_tokens, "--eval-tokens", config.window)
     original = check_onnx_dir(config.original, "--original")
     pruned = check_onnx_dir(config.pruned, "--pruned")
@@ -899,7 +894,7 @@ def check_bench_gguf_args(config: BenchGGUFConfig) -> tuple[str, ...]:
             f"--types {config.types!r}: unknown GGUF type(s) {unknown}",
             hint="choose from " + ", ".join(GGUF_TYPES),
         )
-    check_count(config.window, "--window")
+    check_bounds(config)
     check_count(config.eval_tokens, "--eval-tokens", config.window)
     for role in ("original", "pruned"):
         spec = getattr(config, role)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 __all__ = [
+    "REQUIRED",
     "Option",
     "add_arguments",
     "check_bounds",
@@ -45,12 +46,16 @@ class Option:
     only_with: str | None = None  # checked only when this other field is set
     parse: Callable[[str], Any] | None = None  # argparse's type
     negate: bool = False  # the flag stores False (--no-quality-guard)
+    positional: bool = False  # an argument without a flag; ``flag`` is how messages name it
     shown_default: str | None = None  # how help and README show the default; None: the value
     doc: str | None = None  # the README's meaning when it says more than the help (markdown)
 
 
+REQUIRED: Any = dataclasses.MISSING  # the default of an option that must be given
+
+
 def option(default: Any, flag: str, help: str, **details: Any) -> Any:
-    """A dataclass field with a default, declared as the command-line option ``flag``."""
+    """A dataclass field with a default (or ``REQUIRED``), declared as the command-line option ``flag``."""
     return field(default=default, metadata={"option": Option(flag, help, **details)})
 
 
@@ -108,7 +113,7 @@ def _names(choices: Collection[str]) -> list[str]:
 def _shown(opt: Option, default: Any) -> str | None:
     if opt.shown_default is not None:
         return opt.shown_default
-    if default is None or opt.negate:
+    if default is None or default is REQUIRED or isinstance(default, bool):
         return None
     if isinstance(default, tuple):
         return ",".join(map(str, default))
@@ -126,10 +131,13 @@ def add_arguments(
             groups[opt.group] = parser.add_argument_group(opt.group)
         shown = _shown(opt, default)
         help_text = (opt.help + (f" (default {shown})" if shown is not None else "")).replace("%", "%%")
-        if opt.negate:
-            groups[opt.group].add_argument(opt.flag, dest=f.name, action="store_false", help=help_text)
+        if opt.negate or f.default is False:
+            action = "store_false" if opt.negate else "store_true"
+            groups[opt.group].add_argument(opt.flag, dest=f.name, action=action, help=help_text)
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        kwargs: dict[str, Any] = {"help": help_text}
+        if default is not REQUIRED:
+            kwargs["default"] = default
         if opt.parse is not None:
             kwargs["type"] = opt.parse
         elif opt.kind == "count":
@@ -140,6 +148,15 @@ def add_arguments(
             kwargs["choices"] = _names(opt.choices)
         if opt.metavar is not None:
             kwargs["metavar"] = opt.metavar
+        if opt.positional:
+            kwargs.setdefault("metavar", opt.flag)
+            if default is not REQUIRED:
+                kwargs["nargs"] = "?"
+            groups[opt.group].add_argument(f.name, **kwargs)
+            continue
+        kwargs["dest"] = f.name
+        if default is REQUIRED:
+            kwargs["required"] = True
         groups[opt.group].add_argument(opt.flag, **kwargs)
 
 

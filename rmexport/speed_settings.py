@@ -6,13 +6,23 @@ settings sit below it so that configurations can hold them without importing val
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import ConfigError
+from .options import option
 from .sysinfo import usable_cores
 
 __all__ = ["SpeedProtocol", "SpeedRounds"]
+
+
+def token_counts(text: str) -> tuple[int, ...]:
+    """``--prompt-tokens``: comma-separated token counts."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from e
 
 
 @dataclass(frozen=True)
@@ -20,11 +30,21 @@ class SpeedRounds:
     """How long the speed benchmarks time each phase, in both runtimes (the phases themselves are
     each runtime's: ``SpeedProtocol``)."""
 
-    warmup: int = 1
-    min_rounds: int = 3
-    max_rounds: int = 10
-    rel_tol: float = 0.02  # stop once the median's estimated standard error is this fraction of it
-    threads: int = 0  # 0: every usable core
+    warmup: int = option(
+        1, "--warmup", "untimed turns of every phase per model first", kind="count", minimum=0
+    )
+    min_rounds: int = option(3, "--min-rounds", "rounds of a phase at least", kind="count")
+    max_rounds: int = option(10, "--max-rounds", "rounds of a phase at most, precise or not", kind="count")
+    rel_tol: float = option(
+        0.02,
+        "--rel-tol",
+        "a phase stops once the estimated standard error of its median speed-up is at most this "
+        "fraction of it",
+        kind="number",
+    )
+    threads: int = option(
+        0, "--threads", "threads for both models", parse=int, shown_default="all cores"
+    )  # 0: every usable core
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or not 1 <= self.min_rounds <= self.max_rounds:
@@ -42,8 +62,16 @@ class SpeedRounds:
 class SpeedProtocol:
     """The phases timed (llama-bench's pp and tg tests) and how long each is timed."""
 
-    prompt_tokens: tuple[int, ...] = (512,)
-    gen_tokens: int = 128
+    prompt_tokens: tuple[int, ...] = option(
+        (512,),
+        "--prompt-tokens",
+        "prompt-processing lengths to time, from an empty cache",
+        metavar="N[,N]",
+        parse=token_counts,
+    )
+    gen_tokens: int = option(
+        128, "--gen-tokens", "tokens generated one at a time from an empty cache", parse=int
+    )
     rounds: SpeedRounds = SpeedRounds()
 
     def with_rounds(self, rounds: SpeedRounds) -> SpeedProtocol:
