@@ -1,10 +1,11 @@
 """The ``rmexport`` command: all of the argument parsing, and the only place that turns an
 ``RMExportError`` into an exit code.
 
-Each command has ``_add_<command>(parser)`` and ``_run_<command>(args) -> int`` here. A run checks its
-arguments (``rmexport.inputs``), builds the typed configuration (``rmexport.config``, ``PruneOptions``)
-and calls the Python API (``rmexport.api``) or the stage it names; the heavy modules are imported only
-when their command runs, so ``--help`` is fast.
+Each command has ``_add_<command>(parser)`` and ``_run_<command>(args) -> int`` here. The options
+themselves are declared once, on the fields of the command's configuration (``rmexport.config``,
+``PruneOptions``; see ``rmexport.options``): ``_add_<command>`` builds the parser from them and the run
+reads the configuration back, checks it (``rmexport.inputs``) and calls the Python API
+(``rmexport.api``) or the stage it names. Only the parser of the command named is built.
 """
 
 from __future__ import annotations
