@@ -264,14 +264,14 @@ def _run_prune(args: argparse.Namespace, source: Any, tokens: int, sampler: _Rss
         record = prune(source, options, Path(out))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {
-        "cut": record["cuts"][0]["cut"],
-        "load_s": record["timings_s"].get("load", 0.0),
+        "cut": record.cuts[0].cut,
+        "load_s": record.timings_s.get("load", 0.0),
         "calibrate_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1),
         "calibrate_cpu_s": round(cpu, 2),
         "tokens_per_cpu_s": round(tokens / cpu, 2),
-        "stages_s": record["timings_s"],
-        "quality": record["quality"],
+        "stages_s": record.timings_s,
+        "quality": record.to_json()["quality"],
         "peak_rss_mib": _mib(sampler.peak),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

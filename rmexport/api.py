@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import ExportGGUFConfig, ExportONNXConfig, RunConfig
 from .prune import PruneOptions
+from .records import PruneRecord
 
 __all__ = [
     "GGUFExport",
@@ -35,7 +36,7 @@ __all__ = [
 class PruneResult:
     out_dir: Path
     checkpoint: Path  # the pruned HF checkpoint, out_dir/hf
-    record: dict[str, Any]  # what prune.json holds
+    record: PruneRecord  # prune.json is its to_json()
 
 
 @dataclass(frozen=True)

@@ -177,39 +177,38 @@ def prune_options(args: argparse.Namespace, **overrides: Any) -> Any:
     return from_args(PruneOptions, args, **given)
 
 
-def _print_prune_summary(record: dict[str, Any], out_dir: Path) -> None:
+def _print_prune_summary(record: Any, out_dir: Path) -> None:
+    """The console summary of a prune's ``PruneRecord``."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    for cut in record["cuts"]:
-        fit = cut["fit"]
+    for cut in record.cuts:
+        fit = cut.fit
         console.print(
-            f"cut {cut['cut']} (original blocks {cut['removed_layers'][0]}..{cut['removed_layers'][-1]}), "
+            f"cut {cut.cut} (original blocks {cut.removed_layers[0]}..{cut.removed_layers[-1]}), "
             f"solver {fit['solver']}, map of the MLP's {fit.get('map', 'output')}: fit error "
             f"{fit['rel_residual']:.4f} vs plain removal "
             f"{fit['rel_residual_plain_removal']:.4f}"
         )
-    quality = record["quality"]
-    table = Table(title=f"{record['model']['spec']}: {record['L']} -> {record['N']} blocks")
+    quality = record.quality
+    table = Table(title=f"{record.model.spec}: {record.L} -> {record.N} blocks")
     for column in ("model", "held-out PPL"):
         table.add_column(column)
-    table.add_row("original", f"{quality['ppl_original']:.2f}")
-    table.add_row("plain removal", f"{quality['ppl_plain_removal']:.2f}")
-    table.add_row(f"pruned ({record['solver']['name']})", f"{quality['ppl_pruned']:.2f}")
+    table.add_row("original", f"{quality.ppl_original:.2f}")
+    table.add_row("plain removal", f"{quality.ppl_plain_removal:.2f}")
+    table.add_row(f"pruned ({record.solver['name']})", f"{quality.ppl_pruned:.2f}")
     console.print(table)
-    for ood in quality["out_of_domain"]:
+    for ood in quality.out_of_domain:
         console.print(
-            f"out of domain, {ood['source']}: original {ood['ppl_original']:.2f}, plain removal "
-            f"{ood['ppl_plain_removal']:.2f}, pruned {ood['ppl_pruned']:.2f}"
+            f"out of domain, {ood.source}: original {ood.ppl_original:.2f}, plain removal "
+            f"{ood.ppl_plain_removal:.2f}, pruned {ood.ppl_pruned:.2f}"
         )
-    parity = record["fold_parity"]
+    parity = record.fold_parity
+    console.print(f"fold parity: max |Δlogit| {parity.max_abs_logit_diff:.2e} (tolerance {parity.atol:.2e})")
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record.timings_s.items()))
     console.print(
-        f"fold parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} (tolerance {parity['atol']:.2e})"
-    )
-    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    console.print(
-        f"peak RSS {record['peak_rss_mib']:.0f} MiB; wrote {out_dir / 'hf'} and {out_dir / 'prune.json'}"
+        f"peak RSS {record.peak_rss_mib:.0f} MiB; wrote {out_dir / 'hf'} and {out_dir / 'prune.json'}"
     )
 
 

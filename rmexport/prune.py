@@ -627,8 +627,9 @@ def _cut_and_fit(
     return plan, records, guard
 
 
-def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str, Any]:
-    """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record.
+def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRecord:
+    """Run the whole prune and write ``out_dir/hf`` and ``out_dir/prune.json``; return the record
+    (``prune.json`` is its ``to_json()``).
 
     Every model takes the same path: the block engine, with weights resident or streamed from
     disk as the memory budget decides."""
@@ -773,12 +774,11 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> dict[str
         record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
         record.peak_rss_mib = round(_peak_rss_mib(), 1)
         record.peak_rss_mib_after_stage = dict(clock.peak_rss_mib_after)
-        data = record.to_json()
-        write_json(outputs[2], data)
+        write_json(outputs[2], record.to_json())
     except BaseException:  # Ctrl-C included: all three outputs, or none
         _remove_outputs(outputs, out_dir if made_out_dir else None)
         raise
-    return data
+    return record
 
 
 def _gpu_peak(device: str) -> dict[str, int]:

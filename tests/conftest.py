@@ -60,7 +60,7 @@ def pruned_default_run(tmp_path_factory):
     from rmexport.prune import PruneOptions, prune
 
     out = tmp_path_factory.mktemp("pruned-default")
-    record = prune(resolve(DEFAULT_MODEL), PruneOptions(**DEFAULT_PRUNE_OPTIONS), out)
+    record = prune(resolve(DEFAULT_MODEL), PruneOptions(**DEFAULT_PRUNE_OPTIONS), out).to_json()
     return out, record
 
 

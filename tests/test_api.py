@@ -24,8 +24,8 @@ def test_prune_then_export_both_formats(tiny_checkpoints, tmp_path):
     assert callable(prune) and prune.__module__ == "rmexport.api"
     pruned = prune(tiny_checkpoints["qwen3"], tmp_path / "pruned", PruneOptions(ratio=0.25, **FAST))
     assert isinstance(pruned, PruneResult)
-    assert pruned.record == json.loads((tmp_path / "pruned" / "prune.json").read_text())
-    assert (pruned.record["L"], pruned.record["N"]) == (8, 6)
+    assert pruned.record.to_json() == json.loads((tmp_path / "pruned" / "prune.json").read_text())
+    assert (pruned.record.L, pruned.record.N) == (8, 6)
     config = json.loads((pruned.checkpoint / "config.json").read_text())
     assert config["num_hidden_layers"] == 6
 

@@ -31,12 +31,13 @@ TINY_OPTIONS = dict(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_tiny_model_saves_an_ordinary_smaller_checkpoint(family, tiny_checkpoints, tmp_path):
     record = prune(resolve(str(tiny_checkpoints[family])), PruneOptions(**TINY_OPTIONS), tmp_path)
-    assert record["L"] == 8 and record["n"] == 2 and record["N"] == 6
-    assert record["fold_parity"]["passed"]
-    assert record["fold_parity"]["max_abs_logit_diff"] <= record["fold_parity"]["atol"]
+    assert isinstance(record, PruneRecord)
+    assert record.L == 8 and record.n == 2 and record.N == 6
+    assert record.fold_parity.passed
+    assert record.fold_parity.max_abs_logit_diff <= record.fold_parity.atol
 
     saved = json.loads((tmp_path / "prune.json").read_text())
-    assert saved["kept_layers"] == record["kept_layers"]
+    assert saved == record.to_json()
     assert PruneRecord.from_json(saved).to_json() == saved  # prune.json reads back as the typed record
     # Peak RSS as each stage ended: every stage, never decreasing, at most the final peak.
     after = saved["peak_rss_mib_after_stage"]
@@ -85,7 +86,7 @@ def test_a_planted_easy_cut_is_found(rule, tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["llama"], path)
     _plant_near_identity_blocks(path, [4, 5])
     options = PruneOptions(**(TINY_OPTIONS | {"select": rule, "distance_tokens": "all"}))
-    record = prune(resolve(str(path)), options, tmp_path / "out")
+    record = prune(resolve(str(path)), options, tmp_path / "out").to_json()
     assert record["cuts"][0]["cut"] == [4, 6]
 
 
@@ -96,7 +97,9 @@ def test_loss_rule_picks_the_lowest_selection_loss_of_the_shortlist(tiny_checkpo
     path = tmp_path / "planted"
     shutil.copytree(tiny_checkpoints["llama"], path)
     _plant_near_identity_blocks(path, [4, 5])
-    record = prune(resolve(str(path)), PruneOptions(**(TINY_OPTIONS | {"select": "loss"})), tmp_path / "out")
+    record = prune(
+        resolve(str(path)), PruneOptions(**(TINY_OPTIONS | {"select": "loss"})), tmp_path / "out"
+    ).to_json()
     table = record["cuts"][0]["scores"]["selection_loss"]
     assert len(table) == 5
     assert record["cuts"][0]["cut"][0] == int(min(table, key=lambda s: (table[s], int(s))))
@@ -105,7 +108,7 @@ def test_loss_rule_picks_the_lowest_selection_loss_of_the_shortlist(tiny_checkpo
 
 def test_two_cuts_remove_the_requested_number_of_blocks(tiny_checkpoints, tmp_path):
     options = PruneOptions(**(TINY_OPTIONS | {"layers": 3, "blocks": 2}))
-    record = prune(resolve(str(tiny_checkpoints["qwen3"])), options, tmp_path)
+    record = prune(resolve(str(tiny_checkpoints["qwen3"])), options, tmp_path).to_json()
     removed = sorted(i for c in record["cuts"] for i in c["removed_layers"])
     assert len(removed) == 3 and len(set(removed)) == 3 and 0 not in removed
     assert record["kept_layers"] == [i for i in range(8) if i not in removed]
@@ -114,8 +117,8 @@ def test_two_cuts_remove_the_requested_number_of_blocks(tiny_checkpoints, tmp_pa
 
 def test_same_inputs_give_the_same_cut_map_and_files(tiny_checkpoints, tmp_path):
     options = PruneOptions(**TINY_OPTIONS)
-    first = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "a")
-    second = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "b")
+    first = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "a").to_json()
+    second = prune(resolve(str(tiny_checkpoints["mistral"])), options, tmp_path / "b").to_json()
     assert first["cuts"][0]["cut"] == second["cuts"][0]["cut"]
     a = load_file(tmp_path / "a" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "b" / "hf" / "model.safetensors")
@@ -131,7 +134,7 @@ def test_the_original_perplexities_are_measured_once_per_model(tiny_checkpoints,
 
     def run(name: str, cache: str, **changes) -> dict:
         monkeypatch.setenv("RMEXPORT_CACHE", str(tmp_path / cache))
-        return prune(source, PruneOptions(**(float32 | changes)), tmp_path / name)
+        return prune(source, PruneOptions(**(float32 | changes)), tmp_path / name).to_json()
 
     def originals(record: dict) -> list[float]:
         quality = record["quality"]
@@ -151,7 +154,7 @@ def test_the_original_perplexities_are_measured_once_per_model(tiny_checkpoints,
 
 def test_cosine_solver_starts_from_lstsq_and_keeps_its_best_epoch(tiny_checkpoints, tmp_path):
     options = PruneOptions(**(TINY_OPTIONS | {"solver": "cosine"}))
-    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
+    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path).to_json()
     fit = record["cuts"][0]["fit"]
     assert fit["solver"] == "cosine"
     validation = fit["validation_curve"]
@@ -213,7 +216,7 @@ def test_quality_guard_keeps_plain_removal_when_the_map_does_worse(tiny_checkpoi
     """A map fitted on 12 short documents of a random model against 16 set-aside ones: whichever wins on the
     set-aside text is what gets saved, and the record says which."""
     options = PruneOptions(**(TINY_OPTIONS | {"quality_guard": True, "calib_samples": 12}))
-    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
+    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path).to_json()
     guard = record["guard"]
     better = (
         "fitted"
@@ -229,7 +232,7 @@ def test_quality_guard_keeps_plain_removal_when_the_map_does_worse(tiny_checkpoi
 
 
 def test_the_default_map_refits_down_proj_with_a_ridge_chosen_on_set_aside_text(tiny_checkpoints, tmp_path):
-    record = prune(resolve(str(tiny_checkpoints["llama"])), PruneOptions(**TINY_OPTIONS), tmp_path)
+    record = prune(resolve(str(tiny_checkpoints["llama"])), PruneOptions(**TINY_OPTIONS), tmp_path).to_json()
     fit = record["cuts"][0]["fit"]
     assert record["solver"]["map"] == fit["map"] == "hidden"
     errors = {a: e for a, e in fit["set_aside_rel_residual"].items() if e is not None}
@@ -245,10 +248,12 @@ def test_the_default_map_refits_down_proj_with_a_ridge_chosen_on_set_aside_text(
 
 def test_the_output_map_where_a_hidden_one_cannot_be_fitted(tiny_checkpoints, tmp_path):
     """Gemma's MLP output passes a norm; a budget too small for d_ff² sums: T, and the reason."""
-    gemma = prune(resolve(str(tiny_checkpoints["gemma3"])), PruneOptions(**TINY_OPTIONS), tmp_path / "g")
+    gemma = prune(
+        resolve(str(tiny_checkpoints["gemma3"])), PruneOptions(**TINY_OPTIONS), tmp_path / "g"
+    ).to_json()
     assert gemma["cuts"][0]["fit"]["map"] == "output" and "norm" in gemma["cuts"][0]["fit"]["map_note"]
     options = PruneOptions(**(TINY_OPTIONS | {"memory_budget": "256KiB"}))
-    small = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path / "s")
+    small = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path / "s").to_json()
     assert small["cuts"][0]["fit"]["map"] == "output"
     assert "--memory-budget" in small["cuts"][0]["fit"]["map_note"]
     assert load_file(tmp_path / "s" / "maps.safetensors")[
@@ -264,7 +269,7 @@ def test_a_survey_of_a_share_chooses_the_cut_and_the_fit_reads_every_document(
     map_space, tiny_checkpoints, tmp_path
 ):
     options = PruneOptions(**(TINY_OPTIONS | {"survey_samples": 16, "map_space": map_space}))
-    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path)
+    record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path).to_json()
     cut = record["cuts"][0]
     assert cut["fit"]["map"] == map_space
     assert 0 < cut["scores"]["tokens"] < cut["fit"]["tokens"] == record["calibration"]["tokens"]
