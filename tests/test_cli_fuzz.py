@@ -26,6 +26,7 @@ from safetensors import safe_open
 from rmexport.atomic import STAGING_PREFIX, finalize_modes, remove_stale_staging, staged_dir, umask
 from rmexport.cli import build_parser, main
 from rmexport.errors import RMExportError
+from rmexport.lock import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -664,8 +665,9 @@ def _check_pruned(out: Path) -> None:
 
 def test_prune_killed_leaves_nothing_after_next_run(tmp_path, tiny_checkpoints, capsys):
     """SIGKILL during calibration and with the pruned checkpoint written but not renamed (two
-    processes at once): no output appears, and after the next run the folder holds exactly hf/,
-    the maps and prune.json, no staging left."""
+    processes at once): no output appears (the folder holds only the dead prune's lock, which the
+    next one takes over), and after the next run the folder holds exactly hf/, the maps and
+    prune.json, no staging and no lock left."""
     moments = {"calibrate": "calibrate", "save": "wrote:hf"}
     argv = {name: ["prune", str(tiny_checkpoints["llama"]), "--out", str(tmp_path / name / "pruned"),
                    *PRUNE_ARGS] for name in moments}  # fmt: skip
@@ -673,7 +675,8 @@ def test_prune_killed_leaves_nothing_after_next_run(tmp_path, tiny_checkpoints, 
     for proc in procs.values():
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == -signal.SIGKILL, err
-    assert not (tmp_path / "calibrate" / "pruned").exists(), "killed before its save: no output folder"
+    killed_early = tmp_path / "calibrate" / "pruned"
+    assert [p.name for p in killed_early.iterdir()] == [LOCK_NAME], "killed before its save: no output"
     out = tmp_path / "save" / "pruned"
     assert len(_staging(out)) == 1, "the finished checkpoint was still in its staging folder"
     assert not (out / "hf").exists() and not (out / "prune.json").exists()
