@@ -22,6 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from rmexport.atomic import staging_name
 from rmexport.errors import ConfigError, ToolchainError
 from rmexport.llama_tools import find_tool
 from rmexport.llamacpp import default_threads
@@ -202,7 +203,8 @@ def compute_imatrix(model_gguf: str | Path, calibration: CalibrationText, out_fi
     ``out_file`` and return its path."""
     tool = find_tool("llama-imatrix")
     out_file = Path(out_file)
-    with tempfile.TemporaryDirectory(dir=out_file.parent) as scratch:
+    # Named as a staging entry of this process, so that a later run removes it if this one is killed.
+    with tempfile.TemporaryDirectory(prefix=staging_name(out_file), dir=out_file.parent) as scratch:
         scratch = Path(scratch)
         (scratch / _TEXT_NAME).write_text(calibration.text, encoding="utf-8")
         made = scratch / "imatrix.gguf"

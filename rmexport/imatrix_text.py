@@ -21,7 +21,13 @@ from .errors import ConfigError
 from .log import get_logger
 from .prune import PruneOptions
 
-__all__ = ["IMATRIX_CHOICES", "calibration_text", "default_imatrix_recipe", "resolve_imatrix"]
+__all__ = [
+    "IMATRIX_CHOICES",
+    "calibration_recipe",
+    "calibration_text",
+    "default_imatrix_recipe",
+    "resolve_imatrix",
+]
 
 log = get_logger(__name__)
 
@@ -39,7 +45,9 @@ def _prune_record(record: Path) -> dict[str, Any] | None:
         return None
 
 
-def _calibration_recipe(record: dict[str, Any] | None) -> dict[str, Any]:
+def calibration_recipe(prune_record: str | Path) -> dict[str, Any]:
+    """How the prune recorded in ``prune_record`` drew its calibration text (a default prune's
+    where there is no record): source mixture, documents, sequence length, seed."""
     defaults = PruneOptions()
     recipe = {
         "source": defaults.calib_data,
@@ -47,7 +55,7 @@ def _calibration_recipe(record: dict[str, Any] | None) -> dict[str, Any]:
         "seq_len": defaults.seq_len,
         "seed": defaults.seed,
     }
-    calibration = (record or {}).get("calibration") or {}
+    calibration = (_prune_record(Path(prune_record)) or {}).get("calibration") or {}
     return recipe | {k: calibration[k] for k in recipe if k in calibration}
 
 
@@ -59,7 +67,7 @@ def calibration_text(checkpoint: str | Path, prune_record: str | Path | None = N
 
     checkpoint = Path(checkpoint)
     record_file = Path(prune_record) if prune_record is not None else checkpoint.parent / "prune.json"
-    recipe = _calibration_recipe(_prune_record(record_file))
+    recipe = calibration_recipe(record_file)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     calibration = mixture_batches(
         recipe["source"],
@@ -83,7 +91,7 @@ def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> dict[str
     recipe), or None where the default is no matrix: a pipeline stage's key."""
     if not GGUF_TYPES[type_name].imatrix_by_default:
         return None
-    return _calibration_recipe(_prune_record(Path(prune_record)))
+    return calibration_recipe(prune_record)
 
 
 def resolve_imatrix(

@@ -222,7 +222,16 @@ def _gguf_stages(
         validate_gguf,
     )
 
+    from .imatrix_text import resolve_imatrix
+
     protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
+
+    # Types at 4 bits and fewer are quantized with an importance matrix from the prune's calibration
+    # text, the original's (from the same text) and the pruned model's alike.
+    record = run_dir / "prune.json"
+
+    def imatrix_for(gguf_type: str, checkpoint: Path):
+        return resolve_imatrix(None, gguf_type, checkpoint, prune_record=record)
 
     outputs: dict[str, Any] = {}
     slug = source.slug
@@ -256,17 +265,21 @@ def _gguf_stages(
             base_runner.run(
                 Stage(
                     f"export_gguf_{t}",
-                    {"model": model_key, "type": t},
+                    {"model": model_key, "type": t} | _imatrix_key(t, record),
                     [base_files[t]],
-                    lambda t=t: export_gguf(original_ckpt(), base_files[t], type=t),
+                    lambda t=t: export_gguf(
+                        original_ckpt(), base_files[t], type=t, imatrix_source=imatrix_for(t, original_ckpt())
+                    ),
                 )
             )
         runner.run(
             Stage(
                 f"export_gguf_{t}",
-                {"type": t},
+                {"type": t} | _imatrix_key(t, record),
                 [pruned_files[t]],
-                lambda t=t: export_gguf(pruned_ckpt, pruned_files[t], type=t),
+                lambda t=t: export_gguf(
+                    pruned_ckpt, pruned_files[t], type=t, imatrix_source=imatrix_for(t, pruned_ckpt)
+                ),
                 needs=["prune"],
             )
         )
@@ -350,6 +363,15 @@ def _gguf_stages(
         )
         outputs["gguf_bench"] = _read_json(bench_file)
     return outputs
+
+
+def _imatrix_key(gguf_type: str, prune_record: Path) -> dict[str, Any]:
+    """A GGUF export stage's key part for its importance matrix: none at all where the type has no
+    matrix by default, so that those stages keep the keys they had."""
+    from .imatrix_text import default_imatrix_recipe
+
+    recipe = default_imatrix_recipe(gguf_type, prune_record)
+    return {} if recipe is None else {"imatrix": recipe}
 
 
 def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_dir: Path) -> dict:

@@ -59,6 +59,7 @@ def test_run_writes_every_artefact_and_a_report(tiny_run):
     assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == [
         "llama-r0.25-f16.gguf",
         "llama-r0.25-q4_k_m.gguf",
+        "llama-r0.25-q4_k_m.imatrix.gguf",  # q4_k_m's importance matrix, from the prune's text
     ]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["L"] == 8 and report["N"] == 6
@@ -140,7 +141,7 @@ def test_same_command_twice_gives_the_same_cut_and_files(tiny_run, tiny_checkpoi
     assert (first / "hf" / "model.safetensors").read_bytes() == (
         second / "hf" / "model.safetensors"
     ).read_bytes()
-    for name in ("llama-r0.25-f16.gguf", "llama-r0.25-q4_k_m.gguf"):
+    for name in ("llama-r0.25-f16.gguf", "llama-r0.25-q4_k_m.gguf", "llama-r0.25-q4_k_m.imatrix.gguf"):
         assert (first / "gguf" / name).read_bytes() == (second / "gguf" / name).read_bytes()
 
 
