@@ -613,10 +613,15 @@ def _staging(folder: Path) -> list[Path]:
 
 
 def _main_interrupted(argv: list[str], moment: str, monkeypatch) -> int:
-    """``main(argv)`` in this process, sent SIGINT by itself on reaching ``moment``."""
+    """``main(argv)`` in this process, sent SIGINT by itself on reaching ``moment``. Python's own
+    SIGINT handler is installed for it: a suite started in the background inherits SIGINT ignored."""
     monkeypatch.setenv("RMEXPORT_SIGNAL_AT", moment)
     monkeypatch.setenv("RMEXPORT_SIGNAL", "INT")
-    code = main(argv)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.delenv("RMEXPORT_SIGNAL_AT")
     return code
 
