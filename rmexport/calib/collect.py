@@ -287,6 +287,30 @@ def _stream_cuts(
             engine.forget(tag)
 
 
+def _stream_one_cut(
+    engine: Engine,
+    plan: Plan,
+    batches: Batches,
+    cut: tuple[int, int],
+    hidden: bool,
+    on_cut: Callable[[CutBatch], None],
+    desc: str,
+) -> None:
+    """``_stream_cuts`` for the one cut ``[start, end)``: its MLP output (and hidden activations)."""
+    start, end = cut
+    _stream_cuts(
+        engine,
+        plan,
+        batches,
+        n=end - start,
+        starts=[start],
+        mlp_starts=[start],
+        hidden_starts=[start] if hidden else [],
+        on_cut=on_cut,
+        desc=desc,
+    )
+
+
 def _empty_stats(starts: list[int], n: int, d: int, features: int | None = None) -> dict[int, CutStatistics]:
     f = features or d
     return {
@@ -382,17 +406,7 @@ def cut_sums(
             r = c.real
             add(walked[c.batch][0], c.mlp[r], c.before[r], c.after[r], c.hidden[r] if hidden else None)
 
-        _stream_cuts(
-            engine,
-            plan,
-            [sets[k].batches[b] for k, b in walked],
-            n=end - start,
-            starts=[start],
-            mlp_starts=[start],
-            hidden_starts=[start] if hidden else [],
-            on_cut=on_cut,
-            desc=desc,
-        )
+        _stream_one_cut(engine, plan, [sets[k].batches[b] for k, b in walked], cut, hidden, on_cut, desc)
     for one in sums:
         _check_finite({0: one.output} | ({1: one.hidden} if one.hidden is not None else {}))
     return sums
@@ -488,7 +502,6 @@ def collect_activations(
 ) -> CutActivations:
     """Every real token's activations around ``cut``, for solvers that need them raw (with
     ``hidden``, the MLP's hidden activations too)."""
-    start, end = cut
     parts: dict[str, dict[int, torch.Tensor]] = {"mlp": {}, "before": {}, "after": {}, "hidden": {}}
 
     def on_cut(c: CutBatch) -> None:
@@ -496,17 +509,7 @@ def collect_activations(
             if value is not None:
                 parts[name][c.batch] = value[c.real].float().cpu()
 
-    _stream_cuts(
-        engine,
-        plan,
-        calibration.batches,
-        n=end - start,
-        starts=[start],
-        mlp_starts=[start],
-        hidden_starts=[start] if hidden else [],
-        on_cut=on_cut,
-        desc=desc,
-    )
+    _stream_one_cut(engine, plan, calibration.batches, cut, hidden, on_cut, desc)
     ordered = {name: [part[b] for b in sorted(part)] for name, part in parts.items()}
     return CutActivations.from_batches(
         ordered["mlp"], ordered["before"], ordered["after"], ordered["hidden"] or None
