@@ -119,7 +119,7 @@ def test_pruning_a_quantized_gemma3_gguf_writes_the_kept_pattern(
         if entry["action"] == "copied":
             assert after[name] == before[entry["source"]], name
     assert record["copied"] == len(after) - 1 and record["dropped"] == len(before) - len(after)
-    with llama_cpp_tools.open_model(tmp_path / "out.gguf", n_ctx=64) as llm:
+    with llama_cpp_tools.open_model(tmp_path / "out.gguf", n_ctx=64, logits_all=True) as llm:
         logits = llama_cpp_tools.eval_logits(llm, list(range(3, 51)))
     assert logits.shape[0] == 48 and torch.isfinite(torch.from_numpy(logits)).all()
 

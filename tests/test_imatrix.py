@@ -55,7 +55,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 
 def _loads_in_llama_cpp(path: Path) -> None:
-    with open_model(path, n_ctx=64) as model:
+    with open_model(path, n_ctx=64, logits_all=True) as model:  # every position's logits, not only the last
         logits = eval_logits(model, [1, 5, 9, 13, 17, 21])
     assert logits.shape[0] == 6 and np.isfinite(logits).all()
 
