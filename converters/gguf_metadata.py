@@ -27,6 +27,7 @@ from rmexport.errors import ExportError
 from rmexport.fileio import GGUFHeader, open_gguf
 from rmexport.llamacpp import installed_version
 from rmexport.log import get_logger
+from rmexport.records import JsonObject
 
 __all__ = [
     "KV",
@@ -88,7 +89,7 @@ def runtime_problem(config: Any, adapter: ArchAdapter, llama_cpp_version: str | 
     return None
 
 
-def _rope_scaling(config: Any) -> dict[str, Any] | None:
+def _rope_scaling(config: Any) -> JsonObject | None:
     rope = getattr(config, "rope_scaling", None)
     return dict(rope) if rope else None
 

@@ -37,6 +37,7 @@ from gguf import GGUFValueType, Keys, TokenType
 
 from rmexport.errors import ExportError
 from rmexport.llamacpp import PRE_TOKENIZER_REGEXES
+from rmexport.records import JsonObject
 
 from .gguf_metadata import KV, Metadata
 
@@ -49,7 +50,7 @@ class _Step:
     pattern: str = ""
 
 
-def _steps(pre_tokenizer: dict[str, Any] | None) -> list[_Step]:
+def _steps(pre_tokenizer: JsonObject | None) -> list[_Step]:
     """The pre-tokenizer reduced to the parts that decide how text is split."""
     if not pre_tokenizer:
         return []
@@ -68,7 +69,7 @@ def _steps(pre_tokenizer: dict[str, Any] | None) -> list[_Step]:
     return [_Step(str(kind))]
 
 
-def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
+def pre_tokenizer_name(tokenizer_json: JsonObject) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer; ExportError when it has none."""
     steps = _steps(tokenizer_json.get("pre_tokenizer"))
     if steps == [_Step("bytelevel-regex")]:
@@ -85,7 +86,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     )
 
 
-def _is_sentencepiece_bpe(tokenizer_json: dict[str, Any]) -> bool:
+def _is_sentencepiece_bpe(tokenizer_json: JsonObject) -> bool:
     model = tokenizer_json.get("model", {})
     steps = _steps(tokenizer_json.get("pre_tokenizer"))
     normalizer = json.dumps(tokenizer_json.get("normalizer") or {}, ensure_ascii=False)
@@ -93,7 +94,7 @@ def _is_sentencepiece_bpe(tokenizer_json: dict[str, Any]) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and uses_metaspace
 
 
-def _merges(tokenizer_json: dict[str, Any]) -> list[str]:
+def _merges(tokenizer_json: JsonObject) -> list[str]:
     merges = tokenizer_json.get("model", {}).get("merges", [])
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
@@ -190,7 +191,7 @@ def tokenizer_metadata(checkpoint: str | Path, vocab_size: int) -> Metadata:
     return meta
 
 
-def _adds_prefix_space(tokenizer_json: dict[str, Any]) -> bool:
+def _adds_prefix_space(tokenizer_json: JsonObject) -> bool:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "Metaspace":
         return pre.get("prepend_scheme", "always") != "never"

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import ExportGGUFConfig, ExportONNXConfig, RunConfig
 from .prune import PruneOptions
-from .records import PruneRecord
+from .records import JsonObject, PruneRecord
 
 __all__ = [
     "GGUFExport",
@@ -42,19 +41,19 @@ class PruneResult:
 @dataclass(frozen=True)
 class GGUFExport:
     path: Path
-    info: dict[str, Any]  # size, architecture, block count, tensor-type counts
+    info: JsonObject  # size, architecture, block count, tensor-type counts
 
 
 @dataclass(frozen=True)
 class ONNXExport:
     path: Path
-    info: dict[str, Any]  # what rmexport_onnx.json holds
+    info: JsonObject  # what rmexport_onnx.json holds
 
 
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    report: dict[str, Any]  # what report.json holds
+    report: JsonObject  # what report.json holds
 
     @property
     def passed(self) -> bool:

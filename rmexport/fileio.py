@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .records import JsonObject
 
 __all__ = [
     "GGUF_MAGIC",
@@ -77,7 +78,7 @@ class GGUFHeader:
     path: Path
     version: int
     size: int  # of the file, in bytes
-    metadata: dict[str, Any]  # arrays of strings are None unless read with strings=True
+    metadata: JsonObject  # arrays of strings are None unless read with strings=True
     value_types: dict[str, tuple[int, int | None]]  # key -> GGUF value type, and the item type of an array
     tensors: list[GGUFTensorInfo]  # in file order
 
@@ -166,7 +167,7 @@ def read_gguf_header(path: str | Path, *, strings: bool = False) -> GGUFHeader:
         n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
         if n_tensors > _MAX_ENTRIES or n_kv > _MAX_ENTRIES:
             raise GGUFHeaderError("corrupt header (entry counts)")
-        metadata: dict[str, Any] = {}
+        metadata: JsonObject = {}
         value_types: dict[str, tuple[int, int | None]] = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -233,7 +234,7 @@ def cache_dir() -> Path:
 PROVENANCE_FILE = "rmexport_source.json"
 
 
-def write_provenance(checkpoint: Path, info: dict[str, Any]) -> None:
+def write_provenance(checkpoint: Path, info: JsonObject) -> None:
     """Record where a checkpoint came from (source GGUF, kept blocks) beside its config.
 
     The GGUF writer reads ``gguf_file`` to carry the source file's metadata over.
@@ -241,7 +242,7 @@ def write_provenance(checkpoint: Path, info: dict[str, Any]) -> None:
     (Path(checkpoint) / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_provenance(checkpoint: str | Path) -> dict[str, Any]:
+def read_provenance(checkpoint: str | Path) -> JsonObject:
     path = Path(checkpoint) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 

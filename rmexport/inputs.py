@@ -37,6 +37,7 @@ from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from .lock import LOCK_NAME, check_not_held
 from .models import ModelSource, resolve
 from .options import check_bounds, check_count, check_number
+from .records import JsonObject
 from .replaceme.select import SelectionRule
 from .replaceme.solvers import solver_named
 
@@ -135,7 +136,7 @@ def _families_hint() -> str:
     return "supported families: " + ", ".join(ADAPTERS) + " (" + ", ".join(supported_architectures()) + ")"
 
 
-def _family(config: dict[str, Any], where: str) -> tuple[str, str]:
+def _family(config: JsonObject, where: str) -> tuple[str, str]:
     """(family, GGUF architecture) of a raw config dict, or UnsupportedArchitectureError."""
     from .arch import adapter_for
 
@@ -151,7 +152,7 @@ def _family(config: dict[str, Any], where: str) -> tuple[str, str]:
     return adapter.family, adapter.gguf_arch
 
 
-def _n_layers(config: dict[str, Any], where: str) -> int:
+def _n_layers(config: JsonObject, where: str) -> int:
     value = config.get("num_hidden_layers")
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("num_hidden_layers")
@@ -160,7 +161,7 @@ def _n_layers(config: dict[str, Any], where: str) -> int:
     return value
 
 
-def _read_config(path: Path, where: str) -> dict[str, Any]:
+def _read_config(path: Path, where: str) -> JsonObject:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(
@@ -189,9 +190,9 @@ _SAFETENSORS_ITEMSIZE = {
 }  # fmt: skip
 
 
-def check_safetensors(path: Path | str, where: str = "weights") -> dict[str, Any]:
-    """The header of a safetensors file, after checking that it parses and that the tensors it
-    declares exactly fill the rest of the file."""
+def check_safetensors(path: Path | str, where: str = "weights") -> dict[str, list[int]]:
+    """The shape of every tensor of a safetensors file, by name, after checking that its header parses
+    and that the tensors it declares exactly fill the rest of the file."""
     path = Path(path)
 
     def corrupt(detail: str) -> ModelLoadError:
@@ -219,12 +220,13 @@ def check_safetensors(path: Path | str, where: str = "weights") -> dict[str, Any
     if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
     spans = []
+    shapes: dict[str, list[int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
-            shape = [int(d) for d in entry["shape"]]
+            shape = shapes[name] = [int(d) for d in entry["shape"]]
             itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])
         except (KeyError, TypeError, ValueError):
             raise corrupt(f"bad header entry for {name!r}") from None
@@ -242,7 +244,7 @@ def check_safetensors(path: Path | str, where: str = "weights") -> dict[str, Any
         if position > buffer:
             raise corrupt(f"the header promises {position} bytes of tensor data, the file holds {buffer}")
         raise corrupt(f"{buffer - position} bytes after the last tensor")
-    return header
+    return shapes
 
 
 def check_checkpoint_dir(
@@ -275,7 +277,7 @@ def check_checkpoint_dir(
         return CheckpointFacts(path, n_layers, family, gguf_arch, False)
     names: set[str] = set()
     for shard in shards:
-        names.update(k for k in check_safetensors(shard, where) if k != "__metadata__")
+        names.update(check_safetensors(shard, where))
     _check_index_names(path, names, where)
     from .arch import ADAPTERS
 
@@ -409,7 +411,7 @@ def check_model_source(
     return CheckedSource(**base, n_layers=_n_layers(config, where), family=family, gguf_arch=gguf_arch)
 
 
-def _hub_config(source: ModelSource, where: str) -> dict[str, Any]:
+def _hub_config(source: ModelSource, where: str) -> JsonObject:
     from transformers import PretrainedConfig
 
     from .hub import require_hub
@@ -503,7 +505,7 @@ def check_cut(n_layers: int, ratio: float | None, layers: int | None, blocks: in
 
 
 # --- memory budget --------------------------------------------------------------------------
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+def _text_config(config: JsonObject) -> JsonObject:
     nested = config.get("text_config")
     return nested if "hidden_size" not in config and isinstance(nested, dict) else config
 
@@ -519,7 +521,7 @@ def _largest_module(shapes: Iterable[tuple[str, Iterable[int]]], block: re.Patte
     return max(elements.values(), default=0)
 
 
-def _estimated_largest_module(config: dict[str, Any]) -> int:
+def _estimated_largest_module(config: JsonObject) -> int:
     """From a config alone (a hub model, or weights in pickles): a block's projections and norms,
     or the embedding if larger."""
     d, ff = int(config["hidden_size"]), int(config.get("intermediate_size") or 4 * config["hidden_size"])
@@ -543,12 +545,7 @@ def _hidden_and_largest_module(source: CheckedSource) -> tuple[int, int]:
         config = _text_config(_read_config(Path(source.location), "MODEL"))
         shards = _safetensors_shards(Path(source.location), "MODEL")
         layers = ADAPTERS[source.family].layers_path
-        shapes = (
-            (name, entry["shape"])
-            for shard in shards
-            for name, entry in check_safetensors(shard, "MODEL").items()
-            if name != "__metadata__"
-        )
+        shapes = (item for shard in shards for item in check_safetensors(shard, "MODEL").items())
         largest = _largest_module(shapes, re.compile(rf"^{re.escape(layers)}\.\d+\.")) if shards else 0
     else:
         config = _text_config(_hub_config(source, "MODEL"))

@@ -12,6 +12,7 @@ __all__ = [
     "CutRecord",
     "Evaluation",
     "FoldParity",
+    "JsonObject",
     "ModelInfo",
     "PruneRecord",
     "Quality",
@@ -19,6 +20,10 @@ __all__ = [
     "from_jsonable",
     "jsonable",
 ]
+
+# A JSON object as parsed or about to be written: a record's ``to_json()``, or a file whose keys are not
+# ours (a model's config.json, tokenizer.json, a GGUF's metadata).
+JsonObject = dict[str, Any]
 
 
 @dataclass
@@ -100,11 +105,11 @@ class PruneRecord:
     peak_rss_mib: float = 0.0
     peak_rss_mib_after_stage: dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return jsonable(asdict(self))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PruneRecord:
+    def from_json(cls, data: JsonObject) -> PruneRecord:
         """The record ``to_json`` wrote (``prune.json`` read back)."""
         return from_jsonable(cls, data)
 

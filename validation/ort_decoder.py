@@ -21,6 +21,7 @@ import numpy as np
 
 from rmexport.errors import ExportError, ModelLoadError
 from rmexport.optional import optional_import
+from rmexport.records import JsonObject
 
 __all__ = ["OrtDecoder", "default_providers", "text_config"]
 
@@ -47,7 +48,7 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
+def text_config(config: JsonObject) -> JsonObject:
     """The language-model part of a config.json (multimodal configs nest it)."""
     return config.get("text_config") or config
 
