@@ -17,7 +17,7 @@ from converters.gguf_metadata import read_metadata
 from rmexport.cli import main
 from rmexport.errors import ConfigError, ToleranceError
 from rmexport.models import read_provenance
-from validation.gguf_parity import validate_gguf
+from validation.gguf_parity import compare_gguf, validate_gguf
 
 from .conftest import FAMILIES
 from .tiny import make_tiny_checkpoint
@@ -37,10 +37,10 @@ def test_tiny_model_of_every_family_runs_in_llama_cpp_like_pytorch(family, tiny_
     out = export_gguf(tiny_checkpoints[family], gguf_dir / f"tiny-{family}-f32.gguf", "f32")
     info = describe_gguf(out)
     assert info["block_count"] == 8 and info["tensor_types"] == {"F32": info["tensors"]}
-    result = validate_gguf(out, tiny_checkpoints[family], **TINY_CHECK)  # raises when out of tolerance
-    assert result["passed"] and result["max_abs_diff"] < 2e-2 and result["mean_kl"] < 1e-5
-    assert result["decode_llama_cpp"] == result["decode_torch"]
-    assert result["tokenization_mismatches"] == []
+    result = compare_gguf(out, tiny_checkpoints[family], **TINY_CHECK)  # raises when out of tolerance
+    assert result.passed and result.max_abs_diff < 2e-2 and result.mean_kl < 1e-5
+    assert result.decode_llama_cpp == result.decode_torch
+    assert result.tokenization_mismatches == [] and result.source_error is None
 
 
 def test_wrong_reference_fails_parity_with_exit_code_1(tiny_checkpoints, builtin_corpus, gguf_dir, capsys):

@@ -12,7 +12,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from converters.onnx_export import EXPORT_INFO_FILE, OPTIMUM_RUNTIME_GAPS, export_onnx, read_export_info
 from rmexport.cli import main
-from validation.onnx_parity import TOLERANCES, heldout_prompts, validate_onnx
+from validation.onnx_parity import TOLERANCES, OnnxParity, compare_onnx, heldout_prompts, validate_onnx
 from validation.ort_decoder import OrtDecoder
 
 from .conftest import FAMILIES
@@ -46,12 +46,12 @@ def pruned_default_onnx(pruned_default_checkpoint, tmp_path_factory) -> Path:
     return export_onnx(pruned_default_checkpoint, tmp_path_factory.mktemp("pruned-default-onnx") / "onnx")
 
 
-def _check_parity(onnx_dir: Path, ckpt: Path, n_prompts: int, prompt_tokens: int) -> dict:
-    result = validate_onnx(onnx_dir, ckpt, n_prompts=n_prompts, prompt_tokens=prompt_tokens, new_tokens=32)
-    assert result["passed"], result["failures"]
-    assert result["max_abs_diff"] <= TOLERANCES["fp32"].max_abs_diff
-    assert result["top1_agreement"] >= TOLERANCES["fp32"].min_top1_agreement
-    assert result["decode_match"] == 1.0
+def _check_parity(onnx_dir: Path, ckpt: Path, n_prompts: int, prompt_tokens: int) -> OnnxParity:
+    result = compare_onnx(onnx_dir, ckpt, n_prompts=n_prompts, prompt_tokens=prompt_tokens, new_tokens=32)
+    assert result.passed, result.failures
+    assert result.max_abs_diff <= TOLERANCES["fp32"].max_abs_diff
+    assert result.top1_agreement >= TOLERANCES["fp32"].min_top1_agreement
+    assert result.decode_match == 1.0 and all(p.decode_identical for p in result.per_prompt)
     return result
 
 
@@ -102,7 +102,7 @@ def test_pruned_default_parity_and_perplexity(pruned_default_checkpoint, pruned_
     from validation.perplexity import perplexity, torch_forward
 
     result = _check_parity(pruned_default_onnx, pruned_default_checkpoint, n_prompts=2, prompt_tokens=96)
-    assert result["prompts"] == 2 and all(8 <= p["prompt_tokens"] <= 96 for p in result["per_prompt"])
+    assert result.prompts == 2 and all(8 <= p.prompt_tokens <= 96 for p in result.per_prompt)
 
     tokenizer = AutoTokenizer.from_pretrained(pruned_default_onnx)
     windows = heldout_windows(builtin_corpus, tokenizer, 1024, window=512)

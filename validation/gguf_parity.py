@@ -9,13 +9,13 @@ of that same sequence is compared, which up to the first difference is PyTorch's
 decode); and whether llama.cpp's tokenizer splits sample text exactly as the HF tokenizer does.
 
 Tolerances per GGUF type are in ``TOLERANCES`` with how they were set. Out of tolerance:
-ToleranceError (exit 1) with the table; ``validate_gguf`` returns the same numbers as a dict.
+ToleranceError (exit 1) with the table; ``compare_gguf`` returns the same numbers as a ``GGUFParity``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from rmexport import llamacpp as llama_cpp_tools
 from rmexport.errors import ShapeMismatchError, ToleranceError
 from rmexport.fileio import open_gguf
 from rmexport.log import get_logger, progress
+from rmexport.records import JsonObject, from_jsonable
 
 from . import parity
 from .parity import Tolerance
@@ -35,7 +36,11 @@ __all__ = [
     "SOURCE_KL_MULTIPLE",
     "SOURCE_TOP1_MARGIN",
     "TOLERANCES",
+    "GGUFParity",
+    "SourceError",
+    "TokenizationMismatch",
     "Tolerance",
+    "compare_gguf",
     "format_table",
     "gguf_type_of",
     "print_table",
@@ -86,14 +91,89 @@ SOURCE_TOP1_MARGIN = 0.10
 SOURCE_KL_FLOOR = 1e-4
 
 
-def source_relative_tolerance(gguf_type: str, source_error: dict[str, Any]) -> Tolerance:
-    """The tolerance of a lossy ``gguf_type`` given the source's own error (a ``validate_gguf``
-    result of the original); the absolute sanity floor of ``TOLERANCES`` still applies."""
+@dataclass(frozen=True)
+class TokenizationMismatch:
+    """A sample text the two tokenizers split differently."""
+
+    text: str
+    hf: list[int]
+    llama_cpp: list[int]
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """The original model's GGUF of a type against the original in PyTorch: the error a pruned file of
+    that type is judged against."""
+
+    gguf_file: str
+    top1_agreement: float
+    mean_kl: float
+    max_abs_diff: float
+
+    @classmethod
+    def of(cls, result: GGUFParity | JsonObject) -> SourceError:
+        """From the original's ``compare_gguf`` record, or its JSON as read back from its file."""
+        data = result.to_json() if isinstance(result, GGUFParity) else result
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class GGUFParity:
+    """``compare_gguf``'s result; ``to_json()`` is one type's entry of ``checks/gguf_parity.json``."""
+
+    gguf_file: str
+    reference: str
+    type: str
+    prompts: int
+    positions: int
+    top1_agreement: float
+    max_abs_diff: float
+    mean_kl: float
+    decode_new_tokens: int
+    decode_matching_tokens: int  # identical before the first miss
+    decode_match: float
+    decode_torch: list[int]
+    decode_llama_cpp: list[int]
+    tokenization_probes: int
+    tokenization_mismatches: list[TokenizationMismatch]
+    tolerance: Tolerance
+    tolerance_basis: str  # "absolute", or "source's own error"
+    source_error: SourceError | None  # what the tolerance was derived from, when relative
+    n_threads: int
+    kv_cache_type: str
+    elapsed_s: float
+    passed: bool
+    failures: list[str]  # messages
+
+    def measured(self) -> parity.Measured:
+        return parity.Measured(
+            max_abs_diff=self.max_abs_diff,
+            top1_agreement=self.top1_agreement,
+            positions=self.positions,
+            decode_match=self.decode_match,
+            decode_tokens=self.decode_new_tokens,
+            mean_kl=self.mean_kl,
+            decode_matching_tokens=self.decode_matching_tokens,
+            tokenization_probes=self.tokenization_probes,
+            tokenization_mismatches=len(self.tokenization_mismatches),
+        )
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> GGUFParity:
+        return from_jsonable(cls, data)
+
+
+def source_relative_tolerance(gguf_type: str, source_error: SourceError) -> Tolerance:
+    """The tolerance of a lossy ``gguf_type`` given the source's own error; the absolute sanity floor
+    of ``TOLERANCES`` still applies."""
     floor = TOLERANCES.get(gguf_type, Tolerance())
-    top1 = source_error["top1_agreement"] - SOURCE_TOP1_MARGIN
+    top1 = source_error.top1_agreement - SOURCE_TOP1_MARGIN
     return replace(
         floor,
-        max_mean_kl=max(SOURCE_KL_MULTIPLE * source_error["mean_kl"], SOURCE_KL_FLOOR),
+        max_mean_kl=max(SOURCE_KL_MULTIPLE * source_error.mean_kl, SOURCE_KL_FLOOR),
         min_top1_agreement=max(top1, floor.min_top1_agreement or 0.0),
     )
 
@@ -134,7 +214,7 @@ def _llama_greedy(model: Any, ids: list[int], n_new: int) -> list[int]:
     return new
 
 
-def validate_gguf(
+def compare_gguf(
     gguf_file: str | Path,
     reference: str | Path,
     *,
@@ -144,12 +224,12 @@ def validate_gguf(
     n_threads: int = 2,
     gguf_type: str | None = None,
     check: bool = True,
-    source_error: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    source_error: GGUFParity | JsonObject | None = None,
+) -> GGUFParity:
     """Compare llama.cpp running ``gguf_file`` with PyTorch running ``reference`` (HF dir).
 
     ``source_error``: the same comparison of the original model's GGUF of this type with the
-    original model; a lossy type is then held to ``source_relative_tolerance``."""
+    original model (or its JSON); a lossy type is then held to ``source_relative_tolerance``."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -179,56 +259,54 @@ def validate_gguf(
                 hf_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 llama_ids = llama_cpp_tools.tokenize(llm, text)
                 if hf_ids != llama_ids:
-                    mismatches.append({"text": text, "hf": hf_ids, "llama_cpp": llama_ids})
+                    mismatches.append(TokenizationMismatch(text, hf_ids, llama_ids))
         torch_new = torch_ref.choices_along(
             prompts[0], llama_new, desc="(3/3) PyTorch along llama.cpp's decode"
         )
     matched = parity.matching_prefix(torch_new, llama_new)
     summary = parity.summarize(per_prompt)
     relative = source_error is not None and gguf_type not in EXACT_TYPES
+    source = SourceError.of(source_error) if relative else None
     tol = (
-        source_relative_tolerance(gguf_type, source_error)
-        if relative
-        else TOLERANCES.get(gguf_type, Tolerance())
+        TOLERANCES.get(gguf_type, Tolerance())
+        if source is None
+        else source_relative_tolerance(gguf_type, source)
     )
-    result: dict[str, Any] = {
-        "gguf_file": str(gguf_file),
-        "reference": str(reference),
-        "type": gguf_type,
-        "prompts": len(prompts),
-        "positions": summary["positions"],
-        "top1_agreement": summary["top1_agreement"],
-        "max_abs_diff": summary["max_abs_diff"],
-        "mean_kl": summary["mean_kl"],
-        "decode_new_tokens": new_tokens,
-        "decode_matching_tokens": matched,
-        "decode_match": matched / new_tokens,
-        "decode_torch": torch_new,
-        "decode_llama_cpp": llama_new,
-        "tokenization_probes": len(TOKENIZER_PROBES),
-        "tokenization_mismatches": mismatches,
-        "tolerance": asdict(tol),
-        "tolerance_basis": "source's own error" if relative else "absolute",
-        "source_error": (
-            {k: source_error[k] for k in ("gguf_file", "top1_agreement", "mean_kl", "max_abs_diff")}
-            if relative
-            else None
-        ),
-        "n_threads": n_threads,
-        "kv_cache_type": "f32" if f32_kv_cache else "f16",
-        "elapsed_s": time.perf_counter() - start,
-    }
-    failures = list(parity.check(result, tol).values())
+    unchecked = GGUFParity(
+        gguf_file=str(gguf_file),
+        reference=str(reference),
+        type=gguf_type,
+        prompts=len(prompts),
+        positions=summary.positions,
+        top1_agreement=summary.top1_agreement,
+        max_abs_diff=summary.max_abs_diff,
+        mean_kl=summary.mean_kl,
+        decode_new_tokens=new_tokens,
+        decode_matching_tokens=matched,
+        decode_match=matched / new_tokens,
+        decode_torch=torch_new,
+        decode_llama_cpp=llama_new,
+        tokenization_probes=len(TOKENIZER_PROBES),
+        tokenization_mismatches=mismatches,
+        tolerance=tol,
+        tolerance_basis="absolute" if source is None else "source's own error",
+        source_error=source,
+        n_threads=n_threads,
+        kv_cache_type="f32" if f32_kv_cache else "f16",
+        elapsed_s=time.perf_counter() - start,
+        passed=True,
+        failures=[],
+    )
+    failures = list(parity.check(unchecked.measured(), tol).values())
     if mismatches:
         failures.append(f"tokenization differs on {len(mismatches)} sample texts")
-    result["passed"] = not failures
-    result["failures"] = failures
+    result = replace(unchecked, passed=not failures, failures=failures)
     log.info(
         "gguf parity %s: top1=%.4f max|Δ|=%.3g KL=%.3g decode %d/%d",
         gguf_type,
-        result["top1_agreement"],
-        result["max_abs_diff"],
-        result["mean_kl"],
+        result.top1_agreement,
+        result.max_abs_diff,
+        result.mean_kl,
         matched,
         new_tokens,
     )
@@ -241,14 +319,45 @@ def validate_gguf(
     return result
 
 
-def _title(result: dict[str, Any]) -> str:
-    return f"gguf parity [{result['type']}]: {result['gguf_file']} vs {result['reference']}"
+def validate_gguf(
+    gguf_file: str | Path,
+    reference: str | Path,
+    *,
+    n_prompts: int = 4,
+    max_tokens: int = 96,
+    new_tokens: int = 32,
+    n_threads: int = 2,
+    gguf_type: str | None = None,
+    check: bool = True,
+    source_error: GGUFParity | JsonObject | None = None,
+) -> JsonObject:
+    """``compare_gguf``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
+    take the record itself)."""
+    return compare_gguf(
+        gguf_file,
+        reference,
+        n_prompts=n_prompts,
+        max_tokens=max_tokens,
+        new_tokens=new_tokens,
+        n_threads=n_threads,
+        gguf_type=gguf_type,
+        check=check,
+        source_error=source_error,
+    ).to_json()
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The result as a plain-text table (also used in the ToleranceError message)."""
-    return parity.format_table(result, _title(result))
+def _record(result: GGUFParity | JsonObject) -> GGUFParity:
+    return result if isinstance(result, GGUFParity) else GGUFParity.from_json(result)
 
 
-def print_table(result: dict[str, Any]) -> None:
-    parity.print_table(result, f"GGUF parity [{result['type']}]  {result['gguf_file']}")
+def format_table(result: GGUFParity | JsonObject) -> str:
+    """The result (or its JSON) as a plain-text table (also used in the ToleranceError message)."""
+    r = _record(result)
+    return parity.format_table(
+        r.measured(), r.tolerance, f"gguf parity [{r.type}]: {r.gguf_file} vs {r.reference}"
+    )
+
+
+def print_table(result: GGUFParity | JsonObject) -> None:
+    r = _record(result)
+    parity.print_table(r.measured(), r.tolerance, f"GGUF parity [{r.type}]  {r.gguf_file}")

@@ -17,7 +17,7 @@ Checks, per precision (tolerances below):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,23 @@ import numpy as np
 from converters.onnx_export import read_export_info
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
 from rmexport.models import load_model, load_tokenizer, resolve
+from rmexport.records import JsonObject, from_jsonable
 
 from . import parity
 from .ort_decoder import OrtDecoder
 from .parity import Tolerance, heldout_prompts
 
-__all__ = ["TOLERANCES", "Tolerance", "format_table", "heldout_prompts", "print_table", "validate_onnx"]
+__all__ = [
+    "TOLERANCES",
+    "OnnxParity",
+    "PromptParity",
+    "Tolerance",
+    "compare_onnx",
+    "format_table",
+    "heldout_prompts",
+    "print_table",
+    "validate_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,79 @@ DEFAULT_PROMPT_TOKENS = 96
 DEFAULT_NEW_TOKENS = 32
 
 
+@dataclass(frozen=True)
+class PromptParity:
+    """One prompt: prefill logits (``parity.LogitStats``'s numbers) and greedy decode through the cache."""
+
+    prompt_tokens: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agree: int
+    positions: int
+    decisive_disagreements: int
+    decode_identical: bool
+    decode_first_divergence: int | None  # the first step the decodes differ; None: identical
+    decode_divergence_near_tie: bool
+    decode_max_abs_diff: float  # over the steps up to and including the first divergence
+    reference_tokens: list[int]
+    onnx_tokens: list[int]
+
+    def logit_stats(self) -> parity.LogitStats:
+        return parity.LogitStats(
+            max_abs_diff=self.max_abs_diff,
+            mean_abs_diff=self.mean_abs_diff,
+            top1_agree=self.top1_agree,
+            positions=self.positions,
+            decisive_disagreements=self.decisive_disagreements,
+        )
+
+
+@dataclass(frozen=True)
+class OnnxParity:
+    """``validate_onnx``'s result; ``to_json()`` is ``checks/onnx_parity.json``."""
+
+    onnx_dir: str
+    reference: str
+    flavor: str
+    precision: str
+    providers: list[str]
+    prompts: int
+    new_tokens: int
+    tolerance: Tolerance
+    max_abs_diff: float  # the prefill's, over every prompt (so are the next four)
+    mean_abs_diff: float
+    top1_agreement: float
+    positions: int
+    top1_decisive_disagreements: int
+    decode_match: float  # share of prompts decoded identically
+    decode_max_abs_diff: float
+    per_prompt: list[PromptParity]
+    failures: list[str]  # the checks that failed, by name
+    passed: bool
+
+    def measured(self) -> parity.Measured:
+        return parity.Measured(
+            max_abs_diff=self.max_abs_diff,
+            top1_agreement=self.top1_agreement,
+            positions=self.positions,
+            decode_match=self.decode_match,
+            decode_tokens=self.new_tokens,
+            mean_abs_diff=self.mean_abs_diff,
+            top1_decisive_disagreements=self.top1_decisive_disagreements,
+            decode_max_abs_diff=self.decode_max_abs_diff,
+            decisive_divergences=sum(
+                not p.decode_identical and not p.decode_divergence_near_tie for p in self.per_prompt
+            ),
+        )
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> OnnxParity:
+        return from_jsonable(cls, data)
+
+
 def _precision_of(onnx_dir: Path, decoder: Any) -> str:
     precision = read_export_info(onnx_dir).get("precision")
     if precision:
@@ -67,7 +151,7 @@ def _precision_of(onnx_dir: Path, decoder: Any) -> str:
 
 def _compare_prompt(
     ort_decoder: Any, model: Any, prompt: list[int], new_tokens: int, tie_margin: float
-) -> dict[str, Any]:
+) -> PromptParity:
     ref_prefill, ref_tokens, ref_steps = parity.torch_greedy(model, prompt, new_tokens)
     stats = parity.compare_logits(ref_prefill, ort_decoder.forward(np.array([prompt]))[0], tie_margin)
     ort_tokens, ort_steps = ort_decoder.greedy(prompt, new_tokens, keep_logits=True)
@@ -76,43 +160,39 @@ def _compare_prompt(
     same_steps = len(ref_tokens) if diverged is None else diverged + 1
     step_diff = max(float(np.abs(ort_steps[i] - ref_steps[i]).max()) for i in range(same_steps))
     near_tie = diverged is not None and float(parity.margin(ref_steps[diverged])) <= tie_margin
-    return {
-        "prompt_tokens": len(prompt),
-        **stats,
-        "decode_identical": diverged is None,
-        "decode_first_divergence": diverged,
-        "decode_divergence_near_tie": near_tie,
-        "decode_max_abs_diff": step_diff,
-        "reference_tokens": ref_tokens,
-        "onnx_tokens": ort_tokens,
-    }
-
-
-def _summarize(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        **parity.summarize(per_prompt),
-        "decode_match": sum(p["decode_identical"] for p in per_prompt) / len(per_prompt),
-        "decode_max_abs_diff": max(p["decode_max_abs_diff"] for p in per_prompt),
-    }
-
-
-def _title(result: dict[str, Any]) -> str:
-    flavor, precision = result["flavor"], result["precision"]
-    return f"onnx parity [{flavor}, {precision}]: {result['onnx_dir']} vs {result['reference']}"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The result as a plain-text table (also used in the ToleranceError message)."""
-    return parity.format_table(result, _title(result))
-
-
-def print_table(result: dict[str, Any]) -> None:
-    parity.print_table(
-        result, f"ONNX parity [{result['flavor']}, {result['precision']}]  {result['onnx_dir']}"
+    return PromptParity(
+        prompt_tokens=len(prompt),
+        max_abs_diff=stats.max_abs_diff,
+        mean_abs_diff=stats.mean_abs_diff,
+        top1_agree=stats.top1_agree,
+        positions=stats.positions,
+        decisive_disagreements=stats.decisive_disagreements,
+        decode_identical=diverged is None,
+        decode_first_divergence=diverged,
+        decode_divergence_near_tie=near_tie,
+        decode_max_abs_diff=step_diff,
+        reference_tokens=ref_tokens,
+        onnx_tokens=ort_tokens,
     )
 
 
-def validate_onnx(
+def _record(result: OnnxParity | JsonObject) -> OnnxParity:
+    return result if isinstance(result, OnnxParity) else OnnxParity.from_json(result)
+
+
+def format_table(result: OnnxParity | JsonObject) -> str:
+    """The result (or its JSON) as a plain-text table (also used in the ToleranceError message)."""
+    r = _record(result)
+    title = f"onnx parity [{r.flavor}, {r.precision}]: {r.onnx_dir} vs {r.reference}"
+    return parity.format_table(r.measured(), r.tolerance, title)
+
+
+def print_table(result: OnnxParity | JsonObject) -> None:
+    r = _record(result)
+    parity.print_table(r.measured(), r.tolerance, f"ONNX parity [{r.flavor}, {r.precision}]  {r.onnx_dir}")
+
+
+def compare_onnx(
     onnx_dir: str | Path,
     reference_ckpt: str | Path,
     *,
@@ -120,11 +200,10 @@ def validate_onnx(
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     new_tokens: int = DEFAULT_NEW_TOKENS,
     raise_on_failure: bool = True,
-) -> dict[str, Any]:
+) -> OnnxParity:
     """Compare the ONNX export in ``onnx_dir`` with ``reference_ckpt`` in PyTorch (fp32).
 
-    Returns a JSON-able dict; raises ToleranceError (after computing everything) when a check
-    fails and ``raise_on_failure``.
+    Raises ToleranceError (after computing everything) when a check fails and ``raise_on_failure``.
     """
     import torch
 
@@ -144,31 +223,60 @@ def validate_onnx(
     tol = TOLERANCES[precision]
     prompts = heldout_prompts(tokenizer, n_prompts, prompt_tokens)
     per_prompt = [_compare_prompt(decoder, model, p, new_tokens, tol.tie_margin) for p in prompts]
-    result = {
-        "onnx_dir": str(onnx_dir),
-        "reference": str(reference_ckpt),
-        "flavor": read_export_info(onnx_dir).get("flavor", "unknown"),
-        "precision": precision,
-        "providers": decoder.session.get_providers(),
-        "prompts": len(prompts),
-        "new_tokens": new_tokens,
-        "tolerance": asdict(tol),
-        **_summarize(per_prompt),
-        "per_prompt": per_prompt,
-    }
-    failures = list(parity.check(result, tol))
-    result["failures"] = failures
-    result["passed"] = not failures
+    summary = parity.summarize([p.logit_stats() for p in per_prompt])
+    unchecked = OnnxParity(
+        onnx_dir=str(onnx_dir),
+        reference=str(reference_ckpt),
+        flavor=read_export_info(onnx_dir).get("flavor", "unknown"),
+        precision=precision,
+        providers=decoder.session.get_providers(),
+        prompts=len(prompts),
+        new_tokens=new_tokens,
+        tolerance=tol,
+        max_abs_diff=summary.max_abs_diff,
+        mean_abs_diff=summary.mean_abs_diff,
+        top1_agreement=summary.top1_agreement,
+        positions=summary.positions,
+        top1_decisive_disagreements=summary.top1_decisive_disagreements,
+        decode_match=sum(p.decode_identical for p in per_prompt) / len(per_prompt),
+        decode_max_abs_diff=max(p.decode_max_abs_diff for p in per_prompt),
+        per_prompt=per_prompt,
+        failures=[],
+        passed=True,
+    )
+    failures = list(parity.check(unchecked.measured(), tol))
+    result = replace(unchecked, failures=failures, passed=not failures)
     log.info(
         "onnx parity: max|Δ|=%.2e top1=%.4f decode_match=%.2f -> %s",
-        result["max_abs_diff"],
-        result["top1_agreement"],
-        result["decode_match"],
-        "ok" if result["passed"] else "FAIL " + ",".join(result["failures"]),
+        result.max_abs_diff,
+        result.top1_agreement,
+        result.decode_match,
+        "ok" if result.passed else "FAIL " + ",".join(result.failures),
     )
-    if raise_on_failure and not result["passed"]:
+    if raise_on_failure and not result.passed:
         raise ToleranceError(
-            "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result),
+            "ONNX export out of tolerance: " + ", ".join(result.failures) + "\n" + format_table(result),
             hint="see the table; re-export, or compare against the checkpoint the export came from",
         )
     return result
+
+
+def validate_onnx(
+    onnx_dir: str | Path,
+    reference_ckpt: str | Path,
+    *,
+    n_prompts: int = DEFAULT_PROMPTS,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    raise_on_failure: bool = True,
+) -> JsonObject:
+    """``compare_onnx``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
+    take the record itself)."""
+    return compare_onnx(
+        onnx_dir,
+        reference_ckpt,
+        n_prompts=n_prompts,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        raise_on_failure=raise_on_failure,
+    ).to_json()

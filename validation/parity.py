@@ -11,7 +11,7 @@ tolerances apply to each precision. Everything else is here:
   and ``EngineReference`` (the block engine, which streams a model bigger than memory from disk);
 - the metrics: ``compare_logits`` for one prompt, ``summarize`` over prompts, ``matching_prefix``
   for greedy decodes;
-- ``check``: which limits a result breaks;
+- ``Measured``: what a back end measured, and ``check``: which limits it breaks;
 - the table: ``format_table`` (plain text) and ``print_table`` (rich).
 
 A top-1 disagreement or a decode divergence is a *near tie* where the reference's top-1 beats its
@@ -38,6 +38,9 @@ from rmexport.measures import kl_rows
 __all__ = [
     "MIN_PROMPT_TOKENS",
     "EngineReference",
+    "LogitStats",
+    "LogitSummary",
+    "Measured",
     "Tolerance",
     "check",
     "compare_logits",
@@ -151,6 +154,30 @@ class EngineReference:
 
 
 # --- metrics ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LogitStats:
+    """One prompt's runtime logits against the reference's (``compare_logits``)."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agree: int  # positions where both pick the same token
+    positions: int
+    decisive_disagreements: int | None = None  # top-1 disagreements that are not near ties; None: not counted
+    kl: np.ndarray | None = None  # KL(reference ‖ runtime) at each position; None: not computed
+
+
+@dataclass(frozen=True)
+class LogitSummary:
+    """The prompts' ``LogitStats`` together (``summarize``); None: not measured on every prompt."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    positions: int
+    top1_decisive_disagreements: int | None = None
+    mean_kl: float | None = None
+
+
 def margin(logits: np.ndarray) -> np.ndarray:
     """top-1 minus top-2 logit along the last axis."""
     top2 = np.partition(logits, -2, axis=-1)[..., -2:]
@@ -159,40 +186,38 @@ def margin(logits: np.ndarray) -> np.ndarray:
 
 def compare_logits(
     ref: np.ndarray, got: np.ndarray, tie_margin: float | None = None, kl: bool = False
-) -> dict[str, Any]:
+) -> LogitStats:
     """One prompt's runtime logits ``got`` against the reference's, both ``[T, V]``: max and mean
     |Δlogit|, top-1 agreement, and (``tie_margin`` given) the top-1 disagreements that are not near
-    ties; with ``kl``, the per-position KL(reference ‖ runtime) under ``"kl"`` (an array)."""
+    ties; with ``kl``, the per-position KL(reference ‖ runtime)."""
     diff = np.abs(got - ref)
     agree = got.argmax(-1) == ref.argmax(-1)
-    stats: dict[str, Any] = {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "top1_agree": int(agree.sum()),
-        "positions": int(agree.size),
-    }
-    if tie_margin is not None:
-        stats["decisive_disagreements"] = int((~agree & (margin(ref) > tie_margin)).sum())
-    if kl:
-        stats["kl"] = kl_rows(ref, got)
-    return stats
+    return LogitStats(
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        top1_agree=int(agree.sum()),
+        positions=int(agree.size),
+        decisive_disagreements=(
+            None if tie_margin is None else int((~agree & (margin(ref) > tie_margin)).sum())
+        ),
+        kl=kl_rows(ref, got) if kl else None,
+    )
 
 
-def summarize(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(per_prompt: list[LogitStats]) -> LogitSummary:
     """The prompts' ``compare_logits`` together: max |Δ|, mean of the mean |Δ|, top-1 agreement over
     all positions, and (where measured) the decisive disagreements and the mean KL over all positions."""
-    positions = sum(p["positions"] for p in per_prompt)
-    summary: dict[str, Any] = {
-        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
-        "mean_abs_diff": float(np.mean([p["mean_abs_diff"] for p in per_prompt])),
-        "top1_agreement": sum(p["top1_agree"] for p in per_prompt) / positions,
-        "positions": positions,
-    }
-    if all("decisive_disagreements" in p for p in per_prompt):
-        summary["top1_decisive_disagreements"] = sum(p["decisive_disagreements"] for p in per_prompt)
-    if all("kl" in p for p in per_prompt):
-        summary["mean_kl"] = float(np.concatenate([p["kl"] for p in per_prompt]).mean())
-    return summary
+    positions = sum(p.positions for p in per_prompt)
+    decisive = [p.decisive_disagreements for p in per_prompt]
+    kl = [p.kl for p in per_prompt]
+    return LogitSummary(
+        max_abs_diff=max(p.max_abs_diff for p in per_prompt),
+        mean_abs_diff=float(np.mean([p.mean_abs_diff for p in per_prompt])),
+        top1_agreement=sum(p.top1_agree for p in per_prompt) / positions,
+        positions=positions,
+        top1_decisive_disagreements=None if None in decisive else sum(decisive),
+        mean_kl=None if any(k is None for k in kl) else float(np.concatenate(kl).mean()),
+    )
 
 
 def matching_prefix(a: list[int], b: list[int]) -> int:
@@ -205,51 +230,64 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-# --- the check -------------------------------------------------------------------------------
-def check(result: dict[str, Any], tol: Tolerance) -> dict[str, str]:
-    """``{failed check: message}`` for every limit of ``tol`` that ``result`` breaks. A limit applies
-    to the numbers the result has: a back end that does not measure something is not held to it."""
+# --- the check ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measured:
+    """What ``check`` and the table read of one back end's result. ``None``: the back end does not
+    measure it, and is not held to it."""
 
-    def over(key: str, limit: float | None) -> bool:
-        return limit is not None and key in result and result[key] > limit
+    max_abs_diff: float  # prefill
+    top1_agreement: float
+    positions: int
+    decode_match: float
+    decode_tokens: int  # new tokens of each greedy decode
+    mean_abs_diff: float | None = None
+    mean_kl: float | None = None
+    top1_decisive_disagreements: int | None = None
+    decode_max_abs_diff: float | None = None
+    # One decode compared token by token: the tokens identical before the first miss. None: one decode
+    # per prompt, each compared whole (``decode_match`` is then the share of prompts decoded alike).
+    decode_matching_tokens: int | None = None
+    decisive_divergences: int | None = None  # prompts whose decode diverged away from a near tie
+    tokenization_probes: int | None = None
+    tokenization_mismatches: int = 0
 
-    def under(key: str, limit: float | None) -> bool:
-        return limit is not None and key in result and result[key] < limit
 
+def check(measured: Measured, tol: Tolerance) -> dict[str, str]:
+    """``{failed check: message}`` for every limit of ``tol`` that ``measured`` breaks. A limit applies
+    to the numbers the back end has: one that does not measure something is not held to it."""
+
+    def over(value: float | None, limit: float | None) -> bool:
+        return limit is not None and value is not None and value > limit
+
+    def under(value: float | None, limit: float | None) -> bool:
+        return limit is not None and value is not None and value < limit
+
+    m = measured
     failures = {}
-    if under("top1_agreement", tol.min_top1_agreement):
-        failures["top1_agreement"] = (
-            f"top-1 agreement {result['top1_agreement']:.4f} < {tol.min_top1_agreement}"
-        )
-    if over("mean_kl", tol.max_mean_kl):
-        failures["mean_kl"] = f"mean KL {result['mean_kl']:.3g} > {tol.max_mean_kl}"
-    if over("max_abs_diff", tol.max_abs_diff):
-        failures["max_abs_diff"] = f"max |Δ| {result['max_abs_diff']:.3g} > {tol.max_abs_diff}"
-    if tol.max_abs_diff is not None and result.get("top1_decisive_disagreements"):
+    if under(m.top1_agreement, tol.min_top1_agreement):
+        failures["top1_agreement"] = f"top-1 agreement {m.top1_agreement:.4f} < {tol.min_top1_agreement}"
+    if over(m.mean_kl, tol.max_mean_kl):
+        failures["mean_kl"] = f"mean KL {m.mean_kl:.3g} > {tol.max_mean_kl}"
+    if over(m.max_abs_diff, tol.max_abs_diff):
+        failures["max_abs_diff"] = f"max |Δ| {m.max_abs_diff:.3g} > {tol.max_abs_diff}"
+    if tol.max_abs_diff is not None and m.top1_decisive_disagreements:
         failures["top1_decisive_disagreements"] = (
-            f"{result['top1_decisive_disagreements']} top-1 disagreements that are not near ties"
+            f"{m.top1_decisive_disagreements} top-1 disagreements that are not near ties"
         )
-    if over("decode_max_abs_diff", tol.max_abs_diff):
-        failures["decode_max_abs_diff"] = (
-            f"decode max |Δ| {result['decode_max_abs_diff']:.3g} > {tol.max_abs_diff}"
-        )
-    if under("decode_match", tol.min_decode_match):
-        failures["decode_match"] = (
-            f"greedy decode matched {result['decode_match']:.2f} < {tol.min_decode_match}"
-        )
-    if tol.exact_decode and any(
-        not p["decode_identical"] and not p["decode_divergence_near_tie"]
-        for p in result.get("per_prompt", ())
-    ):
+    if over(m.decode_max_abs_diff, tol.max_abs_diff):
+        failures["decode_max_abs_diff"] = f"decode max |Δ| {m.decode_max_abs_diff:.3g} > {tol.max_abs_diff}"
+    if under(m.decode_match, tol.min_decode_match):
+        failures["decode_match"] = f"greedy decode matched {m.decode_match:.2f} < {tol.min_decode_match}"
+    if tol.exact_decode and m.decisive_divergences:
         failures["decode_match"] = "greedy decode diverged away from a near tie"
     return failures
 
 
 # --- the table -------------------------------------------------------------------------------
-def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """check, value, tolerance, ok/FAIL/- for what ``result`` measured."""
-    tol = Tolerance(**result["tolerance"])
-    bad = set(check(result, tol)) | ({"tokenization"} if result.get("tokenization_mismatches") else set())
+def _rows(m: Measured, tol: Tolerance) -> list[tuple[str, str, str, str]]:
+    """check, value, tolerance, ok/FAIL/- for what ``m`` measured."""
+    bad = set(check(m, tol)) | ({"tokenization"} if m.tokenization_mismatches else set())
     rows: list[tuple[str, str, str, str]] = []
 
     def add(label: str, value: str, name: str | None = None, limit: str | None = None) -> None:
@@ -264,37 +302,37 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return None if value is None else f"{op} {value:{spec}}"
 
     atol = limit("<=", tol.max_abs_diff, ".1e")
-    add("prefill max |Δlogit|", f"{result['max_abs_diff']:.3e}", "max_abs_diff", atol)
-    if "mean_abs_diff" in result:
-        add("prefill mean |Δlogit|", f"{result['mean_abs_diff']:.3e}")
-    if "mean_kl" in result:
-        add("prefill mean KL", f"{result['mean_kl']:.3e}", "mean_kl", limit("<=", tol.max_mean_kl, ".1e"))
-    top1 = f"{result['top1_agreement']:.4f} ({result['positions']} positions)"
+    add("prefill max |Δlogit|", f"{m.max_abs_diff:.3e}", "max_abs_diff", atol)
+    if m.mean_abs_diff is not None:
+        add("prefill mean |Δlogit|", f"{m.mean_abs_diff:.3e}")
+    if m.mean_kl is not None:
+        add("prefill mean KL", f"{m.mean_kl:.3e}", "mean_kl", limit("<=", tol.max_mean_kl, ".1e"))
+    top1 = f"{m.top1_agreement:.4f} ({m.positions} positions)"
     add("prefill top-1 agreement", top1, "top1_agreement", limit(">=", tol.min_top1_agreement))
-    if "top1_decisive_disagreements" in result:
-        decisive = str(result["top1_decisive_disagreements"])
+    if m.top1_decisive_disagreements is not None:
+        decisive = str(m.top1_decisive_disagreements)
         add("top-1 disagreements, not ties", decisive, "top1_decisive_disagreements", atol and "0")
-    if "decode_matching_tokens" in result:  # one decode, compared token by token
-        n = result["decode_new_tokens"]
+    n = m.decode_tokens
+    if m.decode_matching_tokens is not None:
         least = limit(">=", tol.min_decode_match, ".2f")
-        value = f"{result['decode_matching_tokens']}/{n} before the first miss"
+        value = f"{m.decode_matching_tokens}/{n} before the first miss"
         add(f"decode {n} tokens identical", value, "decode_match", least and f"{least} of them")
-    else:  # one decode per prompt, compared whole
-        value = f"{result['decode_match']:.2f} of prompts"
+    else:
         exact = "all (ties excepted)" if tol.exact_decode else None
-        add(f"decode {result['new_tokens']} tokens identical", value, "decode_match", exact)
-    if "decode_max_abs_diff" in result:
-        add("decode max |Δlogit|", f"{result['decode_max_abs_diff']:.3e}", "decode_max_abs_diff", atol)
-    if "tokenization_probes" in result:
-        n = result["tokenization_probes"]
-        value = f"{n - len(result['tokenization_mismatches'])}/{n} texts"
+        add(f"decode {n} tokens identical", f"{m.decode_match:.2f} of prompts", "decode_match", exact)
+    if m.decode_max_abs_diff is not None:
+        add("decode max |Δlogit|", f"{m.decode_max_abs_diff:.3e}", "decode_max_abs_diff", atol)
+    if m.tokenization_probes is not None:
+        probes = m.tokenization_probes
+        value = f"{probes - m.tokenization_mismatches}/{probes} texts"
         add("tokenizer splits sample text alike", value, "tokenization", "all")
     return rows
 
 
-def format_table(result: dict[str, Any], title: str) -> str:
-    """The result as a plain-text table under ``title`` (also used in ToleranceError messages)."""
-    rows = [("check", "value", "tolerance", ""), *_rows(result)]
+def format_table(measured: Measured, tol: Tolerance, title: str) -> str:
+    """What was measured, against ``tol``, as a plain-text table under ``title`` (also used in
+    ToleranceError messages)."""
+    rows = [("check", "value", "tolerance", ""), *_rows(measured, tol)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [title]
     for r in rows:
@@ -302,8 +340,8 @@ def format_table(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def print_table(result: dict[str, Any], title: str) -> None:
-    """The result as a rich table on the terminal."""
+def print_table(measured: Measured, tol: Tolerance, title: str) -> None:
+    """What was measured, against ``tol``, as a rich table on the terminal."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -311,6 +349,6 @@ def print_table(result: dict[str, Any], title: str) -> None:
     table = Table(title=escape(title))
     for column in ("check", "value", "tolerance", ""):
         table.add_column(column)
-    for row in _rows(result):
+    for row in _rows(measured, tol):
         table.add_row(*row, style="red" if row[3] == "FAIL" else None)
     Console().print(table)
