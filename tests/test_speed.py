@@ -16,7 +16,7 @@ import pytest
 
 from rmexport.cli import main
 from rmexport.errors import ConfigError
-from validation.flops import ModelShape, attended_keys, ideal_speedups, phase_flops
+from validation.flops import IdealSpeedup, ModelShape, attended_keys, ideal_speedups, phase_flops
 from validation.speed import (
     Phase,
     SpeedProtocol,
@@ -182,12 +182,14 @@ def test_ideal_equals_a_hand_count_for_the_tiny_config():
     )
     pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
     ideal = ideal_speedups(shape, pruned, {"pp3": 3, "tg2": 2})
-    assert ideal["tg2"]["ideal"] == pytest.approx(
+    assert ideal["tg2"].ideal == pytest.approx(
         (8 * (2 * linear + 3 * per_key) + 2 * head) / (6 * (2 * linear + 3 * per_key) + 2 * head)
     )
-    assert ideal["pp3"]["ideal"] == pytest.approx(
+    assert ideal["pp3"].ideal == pytest.approx(
         (8 * (3 * linear + 6 * per_key) + head) / (6 * (3 * linear + 6 * per_key) + head)
     )
+    assert (ideal["pp3"].head_positions, ideal["tg2"].head_positions) == ("last", "all")
+    assert ideal["tg2"].flops["pruned"] == phase_flops(pruned, "generation", 2)
 
 
 def test_sliding_window_caps_the_attended_keys():
@@ -216,9 +218,9 @@ def test_smollm2_135m_decode_ideal_is_well_below_l_over_n():
         ModelShape.from_config(config | {"num_hidden_layers": 22}),
         {"pp512": 512, "tg128": 128},
     )
-    assert ideal["tg128"]["ideal"] == pytest.approx(1.27, abs=0.01)
-    assert 1.34 < ideal["pp512"]["ideal"] < 30 / 22
-    tg = ideal["tg128"]["flops"]["original"]
+    assert ideal["tg128"].ideal == pytest.approx(1.27, abs=0.01)
+    assert 1.34 < ideal["pp512"].ideal < 30 / 22
+    tg = ideal["tg128"].flops["original"]
     assert 0.19 < tg["lm_head"] / tg["total"] < 0.22  # "a fifth of the work"
 
 
@@ -249,7 +251,7 @@ def pruned_llama(tiny_checkpoints, tmp_path_factory) -> Path:
     return out
 
 
-def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> None:
+def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict[str, IdealSpeedup]) -> None:
     assert protocol.rounds.min_rounds <= result["rounds"] <= protocol.rounds.max_rounds
     assert result["settled"] or result["rounds"] == protocol.rounds.max_rounds
     assert len(result["order"]) == sum(e["rounds"] for e in result["phases"].values())
@@ -260,7 +262,7 @@ def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict) -> 
             assert 0 < stats["min"] <= stats["median"] <= stats["max"]
         assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == entry["rounds"]
         assert protocol.rounds.min_rounds <= entry["rounds"] <= result["rounds"]
-        assert entry["ideal"] == pytest.approx(ideals[phase]["ideal"])
+        assert entry["ideal"] == pytest.approx(ideals[phase].ideal)
         assert entry["measured_over_ideal"] == pytest.approx(entry["speedup"]["median"] / entry["ideal"])
         assert entry["slower_than_original"] == (entry["speedup"]["median"] < 1)
     assert result["slower_than_original"] == [
@@ -290,14 +292,14 @@ def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, prun
 
 def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpoints, pruned_llama, tmp_path):
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import bench_onnx, format_table, onnx_perplexity
+    from validation.onnx_bench import OnnxBench, bench_onnx, format_table, measure_onnx, onnx_quality
 
     original = export_onnx(tiny_checkpoints["llama"], tmp_path / "o")
     pruned = export_onnx(pruned_llama, tmp_path / "p")
     protocol = SpeedProtocol(
         prompt_tokens=(8, 16), gen_tokens=4, rounds=SpeedRounds(warmup=1, min_rounds=2, max_rounds=3)
     )
-    result = bench_onnx(original, pruned, eval_tokens=64, window=32, protocol=protocol)
+    result = measure_onnx(original, pruned, eval_tokens=64, window=32, protocol=protocol)
     config = json.loads((original / "config.json").read_text())
     ideals = ideal_speedups(
         ModelShape.from_config(config),
@@ -305,23 +307,40 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
         protocol.phases,
         prompt_head="all",  # the optimum graph returns logits for every position
     )
-    _check_speed_result(result["speed"], protocol, ideals)
-    assert result["models"]["pruned"]["ppl"] > 0 and result["machine"]["threads"] == result["threads"]
-    assert "pp16" in format_table(result)
+    _check_speed_result(result.speed, protocol, ideals)
+    assert result.models["pruned"].ppl > 0 and result.machine["threads"] == result.threads
+    assert result.models["pruned"].num_hidden_layers == 6 and result.eval.tokens > 0
+    assert "pp16" in format_table(result) and format_table(result.to_json()) == format_table(result)
+    data = json.loads(json.dumps(result.to_json()))
+    assert list(data) == [
+        "backend",
+        "eval",
+        "threads",
+        "machine",
+        "models",
+        "ppl_ratio",
+        "size_ratio",
+        "speed",
+    ]
+    assert list(data["models"]["original"]) == [
+        "onnx_dir", "num_hidden_layers", "providers", "size_bytes", "ppl", "mean_nll", "tokens", "windows",
+        "windows_sha256",
+    ]  # fmt: skip
+    assert OnnxBench.from_json(data) == result
 
     # The original's perplexity, measured once per model, is reused on the same export and windows.
-    measured = onnx_perplexity(original, eval_tokens=64, window=32)
-    assert measured["ppl"] == pytest.approx(result["models"]["original"]["ppl"], rel=1e-6)
-    marked = measured | {"ppl": -1.0}  # a value no measurement gives: shows which one the bench used
+    measured = onnx_quality(original, eval_tokens=64, window=32)
+    assert measured.ppl == pytest.approx(result.models["original"].ppl, rel=1e-6)
+    marked = replace(measured, ppl=-1.0)  # a value no measurement gives: shows which one the bench used
     quick = replace(protocol, prompt_tokens=(8,), rounds=replace(protocol.rounds, min_rounds=1, max_rounds=1))
-    reused = bench_onnx(
-        original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=marked
+    reused = bench_onnx(  # as the pipeline calls it: the original's stored JSON in, JSON out
+        original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=marked.to_json()
     )
     assert reused["models"]["original"]["ppl"] == -1.0 and reused["models"]["pruned"]["ppl"] > 0
-    other_windows = bench_onnx(
+    other_windows = measure_onnx(
         original, pruned, eval_tokens=96, window=32, protocol=quick, original_perplexity=marked
     )
-    assert other_windows["models"]["original"]["ppl"] > 0
+    assert other_windows.models["original"].ppl > 0
 
 
 def test_cli_rejects_an_impossible_protocol(tiny_checkpoints, capsys):

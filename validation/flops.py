@@ -28,7 +28,7 @@ from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError
 from rmexport.fileio import open_gguf
 
-__all__ = ["ModelShape", "attended_keys", "ideal_speedups", "phase_flops"]
+__all__ = ["IdealSpeedup", "ModelShape", "attended_keys", "ideal_speedups", "phase_flops"]
 
 HeadPositions = Literal["last", "all"]
 _SLIDING = "sliding_attention"
@@ -175,24 +175,33 @@ def phase_flops(
     }
 
 
+@dataclass(frozen=True)
+class IdealSpeedup:
+    """One phase's ideal speed-up: FLOPs(original) / FLOPs(pruned), with both counts."""
+
+    ideal: float
+    head_positions: HeadPositions
+    flops: dict[str, dict[str, int]]  # "original", "pruned" -> ``phase_flops``
+
+
 def ideal_speedups(
     original: ModelShape,
     pruned: ModelShape,
     phases: Mapping[str, int],
     *,
     prompt_head: HeadPositions = "last",
-) -> dict[str, dict[str, Any]]:
-    """Per phase (``ppN``/``tgN`` -> tokens): ideal = FLOPs(original) / FLOPs(pruned), with both counts."""
-    out: dict[str, dict[str, Any]] = {}
+) -> dict[str, IdealSpeedup]:
+    """Per phase (``ppN``/``tgN`` -> tokens): the ideal speed-up of the pruned model."""
+    out: dict[str, IdealSpeedup] = {}
     for phase, tokens in phases.items():
         kind = {"pp": "prompt", "tg": "generation"}[phase[:2]]
         counts = {
             role: phase_flops(shape, kind, tokens, head_positions=prompt_head)
             for role, shape in (("original", original), ("pruned", pruned))
         }
-        out[phase] = {
-            "ideal": counts["original"]["total"] / counts["pruned"]["total"],
-            "head_positions": prompt_head if kind == "prompt" else "all",
-            "flops": counts,
-        }
+        out[phase] = IdealSpeedup(
+            ideal=counts["original"]["total"] / counts["pruned"]["total"],
+            head_positions=prompt_head if kind == "prompt" else "all",
+            flops=counts,
+        )
     return out

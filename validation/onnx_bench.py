@@ -15,22 +15,34 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
 from rmexport.calib.corpus import load_corpus
 from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError, ModelLoadError
+from rmexport.records import Evaluation, JsonObject, from_jsonable
 from rmexport.sysinfo import machine_info, usable_cores
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
 from .ort_decoder import OrtDecoder
-from .perplexity import measured_on, perplexity, windows_digest
+from .perplexity import measured_here, perplexity, windows_digest
 
-__all__ = ["DEFAULT_PROTOCOL", "bench_onnx", "format_table", "onnx_perplexity"]
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "OnnxBench",
+    "OnnxQuality",
+    "bench_onnx",
+    "format_table",
+    "measure_onnx",
+    "onnx_perplexity",
+    "onnx_quality",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +51,72 @@ DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(512,), gen_tokens
 _VERSIONS = ("onnxruntime", "onnxruntime-gpu", "onnx", "optimum-onnx", "torch", "transformers", "numpy")
 
 
-def _prompt_phase(decoder: Any, ids: np.ndarray) -> speed_protocol.Phase:
+@dataclass(frozen=True)
+class OnnxQuality:
+    """One export's size and held-out perplexity, with the digest of the windows it was measured on."""
+
+    onnx_dir: str
+    num_hidden_layers: int
+    providers: list[str]
+    size_bytes: int
+    ppl: float
+    mean_nll: float
+    tokens: int
+    windows: int
+    windows_sha256: str
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> OnnxQuality:
+        return from_jsonable(cls, data)
+
+
+@dataclass(frozen=True)
+class OnnxBench:
+    """``measure_onnx``'s result; ``to_json()`` is ``checks/onnx_bench.json``."""
+
+    backend: str
+    eval: Evaluation
+    threads: int
+    machine: JsonObject  # sysinfo.machine_info
+    models: dict[str, OnnxQuality]  # "original", "pruned"
+    ppl_ratio: float  # pruned over original
+    size_ratio: float
+    speed: JsonObject  # validation.speed's protocol result, with each phase's ideal
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> OnnxBench:
+        return from_jsonable(cls, data)
+
+
+def _prompt_phase(decoder: OrtDecoder, ids: np.ndarray) -> speed_protocol.Phase:
     return speed_protocol.Phase(step=lambda _k: speed_protocol.timed(lambda: decoder.prefill(ids)))
 
 
-def _generation_phase(decoder: Any, first: int, tokens: int) -> speed_protocol.Phase:
+def _generation_phase(decoder: OrtDecoder, first: int, tokens: int) -> speed_protocol.Phase:
     """``tokens`` single-token steps from an empty cache: the first token, then tokens - 1 decodes."""
-    state: dict[str, Any] = {}
+    steps: Iterator[None] = iter(())
 
     def reset() -> None:
-        state["steps"] = decoder.decode_steps(first)
+        nonlocal steps
+        steps = decoder.decode_steps(first)
 
     return speed_protocol.Phase(
-        step=lambda _k: speed_protocol.timed(lambda: next(state["steps"])), steps=tokens, reset=reset
+        step=lambda _k: speed_protocol.timed(lambda: next(steps)), steps=tokens, reset=reset
     )
 
 
-def _head_positions(decoder: Any, ids: np.ndarray) -> str:
+def _head_positions(decoder: OrtDecoder, ids: np.ndarray) -> str:
     """``all`` when the graph returns logits for every position of a prompt, else ``last``."""
     return "all" if decoder.forward(ids[None, :2]).shape[1] == 2 else "last"
 
 
-def speed(decoders: dict[str, Any], protocol: speed_protocol.SpeedProtocol) -> dict[str, Any]:
+def speed(decoders: dict[str, OrtDecoder], protocol: speed_protocol.SpeedProtocol) -> JsonObject:
     """The speed protocol on two loaded ``OrtDecoder``s, with each phase's ideal speed-up."""
     vocab = min(int(d.config["vocab_size"]) for d in decoders.values())
     ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=protocol.context, dtype=np.int64)
@@ -105,29 +161,88 @@ def _checked_dir(path: str | Path) -> Path:
     return path
 
 
-def _measured(decoder: Any, windows: Any, role: str) -> dict[str, Any]:
-    """One export's size and held-out perplexity, with the digest of the windows it was measured on."""
+def _measured(decoder: OrtDecoder, windows: torch.Tensor, role: str) -> OnnxQuality:
     ppl = perplexity(decoder.forward, windows, batch_size=1, desc=f"perplexity {role}")
     log.info("bench onnx: %s (%d blocks) ppl=%.3f", role, decoder.num_layers, ppl.ppl)
-    return {
-        "onnx_dir": str(decoder.dir),
-        "num_hidden_layers": decoder.num_layers,
-        "providers": decoder.session.get_providers(),
-        "size_bytes": sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
-        **ppl.as_dict(),
-        "windows_sha256": windows_digest(windows),
-    }
+    return OnnxQuality(
+        onnx_dir=str(decoder.dir),
+        num_hidden_layers=decoder.num_layers,
+        providers=decoder.session.get_providers(),
+        size_bytes=sum(f.stat().st_size for f in decoder.dir.glob("model.onnx*")),
+        ppl=ppl.ppl,
+        mean_nll=ppl.mean_nll,
+        tokens=ppl.n_tokens,
+        windows=ppl.n_windows,
+        windows_sha256=windows_digest(windows),
+    )
+
+
+def onnx_quality(
+    onnx_dir: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS, window: int = 512, threads: int = 0
+) -> OnnxQuality:
+    """What ``measure_onnx`` measures of one export besides speed: size and held-out perplexity. The
+    original's never changes between runs, so a pipeline measures it once per model and hands it
+    back to ``measure_onnx(original_perplexity=...)``."""
+    onnx_dir = _checked_dir(onnx_dir)
+    windows = _windows(onnx_dir, eval_tokens, window)
+    return _measured(OrtDecoder(onnx_dir, threads=threads or usable_cores()), windows, "original")
 
 
 def onnx_perplexity(
     onnx_dir: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS, window: int = 512, threads: int = 0
-) -> dict[str, Any]:
-    """What ``bench_onnx`` measures of one export besides speed: size and held-out perplexity. The
-    original's never changes between runs, so a pipeline measures it once per model and hands it
-    back to ``bench_onnx(original_perplexity=...)``."""
-    onnx_dir = _checked_dir(onnx_dir)
-    windows = _windows(onnx_dir, eval_tokens, window)
-    return _measured(OrtDecoder(onnx_dir, threads=threads or usable_cores()), windows, "original")
+) -> JsonObject:
+    """``onnx_quality`` as JSON: the form pipeline.py stores (until it takes the record itself)."""
+    return onnx_quality(onnx_dir, eval_tokens=eval_tokens, window=window, threads=threads).to_json()
+
+
+def measure_onnx(
+    original_dir: str | Path,
+    pruned_dir: str | Path,
+    *,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    window: int = 512,
+    protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
+    original_perplexity: OnnxQuality | JsonObject | None = None,
+) -> OnnxBench:
+    """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal.
+
+    ``original_perplexity`` (from ``onnx_quality``, or its JSON as stored) is used instead of
+    measuring the original again when it was measured on the same export and the same windows."""
+    original_dir, pruned_dir = _checked_dir(original_dir), _checked_dir(pruned_dir)
+    windows = _windows(original_dir, eval_tokens, window)
+    if not np.array_equal(windows.numpy(), _windows(pruned_dir, eval_tokens, window).numpy()):
+        raise ConfigError(
+            "the two exports tokenize the held-out text differently",
+            hint="compare a pruned model with the model it was pruned from",
+        )
+    earlier = original_perplexity
+    if isinstance(earlier, dict):
+        earlier = OnnxQuality.from_json(earlier)
+
+    threads = protocol.resolved_threads()
+    paths = {"original": original_dir, "pruned": pruned_dir}
+    decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
+    reusable = earlier is not None and measured_here(
+        earlier.onnx_dir, earlier.windows_sha256, original_dir, windows
+    )
+    models: dict[str, OnnxQuality] = {}
+    for name, decoder in decoders.items():
+        if name == "original" and reusable:
+            log.info("bench onnx: original ppl=%.3f (measured once per model)", earlier.ppl)
+            models[name] = earlier
+        else:
+            models[name] = _measured(decoder, windows, name)
+    original, pruned = models["original"], models["pruned"]
+    return OnnxBench(
+        backend="onnxruntime",
+        eval=Evaluation(source="builtin", tokens=original.tokens, window=window),
+        threads=threads,
+        machine=machine_info(*_VERSIONS, threads=threads),
+        models=models,
+        ppl_ratio=pruned.ppl / original.ppl,
+        size_ratio=pruned.size_bytes / original.size_bytes,
+        speed=speed(decoders, protocol),
+    )
 
 
 def bench_onnx(
@@ -137,57 +252,34 @@ def bench_onnx(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int = 512,
     protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
-    original_perplexity: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal.
-
-    ``original_perplexity`` (from ``onnx_perplexity``) is used instead of measuring the original
-    again when it was measured on the same export and the same windows."""
-    original_dir, pruned_dir = _checked_dir(original_dir), _checked_dir(pruned_dir)
-    windows = _windows(original_dir, eval_tokens, window)
-    if not np.array_equal(windows.numpy(), _windows(pruned_dir, eval_tokens, window).numpy()):
-        raise ConfigError(
-            "the two exports tokenize the held-out text differently",
-            hint="compare a pruned model with the model it was pruned from",
-        )
-
-    threads = protocol.resolved_threads()
-    paths = {"original": original_dir, "pruned": pruned_dir}
-    decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
-    models: dict[str, dict[str, Any]] = {}
-    for name, decoder in decoders.items():
-        if name == "original" and measured_on(original_perplexity, original_dir, windows, "onnx_dir"):
-            log.info("bench onnx: original ppl=%.3f (measured once per model)", original_perplexity["ppl"])
-            models[name] = original_perplexity
-        else:
-            models[name] = _measured(decoder, windows, name)
-    original, pruned = models["original"], models["pruned"]
-    return {
-        "backend": "onnxruntime",
-        "eval": {"source": "builtin", "tokens": int(original["tokens"]), "window": window},
-        "threads": threads,
-        "machine": machine_info(*_VERSIONS, threads=threads),
-        "models": models,
-        "ppl_ratio": pruned["ppl"] / original["ppl"],
-        "size_ratio": pruned["size_bytes"] / original["size_bytes"],
-        "speed": speed(decoders, protocol),
-    }
+    original_perplexity: OnnxQuality | JsonObject | None = None,
+) -> JsonObject:
+    """``measure_onnx``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
+    take the record itself)."""
+    return measure_onnx(
+        original_dir,
+        pruned_dir,
+        eval_tokens=eval_tokens,
+        window=window,
+        protocol=protocol,
+        original_perplexity=original_perplexity,
+    ).to_json()
 
 
-def format_table(result: dict[str, Any]) -> str:
-    machine = result["machine"]
+def format_table(result: OnnxBench | JsonObject) -> str:
+    """The result (or its JSON) as plain text: each model's size and perplexity, then the speed table."""
+    bench = result if isinstance(result, OnnxBench) else OnnxBench.from_json(result)
+    machine = bench.machine
     lines = [
         f"onnxruntime {machine['versions'].get('onnxruntime')} on {machine['cpu']} "
-        f"({machine['usable_cores']} cores, {result['threads']} threads)",
+        f"({machine['usable_cores']} cores, {bench.threads} threads)",
         f"{'model':<9} {'blocks':>6} {'MiB':>8} {'perplexity':>11}",
     ]
-    for role, m in result["models"].items():
-        lines.append(
-            f"{role:<9} {m['num_hidden_layers']:>6} {m['size_bytes'] / 2**20:>8.1f} {m['ppl']:>11.3f}"
-        )
+    for role, m in bench.models.items():
+        lines.append(f"{role:<9} {m.num_hidden_layers:>6} {m.size_bytes / 2**20:>8.1f} {m.ppl:>11.3f}")
     lines += [
-        f"perplexity ratio x{result['ppl_ratio']:.3f}",
+        f"perplexity ratio x{bench.ppl_ratio:.3f}",
         "",
-        *speed_protocol.format_phases(result["speed"]),
+        *speed_protocol.format_phases(bench.speed),
     ]
     return "\n".join(lines)

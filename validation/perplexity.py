@@ -19,8 +19,17 @@ import torch
 from rmexport.log import progress
 from rmexport.measures import nll_sum
 from rmexport.measures import perplexity as perplexity_of
+from rmexport.records import JsonObject
 
-__all__ = ["PerplexityResult", "measured_on", "perplexity", "torch_forward", "window_nll", "windows_digest"]
+__all__ = [
+    "PerplexityResult",
+    "measured_here",
+    "measured_on",
+    "perplexity",
+    "torch_forward",
+    "window_nll",
+    "windows_digest",
+]
 
 Forward = Callable[[torch.Tensor], Any]
 
@@ -46,13 +55,20 @@ def windows_digest(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def measured_on(earlier: dict[str, Any] | None, path: Path, windows: torch.Tensor, path_key: str) -> bool:
-    """Whether a stored measurement (``earlier[path_key]`` its file or folder) was made on ``path`` and
-    these windows: only then may a benchmark use it instead of measuring again."""
-    return (
-        earlier is not None
-        and Path(earlier[path_key]).resolve() == Path(path).resolve()
-        and earlier.get("windows_sha256") == windows_digest(windows)
+def measured_here(
+    measured_path: str | Path, measured_digest: str | None, path: Path, windows: torch.Tensor
+) -> bool:
+    """Whether a measurement made on ``measured_path`` over windows of ``measured_digest`` was made on
+    ``path`` and these windows: only then may a benchmark use it instead of measuring again."""
+    return Path(measured_path).resolve() == Path(path).resolve() and measured_digest == windows_digest(
+        windows
+    )
+
+
+def measured_on(earlier: JsonObject | None, path: Path, windows: torch.Tensor, path_key: str) -> bool:
+    """``measured_here`` for a stored measurement (its JSON, ``earlier[path_key]`` its file or folder)."""
+    return earlier is not None and measured_here(
+        earlier[path_key], earlier.get("windows_sha256"), path, windows
     )
 
 

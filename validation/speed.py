@@ -35,6 +35,8 @@ from rmexport.log import get_logger
 from rmexport.speed_settings import SpeedProtocol, SpeedRounds
 from rmexport.sysinfo import load_average
 
+from .flops import IdealSpeedup
+
 __all__ = [
     "Phase",
     "SpeedRounds",
@@ -248,14 +250,14 @@ def run_protocol(
     return result
 
 
-def attach_ideal(result: dict[str, Any], ideals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Add each phase's ideal speed-up (``ideals[phase]["ideal"]``, with its FLOP counts) and the
-    verdicts: measured/ideal, ``slower_than_original`` (median speed-up < 1) and ``above_ideal``."""
+def attach_ideal(result: dict[str, Any], ideals: Mapping[str, IdealSpeedup]) -> dict[str, Any]:
+    """Add each phase's ideal speed-up (with its FLOP counts) and the verdicts: measured/ideal,
+    ``slower_than_original`` (median speed-up < 1) and ``above_ideal``."""
     for phase, entry in result["phases"].items():
-        ideal = ideals[phase]["ideal"]
+        ideal = ideals[phase].ideal
         median = entry["speedup"]["median"]
         entry["ideal"] = ideal
-        entry["flops"] = ideals[phase].get("flops")
+        entry["flops"] = ideals[phase].flops
         entry["measured_over_ideal"] = median / ideal
         entry["slower_than_original"] = median < 1.0
         entry["above_ideal"] = median > ideal
