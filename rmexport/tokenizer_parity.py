@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .calib.corpus import BUILTIN, load_corpus
 from .errors import ModelLoadError
 from .llamacpp import llama_module
 from .log import get_logger
+from .records import JsonObject, from_jsonable
 from .sysinfo import package_versions
 from .tokenizer_rebuild import SpecialTokens, read_gguf_vocab, rebuild_tokenizer
 
@@ -47,6 +48,7 @@ __all__ = [
     "REBUILT",
     "TRANSFORMERS",
     "Comparison",
+    "TokenizerParity",
     "check_saved",
     "LlamaCppVocab",
     "compare",
@@ -283,7 +285,7 @@ def _versions() -> dict[str, str]:
     return {package: version or "absent" for package, version in versions.items()}
 
 
-def ensure_parity(gguf_path: str | Path, tokenizer: Any, fingerprint: str) -> tuple[Any, dict[str, Any]]:
+def ensure_parity(gguf_path: str | Path, tokenizer: Any, fingerprint: str) -> tuple[Any, TokenizerParity]:
     """The tokenizer to use for ``gguf_path`` and its parity record; ModelLoadError when none agrees.
 
     ``tokenizer`` is the candidate (transformers' reading of the file; None when transformers
@@ -337,6 +339,43 @@ def _refusal(gguf_path: Path, llama: LlamaCppVocab, first: Comparison | None, wh
     )
 
 
+@dataclass(frozen=True)
+class TokenizerParity:
+    """The verdict on a GGUF's tokenizer, saved beside its conversion as ``PARITY_FILE``."""
+
+    check_version: int
+    gguf_file: str
+    gguf_fingerprint: str
+    tokenizer_model: str  # tokenizer.ggml.model and .pre, as llama.cpp reads them ("" if absent)
+    pre_tokenizer: str
+    vocab_size: int
+    method: str  # TRANSFORMERS or REBUILT
+    verdict: str
+    texts: int
+    characters: int
+    tokens: int
+    chat_probe_tokens: int | None
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str
+    seconds: float
+    versions: dict[str, str]
+    transformers_differed: list[str] | None = None  # where transformers' tokenizer differed, if it did
+
+    def to_json(self) -> JsonObject:
+        data = asdict(self)
+        if self.transformers_differed is None:  # written only when transformers' tokenizer differed
+            del data["transformers_differed"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> TokenizerParity:
+        return from_jsonable(cls, data)
+
+
 def _record(
     gguf_path: Path,
     fingerprint: str,
@@ -345,46 +384,45 @@ def _record(
     llama: LlamaCppVocab,
     transformers_result: Comparison | None,
     start: float,
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "check_version": CHECK_VERSION,
-        "gguf_file": str(gguf_path),
-        "gguf_fingerprint": fingerprint,
-        "tokenizer_model": llama.model,
-        "pre_tokenizer": llama.pre,
-        "vocab_size": llama.n_tokens,
-        "method": method,
-        "verdict": "identical to llama.cpp",
-        "texts": result.texts,
-        "characters": result.characters,
-        "tokens": result.tokens,
-        "chat_probe_tokens": result.chat_tokens,
-        "bos_id": llama.bos,
-        "eos_id": llama.eos,
-        "pad_id": llama.pad,
-        "add_bos": llama.add_bos,
-        "add_eos": llama.add_eos,
-        "chat_template": "identical" if llama.chat_template else "none in the GGUF",
-        "seconds": round(time.perf_counter() - start, 2),
-        "versions": _versions(),
-    }
-    if transformers_result is not None:
-        record["transformers_differed"] = list(transformers_result.problems)
-    return record
+) -> TokenizerParity:
+    return TokenizerParity(
+        check_version=CHECK_VERSION,
+        gguf_file=str(gguf_path),
+        gguf_fingerprint=fingerprint,
+        tokenizer_model=llama.model,
+        pre_tokenizer=llama.pre,
+        vocab_size=llama.n_tokens,
+        method=method,
+        verdict="identical to llama.cpp",
+        texts=result.texts,
+        characters=result.characters,
+        tokens=result.tokens,
+        chat_probe_tokens=result.chat_tokens,
+        bos_id=llama.bos,
+        eos_id=llama.eos,
+        pad_id=llama.pad,
+        add_bos=llama.add_bos,
+        add_eos=llama.add_eos,
+        chat_template="identical" if llama.chat_template else "none in the GGUF",
+        seconds=round(time.perf_counter() - start, 2),
+        versions=_versions(),
+        transformers_differed=None if transformers_result is None else list(transformers_result.problems),
+    )
 
 
-def write_record(checkpoint: str | Path, record: dict[str, Any]) -> None:
-    write_json(Path(checkpoint) / PARITY_FILE, record)
+def write_record(checkpoint: str | Path, record: TokenizerParity) -> None:
+    write_json(Path(checkpoint) / PARITY_FILE, record.to_json())
 
 
-def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
+def read_record(checkpoint: str | Path) -> JsonObject | None:
+    """The saved verdict as it is on disk (``prune.json`` carries it over as it is), None without one."""
     try:
         return json.loads((Path(checkpoint) / PARITY_FILE).read_text())
     except (OSError, ValueError):
         return None
 
 
-def record_is_current(record: dict[str, Any] | None, fingerprint: str) -> bool:
+def record_is_current(record: JsonObject | None, fingerprint: str) -> bool:
     """True for a passed verdict on this GGUF, made by this check with the installed llama.cpp/tokenizers."""
     if not record:
         return False
@@ -425,6 +463,6 @@ def check_saved(gguf_path: str | Path, checkpoint: str | Path, fingerprint: str)
         method = (saved or {}).get("method", TRANSFORMERS)
         record = _record(Path(gguf_path), fingerprint, method, result, llama, None, start)
     if saved and "transformers_differed" in saved:
-        record["transformers_differed"] = saved["transformers_differed"]
+        record = replace(record, transformers_differed=saved["transformers_differed"])
     write_record(checkpoint, record)
     return True

@@ -26,6 +26,7 @@ from rmexport.tokenizer_parity import (
     PROBES,
     REBUILT,
     TRANSFORMERS,
+    TokenizerParity,
     compare,
     ensure_parity,
     open_llama_cpp_vocab,
@@ -187,16 +188,17 @@ def test_gemma_style_sentencepiece_gguf_is_rebuilt_from_its_vocabulary(ggufs, ca
 def test_a_disagreeing_tokenizer_is_replaced_by_one_rebuilt_from_the_gguf(family, ggufs):
     wrong = transformers_tokenizer(ggufs["gpt2" if family != "gpt2" else "llama-spm"])
     tokenizer, record = ensure_parity(ggufs[family], wrong, "fingerprint")
-    assert record["method"] == REBUILT and record["transformers_differed"]
-    assert record["texts"] == len(parity_texts()) and record["tokens"] > 4_000
+    assert record.method == REBUILT and record.transformers_differed
+    assert record.texts == len(parity_texts()) and record.tokens > 4_000
     assert_agrees_with_llama_cpp(tokenizer, ggufs[family])
+    assert TokenizerParity.from_json(json.loads(json.dumps(record.to_json()))) == record
 
 
 @pytest.mark.parametrize("pre_name", ["llama-bpe", "qwen2", "smollm", "tekken"])
 def test_byte_level_vocabulary_is_rebuilt_with_llama_cpp_pre_tokenizer(pre_name, ggufs, tmp_path):
     gguf = retagged(ggufs["gpt2"], tmp_path / f"bpe-{pre_name}.gguf", pre(pre_name))
     tokenizer, record = ensure_parity(gguf, None, "fingerprint")
-    assert record["method"] == REBUILT and record["pre_tokenizer"] == pre_name
+    assert record.method == REBUILT and record.pre_tokenizer == pre_name
     assert_agrees_with_llama_cpp(tokenizer, gguf)
 
 
