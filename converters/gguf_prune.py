@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,20 @@ from rmexport.errors import ConfigError, ExportError, ModelLoadError
 from rmexport.fileio import GGUFTensorInfo, open_gguf
 from rmexport.llamacpp import installed_version
 from rmexport.log import get_logger, progress
+from rmexport.records import JsonObject, from_jsonable
 
 from . import gguf_metadata
-from .ggml_quant import bits_per_weight, quantize_like
+from .ggml_quant import Quantized, bits_per_weight, quantize_like
 
-__all__ = ["folded_type", "prune_gguf"]
+__all__ = [
+    "BlockCount",
+    "FileSizes",
+    "GGUFPrune",
+    "TensorWrite",
+    "folded_type",
+    "prune_gguf",
+    "write_pruned_gguf",
+]
 
 log = get_logger(__name__)
 
@@ -239,7 +249,63 @@ def _umask() -> int:
     return mask
 
 
-def prune_gguf(
+@dataclass(frozen=True, kw_only=True)
+class TensorWrite:
+    """How one output tensor was written: ``copied`` byte for byte, or ``requantized`` (a folded one)."""
+
+    source: str  # its name in the source file
+    action: str  # "copied" or "requantized"
+    source_type: str | None = None  # requantized only, as are quantizer and relative_error
+    type: str
+    quantizer: str | None = None
+    relative_error: float | None = None
+
+    def to_json(self) -> JsonObject:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BlockCount:
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class FileSizes:
+    source: int
+    output: int
+
+
+@dataclass(frozen=True)
+class GGUFPrune:
+    """What ``write_pruned_gguf`` did; ``to_json()`` is ``checks/gguf_native.json``."""
+
+    source: str
+    output: str
+    arch: str
+    block_count: BlockCount
+    kept_blocks: list[int]
+    copied: int  # tensors
+    requantized: int
+    type_changed: dict[str, str]  # output tensor -> the type it was written in, where not its source's
+    dropped: int
+    folded: dict[str, TensorWrite]  # the requantized tensors of ``tensors``
+    tensors: dict[str, TensorWrite]  # every output tensor, by its output name
+    size_bytes: FileSizes
+    seconds: float
+
+    def to_json(self) -> JsonObject:
+        data = asdict(self)
+        data["folded"] = {name: t.to_json() for name, t in self.folded.items()}
+        data["tensors"] = {name: t.to_json() for name, t in self.tensors.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> GGUFPrune:
+        return from_jsonable(cls, data)
+
+
+def write_pruned_gguf(
     source_gguf: str | Path,
     out_file: str | Path,
     blocks: list[int],
@@ -248,7 +314,7 @@ def prune_gguf(
     dense_fold: bool,
     norm_weight_offset: float = 0.0,
     llama_cpp_version: str | None = None,
-) -> dict[str, Any]:
+) -> GGUFPrune:
     """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
     ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, d_ff×d
@@ -270,7 +336,7 @@ def prune_gguf(
     _check_request(source, kept, folds, llama_cpp_version or installed_version())
     new_index = {old: new for new, old in enumerate(kept)}
 
-    rewritten: dict[str, Any] = {}
+    rewritten: dict[str, tuple[Quantized, float]] = {}  # name -> written data, its relative error
     for block, transforms in sorted(folds.items()):
         for name, exact in _folded(source, block, transforms, dense_fold, norm_weight_offset).items():
             tensor = source.by_name[name]
@@ -295,7 +361,7 @@ def prune_gguf(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    per_tensor: dict[str, dict[str, Any]] = {}
+    per_tensor: dict[str, TensorWrite] = {}
     try:
         writer = GGUFWriter(None, source.arch)
         try:
@@ -319,21 +385,19 @@ def prune_gguf(
                 if tensor.name in rewritten:
                     q, rel_error = rewritten[tensor.name]
                     writer.write_tensor_data(q.data)
-                    per_tensor[new_name] = {
-                        "source": tensor.name,
-                        "action": "requantized",
-                        "source_type": tensor.qtype.name,
-                        "type": q.qtype.name,
-                        "quantizer": q.quantizer,
-                        "relative_error": rel_error,
-                    }
+                    per_tensor[new_name] = TensorWrite(
+                        source=tensor.name,
+                        action="requantized",
+                        source_type=tensor.qtype.name,
+                        type=q.qtype.name,
+                        quantizer=q.quantizer,
+                        relative_error=rel_error,
+                    )
                 else:
                     writer.write_tensor_data(source.read(tensor))
-                    per_tensor[new_name] = {
-                        "source": tensor.name,
-                        "action": "copied",
-                        "type": tensor.qtype.name,
-                    }
+                    per_tensor[new_name] = TensorWrite(
+                        source=tensor.name, action="copied", type=tensor.qtype.name
+                    )
         finally:
             writer.close()
         os.chmod(tmp, 0o666 & ~_umask())
@@ -341,31 +405,54 @@ def prune_gguf(
     finally:
         tmp.unlink(missing_ok=True)
 
-    requantized = {n: r for n, r in per_tensor.items() if r["action"] == "requantized"}
-    changed_type = {n: r["type"] for n, r in requantized.items() if r["type"] != r["source_type"]}
-    record = {
-        "source": str(source.path),
-        "output": str(out),
-        "arch": source.arch,
-        "block_count": {"before": source.block_count, "after": len(kept)},
-        "kept_blocks": kept,
-        "copied": sum(1 for r in per_tensor.values() if r["action"] == "copied"),
-        "requantized": len(requantized),
-        "type_changed": changed_type,
-        "dropped": dropped,
-        "folded": requantized,
-        "tensors": per_tensor,
-        "size_bytes": {"source": source.path.stat().st_size, "output": out.stat().st_size},
-        "seconds": time.perf_counter() - start,
-    }
+    requantized = {n: t for n, t in per_tensor.items() if t.action == "requantized"}
+    changed_type = {n: t.type for n, t in requantized.items() if t.type != t.source_type}
+    record = GGUFPrune(
+        source=str(source.path),
+        output=str(out),
+        arch=source.arch,
+        block_count=BlockCount(before=source.block_count, after=len(kept)),
+        kept_blocks=kept,
+        copied=sum(1 for t in per_tensor.values() if t.action == "copied"),
+        requantized=len(requantized),
+        type_changed=changed_type,
+        dropped=dropped,
+        folded=requantized,
+        tensors=per_tensor,
+        size_bytes=FileSizes(source=source.path.stat().st_size, output=out.stat().st_size),
+        seconds=time.perf_counter() - start,
+    )
     log.info(
         "pruned GGUF %s: %d -> %d blocks, %d tensors copied, %d requantized%s (%.1f s)",
         out.name,
         source.block_count,
         len(kept),
-        record["copied"],
-        record["requantized"],
+        record.copied,
+        record.requantized,
         f", type changed: {changed_type}" if changed_type else "",
-        record["seconds"],
+        record.seconds,
     )
     return record
+
+
+def prune_gguf(
+    source_gguf: str | Path,
+    out_file: str | Path,
+    blocks: list[int],
+    folds: dict[int, list[torch.Tensor]],
+    *,
+    dense_fold: bool,
+    norm_weight_offset: float = 0.0,
+    llama_cpp_version: str | None = None,
+) -> JsonObject:
+    """``write_pruned_gguf``'s record as JSON: the form pipeline.py writes and bench/gguf_native.py
+    reads (until they take the record itself)."""
+    return write_pruned_gguf(
+        source_gguf,
+        out_file,
+        blocks,
+        folds,
+        dense_fold=dense_fold,
+        norm_weight_offset=norm_weight_offset,
+        llama_cpp_version=llama_cpp_version,
+    ).to_json()

@@ -26,12 +26,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
+from rmexport.records import JsonObject
 from rmexport.sysinfo import package_versions
 
 from .onnx_genai import build_genai
@@ -42,6 +44,8 @@ __all__ = [
     "PRECISIONS",
     "EXPORT_INFO_FILE",
     "OPTIMUM_RUNTIME_GAPS",
+    "GraphFacts",
+    "OnnxExportInfo",
     "export_onnx",
     "read_export_info",
 ]
@@ -64,8 +68,9 @@ OPTIMUM_RUNTIME_GAPS = {
 }
 
 
-def read_export_info(onnx_dir: str | Path) -> dict[str, Any]:
-    """What ``export_onnx`` recorded about an export folder ({} for folders it did not write)."""
+def read_export_info(onnx_dir: str | Path) -> JsonObject:
+    """What ``export_onnx`` recorded about an export folder (``OnnxExportInfo``'s JSON, as written by the
+    version that made the export; {} for folders it did not write)."""
     path = Path(onnx_dir) / EXPORT_INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -171,7 +176,38 @@ def _copy_metadata(ckpt: str, tmp: Path) -> None:
             shutil.copy2(src, tmp / src.name)
 
 
-def _check_graph(tmp: Path, n_layers: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the exported graph declares beyond its KV cache."""
+
+    inputs: list[str]  # graph inputs other than past_key_values.*
+    external_data: list[str]  # files holding the weights beside model.onnx
+    opsets: dict[str, int]  # domain -> version
+
+
+@dataclass(frozen=True)
+class OnnxExportInfo:
+    """What ``export_onnx`` records beside the graph, as ``EXPORT_INFO_FILE``."""
+
+    flavor: str
+    dtype: str
+    precision: str
+    task: str
+    source_checkpoint: str
+    architecture: str
+    num_hidden_layers: int
+    inputs: list[str]  # the GraphFacts
+    external_data: list[str]
+    opsets: dict[str, int]
+    optimum_runtime_gap: str | None  # why optimum's ORTModelForCausalLM cannot generate() with it
+    export_s: float
+    versions: dict[str, str | None]
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+
+def _check_graph(tmp: Path, n_layers: int) -> GraphFacts:
     import onnx
 
     model_path = tmp / "model.onnx"
@@ -188,7 +224,7 @@ def _check_graph(tmp: Path, n_layers: int) -> dict[str, Any]:
     external = sorted(p.name for p in tmp.glob("model.onnx?*"))
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     other_inputs = [name for name in inputs if name not in past]
-    return {"inputs": other_inputs, "external_data": external, "opsets": opsets}
+    return GraphFacts(inputs=other_inputs, external_data=external, opsets=opsets)
 
 
 def _check_target(out: Path) -> None:
@@ -246,21 +282,23 @@ def export_onnx(
         else:
             optimum_gap = None
         _copy_metadata(ckpt, tmp)
-        info = {
-            "flavor": flavor,
-            "dtype": dtype,
-            "precision": precision,
-            "task": ONNX_TASK,
-            "source_checkpoint": str(ckpt),
-            "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
-            "num_hidden_layers": n_layers,
-            **graph,
-            "optimum_runtime_gap": optimum_gap,
-            "export_s": round(time.perf_counter() - started, 2),
-            "versions": _versions(flavor),
-        }
-        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    log.info("export onnx: done in %.1f s (%s)", info["export_s"], out)
+        info = OnnxExportInfo(
+            flavor=flavor,
+            dtype=dtype,
+            precision=precision,
+            task=ONNX_TASK,
+            source_checkpoint=str(ckpt),
+            architecture=(getattr(config, "architectures", None) or [config.model_type])[0],
+            num_hidden_layers=n_layers,
+            inputs=graph.inputs,
+            external_data=graph.external_data,
+            opsets=graph.opsets,
+            optimum_runtime_gap=optimum_gap,
+            export_s=round(time.perf_counter() - started, 2),
+            versions=_versions(flavor),
+        )
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    log.info("export onnx: done in %.1f s (%s)", info.export_s, out)
     return out
 
 

@@ -12,6 +12,7 @@ and broken inputs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from converters.ggml_quant import quantize_like
 from converters.gguf_export import export_gguf
 from converters.gguf_metadata import read_metadata
-from converters.gguf_prune import folded_type, prune_gguf
+from converters.gguf_prune import BlockCount, FileSizes, GGUFPrune, TensorWrite, folded_type, prune_gguf
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
@@ -393,3 +394,48 @@ def test_pruned_file_can_be_pruned_again(tiny_k_quant, tmp_path):
     a, b = _tensors(tmp_path / "a.gguf"), _tensors(tmp_path / "b.gguf")
     assert _sha(b["blk.1.attn_v.weight"]) == _sha(a["blk.2.attn_v.weight"])
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_prune_record_round_trips_through_json_with_its_keys():
+    copied = TensorWrite(source="blk.20.attn_q.weight", action="copied", type="Q4_1")
+    folded = TensorWrite(
+        source="blk.11.ffn_down.weight",
+        action="requantized",
+        source_type="Q4_1",
+        type="Q8_0",
+        quantizer="gguf-py",
+        relative_error=0.004,
+    )
+    record = GGUFPrune(
+        source="/models/x-q4_1.gguf",
+        output="/runs/x/x-q4_1.gguf",
+        arch="llama",
+        block_count=BlockCount(before=30, after=22),
+        kept_blocks=[*range(12), *range(20, 30)],
+        copied=1,
+        requantized=1,
+        type_changed={"blk.11.ffn_down.weight": "Q8_0"},
+        dropped=72,
+        folded={"blk.11.ffn_down.weight": folded},
+        tensors={"blk.12.attn_q.weight": copied, "blk.11.ffn_down.weight": folded},
+        size_bytes=FileSizes(source=1000, output=800),
+        seconds=1.5,
+    )
+    data = json.loads(json.dumps(record.to_json()))
+    assert list(data) == [
+        "source", "output", "arch", "block_count", "kept_blocks", "copied", "requantized", "type_changed",
+        "dropped", "folded", "tensors", "size_bytes", "seconds",
+    ]  # fmt: skip
+    assert data["tensors"]["blk.12.attn_q.weight"] == {
+        "source": "blk.20.attn_q.weight",
+        "action": "copied",
+        "type": "Q4_1",
+    }
+    assert list(data["folded"]["blk.11.ffn_down.weight"]) == [
+        "source", "action", "source_type", "type", "quantizer", "relative_error"
+    ]  # fmt: skip
+    assert data["block_count"] == {"before": 30, "after": 22} and data["size_bytes"] == {
+        "source": 1000,
+        "output": 800,
+    }
+    assert GGUFPrune.from_json(data) == record
