@@ -21,7 +21,11 @@ from validation.speed import (
     Phase,
     SpeedProtocol,
     SpeedRounds,
+    SpeedRun,
+    Spread,
     attach_ideal,
+    format_phases,
+    measure_speed,
     median_rel_se,
     run_protocol,
     spread,
@@ -72,14 +76,12 @@ def test_rounds_interleave_and_stop_once_every_median_is_precise():
     )
     original = _phases({"pp8": 0.02, "pp16": 0.04, "tg4": 0.01}, log, "original")
     pruned = _phases({"pp8": 0.01, "pp16": 0.02, "tg4": 0.008}, log, "pruned")
-    result = run_protocol(original, pruned, protocol)
+    result = measure_speed(original, pruned, protocol)
     # Constant times: the median has no spread, so every phase stops at the minimum.
-    assert result["rounds"] == 3 and result["settled"] is True
-    assert list(result["phases"]) == ["pp8", "pp16", "tg4"]
-    assert all(
-        e["rounds"] == 3 and e["settled"] and e["speedup"]["rel_se"] == 0 for e in result["phases"].values()
-    )
-    assert result["order"] == [[r, p] for r in (1, 2, 3) for p in result["phases"]]
+    assert result.rounds == 3 and result.settled is True
+    assert list(result.phases) == ["pp8", "pp16", "tg4"]
+    assert all(e.rounds == 3 and e.settled and e.speedup.rel_se == 0 for e in result.phases.values())
+    assert result.order == [[r, p] for r in (1, 2, 3) for p in result.phases]
     # Turns in A B B A order: a prompt round is original, pruned, pruned, original; generation
     # alternates in turns of ceil(4 / 8) = 1 step, the lead swapping at every turn.
     # Warm-up: 2 turns per model of every phase (a prompt; tg4's first eighth, 1 token), untimed.
@@ -98,11 +100,12 @@ def test_rounds_interleave_and_stop_once_every_median_is_precise():
         ("pruned", 3),
         ("original", 3),
     ]
-    pp16 = result["phases"]["pp16"]
-    assert pp16["original"]["tokens_per_s"]["median"] == pytest.approx(16 / 0.04)
-    assert pp16["original"]["seconds"] == pytest.approx([2 * 0.04] * 3)  # two prompts per round
-    assert pp16["speedup"]["median"] == pytest.approx(2.0) and pp16["speedup"]["rounds"] == [2.0] * 3
-    assert result["phases"]["tg4"]["speedup"]["median"] == pytest.approx(1.25)
+    pp16 = result.phases["pp16"]
+    assert pp16.original.tokens_per_s.median == pytest.approx(16 / 0.04)
+    assert pp16.original.seconds == pytest.approx([2 * 0.04] * 3)  # two prompts per round
+    assert pp16.speedup.median == pytest.approx(2.0) and pp16.speedup.rounds == [2.0] * 3
+    assert result.phases["tg4"].speedup.median == pytest.approx(1.25)
+    assert pp16.ideal is None and result.slower_than_original is None  # until the ideals are in
 
 
 def test_a_noisy_phase_keeps_being_timed_after_the_precise_ones_stop():
@@ -127,6 +130,50 @@ def test_a_noisy_phase_keeps_being_timed_after_the_precise_ones_stop():
     assert s["rounds"] == sorted(s["rounds"]) and s["max"] > 1.1**10  # faster every repetition
 
 
+# The keys of a bench's "speed" and of each of its phases, in their order: the report reads them.
+SPEED_KEYS = [
+    "protocol",
+    "rounds",
+    "settled",
+    "order",
+    "load_average",
+    "phases",
+    "settings",
+    "slower_than_original",
+]
+PHASE_KEYS = [
+    "kind", "tokens", "original", "pruned", "speedup", "rounds", "settled", "ideal", "flops",
+    "measured_over_ideal", "slower_than_original", "above_ideal",
+]  # fmt: skip
+
+
+def test_a_speed_run_round_trips_through_json_as_the_benches_extend_it():
+    protocol = SpeedProtocol(
+        prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=0, min_rounds=3, max_rounds=3)
+    )
+    run = measure_speed(_phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": 0.03}), protocol)
+    timed = json.loads(json.dumps(run.to_json()))
+    assert list(timed) == SPEED_KEYS[:6] and list(timed["phases"]["tg4"]) == PHASE_KEYS[:7]
+    assert list(timed["phases"]["tg4"]["speedup"]) == ["median", "min", "max", "q1", "q3", "rounds", "rel_se"]
+    assert SpeedRun.from_json(timed) == run
+
+    ideals = ideal_speedups(
+        ModelShape.from_config(TINY_CONFIG),
+        ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6}),
+        protocol.phases,
+    )
+    settings = {"n_threads": 1}
+    extended = attach_ideal(timed | {"settings": settings}, ideals)  # gguf_bench's way
+    typed = replace(run, settings=settings).with_ideal(ideals)  # onnx_bench's way
+    assert json.loads(json.dumps(extended)) == json.loads(json.dumps(typed.to_json()))
+    assert list(extended) == SPEED_KEYS and list(extended["phases"]["pp16"]) == PHASE_KEYS
+    assert typed.slower_than_original == ["tg4"] and typed.phases["pp16"].above_ideal is True
+    assert typed.phases["pp16"].flops == ideals["pp16"].flops
+    assert SpeedRun.from_json(json.loads(json.dumps(extended))) == typed
+    assert format_phases(typed) == format_phases(extended)
+    assert "SLOWER THAN ORIGINAL" in "\n".join(format_phases(typed))
+
+
 def test_median_standard_error_and_spread():
     assert median_rel_se([1.0, 1.0]) == float("inf")  # too few rounds to judge
     assert median_rel_se([1.3, 1.3, 1.3]) == 0
@@ -135,8 +182,8 @@ def test_median_standard_error_and_spread():
     assert median_rel_se([1.30, 1.31, 1.30, 5.0]) > 0.5
     # From five rounds on, one stalled round does not move it: the spread is the median absolute deviation.
     assert median_rel_se([1.30, 1.31, 1.29, 1.30, 5.0]) == median_rel_se([1.30, 1.31, 1.29, 1.30, 1.32])
-    assert spread([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25}
-    assert spread([5.0]) == {"median": 5.0, "min": 5.0, "max": 5.0, "q1": 5.0, "q3": 5.0}
+    assert spread([3.0, 1.0, 2.0, 4.0]) == Spread(median=2.5, min=1.0, max=4.0, q1=1.75, q3=3.25)
+    assert spread([5.0]) == Spread(median=5.0, min=5.0, max=5.0, q1=5.0, q3=5.0)
 
 
 @pytest.mark.parametrize(
@@ -251,23 +298,21 @@ def pruned_llama(tiny_checkpoints, tmp_path_factory) -> Path:
     return out
 
 
-def _check_speed_result(result: dict, protocol: SpeedProtocol, ideals: dict[str, IdealSpeedup]) -> None:
-    assert protocol.rounds.min_rounds <= result["rounds"] <= protocol.rounds.max_rounds
-    assert result["settled"] or result["rounds"] == protocol.rounds.max_rounds
-    assert len(result["order"]) == sum(e["rounds"] for e in result["phases"].values())
-    assert list(result["phases"]) == list(protocol.phases)
-    assert result["protocol"]["threads"] >= 1
-    for phase, entry in result["phases"].items():
-        for stats in (entry["speedup"], entry["original"]["tokens_per_s"], entry["pruned"]["tokens_per_s"]):
-            assert 0 < stats["min"] <= stats["median"] <= stats["max"]
-        assert len(entry["speedup"]["rounds"]) == len(entry["original"]["seconds"]) == entry["rounds"]
-        assert protocol.rounds.min_rounds <= entry["rounds"] <= result["rounds"]
-        assert entry["ideal"] == pytest.approx(ideals[phase].ideal)
-        assert entry["measured_over_ideal"] == pytest.approx(entry["speedup"]["median"] / entry["ideal"])
-        assert entry["slower_than_original"] == (entry["speedup"]["median"] < 1)
-    assert result["slower_than_original"] == [
-        p for p, e in result["phases"].items() if e["slower_than_original"]
-    ]
+def _check_speed_result(result: SpeedRun, protocol: SpeedProtocol, ideals: dict[str, IdealSpeedup]) -> None:
+    assert protocol.rounds.min_rounds <= result.rounds <= protocol.rounds.max_rounds
+    assert result.settled or result.rounds == protocol.rounds.max_rounds
+    assert len(result.order) == sum(e.rounds for e in result.phases.values())
+    assert list(result.phases) == list(protocol.phases)
+    assert result.protocol["threads"] >= 1
+    for phase, entry in result.phases.items():
+        for stats in (entry.speedup, entry.original.tokens_per_s, entry.pruned.tokens_per_s):
+            assert 0 < stats.min <= stats.median <= stats.max
+        assert len(entry.speedup.rounds) == len(entry.original.seconds) == entry.rounds
+        assert protocol.rounds.min_rounds <= entry.rounds <= result.rounds
+        assert entry.ideal == pytest.approx(ideals[phase].ideal)
+        assert entry.measured_over_ideal == pytest.approx(entry.speedup.median / entry.ideal)
+        assert entry.slower_than_original == (entry.speedup.median < 1)
+    assert result.slower_than_original == [p for p, e in result.phases.items() if e.slower_than_original]
 
 
 def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, pruned_llama, tmp_path):
@@ -283,7 +328,7 @@ def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, prun
         TINY.phases,
         prompt_head="last",
     )
-    _check_speed_result(result, TINY, ideals)
+    _check_speed_result(SpeedRun.from_json(result), TINY, ideals)
     settings = result["settings"]
     assert settings["n_ctx_requested"] == 16 + 4 and settings["n_threads"] >= 1
     assert settings["n_ctx"]["original"] == settings["n_ctx"]["pruned"] >= 16 + 4  # same settings
@@ -390,7 +435,7 @@ def _gguf_bench(pruned_seconds: float) -> dict:
     )
     shape = ModelShape.from_config(TINY_CONFIG)
     pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
-    attach_ideal(result, ideal_speedups(shape, pruned, protocol.phases))
+    result = attach_ideal(result, ideal_speedups(shape, pruned, protocol.phases))  # as gguf_bench does
     models = {
         role: {"block_count": blocks, "ppl": 10.0, "size_bytes": 1000 * blocks}
         for role, blocks in (("original", 8), ("pruned", 6))

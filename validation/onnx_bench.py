@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +84,10 @@ class OnnxBench:
     models: dict[str, OnnxQuality]  # "original", "pruned"
     ppl_ratio: float  # pruned over original
     size_ratio: float
-    speed: JsonObject  # validation.speed's protocol result, with each phase's ideal
+    speed: speed_protocol.SpeedRun  # with each phase's ideal
 
     def to_json(self) -> JsonObject:
-        return asdict(self)
+        return asdict(self) | {"speed": self.speed.to_json()}
 
     @classmethod
     def from_json(cls, data: JsonObject) -> OnnxBench:
@@ -116,7 +116,7 @@ def _head_positions(decoder: OrtDecoder, ids: np.ndarray) -> str:
     return "all" if decoder.forward(ids[None, :2]).shape[1] == 2 else "last"
 
 
-def speed(decoders: dict[str, OrtDecoder], protocol: speed_protocol.SpeedProtocol) -> JsonObject:
+def speed(decoders: dict[str, OrtDecoder], protocol: speed_protocol.SpeedProtocol) -> speed_protocol.SpeedRun:
     """The speed protocol on two loaded ``OrtDecoder``s, with each phase's ideal speed-up."""
     vocab = min(int(d.config["vocab_size"]) for d in decoders.values())
     ids = np.random.default_rng(0).integers(min(10, vocab - 1), vocab, size=protocol.context, dtype=np.int64)
@@ -129,7 +129,7 @@ def speed(decoders: dict[str, OrtDecoder], protocol: speed_protocol.SpeedProtoco
         }
         for role, decoder in decoders.items()
     }
-    result = speed_protocol.run_protocol(phases["original"], phases["pruned"], protocol)
+    run = speed_protocol.measure_speed(phases["original"], phases["pruned"], protocol)
     heads = {role: _head_positions(d, ids) for role, d in decoders.items()}
     if heads["original"] != heads["pruned"]:
         raise ConfigError(
@@ -141,8 +141,8 @@ def speed(decoders: dict[str, OrtDecoder], protocol: speed_protocol.SpeedProtoco
     ideals = ideal_speedups(
         shapes["original"], shapes["pruned"], protocol.phases, prompt_head=heads["original"]
     )
-    result["settings"] = {"intra_op_threads": protocol.resolved_threads(), "io_binding": True, "batch": 1}
-    return speed_protocol.attach_ideal(result, ideals)
+    settings = {"intra_op_threads": protocol.resolved_threads(), "io_binding": True, "batch": 1}
+    return replace(run, settings=settings).with_ideal(ideals)
 
 
 def _windows(onnx_dir: Path, eval_tokens: int, window: int):

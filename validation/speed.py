@@ -27,22 +27,30 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
+from rmexport.records import JsonObject, from_jsonable
 from rmexport.speed_settings import SpeedProtocol, SpeedRounds
 from rmexport.sysinfo import load_average
 
 from .flops import IdealSpeedup
 
 __all__ = [
+    "LoadAverage",
     "Phase",
+    "PhaseSpeed",
+    "RoleSpeed",
     "SpeedRounds",
     "SpeedProtocol",
+    "SpeedRun",
+    "Speedup",
+    "Spread",
     "attach_ideal",
     "format_phases",
+    "measure_speed",
     "median_rel_se",
     "phase_kind",
     "repetitions_per_round",
@@ -82,17 +90,114 @@ def phase_kind(name: str) -> str:
     return {"pp": "prompt", "tg": "generation"}[name[:2]]
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
+@dataclass(frozen=True)
+class Spread:
+    """Median, min, max and quartiles of a sample."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+
+
+def spread(values: Sequence[float]) -> Spread:
     """Median, min, max and quartiles (inclusive method) of a non-empty sample."""
     ordered = sorted(values)
     q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
-    return {
-        "median": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "q1": q1,
-        "q3": q3,
+    return Spread(median=statistics.median(ordered), min=ordered[0], max=ordered[-1], q1=q1, q3=q3)
+
+
+@dataclass(frozen=True)
+class Speedup(Spread):
+    """The spread of a phase's per-round speed-ups (pruned tokens/s over original tokens/s)."""
+
+    rounds: list[float]
+    rel_se: float  # of the median (``median_rel_se``)
+
+
+@dataclass(frozen=True)
+class RoleSpeed:
+    """One model's speed in one phase."""
+
+    tokens_per_s: Spread
+    seconds: list[float]  # per round
+
+
+@dataclass(frozen=True)
+class PhaseSpeed:
+    """One phase timed on both models; the ideal and the verdicts come with ``SpeedRun.with_ideal``."""
+
+    kind: str  # phase_kind
+    tokens: int
+    original: RoleSpeed
+    pruned: RoleSpeed
+    speedup: Speedup
+    rounds: int
+    settled: bool  # the median speed-up is precise
+    ideal: float | None = None
+    flops: dict[str, dict[str, int]] | None = None  # "original", "pruned" -> flops.phase_flops
+    measured_over_ideal: float | None = None
+    slower_than_original: bool | None = None
+    above_ideal: bool | None = None
+
+
+@dataclass(frozen=True)
+class LoadAverage:
+    before: list[float] | None  # sysinfo.load_average
+    after: list[float] | None
+
+
+@dataclass(frozen=True)
+class SpeedRun:
+    """The protocol run on both models (``measure_speed``); ``to_json()`` is a bench's ``speed``."""
+
+    protocol: JsonObject  # SpeedProtocol.as_dict(), with the threads and context it ran with
+    rounds: int
+    settled: bool  # every phase's median is precise
+    order: list[list[int | str]]  # [round, phase] of every timed round, in the order they ran
+    load_average: LoadAverage
+    phases: dict[str, PhaseSpeed]
+    settings: JsonObject | None = None  # the runtime's own settings, as the bench gives them
+    slower_than_original: list[str] | None = None  # phases, once the ideals are in
+
+    def with_ideal(self, ideals: Mapping[str, IdealSpeedup]) -> SpeedRun:
+        """Each phase's ideal speed-up (with its FLOP counts) and the verdicts: measured/ideal,
+        ``slower_than_original`` (median speed-up < 1) and ``above_ideal``."""
+        phases = {}
+        for name, phase in self.phases.items():
+            ideal, median = ideals[name].ideal, phase.speedup.median
+            phases[name] = replace(
+                phase,
+                ideal=ideal,
+                flops=ideals[name].flops,
+                measured_over_ideal=median / ideal,
+                slower_than_original=median < 1.0,
+                above_ideal=median > ideal,
+            )
+        slower = [name for name, phase in phases.items() if phase.slower_than_original]
+        return replace(self, phases=phases, slower_than_original=slower)
+
+    def to_json(self) -> JsonObject:
+        """Without the parts not yet given (settings, ideals), as they were added to the JSON."""
+        return _without_none(asdict(self), _LATER)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> SpeedRun:
+        return from_jsonable(cls, data)
+
+
+# Keys a SpeedRun (or its phases) gets after timing: absent from its JSON until given.
+_LATER = frozenset(f.name for cls in (SpeedRun, PhaseSpeed) for f in fields(cls) if f.default is None)
+
+
+def _without_none(data: JsonObject, later: frozenset[str]) -> JsonObject:
+    data = {k: v for k, v in data.items() if not (k in later and v is None)}
+    data["phases"] = {
+        name: {k: v for k, v in phase.items() if not (k in later and v is None)}
+        for name, phase in data["phases"].items()
     }
+    return data
 
 
 _RANGE_TO_SIGMA = {3: 1.693, 4: 2.059}  # d₂: expected range of n normal values, in σ
@@ -182,15 +287,11 @@ def _round(pair: Mapping[str, Phase]) -> dict[str, float]:
     return seconds
 
 
-def run_protocol(
+def measure_speed(
     original: Mapping[str, Phase], pruned: Mapping[str, Phase], protocol: SpeedProtocol
-) -> dict[str, Any]:
+) -> SpeedRun:
     """Warm up, then time rounds of every phase on both models, interleaved, until each phase's
-    median speed-up is precise (or ``max_rounds``).
-
-    Returns the protocol, the rounds run, whether every median is precise, the order of the timed
-    repetitions, and per phase each model's tokens/s and the per-round speed-ups with spread.
-    """
+    median speed-up is precise (or ``max_rounds``)."""
     phases = protocol.phases
     _check_phases(original, pruned, phases)
     pairs = {name: {"original": original[name], "pruned": pruned[name]} for name in phases}
@@ -201,7 +302,7 @@ def run_protocol(
     seconds: dict[str, dict[str, list[float]]] = {p: {r: [] for r in ROLES} for p in phases}
     ratios: dict[str, list[float]] = {p: [] for p in phases}
     precise = dict.fromkeys(phases, False)
-    order: list[list[Any]] = []
+    order: list[list[int | str]] = []
     rounds = 0
     started = time.perf_counter()
     while rounds < protocol.rounds.max_rounds and not all(precise.values()):
@@ -225,76 +326,77 @@ def run_protocol(
         "every median precise" if all(precise.values()) else "max rounds, not every median precise",
         time.perf_counter() - started,
     )
-    result: dict[str, Any] = {
-        "protocol": protocol.as_dict()
-        | {"threads": protocol.resolved_threads(), "context": protocol.context},
-        "rounds": rounds,
-        "settled": all(precise.values()),
-        "order": order,
-        "load_average": {"before": load_before, "after": load_average()},
-        "phases": {},
-    }
-    for name, tokens in phases.items():
-        entry: dict[str, Any] = {"kind": phase_kind(name), "tokens": tokens}
-        for role in ROLES:
-            samples = seconds[name][role]
-            done = tokens * repetitions_per_round(original[name].steps)
-            entry[role] = {"tokens_per_s": spread([done / s for s in samples]), "seconds": samples}
-        entry["speedup"] = spread(ratios[name]) | {
-            "rounds": ratios[name],
-            "rel_se": median_rel_se(ratios[name]),
-        }
-        entry["rounds"] = len(ratios[name])
-        entry["settled"] = precise[name]
-        result["phases"][name] = entry
-    return result
+
+    def role_speed(name: str, role: str) -> RoleSpeed:
+        samples = seconds[name][role]
+        done = phases[name] * repetitions_per_round(original[name].steps)
+        return RoleSpeed(tokens_per_s=spread([done / s for s in samples]), seconds=samples)
+
+    return SpeedRun(
+        protocol=protocol.as_dict() | {"threads": protocol.resolved_threads(), "context": protocol.context},
+        rounds=rounds,
+        settled=all(precise.values()),
+        order=order,
+        load_average=LoadAverage(before=load_before, after=load_average()),
+        phases={
+            name: PhaseSpeed(
+                kind=phase_kind(name),
+                tokens=tokens,
+                original=role_speed(name, "original"),
+                pruned=role_speed(name, "pruned"),
+                speedup=Speedup(
+                    **asdict(spread(ratios[name])), rounds=ratios[name], rel_se=median_rel_se(ratios[name])
+                ),
+                rounds=len(ratios[name]),
+                settled=precise[name],
+            )
+            for name, tokens in phases.items()
+        },
+    )
 
 
-def attach_ideal(result: dict[str, Any], ideals: Mapping[str, IdealSpeedup]) -> dict[str, Any]:
-    """Add each phase's ideal speed-up (with its FLOP counts) and the verdicts: measured/ideal,
-    ``slower_than_original`` (median speed-up < 1) and ``above_ideal``."""
-    for phase, entry in result["phases"].items():
-        ideal = ideals[phase].ideal
-        median = entry["speedup"]["median"]
-        entry["ideal"] = ideal
-        entry["flops"] = ideals[phase].flops
-        entry["measured_over_ideal"] = median / ideal
-        entry["slower_than_original"] = median < 1.0
-        entry["above_ideal"] = median > ideal
-    result["slower_than_original"] = [p for p, e in result["phases"].items() if e["slower_than_original"]]
-    return result
+def run_protocol(
+    original: Mapping[str, Phase], pruned: Mapping[str, Phase], protocol: SpeedProtocol
+) -> JsonObject:
+    """``measure_speed``'s record as JSON: the form validation/gguf_bench.py extends with its settings
+    (until it takes the record itself)."""
+    return measure_speed(original, pruned, protocol).to_json()
 
 
-def format_phases(result: Mapping[str, Any]) -> list[str]:
+def attach_ideal(result: JsonObject, ideals: Mapping[str, IdealSpeedup]) -> JsonObject:
+    """``SpeedRun.with_ideal`` on ``run_protocol``'s JSON (as extended by a bench), as JSON."""
+    return SpeedRun.from_json(result).with_ideal(ideals).to_json()
+
+
+def format_phases(result: SpeedRun | JsonObject) -> list[str]:
     """Plain-text table: per phase each model's median tokens/s [min–max], speed-up, ideal."""
+    run = result if isinstance(result, SpeedRun) else SpeedRun.from_json(result)
 
-    def rng(stats: Mapping[str, float], fmt: str) -> str:
-        return f"{fmt.format(stats['median'])} [{fmt.format(stats['min'])}–{fmt.format(stats['max'])}]"
+    def rng(stats: Spread, fmt: str) -> str:
+        return f"{fmt.format(stats.median)} [{fmt.format(stats.min)}–{fmt.format(stats.max)}]"
 
     header = (
         f"{'phase':<7} {'original tok/s':>22} {'pruned tok/s':>22} {'speed-up':>20} "
         f"{'ideal':>6} {'of ideal':>8}"
     )
     lines = [header, "-" * len(header)]
-    for phase, entry in result["phases"].items():
-        flag = "  SLOWER THAN ORIGINAL" if entry.get("slower_than_original") else ""
-        ideal = entry.get("ideal")
+    for name, phase in run.phases.items():
+        flag = "  SLOWER THAN ORIGINAL" if phase.slower_than_original else ""
         lines.append(
-            f"{phase:<7} {rng(entry['original']['tokens_per_s'], '{:.1f}'):>22} "
-            f"{rng(entry['pruned']['tokens_per_s'], '{:.1f}'):>22} "
-            f"{rng(entry['speedup'], 'x{:.2f}'):>20} "
+            f"{name:<7} {rng(phase.original.tokens_per_s, '{:.1f}'):>22} "
+            f"{rng(phase.pruned.tokens_per_s, '{:.1f}'):>22} "
+            f"{rng(phase.speedup, 'x{:.2f}'):>20} "
             + (
-                f"{f'x{ideal:.2f}':>6} {entry['measured_over_ideal']:>8.0%}"
-                if ideal
+                f"{f'x{phase.ideal:.2f}':>6} {phase.measured_over_ideal:>8.0%}"
+                if phase.ideal
                 else f"{'-':>6} {'-':>8}"
             )
             + flag
         )
-    protocol = result["protocol"]
-    rounds = ", ".join(f"{phase} {entry['rounds']}" for phase, entry in result["phases"].items())
-    precise = "every median precise" if result["settled"] else "max rounds reached, not every median precise"
+    rounds = ", ".join(f"{name} {phase.rounds}" for name, phase in run.phases.items())
+    precise = "every median precise" if run.settled else "max rounds reached, not every median precise"
     lines.append(
-        f"rounds: {rounds} ({precise}: standard error <= {protocol['rel_tol']:.1%}), "
-        f"{protocol['threads']} threads"
+        f"rounds: {rounds} ({precise}: standard error <= {run.protocol['rel_tol']:.1%}), "
+        f"{run.protocol['threads']} threads"
     )
     return lines
