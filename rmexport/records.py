@@ -40,7 +40,7 @@ class ModelInfo:
 class CutRecord:
     cut: list[int]  # [start, end) in the model as it was when this cut was chosen
     removed_layers: list[int]  # original indices
-    fit: dict[str, Any]
+    fit: JsonObject  # {"solver": name, **that solver's own details}
     scores: dict[str, Any]
 
 
@@ -96,7 +96,7 @@ class PruneRecord:
     fold_parity: FoldParity
     quality: Quality
     guard: dict[str, Any]
-    tokenizer_parity: dict[str, Any]
+    tokenizer_parity: JsonObject  # the verdict saved beside a GGUF's conversion, as it is on disk
     memory: dict[str, Any]
     saved_dtype: str
     versions: dict[str, str]

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from converters.onnx_export import EXPORT_INFO_FILE, OPTIMUM_RUNTIME_GAPS, export_onnx, read_export_info
+from converters.onnx_export import (
+    EXPORT_INFO_FILE,
+    OPTIMUM_RUNTIME_GAPS,
+    export_onnx,
+    read_export_info,
+)
 from rmexport.cli import main
 from validation.onnx_parity import TOLERANCES, OnnxParity, compare_onnx, heldout_prompts, validate_onnx
 from validation.ort_decoder import OrtDecoder
@@ -68,6 +73,13 @@ def _optimum_greedy_prefix(onnx_dir: Path, prompt: list[int], new_tokens: int) -
     return out[0, len(prompt) :].tolist()
 
 
+# What rmexport_onnx.json holds (OnnxExportInfo), in its order: readers of older exports expect it.
+EXPORT_INFO_KEYS = [
+    "flavor", "dtype", "precision", "task", "source_checkpoint", "architecture", "num_hidden_layers",
+    "inputs", "external_data", "opsets", "optimum_runtime_gap", "export_s", "versions",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_export_loads_and_matches_pytorch(family, tiny_checkpoints, pruned_tiny_checkpoints, tmp_path):
     """Original and pruned tiny models of every family: export, plain session, parity; optimum generate()."""
@@ -78,6 +90,8 @@ def test_tiny_export_loads_and_matches_pytorch(family, tiny_checkpoints, pruned_
         info = read_export_info(out)
         n_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
         assert info["num_hidden_layers"] == n_layers == (8 if name == "original" else 5)
+        assert list(info) == EXPORT_INFO_KEYS
+        assert info["inputs"] and info["opsets"]["ai.onnx"] >= 14
         assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
         decoder = OrtDecoder(out, spinning=False)  # a plain onnxruntime.InferenceSession
