@@ -98,7 +98,7 @@ class PromptParity:
 
 @dataclass(frozen=True)
 class OnnxParity:
-    """``validate_onnx``'s result; ``to_json()`` is ``checks/onnx_parity.json``."""
+    """``compare_onnx``'s result; ``to_json()`` is ``checks/onnx_parity.json``."""
 
     onnx_dir: str
     reference: str
