@@ -23,7 +23,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,18 @@ from rmexport.errors import ConfigError, ExportError
 from rmexport.fileio import open_gguf, read_provenance
 from rmexport.llamacpp import QUANTIZER_TYPES
 from rmexport.log import get_logger, progress
+from rmexport.records import JsonObject
 
 from . import gguf_metadata, gguf_tokenizer, imatrix
 
-__all__ = ["GGUF_TYPES", "describe_gguf", "export_gguf", "requantize_gguf"]
+__all__ = [
+    "GGUF_TYPES",
+    "GGUFSummary",
+    "describe_gguf",
+    "export_gguf",
+    "requantize_gguf",
+    "summarize_gguf",
+]
 
 log = get_logger(__name__)
 
@@ -417,17 +425,38 @@ def export_gguf(
     return out
 
 
-def describe_gguf(path: str | Path) -> dict[str, Any]:
-    """File size, tensor-type counts and block count of a GGUF (e.g. to see K-quant fallbacks)."""
+@dataclass(frozen=True)
+class GGUFSummary:
+    """A GGUF file at a glance: size, architecture, block count and tensor types (where K-quant
+    fallbacks show)."""
+
+    file: str
+    size_bytes: int
+    architecture: str
+    block_count: int | None
+    tensor_types: dict[str, int]  # type name -> tensors of that type
+    tensors: int
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+
+def summarize_gguf(path: str | Path) -> GGUFSummary:
     header = open_gguf(path)
     types = Counter(t.qtype.name for t in header.tensors)
     arch = header.metadata[gguf.Keys.General.ARCHITECTURE]
     block_count = header.metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
-    return {
-        "file": str(path),
-        "size_bytes": header.size,
-        "architecture": arch,
-        "block_count": None if block_count is None else int(block_count),
-        "tensor_types": dict(sorted(types.items())),
-        "tensors": len(header.tensors),
-    }
+    return GGUFSummary(
+        file=str(path),
+        size_bytes=header.size,
+        architecture=arch,
+        block_count=None if block_count is None else int(block_count),
+        tensor_types=dict(sorted(types.items())),
+        tensors=len(header.tensors),
+    )
+
+
+def describe_gguf(path: str | Path) -> JsonObject:
+    """``summarize_gguf`` as JSON: the form validation/gguf_bench.py and validation/frontier.py read
+    (until they take the record itself)."""
+    return summarize_gguf(path).to_json()

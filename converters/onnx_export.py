@@ -33,7 +33,7 @@ from typing import Any
 from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
-from rmexport.records import JsonObject
+from rmexport.records import JsonObject, from_jsonable
 from rmexport.sysinfo import package_versions
 
 from .onnx_genai import build_genai
@@ -205,6 +205,10 @@ class OnnxExportInfo:
 
     def to_json(self) -> JsonObject:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> OnnxExportInfo:
+        return from_jsonable(cls, data)
 
 
 def _check_graph(tmp: Path, n_layers: int) -> GraphFacts:

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from converters.gguf_export import describe_gguf, export_gguf
+from converters.gguf_export import describe_gguf, export_gguf, summarize_gguf
 from converters.gguf_metadata import read_metadata
 from rmexport.cli import main
 from rmexport.errors import ConfigError, ToleranceError
@@ -35,8 +35,11 @@ def gguf_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_of_every_family_runs_in_llama_cpp_like_pytorch(family, tiny_checkpoints, gguf_dir):
     out = export_gguf(tiny_checkpoints[family], gguf_dir / f"tiny-{family}-f32.gguf", "f32")
-    info = describe_gguf(out)
-    assert info["block_count"] == 8 and info["tensor_types"] == {"F32": info["tensors"]}
+    info = summarize_gguf(out)
+    assert info.block_count == 8 and info.tensor_types == {"F32": info.tensors}
+    assert describe_gguf(out) == info.to_json()
+    keys = ["file", "size_bytes", "architecture", "block_count", "tensor_types", "tensors"]
+    assert list(info.to_json()) == keys
     result = compare_gguf(out, tiny_checkpoints[family], **TINY_CHECK)  # raises when out of tolerance
     assert result.passed and result.max_abs_diff < 2e-2 and result.mean_kl < 1e-5
     assert result.decode_llama_cpp == result.decode_torch

@@ -13,6 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from converters.onnx_export import (
     EXPORT_INFO_FILE,
     OPTIMUM_RUNTIME_GAPS,
+    OnnxExportInfo,
     export_onnx,
     read_export_info,
 )
@@ -90,7 +91,7 @@ def test_tiny_export_loads_and_matches_pytorch(family, tiny_checkpoints, pruned_
         info = read_export_info(out)
         n_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
         assert info["num_hidden_layers"] == n_layers == (8 if name == "original" else 5)
-        assert list(info) == EXPORT_INFO_KEYS
+        assert list(info) == EXPORT_INFO_KEYS and OnnxExportInfo.from_json(info).to_json() == info
         assert info["inputs"] and info["opsets"]["ai.onnx"] >= 14
         assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
