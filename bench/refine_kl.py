@@ -54,6 +54,7 @@ class Variant:
     topk: int = 64  # 0: the full distribution (at most TOP_K)
     evals: int = 2  # set-aside evaluations per epoch
     patience: int = 2
+    minutes: float = 0  # a time budget for the steps (0: none); the best weight so far is kept
     bf16: int = 1  # forward and backward in bfloat16 autocast (the master weight stays float32)
     seed: int = 0
 
@@ -251,8 +252,15 @@ def mean_nll(losses: dict[str, dict[str, float]]) -> float:
 
 
 def refine(
-    student: Student, start: torch.Tensor, train: Cached, top: TopK, sets: dict[str, Cached], v: Variant
+    student: Student,
+    start: torch.Tensor,
+    train: Cached,
+    top: TopK,
+    sets: dict[str, Cached],
+    v: Variant,
+    save: Path | None = None,
 ) -> dict:
+    """Adam on the folded weight; the best weight by the set-aside loss (saved to ``save`` as it improves)."""
     torch.manual_seed(v.seed)
     head = student.head
     weight = start.detach().clone().float().requires_grad_(True)
@@ -284,7 +292,7 @@ def refine(
             loss.backward()
             opt.step()
             step += 1
-            running, seen = running + float(total), seen + count
+            running, seen = running + float(total.detach()), seen + count
             if step % every == 0 or step == n * v.epochs:
                 losses = set_aside_losses(student, weight, sets, bool(v.bf16))
                 score = mean_nll(losses)
@@ -305,16 +313,22 @@ def refine(
                 running = seen = 0
                 if score < best_loss - 1e-5:
                     best, best_loss, best_step, bad = weight.detach().clone(), score, step, 0
+                    if save is not None:
+                        torch.save({"weight": best, "step": step, "variant": asdict(v)}, save)
                 else:
                     bad += 1
                     if bad >= v.patience:
                         stop = True
                         break
+                if v.minutes and elapsed > 60 * v.minutes:
+                    stop = True
+                    break
         if stop:
             break
     return {
         "weight": best,
         "best_step": best_step,
+        "best_mean_nll": best_loss,
         "steps": step,
         "steps_per_epoch": n,
         "curve": curve,
@@ -395,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--out", type=Path, default=Path("out/bench/refine-kl.json"))
     parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="do not measure the original and plain removal (the same float32 numbers every time)",
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=Path("out/bench/refine-kl-cache"), help="teacher/student caches"
     )
     args = parser.parse_args(argv)
@@ -456,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         train, top, cache_s, described = caches[v.docs]
         print(f"variant {v.name()}", flush=True)
-        out = refine(student, closed_form, train, top, sets, v)
+        save = args.out.with_name(args.out.stem + f"-best-{len(results)}.pt")
+        out = refine(student, closed_form, train, top, sets, v, save)
         weights[v.name()] = out.pop("weight")
         results.append(
             {"variant": asdict(v), "name": v.name(), "calibration": described, "cache_s": round(cache_s, 1)}
@@ -471,8 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     known_path = args.cache_dir / f"{key}-perplexity-{digest}.json"
     known = json.loads(known_path.read_text()) if known_path.exists() else None
     todo = {k: w for k, w in weights.items() if known is None or k != "pruned"}
-    ppl = perplexities(original, pruned, windows, block, cut, todo, baselines=known is None)
-    if known is None:
+    baselines = known is None and not args.skip_baselines
+    ppl = perplexities(original, pruned, windows, block, cut, todo, baselines=baselines)
+    if known is None and args.skip_baselines:
+        known = {s: {"original": None, "plain_removal": None} for s in ppl}
+    elif known is None:
         known = {s: {k: p[k] for k in ("original", "plain_removal", "pruned")} for s, p in ppl.items()}
         write_json(known_path, known)
     ppl = {s: known[s] | ppl[s] for s in ppl}
@@ -484,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | " + " | ".join(ppl) + " | refine s |")
     for name in names:
         secs = next((r["refine_s"] for r in results if r["name"] == name), "")
-        print(f"| {name} | " + " | ".join(f"{ppl[s][name]:.2f}" for s in ppl) + f" | {secs} |")
+        cells = [f"{ppl[s][name]:.2f}" if ppl[s][name] is not None else "-" for s in ppl]
+        print(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
     result = {
         "prune_dir": str(args.prune_dir),
         "model": spec,
