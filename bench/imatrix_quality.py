@@ -1,9 +1,10 @@
 """llama.cpp perplexity of K-quants with and without an importance matrix, original and pruned side by side.
 
 For each model (the original and a pruned checkpoint whose ``prune.json`` sits beside it) and each
-type, the GGUF is made twice by ``rmexport``'s exporter: without a matrix, and with one that
+type, the GGUF is made by ``rmexport``'s exporter without a matrix, and with one that
 ``llama-imatrix`` computes from the prune's calibration text (the original's from the same text,
-on the original). Both are measured in llama.cpp on the same held-out windows of every text source.
+on the original), capped at each of ``--chunks`` sequences (``all``: the whole text). All are
+measured in llama.cpp on the same held-out windows of every text source.
 
     python -m bench.imatrix_quality --pruned out/smollm2-135m-r0.25/hf \\
         --out bench/results/imatrix-smollm2-135m.json
@@ -23,7 +24,7 @@ from converters.gguf_export import export_gguf, requantize_gguf
 from converters.imatrix import imatrix_path_for
 from rmexport.calib.corpus import BUILTIN, OUT_OF_DOMAIN, load_corpus
 from rmexport.calib.tokens import heldout_windows
-from rmexport.imatrix_text import calibration_recipe, calibration_text
+from rmexport.imatrix_text import IMATRIX_CHUNKS, calibration_recipe, calibration_text
 from rmexport.llamacpp import open_model
 from rmexport.models import DEFAULT_MODEL, checkpoint_dir, resolve
 from rmexport.sysinfo import usable_cores
@@ -58,28 +59,31 @@ def measure_model(
     work: Path,
     windows,
     threads: int,
+    caps: list[int | None],
 ) -> list[dict[str, Any]]:
-    """``model`` is an HF checkpoint (exported) or a GGUF file (requantized through f32)."""
+    """``model`` is an HF checkpoint (exported) or a GGUF file (requantized through f32). ``caps``:
+    the matrices to try, by their text's sequence cap (None: all of the text)."""
     export = requantize_gguf if model.suffix == ".gguf" else export_gguf
     rows = []
-    matrix: Path | None = None
+    matrices: dict[int | None, Path] = {}
     for gguf_type in types:
-        for with_matrix in (False, True):
-            out = work / f"{role}-{gguf_type}{'-imatrix' if with_matrix else ''}.gguf"
+        for variant in ["none", *caps]:
+            label = "" if variant == "none" else f"-imatrix{variant or 'all'}"
+            out = work / f"{role}-{gguf_type}{label}.gguf"
             source: Any = None
-            seconds = 0.0
-            if with_matrix:
-                # The matrix does not depend on the type: computed once per model, then reused.
-                source = matrix or calibration_text(tokenizer_dir, record)
+            if variant != "none":
+                # The matrix does not depend on the type: computed once per model and cap, then reused.
+                source = matrices.get(variant) or calibration_text(tokenizer_dir, record, max_chunks=variant)
             start = time.perf_counter()
             export(model, out, gguf_type, imatrix_source=source)
             seconds = time.perf_counter() - start
-            if with_matrix and matrix is None:
-                matrix = imatrix_path_for(out)
+            if variant != "none" and variant not in matrices:
+                matrices[variant] = imatrix_path_for(out)
             row = {
                 "model": role,
                 "type": gguf_type,
-                "imatrix": with_matrix,
+                "imatrix": variant != "none",
+                "imatrix_chunks": None if variant == "none" else (variant or "all"),
                 "size_mib": round(out.stat().st_size / 2**20, 2),
                 "export_s": round(seconds, 1),
                 "ppl": _perplexities(out, windows, threads),
@@ -89,19 +93,33 @@ def measure_model(
     return rows
 
 
+def _matrix_rank(row: dict[str, Any]) -> float:
+    """No matrix first, then by the cap on its text, the whole text last (rows from before caps: all)."""
+    if not row["imatrix"]:
+        return -1
+    chunks = row.get("imatrix_chunks", "all")
+    return float("inf") if chunks == "all" else chunks
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     sources = list(rows[0]["ppl"])
     lines = [
-        "| model | type | size MiB | " + " | ".join(f"{s} none → imatrix" for s in sources) + " |",
-        "|---|---|---|" + "---|" * len(sources),
+        "| model | type | matrix | size MiB | " + " | ".join(sources) + " |",
+        "|---|---|---|---|" + "---|" * len(sources),
     ]
-    for plain, matrix in zip(rows[::2], rows[1::2], strict=True):
+    plain: dict[str, Any] = {}
+    for row in rows:
+        if not row["imatrix"]:
+            plain = row
         cells = []
         for s in sources:
-            a, b = plain["ppl"][s], matrix["ppl"][s]
-            cells.append(f"{a:.2f} → {b:.2f} ({100 * (b - a) / a:+.1f} %)")
+            a, b = plain["ppl"][s], row["ppl"][s]
+            cells.append(f"{b:.2f}" + (f" ({100 * (b - a) / a:+.1f} %)" if row["imatrix"] else ""))
+        matrix = f"{row.get('imatrix_chunks', 'all')} chunks" if row["imatrix"] else "none"
         lines.append(
-            f"| {plain['model']} | {plain['type']} | {matrix['size_mib']:.1f} | " + " | ".join(cells) + " |"
+            f"| {row['model']} | {row['type']} | {matrix} | {row['size_mib']:.1f} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -117,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out Wikipedia tokens")
     parser.add_argument(
         "--ood-tokens", type=int, default=4096, help="held-out tokens of docs and dialogue (0: none)"
+    )
+    parser.add_argument(
+        "--chunks",
+        default=str(IMATRIX_CHUNKS),
+        type=lambda v: [None if c == "all" else int(c) for c in v.split(",")],
+        help="comma-separated caps on the matrix's text, in sequences; 'all' for the whole text",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench/imatrix"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/imatrix-smollm2-135m.json"))
@@ -138,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in earlier if r["model"] not in args.models]
     for role in args.models:
         model, tokenizer_dir = models[role]
-        rows += measure_model(role, model, tokenizer_dir, record, types, args.work_dir, windows, threads)
-    rows.sort(key=lambda r: (list(models).index(r["model"]), types.index(r["type"]), r["imatrix"]))
+        rows += measure_model(
+            role, model, tokenizer_dir, record, types, args.work_dir, windows, threads, args.chunks
+        )
+    rows.sort(key=lambda r: (list(models).index(r["model"]), types.index(r["type"]), _matrix_rank(r)))
     result = {
         "original": str(original),
         "pruned": str(args.pruned),

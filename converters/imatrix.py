@@ -59,10 +59,12 @@ class Importance:
 @dataclass(frozen=True)
 class CalibrationText:
     """Text to compute an importance matrix from, read by ``llama-imatrix`` in chunks of
-    ``chunk_tokens`` tokens (each starts with BOS where the model adds one)."""
+    ``chunk_tokens`` tokens (each starts with BOS where the model adds one), at most ``max_chunks`` of
+    them (None: as many as the text fills)."""
 
     text: str
     chunk_tokens: int = 512
+    max_chunks: int | None = None
 
 
 def imatrix_path_for(gguf_file: str | Path) -> Path:
@@ -218,6 +220,7 @@ def compute_imatrix(model_gguf: str | Path, calibration: CalibrationText, out_fi
             "-t", str(default_threads()),
             "--parse-special",
             "--no-ppl",
+            *(["--chunks", str(calibration.max_chunks)] if calibration.max_chunks else []),
         ]  # fmt: skip
         done = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True)
         if done.returncode != 0 or not made.is_file():

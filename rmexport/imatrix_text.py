@@ -5,6 +5,11 @@ calibration documents are drawn again exactly as the prune drew them (mixture, s
 length, seed) and their token sequences decoded back to text, special tokens included, for
 ``llama-imatrix --parse-special``. A checkpoint without a record (an original model) gets the text
 a default prune would calibrate on, so an original and its pruned model are quantized alike.
+
+The text is capped at ``IMATRIX_CHUNKS`` sequences, evenly spread over the calibration sequences so that
+every source of a mixture keeps its share: llama-imatrix costs about one forward pass over its text
+per model, and on the default model a matrix from the capped text quantizes as well as one from all of
+it (docs/gguf.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .prune import PruneOptions
 
 __all__ = [
     "IMATRIX_CHOICES",
+    "IMATRIX_CHUNKS",
     "calibration_recipe",
     "calibration_text",
     "default_imatrix_recipe",
@@ -32,6 +38,7 @@ __all__ = [
 log = get_logger(__name__)
 
 IMATRIX_CHOICES = ("auto", "none")
+IMATRIX_CHUNKS = 16
 _SEPARATOR = "\n\n"
 
 
@@ -59,10 +66,19 @@ def calibration_recipe(prune_record: str | Path) -> dict[str, Any]:
     return recipe | {k: calibration[k] for k in recipe if k in calibration}
 
 
-def calibration_text(checkpoint: str | Path, prune_record: str | Path | None = None) -> CalibrationText:
+def _evenly_spread(items: list[Any], limit: int | None) -> list[Any]:
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[k * len(items) // limit] for k in range(limit)]
+
+
+def calibration_text(
+    checkpoint: str | Path, prune_record: str | Path | None = None, max_chunks: int | None = IMATRIX_CHUNKS
+) -> CalibrationText:
     """``converters.imatrix.CalibrationText`` of the prune recorded in ``prune_record`` (default: the
     ``prune.json`` beside ``checkpoint``; none there: a default prune's), tokenized as ``checkpoint``
-    tokenizes. An original model is given its pruned model's record, so both see the same text."""
+    tokenizes: at most ``max_chunks`` of its sequences (None: all). An original model is given its
+    pruned model's record, so both see the same text."""
     from transformers import AutoTokenizer
 
     checkpoint = Path(checkpoint)
@@ -77,13 +93,22 @@ def calibration_text(checkpoint: str | Path, prune_record: str | Path | None = N
         batch_size=8,
         seed=int(recipe["seed"]),
     )
-    texts = [
-        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+    sequences = [
+        ids[mask.bool()]
         for batch_ids, batch_mask in calibration.batches
         for ids, mask in zip(batch_ids, batch_mask, strict=True)
     ]
-    log.info("importance matrix text: %s", calibration.summary())
-    return CalibrationText(_SEPARATOR.join(texts), chunk_tokens=int(recipe["seq_len"]))
+    chosen = _evenly_spread(sequences, max_chunks)
+    texts = [tokenizer.decode(ids.tolist(), skip_special_tokens=False) for ids in chosen]
+    log.info(
+        "importance matrix text: %d of the %d sequences of %s",
+        len(chosen),
+        len(sequences),
+        calibration.summary(),
+    )
+    return CalibrationText(
+        _SEPARATOR.join(texts), chunk_tokens=int(recipe["seq_len"]), max_chunks=len(chosen)
+    )
 
 
 def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> dict[str, Any] | None:
@@ -91,7 +116,7 @@ def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> dict[str
     recipe), or None where the default is no matrix: a pipeline stage's key."""
     if not GGUF_TYPES[type_name].imatrix_by_default:
         return None
-    return calibration_recipe(prune_record)
+    return calibration_recipe(prune_record) | {"chunks": IMATRIX_CHUNKS}
 
 
 def resolve_imatrix(
