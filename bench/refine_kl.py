@@ -409,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--out", type=Path, default=Path("out/bench/refine-kl.json"))
     parser.add_argument(
+        "--start",
+        type=Path,
+        help="continue from a weight an earlier run saved (*-best-N.pt; a fresh Adam state) instead of the "
+        "closed form",
+    )
+    parser.add_argument(
         "--skip-baselines",
         action="store_true",
         help="do not measure the original and plain removal (the same float32 numbers every time)",
@@ -476,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         train, top, cache_s, described = caches[v.docs]
         print(f"variant {v.name()}", flush=True)
         save = args.out.with_name(args.out.stem + f"-best-{len(results)}.pt")
-        out = refine(student, closed_form, train, top, sets, v, save)
+        begin = closed_form if args.start is None else torch.load(args.start)["weight"]
+        out = refine(student, begin, train, top, sets, v, save)
         weights[v.name()] = out.pop("weight")
         results.append(
             {"variant": asdict(v), "name": v.name(), "calibration": described, "cache_s": round(cache_s, 1)}
@@ -514,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": spec,
         "cut": list(cut),
         "refined": f"model.layers.{block}.mlp.down_proj.weight",
+        "started_from": "closed form" if args.start is None else str(args.start),
         "threads": args.threads,
         "load_average_at_start": os.getloadavg(),
         "set_aside_tokens": {s: c.tokens for s, c in sets.items()},
