@@ -47,6 +47,7 @@ __all__ = [
     "GGUFSummary",
     "describe_gguf",
     "export_gguf",
+    "quantize_gguf",
     "requantize_gguf",
     "summarize_gguf",
 ]
@@ -371,6 +372,21 @@ def requantize_gguf(
     log.info(
         "wrote %s (%s from %s, %.1f MiB)", out, gtype.name, Path(source).name, out.stat().st_size / 2**20
     )
+    return out
+
+
+def quantize_gguf(
+    f32_file: str | Path, out_file: str | Path, type: str, *, imatrix_file: str | Path | None = None
+) -> Path:
+    """An f32 GGUF as ``type`` by llama.cpp's quantizer, with the importance matrix in ``imatrix_file``
+    (checked against the model first): many types from one f32 file, without writing it again."""
+    gtype = _gguf_type(type)
+    matrix = _usable_imatrix(gtype, imatrix_file)
+    importance = imatrix.read_imatrix(matrix) if matrix is not None else None
+    name = None if importance is None else importance.path.name
+    out = Path(out_file)
+    with staged_file(out) as tmp:
+        _quantize(Path(f32_file), tmp, gtype, importance, name)
     return out
 
 

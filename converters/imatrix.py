@@ -18,12 +18,14 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 
 from rmexport.atomic import staging_name
 from rmexport.errors import ConfigError, ToolchainError
+from rmexport.fileio import open_gguf
 from rmexport.llama_tools import find_tool
 from rmexport.llamacpp import default_threads
 from rmexport.log import get_logger
@@ -34,6 +36,7 @@ __all__ = [
     "check_matches",
     "compute_imatrix",
     "imatrix_path_for",
+    "quantized_with",
     "read_imatrix",
 ]
 
@@ -169,6 +172,16 @@ def read_imatrix(path: str | Path) -> Importance:
         if not np.isfinite(values).all():
             raise _corrupt(path, f"{name} has NaN or infinite values")
     return importance
+
+
+def quantized_with(gguf_file: str | Path) -> dict[str, Any] | None:
+    """The importance matrix a GGUF was quantized with, as its ``quantize.imatrix.*`` keys record it
+    (file, dataset, chunks, entries), or None when it was quantized without one."""
+    metadata = open_gguf(gguf_file).metadata
+    if "quantize.imatrix.file" not in metadata:
+        return None
+    keys = {"file": "file", "dataset": "dataset", "chunks": "chunks_count", "entries": "entries_count"}
+    return {name: metadata.get(f"quantize.imatrix.{key}") for name, key in keys.items()}
 
 
 def check_matches(importance: Importance, model_gguf: str | Path) -> None:

@@ -107,6 +107,14 @@ class RunConfig:
     skip_onnx: bool = option(False, "--skip-onnx", "no ONNX export")
     skip_gguf: bool = option(False, "--skip-gguf", "no GGUF export")
     skip_bench: bool = option(False, "--skip-bench", "no perplexity/latency benchmarks in the runtimes")
+    frontier: bool | None = option(
+        None,
+        "--frontier",
+        "size, perplexity, KL and speed of a ladder of llama.cpp types (Q8_0 to Q2_K and the source's "
+        "own), original and pruned: prune, or quantize harder?",
+        kind="switch",
+        shown_default="on for a GGUF source, as the default model is; off otherwise and with --skip-bench",
+    )
     speed: SpeedRounds = field(default_factory=SpeedRounds)
 
     @property

@@ -40,7 +40,8 @@ class Option:
     group: str | None = None  # the --help section; None: the command's own options
     metavar: str | None = None
     choices: Collection[str] | None = None  # a live collection (a registry) is read when used
-    kind: Literal["count", "number"] | None = None  # count: an int >= minimum; number: a finite float
+    # count: an int >= minimum; number: a finite float; switch: --flag / --no-flag (None: neither given)
+    kind: Literal["count", "number", "switch"] | None = None
     minimum: float | None = None
     optional: bool = False  # None is a valid value (the option is not given)
     only_with: str | None = None  # checked only when this other field is set
@@ -131,6 +132,12 @@ def add_arguments(
             groups[opt.group] = parser.add_argument_group(opt.group)
         shown = _shown(opt, default)
         help_text = (opt.help + (f" (default {shown})" if shown is not None else "")).replace("%", "%%")
+        if opt.kind == "switch":
+            action = argparse.BooleanOptionalAction
+            groups[opt.group].add_argument(
+                opt.flag, dest=f.name, action=action, default=default, help=help_text
+            )
+            continue
         if opt.negate or f.default is False:
             action = "store_false" if opt.negate else "store_true"
             groups[opt.group].add_argument(opt.flag, dest=f.name, action=action, help=help_text)

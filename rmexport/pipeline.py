@@ -19,6 +19,7 @@ from .atomic import existing_ancestor, write_json
 from .config import RunConfig
 from .errors import ConfigError
 from .fileio import content_fingerprint
+from .frontier import frontier_enabled, frontier_stages, own_type
 from .lock import hold_folder
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
@@ -35,6 +36,8 @@ log = get_logger(__name__)
 # are made from a float32 GGUF written first; the margin covers that and rounding.
 _DISK_BYTES_PER_PARAM = {"onnx": 4, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.1, "q4_k_m": 4.6}
 _DISK_MARGIN = 1.1
+# A frontier's ladder (Q8_0 to Q2_K and a source type of at most 16 bits): about 4.1 bytes per parameter.
+_FRONTIER_BYTES_PER_PARAM = 6.2
 # The ONNX exporters hold the whole float32 model and its traced copy: about this many bytes per
 # parameter at peak (an estimate with a margin; it only has to catch models far too big).
 _ONNX_EXPORT_BYTES_PER_PARAM = 8
@@ -98,7 +101,8 @@ def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
     dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
     if (run_dir / "hf" / "config.json").is_file():  # an earlier run's checkpoint is reused in place
         dtype_bytes = 0
-    needed = _disk_needed(cfg, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes)
+    frontier = frontier_enabled(cfg, source)
+    needed = _disk_needed(cfg, _estimate_params(config, config.num_hidden_layers - n), dtype_bytes, frontier)
     free = shutil.disk_usage(existing_ancestor(run_dir)).free
     if free < needed:
         raise ConfigError(
@@ -108,9 +112,10 @@ def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
     return config
 
 
-def _disk_needed(cfg: RunConfig, params: int, checkpoint_bytes: int = 4) -> float:
+def _disk_needed(cfg: RunConfig, params: int, checkpoint_bytes: int = 4, frontier: bool = False) -> float:
     """Bytes the run writes: the pruned checkpoint and each deployable, twice when the original is
-    exported for the side-by-side benchmarks (an upper bound: the pruned model is smaller)."""
+    exported for the side-by-side benchmarks (an upper bound: the pruned model is smaller); with the
+    frontier, both ladders and one f32 file at a time."""
     copies = 1 if cfg.skip_bench else 2
     per_param = checkpoint_bytes  # the pruned checkpoint keeps the source's dtype
     if not cfg.skip_onnx:
@@ -118,6 +123,8 @@ def _disk_needed(cfg: RunConfig, params: int, checkpoint_bytes: int = 4) -> floa
     if not cfg.skip_gguf:
         types = dict.fromkeys([cfg.gguf_type, "q4_k_m"])
         per_param += copies * sum(_DISK_BYTES_PER_PARAM.get(t, 4) for t in types)
+    if frontier:
+        per_param += 2 * _FRONTIER_BYTES_PER_PARAM + _DISK_BYTES_PER_PARAM["f32"]
     return params * per_param * _DISK_MARGIN
 
 
@@ -319,6 +326,7 @@ def _gguf_stages(
         )
     )
     outputs["gguf_parity"] = _read_json(parity_file)
+    outputs["gguf_imatrix"] = _imatrices({"pruned": pruned_files, "original": base_files})
     if not cfg.skip_bench:
         threads = protocol.resolved_threads()
         original_quality = [
@@ -363,6 +371,18 @@ def _gguf_stages(
         )
         outputs["gguf_bench"] = _read_json(bench_file)
     return outputs
+
+
+def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, Any]:
+    """For the report: the importance matrix each GGUF file was quantized with, or None."""
+    from converters.imatrix import quantized_with
+
+    return {
+        f"{role} {gguf_type}": quantized_with(path)
+        for role, by_type in files.items()
+        for gguf_type, path in by_type.items()
+        if path.is_file()
+    }
 
 
 def _imatrix_key(gguf_type: str, prune_record: Path) -> dict[str, Any]:
@@ -484,6 +504,21 @@ def _run_stages(
             base_dir,
             source,
             ratio_label,
+        )
+    if frontier_enabled(cfg, source):
+        native = own_type(source, config) if source.is_gguf else None
+        outputs |= frontier_stages(
+            cfg,
+            runner,
+            base_runner,
+            model_key,
+            source,
+            config,
+            original_ckpt,
+            run_dir,
+            base_dir,
+            run_dir / "gguf" / f"{source.slug}-r{ratio_label}-{native}.gguf" if native else None,
+            outputs.get("gguf_bench"),
         )
 
     from validation.report import write_report

@@ -26,7 +26,16 @@ def test_a_gguf_source_is_pruned_from_the_file_and_shipped_in_its_own_type(q8_gg
     monkeypatch.setenv("RMEXPORT_CACHE", str(cache))
     out_root = tmp_path / "runs"
     # The map of a random tiny model is noise; keep it anyway, so there is a folded tensor to requantize.
-    argv = ["run", str(q8_gguf), "--out-root", str(out_root), "--skip-onnx", "--no-quality-guard", *FAST]
+    argv = [
+        "run",
+        str(q8_gguf),
+        "--out-root",
+        str(out_root),
+        "--skip-onnx",
+        "--no-quality-guard",
+        "--no-frontier",
+    ]
+    argv += FAST
     code = main(argv)
     run_dir = out_root / "tiny-llama-q8-0-r0.25"
     report = assert_checks_passed(code, run_dir)

@@ -34,6 +34,7 @@ TOP = (
     "rmexport.api",
     "rmexport.config",
     "rmexport.imatrix_text",
+    "rmexport.frontier",
     "bench",
 )
 METHOD = ("rmexport.replaceme", "rmexport.prune")

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_bars", "plot_selection_profile", "plot_speedups"]
+__all__ = ["plot_bars", "plot_frontier", "plot_selection_profile", "plot_speedups"]
 
 
 def _pyplot():
@@ -124,5 +124,40 @@ def plot_speedups(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     top = max([r["max"] for r in rows] + [r["ideal"] or 0 for r in rows] + [1.0])
     ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.legend(fontsize=8, loc="upper left", ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_frontier(
+    rows: Sequence[Mapping[str, Any]], x_key: str, xlabel: str, pareto_key: str, path: Path
+) -> Path:
+    """Perplexity against ``x_key`` per ladder type, the original's and the pruned model's points joined
+    as two lines, each point labelled with its type, the points on the Pareto frontier (``pareto_key``
+    true) circled. ``rows``: ``model``, ``type``, ``ppl``, ``x_key``, ``pareto_key``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for model, color in (("original", "tab:blue"), ("pruned", "tab:orange")):
+        points = sorted((r for r in rows if r["model"] == model and r.get(x_key)), key=lambda r: r[x_key])
+        ax.plot([r[x_key] for r in points], [r["ppl"] for r in points], "o-", color=color, label=model)
+        for r in points:
+            ax.annotate(
+                r["type"].upper(), (r[x_key], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    best = [r for r in rows if r.get(pareto_key) and r.get(x_key)]
+    ax.scatter(
+        [r[x_key] for r in best],
+        [r["ppl"] for r in best],
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.2,
+        zorder=3,
+        label="Pareto frontier",
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out perplexity, all sources")
+    ax.set_title(f"Perplexity (lower is better) against {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .frontier_report import frontier_markdown, frontier_plots, frontier_summary
 from .gguf_parity import SOURCE_KL_MULTIPLE, SOURCE_TOP1_MARGIN
 from .plots import plot_bars, plot_selection_profile, plot_speedups
 
@@ -72,6 +73,23 @@ def parity_rows(outputs: dict[str, Any]) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def _imatrix_lines(matrices: dict[str, Any], prune: dict[str, Any]) -> list[str]:
+    """Which GGUF file was quantized with an importance matrix, from what text, over how many chunks."""
+    if not matrices:
+        return []
+    text = prune["calibration"]["source"]
+    used = [
+        f"{name} with `{m['file']}` ({m['chunks']} chunks of the prune's calibration text `{text}`)"
+        for name, m in matrices.items()
+        if m
+    ]
+    plain = ", ".join(name for name, m in matrices.items() if not m)
+    if not used:
+        return [f"No GGUF file above was quantized with an importance matrix ({plain}).", ""]
+    words = "Quantized with an importance matrix (llama-imatrix): " + "; ".join(used)
+    return [words + (f"; without one: {plain}." if plain else "."), ""]
 
 
 def _source_rule() -> str:
@@ -219,7 +237,9 @@ def _passed(section: Any) -> bool:
     return True
 
 
-def _plots(run_dir: Path, prune: dict[str, Any], rows: list[dict], speed: list[dict]) -> dict[str, str]:
+def _plots(
+    run_dir: Path, prune: dict[str, Any], rows: list[dict], speed: list[dict], frontier: dict | None
+) -> dict[str, str]:
     """Write every plot; returns name -> path relative to ``run_dir`` of each file written."""
     plots = run_dir / "plots"
     written = {"selection": plot_selection_profile(prune, plots / "selection.png")}
@@ -251,6 +271,8 @@ def _plots(run_dir: Path, prune: dict[str, Any], rows: list[dict], speed: list[d
             ],
             plots / "speed.png",
         )
+    if frontier:
+        written |= frontier_plots(frontier, plots)
     return {name: path.relative_to(run_dir).as_posix() for name, path in written.items() if path.is_file()}
 
 
@@ -293,7 +315,9 @@ def write_report(
             and speed_checks["passed"]
         ),
     }
-    images = _plots(run_dir, prune, rows, speed)
+    if outputs.get("frontier"):
+        report["frontier"] = outputs["frontier"] | frontier_summary(outputs["frontier"])
+    images = _plots(run_dir, prune, rows, speed, report.get("frontier"))
     report["plots"] = images
     _write(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     _write(run_dir / "report.md", _markdown(report, prune, outputs, rows, images))
@@ -526,6 +550,7 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
             "",
             _source_rule(),
             "",
+            *_imatrix_lines(outputs.get("gguf_imatrix") or {}, prune),
         ]
     if rows:
         lines += [
@@ -562,6 +587,8 @@ def _markdown(report: dict, prune: dict, outputs: dict, rows: list[dict], images
         ]
     lines += _speed_section(report)
     lines += _image(images, "speed", "speed")
+    if report.get("frontier"):
+        lines += frontier_markdown(report["frontier"], images)
     lines += [
         "## Time per stage",
         "",
