@@ -34,6 +34,7 @@ from rmexport.models import load_tokenizer, resolve
 from rmexport.prune import PruneOptions, _local_checkpoint, calibration_set, open_engine
 from rmexport.replaceme.checks import perplexities, plain_removal
 from rmexport.replaceme.solve import RIDGE_GRID, lstsq_from_gram, ridge_toward
+from rmexport.replaceme.survey import hidden_map
 
 __all__ = ["main"]
 
@@ -174,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         full, cut = original_plan(engine.n_layers), tuple(args.cut)
         sums, held = cut_sums(engine, full, [calibration, set_aside], cut, hidden=True)
-        down = engine.down_proj_weight(full[cut[0] - 1])
         output_map = lstsq_from_gram(sums.output.gram, sums.output.cross)
-        choice = ridge_toward(sums.hidden, held.hidden, down.T @ output_map)
-        pruned = cut_plan(full, cut, Map(choice.transform, "cut"))
+        cut_map, cut_details = hidden_map(engine, full, cut, sums, held, output_map)
+        pruned = cut_plan(full, cut, Map(cut_map, "cut"))
         fitted_s = time.perf_counter() - started
         plans = {"original": full, "plain removal": plain_removal(pruned), "pruned": pruned}
         began = time.perf_counter()
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute": options.compute().describe(),
         "calibration": calibration.describe(),
         "grid": [str(g) for g in grid],
-        "cut_ridge": choice.alpha,
+        "cut_ridge": cut_details["ridge_toward_T"],
         "blocks": rows,
         "ppl": {s: {p: round(v, 3) for p, v in row.items()} for s, row in ppl.items()},
         "fit_s": round(fitted_s, 1),
