@@ -96,7 +96,9 @@ def check_bounds(config: Any) -> None:
         if opt.only_with is not None and not getattr(config, opt.only_with):
             continue
         if opt.kind == "count":
-            check_count(value, opt.flag, int(opt.minimum or 1), optional=opt.optional)
+            check_count(
+                value, opt.flag, 1 if opt.minimum is None else int(opt.minimum), optional=opt.optional
+            )
         elif opt.kind == "number":
             check_number(value, opt.flag, minimum=opt.minimum, optional=opt.optional)
         if opt.choices is not None and value not in _names(opt.choices):
