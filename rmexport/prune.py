@@ -39,14 +39,25 @@ from .models import (
     tokenizer_parity_record,
 )
 from .options import check_bounds, option
-from .records import CutRecord, Evaluation, FoldParity, ModelInfo, PruneRecord, Quality, SourceQuality
+from .records import (
+    CutRecord,
+    Evaluation,
+    FoldParity,
+    GuardRecord,
+    ModelInfo,
+    PruneRecord,
+    Quality,
+    RepairRecord,
+    SourceQuality,
+)
 from .replaceme.checks import plain_removal, run_checks, source_perplexities
 from .replaceme.original_perplexity import OriginalPerplexities
+from .replaceme.repair import Repair, repair_after_cut
 from .replaceme.save import MAPS_FILE, save_maps, save_pruned_checkpoint
 from .replaceme.select import DistanceTokens, MapSpace, SelectionRule, choose_start, cut_size, split_cut
 from .replaceme.solve import CosineSettings, FitResult
 from .replaceme.solvers import SOLVERS, solver_named
-from .replaceme.survey import CandidateSurvey, SelectionScorer, fit_cut, survey_candidates
+from .replaceme.survey import CandidateSurvey, SelectionScorer, fit_cut, hidden_map_problem, survey_candidates
 
 __all__ = [
     "PruneOptions",
@@ -157,6 +168,22 @@ class PruneOptions:
         "calibration pass, up to the cut's last block. `output`: ReplaceMe's d×d map `T` of the MLP "
         "output. Gemma (a norm after the MLP), and a memory budget too small for the `d_ff²` sums, get "
         "`T`, and `prune.json` says why (see [How it works](docs/method.md))",
+    )
+    repair_blocks: int = option(
+        2,
+        "--repair-blocks",
+        "after the cut, refit the down_proj of up to K following blocks in turn, each toward the original "
+        "model's stream after it (ridge toward its own weights, chosen on the set-aside documents); the "
+        "quality guard keeps the best prefix; 0 skips",
+        group=_METHOD,
+        metavar="K",
+        kind="count",
+        minimum=0,
+        doc="after the cut, the `down_proj` of up to `K` following blocks is refitted in turn so that, fed "
+        "the pruned stream, each block's output matches the original model's stream after it (ridge least "
+        "squares toward the block's own weights, the strength chosen on the set-aside documents); the "
+        "quality guard keeps the prefix with the lowest set-aside loss; `0` skips (see "
+        "[Repair](docs/quality.md#sequential-repair-of-the-blocks-after-the-cut))",
     )
     alpha: float = option(
         0.0,
@@ -517,6 +544,7 @@ def _choose_and_fit_surveyed(
         stats_budget_bytes=stats_budget_bytes,
         cosine=options.cosine,
         validate=scorer.validator(plan, cut) if scorer is not None else None,
+        keep_ends=options.repair_blocks > 0,
         step=step,
     )
     return cut, result, table
@@ -536,39 +564,82 @@ def _gguf_filter(engine: Engine, plan: Plan, n: int):
     return allowed
 
 
-def _guard(engine: Engine, set_aside: dict[str, CalibrationSet], final: Plan) -> tuple[Plan, dict[str, Any]]:
-    """Keep the fitted maps only if they beat plain removal of the same blocks on the set-aside
-    text of every source of the calibration mixture: a map that helps on one kind of text and
-    hurts another is not kept."""
-    removal = plain_removal(final)
-    shared = next(i for i, step in enumerate(final) if step.maps)
+def _guard(
+    engine: Engine, set_aside: dict[str, CalibrationSet], stages: dict[str, Plan]
+) -> tuple[str, GuardRecord]:
+    """The stage of the prune to keep: of those no worse than plain removal of the same blocks on
+    the set-aside text of every source of the calibration mixture (a map that helps on one kind of
+    text and hurts another is not kept), the one with the lowest mean loss; plain removal when none
+    is. ``stages`` are the fitted plan, then the same with 1, 2, … blocks repaired."""
+    removal = plain_removal(next(iter(stages.values())))
+    plans = stages | {"plain_removal": removal}
+    shared = next(i for i, step in enumerate(removal) if any(plan[i].maps for plan in stages.values()))
     by_source: dict[str, dict[str, float]] = {}
     for source, selection in set_aside.items():
         scorer = SelectionScorer(engine, selection)
         try:
-            by_source[source] = scorer.losses({"fitted": final, "plain_removal": removal}, shared=shared)
+            by_source[source] = scorer.losses(plans, shared=shared)
         finally:
             scorer.close()
-    worse = [source for source, losses in by_source.items() if losses["fitted"] > losses["plain_removal"]]
-    kept = "plain_removal" if worse else "fitted"
-    record = {
-        "judged_on": f"{sum(s.n_documents for s in set_aside.values())} set-aside documents of "
+    mean = {name: sum(losses[name] for losses in by_source.values()) / len(by_source) for name in plans}
+    better = [
+        name
+        for name in stages
+        if all(losses[name] <= losses["plain_removal"] for losses in by_source.values())
+    ]
+    kept = min(better, key=lambda name: mean[name]) if better else "plain_removal"
+    record = GuardRecord(
+        f"{sum(s.n_documents for s in set_aside.values())} set-aside documents of "
         + ", ".join(f"`{source}`" for source in set_aside),
-        "selection_loss_fitted": sum(loss["fitted"] for loss in by_source.values()) / len(by_source),
-        "selection_loss_plain_removal": sum(loss["plain_removal"] for loss in by_source.values())
-        / len(by_source),
-        "by_source": by_source,
-        "kept": kept,
-    }
-    if worse:
+        kept,
+        by_source,
+        mean,
+    )
+    if not better:
+        worse = [source for source, losses in by_source.items() if losses["fitted"] > losses["plain_removal"]]
         log.warning(
             "the fitted map is worse than plain removal on set-aside text of %s: keeping plain removal of "
             "the same blocks; the calibration data is probably too small or unlike the model's text (use "
             "more --calib-samples)",
             ", ".join(worse),
         )
-        return removal, record
-    return final, record
+    else:
+        log.info(
+            "quality guard: keeping %s (mean set-aside loss %.4f; plain removal %.4f)",
+            kept,
+            mean[kept],
+            mean["plain_removal"],
+        )
+    return kept, record
+
+
+def _repair(
+    engine: Engine,
+    options: PruneOptions,
+    last: tuple[Plan, Plan, tuple[int, int], FitResult],
+    calibration: CalibrationSet,
+    set_aside: _SetAside,
+    stats_budget: int,
+) -> Repair | str:
+    """The repair walk after the last cut, or why there is none."""
+    before, plan, cut, result = last
+    problem = hidden_map_problem(engine, set_aside.selection, stats_budget)
+    if problem is None and cut[1] == len(before):
+        problem = "no block follows the cut"
+    if problem is not None:
+        log.info("no repair of the blocks after the cut: %s", problem)
+        return problem
+    assert set_aside.selection is not None
+    return repair_after_cut(
+        engine,
+        before,
+        plan,
+        cut,
+        calibration,
+        set_aside.selection,
+        options.repair_blocks,
+        ends=result.ends,
+    )
 
 
 @dataclass
@@ -586,6 +657,7 @@ class _SetAside:
             options.select == SelectionRule.LOSS
             or solver_named(options.solver).judged_on_set_aside
             or options.map_space == MapSpace.HIDDEN
+            or options.repair_blocks > 0
         )
         return cls(
             calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
@@ -601,12 +673,13 @@ def _cut_and_fit(
     set_aside: _SetAside,
     clock: _Clock,
     stats_budget: int,
-) -> tuple[Plan, list[CutRecord], dict[str, Any]]:
-    """Each cut chosen and fitted on the model the previous ones left, then the quality guard."""
+) -> tuple[Plan, list[CutRecord], GuardRecord, RepairRecord | None]:
+    """Each cut chosen and fitted on the model the previous ones left, the repair of the blocks
+    after the last one, then the quality guard."""
     plan = original_plan(engine.n_layers)
     records: list[CutRecord] = []
-    guard: dict[str, Any] = {"kept": "fitted", "judged_on": None}
     scorer = SelectionScorer(engine, set_aside.selection) if set_aside.selection is not None else None
+    last = None
     try:
         for k, size in enumerate(sizes):
             step = f"({k + 1}/{len(sizes)})"
@@ -616,15 +689,41 @@ def _cut_and_fit(
                 )
             removed = [s.layer for s in plan[cut[0] : cut[1]]]
             log_cut(step, cut, removed, scores, result, options.distance_tokens)
-            plan = cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
+            before, plan = plan, cut_plan(plan, cut, Map(result.transform, f"cut {k + 1}"))
             records.append(CutRecord(list(cut), removed, {"solver": result.solver, **result.details}, scores))
+            if last is not None:
+                _release_ends(engine, last[3])
+            last = (before, plan, cut, result)
+        stages = {"fitted": plan}
+        repair = None
+        if options.repair_blocks > 0 and last is not None:
+            with clock.stage("repair"):
+                walked = _repair(engine, options, last, calibration, set_aside, stats_budget)
+                _release_ends(engine, last[3])
+            if isinstance(walked, str):
+                repair = RepairRecord([], 0, 0.0, note=walked)
+            else:
+                stages |= {f"repair {k + 1}": stage for k, stage in enumerate(walked.stages)}
+                repair = RepairRecord(walked.blocks, len(walked.blocks), walked.seconds)
+        guard = GuardRecord(None, list(stages)[-1])
         if options.quality_guard:
             with clock.stage("guard"):
-                plan, guard = _guard(engine, set_aside.by_source, plan)
+                _, guard = _guard(engine, set_aside.by_source, stages)
+        plan = plain_removal(plan) if guard.kept == "plain_removal" else stages[guard.kept]
+        if repair is not None:
+            repair.kept_blocks = (
+                int(guard.kept.removeprefix("repair ")) if guard.kept.startswith("repair") else 0
+            )
     finally:
         if scorer is not None:
             scorer.close()
-    return plan, records, guard
+    return plan, records, guard, repair
+
+
+def _release_ends(engine: Engine, result: FitResult) -> None:
+    for ends in result.ends or []:
+        ends.release(engine)
+    result.ends = None
 
 
 def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRecord:
@@ -675,7 +774,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRec
     log.info("calibration: %s", calibration.summary())
 
     try:
-        plan, records, guard = _cut_and_fit(
+        plan, records, guard, repair = _cut_and_fit(
             engine, options, sizes, calibration, set_aside, clock, budget.stats_bytes(weights, largest)
         )
         with clock.stage("checks"):
@@ -754,6 +853,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRec
             original_reused=original_reused,
         ),
         guard=guard,
+        repair=repair,
         tokenizer_parity=tokenizer_parity_record(source),
         memory=budget.describe(weights, largest) | activations | {"device": compute.device},
         compute=compute.describe(),

@@ -12,10 +12,13 @@ __all__ = [
     "CutRecord",
     "Evaluation",
     "FoldParity",
+    "GuardRecord",
     "JsonObject",
     "ModelInfo",
     "PruneRecord",
     "Quality",
+    "RepairRecord",
+    "RepairedBlock",
     "SourceQuality",
     "from_jsonable",
     "jsonable",
@@ -81,6 +84,38 @@ class Quality:
 
 
 @dataclass
+class RepairedBlock:
+    """One block after the cut whose ``down_proj`` was refitted (see ``rmexport.replaceme.repair``)."""
+
+    block: int  # original index
+    tensor: str  # the checkpoint's tensor that changed
+    ridge: float | None  # strength toward the block's own weights, chosen on set-aside text (None: ∞)
+    set_aside_rel_residual: float  # of the chosen strength
+    set_aside_rel_residual_unrepaired: float
+
+
+@dataclass
+class RepairRecord:
+    """The repair walk after the last cut: every block it refitted, in order (the guard keeps a prefix)."""
+
+    blocks: list[RepairedBlock]
+    kept_blocks: int  # how many of ``blocks`` the saved model has: the quality guard's choice
+    seconds: float
+    note: str | None = None  # why no block was repaired, where none was
+
+
+@dataclass
+class GuardRecord:
+    """The quality guard's judgement: the mean next-token loss of each stage of the prune on the set-aside
+    text of each source of the calibration mixture, and the stage kept."""
+
+    judged_on: str | None  # None: the guard was off (``--no-quality-guard``)
+    kept: str  # "fitted", "repair K" or "plain_removal"
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> stage -> loss
+    selection_loss: dict[str, float] = field(default_factory=dict)  # stage -> mean over the sources
+
+
+@dataclass
 class PruneRecord:
     model: ModelInfo
     L: int
@@ -95,7 +130,7 @@ class PruneRecord:
     evaluation: Evaluation
     fold_parity: FoldParity
     quality: Quality
-    guard: dict[str, Any]
+    guard: GuardRecord
     tokenizer_parity: JsonObject  # the verdict saved beside a GGUF's conversion, as it is on disk
     memory: dict[str, Any]
     saved_dtype: str
@@ -104,6 +139,7 @@ class PruneRecord:
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     peak_rss_mib_after_stage: dict[str, float] = field(default_factory=dict)
+    repair: RepairRecord | None = None
 
     def to_json(self) -> JsonObject:
         return jsonable(asdict(self))

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rmexport.arch import adapter_for
-from rmexport.calib.collect import Trace, _accumulate, collect, cut_sums
+from rmexport.calib.collect import Trace, accumulate, collect, cut_sums
 from rmexport.calib.engine import Engine, Map, Step, cut_plan, explicit, original_plan
 from rmexport.calib.store import ActivationStore
 from rmexport.calib.tokens import calibration_batches
@@ -140,9 +140,9 @@ def _reference_statistics(model, adapter, calibration, n, starts):
             )
         )
     distances = dict.fromkeys(starts, 0.0)
-    from rmexport.calib.collect import _empty_stats
+    from rmexport.calib.collect import empty_statistics
 
-    stats = _empty_stats(starts, n, model.config.hidden_size)
+    stats = empty_statistics(starts, n, model.config.hidden_size)
     count = 0
     with torch.inference_mode():
         for ids, mask in calibration.batches:
@@ -152,7 +152,7 @@ def _reference_statistics(model, adapter, calibration, n, starts):
             for s in starts:
                 before, after = outputs[s - 1], outputs[s + n - 1]
                 distances[s] += float(angular_distance(before[real], after[real]).sum())
-                _accumulate(stats[s], mlps[s - 1][real], before[real], after[real])
+                accumulate(stats[s], mlps[s - 1][real], before[real], after[real])
     for h in handles:
         h.remove()
     return {s: v / count for s, v in distances.items()}, stats
@@ -259,16 +259,16 @@ def test_hidden_statistics_equal_hooks_on_the_whole_model(family, tiny_checkpoin
             lambda _m, inputs, out: seen.update(hidden=inputs[0], mlp=out)
         ),
     ]
-    from rmexport.calib.collect import _empty_stats
+    from rmexport.calib.collect import empty_statistics
 
     d, d_ff = model.config.hidden_size, model.config.intermediate_size
-    expected = [_empty_stats([cut[0]], 3, d, d_ff)[cut[0]] for _ in sets]
+    expected = [empty_statistics([cut[0]], 3, d, d_ff)[cut[0]] for _ in sets]
     with torch.inference_mode():
         for acc, one in zip(expected, sets, strict=True):
             for ids, mask in one.batches:
                 model.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 r = mask.bool()
-                _accumulate(
+                accumulate(
                     acc, seen["mlp"][r], seen["before"][r], seen["after"][r], features=seen["hidden"][r]
                 )
     for handle in handles:

@@ -48,4 +48,4 @@ def test_the_same_set_aside_text_with_more_documents_is_accepted(tiny_checkpoint
         parity_windows=1,
     )
     record = prune(resolve(str(tiny_checkpoints["llama"])), options, tmp_path / "out")
-    assert set(record.guard["by_source"]) == {"builtin", str(short)}
+    assert set(record.guard.by_source) == {"builtin", str(short)}

@@ -426,20 +426,56 @@ _NO_EXTRA_BUFFERS = (
 )
 
 
+def _stage_name(stage: str) -> str:
+    """A stage of the prune the guard judged, as the report names it."""
+    if stage == "plain_removal":
+        return "plain removal"
+    if stage == "fitted":
+        return "the cut's map"
+    return f"+ {stage}"  # "repair K": the map and K blocks after the cut repaired
+
+
+def _strength(ridge: float | None) -> str:
+    return "∞ (unchanged)" if ridge is None else f"{ridge:g}"
+
+
+def _repair_lines(prune: dict) -> list[str]:
+    repair = prune.get("repair") or {}
+    blocks = repair.get("blocks") or []
+    if not blocks:
+        return [f"No repair after the cut: {repair['note']}.", ""] if repair.get("note") else []
+    refits = "; ".join(
+        f"block {b['block']} (`{b['tensor']}`): ridge {_strength(b['ridge'])}, set-aside error "
+        f"{b['set_aside_rel_residual_unrepaired']:.5f} → {b['set_aside_rel_residual']:.5f}"
+        for b in blocks
+    )
+    kept = repair["kept_blocks"]
+    return [
+        f"Repair after the cut ({repair['seconds']:.0f} s), each `down_proj` refitted toward the original "
+        f"stream after its block: {refits}. Kept: {kept} of {len(blocks)} (the quality guard's choice).",
+        "",
+    ]
+
+
 def _guard_lines(prune: dict) -> list[str]:
-    lines = []
+    lines = _repair_lines(prune)
     guard = prune.get("guard") or {}
     if guard.get("judged_on"):
-        kept = "the fitted map" if guard["kept"] == "fitted" else "**plain removal** (the map did worse)"
-        by_source = guard.get("by_source") or {}
-        losses = "; ".join(
-            f"`{source}` {loss['fitted']:.4f} with the map, {loss['plain_removal']:.4f} without"
-            for source, loss in by_source.items()
-        ) or (
-            f"{guard['selection_loss_fitted']:.4f} with the map, "
-            f"{guard['selection_loss_plain_removal']:.4f} without"
-        )
-        lines += [f"Quality guard, on {guard['judged_on']}: loss {losses}; kept {kept}.", ""]
+        losses = guard["selection_loss"]
+        stages = ["plain_removal", *(s for s in losses if s != "plain_removal")]
+        lines += [
+            f"Quality guard, on {guard['judged_on']}: kept **{_stage_name(guard['kept'])}**, the lowest mean "
+            "loss of the stages no worse than plain removal on every source.",
+            "",
+            "| set-aside loss | " + " | ".join(_stage_name(s) for s in stages) + " |",
+            "|---" * (len(stages) + 1) + "|",
+            *(
+                f"| `{source}` | " + " | ".join(f"{loss[s]:.4f}" for s in stages) + " |"
+                for source, loss in guard["by_source"].items()
+            ),
+            "| mean | " + " | ".join(f"{losses[s]:.4f}" for s in stages) + " |",
+            "",
+        ]
     worse = quality_check(prune)["pruned_worse_than_plain_removal"]
     if worse:
         sources = ", ".join(f"`{s}`" for s in worse)

@@ -33,11 +33,14 @@ __all__ = [
     "CutStatistics",
     "DistanceProfile",
     "Trace",
+    "accumulate",
     "collect",
     "collect_activations",
+    "CutEnds",
     "CutSums",
     "cut_sums",
     "distances_then_closest_sums",
+    "empty_statistics",
 ]
 
 
@@ -85,7 +88,7 @@ def _product_dtype(activations: torch.dtype) -> torch.dtype:
     return torch.float32 if activations in (torch.bfloat16, torch.float16) else torch.float64
 
 
-def _accumulate(
+def accumulate(
     acc: CutStatistics,
     mlp_out: torch.Tensor,
     before: torch.Tensor,
@@ -202,6 +205,7 @@ class CutBatch:
     mlp: torch.Tensor | None  # M_{s-1}, where requested
     hidden: torch.Tensor | None  # H_{s-1}, where requested
     real: torch.Tensor  # mask of the real (non-pad) tokens
+    entering: torch.Tensor | None = None  # L_{s-2}, the input of block s-1, where requested (s >= 2)
 
 
 def _stream_cuts(
@@ -215,16 +219,19 @@ def _stream_cuts(
     on_cut: Callable[[CutBatch], None],
     desc: str,
     hidden_starts: list[int] = (),
+    entering_starts: list[int] = (),
     keep: bool = False,
     trace: Trace | None = None,
 ) -> None:
     """Run ``batches`` through ``plan`` and call ``on_cut`` for every (start, batch) once the
     block closing the cut has run. With ``keep``, every ``L_k`` and ``M_k`` stays in the engine's
     store afterwards, as ``("calibration", "L" or "M", k, b)`` (the caller drops them); ``trace``
-    keeps the stream after every step, and the batches' recorded arguments, until released."""
+    keeps the stream after every step, and the batches' recorded arguments, until released.
+    ``entering_starts`` also give each cut's ``L_{s-2}`` (see ``CutBatch.entering``)."""
     store = engine.store
     tag = "calibration" if trace is None else trace.tag
-    residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts}
+    entering_positions = {s - 2 for s in entering_starts if s >= 2}
+    residual_positions = {s - 1 for s in starts} | {s + n - 1 for s in starts} | entering_positions
     deepest = max(residual_positions | {s - 1 for s in mlp_starts})
     if trace is not None:
         trace.positions = range(deepest + 1)
@@ -239,6 +246,9 @@ def _stream_cuts(
         last_use[("M", s - 1)] = max(last_use.get(("M", s - 1), -1), s + n - 1)
     for s in hidden_starts:
         last_use[("H", s - 1)] = max(last_use.get(("H", s - 1), -1), s + n - 1)
+    for s in entering_starts:
+        if s >= 2:
+            last_use[("L", s - 2)] = max(last_use.get(("L", s - 2), -1), s + n - 1)
     ending_at: dict[int, list[int]] = {}
     for s in starts:
         ending_at.setdefault(s + n - 1, []).append(s)
@@ -258,7 +268,14 @@ def _stream_cuts(
             before = store.get((tag, "L", s - 1, b))
             on_cut(
                 CutBatch(
-                    s, b, before, hidden, stored((tag, "M", s - 1, b)), stored((tag, "H", s - 1, b)), masks[b]
+                    s,
+                    b,
+                    before,
+                    hidden,
+                    stored((tag, "M", s - 1, b)),
+                    stored((tag, "H", s - 1, b)),
+                    masks[b],
+                    stored((tag, "L", s - 2, b)),
                 )
             )
         if not keep:
@@ -295,8 +312,10 @@ def _stream_one_cut(
     hidden: bool,
     on_cut: Callable[[CutBatch], None],
     desc: str,
+    entering: bool = False,
 ) -> None:
-    """``_stream_cuts`` for the one cut ``[start, end)``: its MLP output (and hidden activations)."""
+    """``_stream_cuts`` for the one cut ``[start, end)``: its MLP output (and hidden activations,
+    and the input of the block before it)."""
     start, end = cut
     _stream_cuts(
         engine,
@@ -306,12 +325,15 @@ def _stream_one_cut(
         starts=[start],
         mlp_starts=[start],
         hidden_starts=[start] if hidden else [],
+        entering_starts=[start] if entering else [],
         on_cut=on_cut,
         desc=desc,
     )
 
 
-def _empty_stats(starts: list[int], n: int, d: int, features: int | None = None) -> dict[int, CutStatistics]:
+def empty_statistics(
+    starts: list[int], n: int, d: int, features: int | None = None
+) -> dict[int, CutStatistics]:
     f = features or d
     return {
         s: CutStatistics(s, n, torch.zeros(f, f, dtype=torch.float64), torch.zeros(f, d, dtype=torch.float64))
@@ -333,12 +355,12 @@ def collect(
     """One pass: the distance profile of every ``start`` and the sums of every ``stats_for`` start
     (starts index the steps of ``plan``); ``trace`` keeps the stream after every step."""
     profile = DistanceProfile(n=n, starts=list(starts))
-    stats = _empty_stats(list(stats_for), n, engine.config.hidden_size)
+    stats = empty_statistics(list(stats_for), n, engine.config.hidden_size)
 
     def on_cut(c: CutBatch) -> None:
         _add_distances(profile, c.start, c.before, c.after, c.real)
         if c.start in stats:
-            _accumulate(stats[c.start], c.mlp[c.real], c.before[c.real], c.after[c.real])
+            accumulate(stats[c.start], c.mlp[c.real], c.before[c.real], c.after[c.real])
 
     _stream_cuts(
         engine,
@@ -359,10 +381,40 @@ def collect(
 @dataclass
 class CutSums:
     """One set's sums for one cut: of the MLP's output (the d×d map), and of its hidden
-    activations (the d_ff×d map) where they were asked for."""
+    activations (the d_ff×d map) where they were asked for; and the streams around the cut where
+    they were kept."""
 
     output: CutStatistics
     hidden: CutStatistics | None = None
+    ends: CutEnds | None = None
+
+
+@dataclass
+class CutEnds:
+    """One set's streams around a cut, kept in the engine's store (by batch of the set) for a walk
+    of the blocks after it without a second pass to the cut: the stream ``entering`` step
+    ``start - 1`` (which runs again with the cut's map folded in; None where that step is the first
+    and its input is the embeddings) and the stream ``after`` step ``end - 1`` (the original plan's
+    stream at the cut's end). Released by ``release``."""
+
+    cut: tuple[int, int]
+    entering: dict[int, tuple] = field(default_factory=dict)
+    after: dict[int, tuple] = field(default_factory=dict)
+
+    def keep(
+        self, engine: Engine, set_id: int, b: int, entering: torch.Tensor | None, after: torch.Tensor
+    ) -> None:
+        if entering is not None:
+            self.entering[b] = ("cut-ends", self.cut, set_id, "entering", b)
+            engine.store.put(self.entering[b], entering)
+        self.after[b] = ("cut-ends", self.cut, set_id, "after", b)
+        engine.store.put(self.after[b], after)
+
+    def release(self, engine: Engine) -> None:
+        for key in (*self.entering.values(), *self.after.values()):
+            engine.store.drop(key)
+        self.entering.clear()
+        self.after.clear()
 
 
 def cut_sums(
@@ -373,25 +425,29 @@ def cut_sums(
     *,
     hidden: bool,
     trace: Trace | None = None,
+    keep_ends: bool = False,
     desc: str = "Statistics",
 ) -> list[CutSums]:
     """The sums of one cut for each set: the batches whose stream ``trace`` holds run only the
     step before the cut from it; all other batches of all sets run together in one pass from the
-    embeddings that stops at the cut's last step."""
+    embeddings that stops at the cut's last step. ``keep_ends`` keeps each set's ``CutEnds``."""
     start, end = cut
     d = engine.config.hidden_size
     sums = [
         CutSums(
-            _empty_stats([start], end - start, d)[start],
-            _empty_stats([start], end - start, d, engine.config.intermediate_size)[start] if hidden else None,
+            empty_statistics([start], end - start, d)[start],
+            empty_statistics([start], end - start, d, engine.config.intermediate_size)[start]
+            if hidden
+            else None,
+            CutEnds(cut) if keep_ends else None,
         )
         for _ in sets
     ]
 
     def add(k: int, mlp: torch.Tensor, before: torch.Tensor, after: torch.Tensor, h: torch.Tensor | None):
-        _accumulate(sums[k].output, mlp, before, after)
+        accumulate(sums[k].output, mlp, before, after)
         if hidden:
-            _accumulate(sums[k].hidden, mlp, before, after, features=h)
+            accumulate(sums[k].hidden, mlp, before, after, features=h)
 
     held: set[tuple[int, int]] = set()
     for k, one in enumerate(sets):
@@ -399,14 +455,30 @@ def cut_sums(
         if kept:
             _sums_from_trace(engine, trace, cut, lambda *a, k=k: add(k, *a), desc)
             held |= {(k, b) for b in kept}
+            if keep_ends:
+                for i, b in enumerate(trace.batch_ids):
+                    entering = engine.store.get(trace.key(start - 2, i)) if start >= 2 else None
+                    sums[k].ends.keep(engine, k, b, entering, engine.store.get(trace.key(end - 1, i)))
     walked = [(k, b) for k, one in enumerate(sets) for b in range(len(one.batches)) if (k, b) not in held]
     if walked:
 
         def on_cut(c: CutBatch) -> None:
             r = c.real
-            add(walked[c.batch][0], c.mlp[r], c.before[r], c.after[r], c.hidden[r] if hidden else None)
+            k, b = walked[c.batch]
+            add(k, c.mlp[r], c.before[r], c.after[r], c.hidden[r] if hidden else None)
+            if keep_ends:
+                sums[k].ends.keep(engine, k, b, c.entering, c.after)
 
-        _stream_one_cut(engine, plan, [sets[k].batches[b] for k, b in walked], cut, hidden, on_cut, desc)
+        _stream_one_cut(
+            engine,
+            plan,
+            [sets[k].batches[b] for k, b in walked],
+            cut,
+            hidden,
+            on_cut,
+            desc,
+            entering=keep_ends,
+        )
     for one in sums:
         _check_finite({0: one.output} | ({1: one.hidden} if one.hidden is not None else {}))
     return sums
@@ -473,10 +545,10 @@ def distances_then_closest_sums(
         _count_tokens(profile, calibration)
         distances = profile.mean(distance_tokens)
         chosen = min(distances, key=lambda s: (distances[s], s))
-        stats = _empty_stats([chosen], n, engine.config.hidden_size)
+        stats = empty_statistics([chosen], n, engine.config.hidden_size)
         for b, (_ids, mask) in enumerate(calibration.batches):
             real = mask.bool().to(engine.skeleton.device)
-            _accumulate(
+            accumulate(
                 stats[chosen],
                 store.get(("calibration", "M", chosen - 1, b))[real],
                 store.get(("calibration", "L", chosen - 1, b))[real],

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..calib.collect import CutActivations, CutStatistics
+from ..calib.collect import CutActivations, CutEnds, CutStatistics
 from ..errors import CalibrationError
 
 __all__ = [
@@ -37,6 +37,8 @@ class FitResult:
     transform: torch.Tensor  # d×d, or length-d diagonal
     solver: str
     details: dict = field(default_factory=dict)
+    # the calibration and set-aside streams around the cut, where the fit's pass kept them for a repair
+    ends: list[CutEnds] | None = None
 
 
 def lstsq_from_gram(gram: torch.Tensor, cross: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:

@@ -228,6 +228,7 @@ def fit_cut(
     stats_budget_bytes: int | None = None,
     cosine: CosineSettings | None = None,
     validate: Callable[[torch.Tensor], float] | None = None,
+    keep_ends: bool = False,
     step: str = "",
 ) -> FitResult:
     """The map for the cut ``[start, start + n)``: the least-squares map, given to ``solver``.
@@ -239,7 +240,8 @@ def fit_cut(
     ridge strength that fits ``set_aside`` best; where that cannot be done (see
     ``hidden_map_problem``) the map of the MLP's output is fitted and the reason recorded.
     ``validate`` (see ``SelectionScorer.validator``) judges the cosine epochs by a loss that
-    matters, so the LS map is kept unless an epoch does better there."""
+    matters, so the LS map is kept unless an epoch does better there. ``keep_ends`` keeps the
+    streams around the cut of the map's pass in ``FitResult.ends`` (the caller releases them)."""
     cut = (start, start + survey.n)
     problem = hidden_map_problem(engine, set_aside, stats_budget_bytes) if map_space == "hidden" else None
     hidden = map_space == "hidden" and problem is None
@@ -252,6 +254,7 @@ def fit_cut(
             cut,
             hidden=hidden,
             trace=survey.trace,
+            keep_ends=keep_ends,
             desc=f"{step} {'Hidden statistics' if hidden else 'Statistics'}".strip(),
         )
         plain, output_map = sums[0].output, least_squares_map(engine.adapter, sums[0].output, alpha)
@@ -270,6 +273,8 @@ def fit_cut(
         engine, plan, calibration, cut, hidden, init, alpha, cosine or CosineSettings(), validate, step
     )
     result = solver_named(solver).fit(given)
+    if sums is not None and keep_ends:
+        result.ends = [one.ends for one in sums]
     identity = torch.ones(plain.gram.shape[0], dtype=torch.float64)
     result.details |= details | {
         "rel_residual": residual_energy(stats, result.transform) / stats.stream_energy,
