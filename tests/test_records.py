@@ -9,9 +9,12 @@ from rmexport.records import (
     CutRecord,
     Evaluation,
     FoldParity,
+    GuardRecord,
     ModelInfo,
     PruneRecord,
     Quality,
+    RepairedBlock,
+    RepairRecord,
     SourceQuality,
     from_jsonable,
     jsonable,
@@ -33,7 +36,12 @@ def _prune_record() -> PruneRecord:
         evaluation=Evaluation("builtin", 4096, 512),
         fold_parity=FoldParity(1e-5, 12.5, 1e-3, 64, True),
         quality=Quality(15.0, 50.0, 27.35, [SourceQuality("docs", 4096, 10.0, 30.0, 20.0)], True),
-        guard={"kept": "map"},
+        guard=GuardRecord(
+            "64 set-aside documents",
+            "repair 1",
+            {"builtin": {"fitted": 3.5, "repair 1": 3.25, "plain_removal": 4.0}},
+            {"fitted": 3.5, "repair 1": 3.25, "plain_removal": 4.0},
+        ),
         tokenizer_parity={"method": "transformers", "verdict": "identical"},
         memory={"budget_bytes": None},
         saved_dtype="bfloat16",
@@ -42,6 +50,14 @@ def _prune_record() -> PruneRecord:
         timings_s={"load": 1.5, "save": 0.25},
         peak_rss_mib=900.5,
         peak_rss_mib_after_stage={"load": 800.0, "save": 900.5},
+        repair=RepairRecord(
+            [
+                RepairedBlock(10, "model.layers.2.mlp.down_proj.weight", 0.01, 0.0025, 0.003),
+                RepairedBlock(11, "model.layers.3.mlp.down_proj.weight", None, 0.004, 0.004),
+            ],
+            1,
+            20.5,
+        ),
     )
 
 
@@ -49,6 +65,8 @@ RECORDS = {
     "prune": (PruneRecord, _prune_record()),
     "source quality": (SourceQuality, SourceQuality("wiki", 1024, 1.0, 2.0, 1.5)),
     "quality without out-of-domain text": (Quality, Quality(1.0, 2.0, 1.5)),
+    "guard off": (GuardRecord, GuardRecord(None, "fitted")),
+    "no repair": (RepairRecord, RepairRecord([], 0, 0.0, note="no block follows the cut")),
 }
 
 
