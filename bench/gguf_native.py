@@ -64,25 +64,27 @@ def _source(run_dir: Path) -> tuple[dict[str, Any], ModelSource]:
 
 
 def _removal(run_dir: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from converters.gguf_prune import prune_gguf
+    from converters.gguf_prune import write_pruned_gguf
 
     record, source = _source(run_dir)
-    prune_gguf(source.location, dst, record["kept_layers"], {}, dense_fold=True)
+    write_pruned_gguf(source.location, dst, record["kept_layers"], {}, dense_fold=True)
     return {}
 
 
 def _native(run_dir: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from converters.gguf_prune import prune_gguf
+    from converters.gguf_prune import write_pruned_gguf
     from rmexport.arch import adapter_for
 
     record, source = _source(run_dir)
     adapter = adapter_for(load_config(source))
     folds = load_maps(run_dir / MAPS_FILE)
-    native = prune_gguf(source.location, dst, record["kept_layers"], folds, dense_fold=adapter.dense_fold)
+    native = write_pruned_gguf(
+        source.location, dst, record["kept_layers"], folds, dense_fold=adapter.dense_fold
+    )
     return {
-        "tensors_copied": native["copied"],
-        "tensors_requantized": native["requantized"],
-        "type_changed": native["type_changed"],
+        "tensors_copied": native.copied,
+        "tensors_requantized": native.requantized,
+        "type_changed": native.type_changed,
     }
 
 

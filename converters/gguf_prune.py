@@ -1,6 +1,6 @@
 """Prune a GGUF file directly: drop blocks, fold the fitted maps, keep every other byte.
 
-``prune_gguf`` writes a GGUF of the same architecture and quantization as its source:
+``write_pruned_gguf`` writes a GGUF of the same architecture and quantization as its source:
 - every tensor of a kept block, the embeddings, the output head and the norms are copied byte for
   byte, in their own type; block tensors are renamed ``blk.{old}`` -> ``blk.{new}``;
 - the tensor a fitted map is folded into is rewritten: ``ffn_down`` for dense families
@@ -49,7 +49,6 @@ __all__ = [
     "GGUFPrune",
     "TensorWrite",
     "folded_type",
-    "prune_gguf",
     "write_pruned_gguf",
 ]
 
@@ -433,26 +432,3 @@ def write_pruned_gguf(
         record.seconds,
     )
     return record
-
-
-def prune_gguf(
-    source_gguf: str | Path,
-    out_file: str | Path,
-    blocks: list[int],
-    folds: dict[int, list[torch.Tensor]],
-    *,
-    dense_fold: bool,
-    norm_weight_offset: float = 0.0,
-    llama_cpp_version: str | None = None,
-) -> JsonObject:
-    """``write_pruned_gguf``'s record as JSON: the form pipeline.py writes and bench/gguf_native.py
-    reads (until they take the record itself)."""
-    return write_pruned_gguf(
-        source_gguf,
-        out_file,
-        blocks,
-        folds,
-        dense_fold=dense_fold,
-        norm_weight_offset=norm_weight_offset,
-        llama_cpp_version=llama_cpp_version,
-    ).to_json()

@@ -16,9 +16,8 @@ import re
 import struct
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -29,10 +28,12 @@ from rmexport.fileio import open_gguf
 from rmexport.llama_tools import find_tool
 from rmexport.llamacpp import default_threads
 from rmexport.log import get_logger
+from rmexport.records import JsonObject, from_jsonable
 
 __all__ = [
     "CalibrationText",
     "Importance",
+    "ImatrixUse",
     "check_matches",
     "compute_imatrix",
     "imatrix_path_for",
@@ -174,14 +175,34 @@ def read_imatrix(path: str | Path) -> Importance:
     return importance
 
 
-def quantized_with(gguf_file: str | Path) -> dict[str, Any] | None:
-    """The importance matrix a GGUF was quantized with, as its ``quantize.imatrix.*`` keys record it
-    (file, dataset, chunks, entries), or None when it was quantized without one."""
+@dataclass(frozen=True)
+class ImatrixUse:
+    """The importance matrix a GGUF was quantized with, as its ``quantize.imatrix.*`` keys record it."""
+
+    file: str
+    dataset: str | None
+    chunks: int | None  # quantize.imatrix.chunks_count
+    entries: int | None  # quantize.imatrix.entries_count
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> ImatrixUse:
+        return from_jsonable(cls, data)
+
+
+def quantized_with(gguf_file: str | Path) -> ImatrixUse | None:
+    """The importance matrix a GGUF was quantized with, or None when it was quantized without one."""
     metadata = open_gguf(gguf_file).metadata
     if "quantize.imatrix.file" not in metadata:
         return None
-    keys = {"file": "file", "dataset": "dataset", "chunks": "chunks_count", "entries": "entries_count"}
-    return {name: metadata.get(f"quantize.imatrix.{key}") for name, key in keys.items()}
+    return ImatrixUse(
+        file=metadata["quantize.imatrix.file"],
+        dataset=metadata.get("quantize.imatrix.dataset"),
+        chunks=metadata.get("quantize.imatrix.chunks_count"),
+        entries=metadata.get("quantize.imatrix.entries_count"),
+    )
 
 
 def check_matches(importance: Importance, model_gguf: str | Path) -> None:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- shared option groups --------------------------------------------------------------------
-def _add_prune_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+def _add_prune_options(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     """The options of ``PruneOptions``, as it declares them; ``defaults`` are another command's."""
     from .options import add_arguments
     from .prune import PruneOptions
@@ -212,7 +212,9 @@ def _print_prune_summary(record: Any, out_dir: Path) -> None:
     )
 
 
-def _add_config(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+def _add_config(
+    parser: argparse.ArgumentParser, cls: type, defaults: Mapping[str, Any] | None = None
+) -> None:
     from .options import add_arguments
 
     add_arguments(parser, cls, defaults)
@@ -325,7 +327,7 @@ def _add_validate_onnx(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_validate_onnx(args: argparse.Namespace) -> int:
-    from validation.onnx_parity import format_table, print_table, validate_onnx
+    from validation.onnx_parity import compare_onnx, format_table, print_table
 
     from .atomic import write_json
     from .config import ValidateONNXConfig
@@ -334,7 +336,7 @@ def _run_validate_onnx(args: argparse.Namespace) -> int:
 
     config = _config(ValidateONNXConfig, args)
     check_validate_onnx_args(config)
-    result = validate_onnx(
+    result = compare_onnx(
         config.onnx_dir,
         config.reference,
         n_prompts=config.prompts,
@@ -344,10 +346,10 @@ def _run_validate_onnx(args: argparse.Namespace) -> int:
     )
     print_table(result)
     if config.json:
-        write_json(config.json, result)
-    if not result["passed"]:
+        write_json(config.json, result.to_json())
+    if not result.passed:
         raise ToleranceError(
-            "ONNX export out of tolerance: " + ", ".join(result["failures"]) + "\n" + format_table(result)
+            "ONNX export out of tolerance: " + ", ".join(result.failures) + "\n" + format_table(result)
         )
     return 0
 
@@ -359,7 +361,7 @@ def _add_validate_gguf(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_validate_gguf(args: argparse.Namespace) -> int:
-    from validation.gguf_parity import format_table, validate_gguf
+    from validation.gguf_parity import compare_gguf, format_table
 
     from .atomic import write_json
     from .config import ValidateGGUFConfig
@@ -368,7 +370,7 @@ def _run_validate_gguf(args: argparse.Namespace) -> int:
 
     config = _config(ValidateGGUFConfig, args)
     check_validate_gguf_args(config)
-    result = validate_gguf(
+    result = compare_gguf(
         config.gguf_file,
         config.reference,
         n_prompts=config.prompts,
@@ -378,14 +380,12 @@ def _run_validate_gguf(args: argparse.Namespace) -> int:
         check=False,
     )
     print(format_table(result))
-    for failure in result["failures"]:
+    for failure in result.failures:
         print(f"  {failure}")
     if config.json:
-        write_json(config.json, result)
-    if result["failures"] and not config.report_only:
-        raise ToleranceError(
-            f"llama.cpp ({result['type']}) is out of tolerance: " + "; ".join(result["failures"])
-        )
+        write_json(config.json, result.to_json())
+    if result.failures and not config.report_only:
+        raise ToleranceError(f"llama.cpp ({result.type}) is out of tolerance: " + "; ".join(result.failures))
     return 0
 
 
@@ -398,7 +398,7 @@ def _add_bench_onnx(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_bench_onnx(args: argparse.Namespace) -> int:
-    from validation.onnx_bench import bench_onnx, format_table
+    from validation.onnx_bench import format_table, measure_onnx
 
     from .atomic import write_json
     from .config import BenchONNXConfig
@@ -406,7 +406,7 @@ def _run_bench_onnx(args: argparse.Namespace) -> int:
 
     config = _config(BenchONNXConfig, args, protocol=protocol_from_args(args))
     check_bench_onnx_args(config)
-    result = bench_onnx(
+    result = measure_onnx(
         config.original,
         config.pruned,
         eval_tokens=config.eval_tokens,
@@ -415,7 +415,7 @@ def _run_bench_onnx(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if config.json:
-        write_json(config.json, result)
+        write_json(config.json, result.to_json())
     return 0
 
 
@@ -449,7 +449,7 @@ def _run_bench_gguf(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if config.json:
-        write_json(config.json, result)
+        write_json(config.json, result.to_json())
     return 0
 
 

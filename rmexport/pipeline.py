@@ -11,9 +11,18 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from converters.imatrix import ImatrixUse
+from validation.gguf_bench import GGUFBench
+from validation.gguf_parity import GGUFParity
+from validation.onnx_bench import OnnxBench
+from validation.onnx_parity import OnnxParity
+from validation.report import StageOutputs, write_report
 
 from .atomic import existing_ancestor, write_json
 from .config import RunConfig
@@ -24,6 +33,7 @@ from .lock import hold_folder
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
 from .prune import prune
+from .records import JsonObject, PruneRecord
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
 from .sysinfo import ram_bytes
@@ -31,6 +41,8 @@ from .sysinfo import ram_bytes
 __all__ = ["run_dir_for", "run_pipeline"]
 
 log = get_logger(__name__)
+
+Record = TypeVar("Record")
 
 # Bytes per parameter on disk, by artefact, to refuse a run that cannot fit before any work. K-quants
 # are made from a float32 GGUF written first; the margin covers that and rounding.
@@ -132,21 +144,31 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _original_perplexity(base_runner, name: str, key: dict, needs: str, out: Path, measure) -> dict:
+def _original_perplexity(
+    base_runner,
+    name: str,
+    key: JsonObject,
+    needs: str,
+    out: Path,
+    measure: Callable[[], Any],
+    read: Callable[[JsonObject], Record],
+) -> Record:
     """The original's held-out perplexity in one runtime: measured once per model (into
-    ``<slug>-original/checks/``) and reused by every run that benchmarks it on the same windows."""
-    base_runner.run(Stage(name, key, [out], lambda: write_json(out, measure()), needs=[needs]))
-    return _read_json(out)
+    ``<slug>-original/checks/``) and reused by every run that benchmarks it on the same windows.
+    ``measure()`` gives the record, ``read`` takes it back from its JSON."""
+    base_runner.run(Stage(name, key, [out], lambda: write_json(out, measure().to_json()), needs=[needs]))
+    return read(_read_json(out))
 
 
-def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir) -> dict:
+def _onnx_stages(
+    cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
+) -> tuple[OnnxParity, OnnxBench | None]:
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import DEFAULT_PROTOCOL, bench_onnx, onnx_perplexity
-    from validation.onnx_parity import validate_onnx
+    from validation.onnx_bench import DEFAULT_PROTOCOL, OnnxQuality, measure_onnx, onnx_quality
+    from validation.onnx_parity import compare_onnx
 
     protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
 
-    outputs: dict[str, Any] = {}
     onnx_key = {"flavor": cfg.onnx_flavor, "dtype": cfg.onnx_dtype}
     base_onnx, pruned_onnx = base_dir / "onnx", run_dir / "onnx"
     if not cfg.skip_bench:  # the original's ONNX only serves the side-by-side benchmark
@@ -173,60 +195,64 @@ def _onnx_stages(cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt
             "validate_onnx",
             {},
             [parity_file],
-            lambda: write_json(parity_file, validate_onnx(pruned_onnx, pruned_ckpt, raise_on_failure=False)),
+            lambda: write_json(
+                parity_file, compare_onnx(pruned_onnx, pruned_ckpt, raise_on_failure=False).to_json()
+            ),
             needs=["export_onnx"],
         )
     )
-    outputs["onnx_parity"] = _read_json(parity_file)
-    if not cfg.skip_bench:
-        threads = protocol.resolved_threads()
-        original_ppl = _original_perplexity(
-            base_runner,
-            "perplexity_onnx",
-            {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("onnxruntime")},
-            "export_onnx",
-            base_dir / "checks" / "onnx_perplexity.json",
-            lambda: onnx_perplexity(base_onnx, eval_tokens=cfg.eval_tokens, threads=threads),
+    parity = OnnxParity.from_json(_read_json(parity_file))
+    if cfg.skip_bench:
+        return parity, None
+    threads = protocol.resolved_threads()
+    original_ppl = _original_perplexity(
+        base_runner,
+        "perplexity_onnx",
+        {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("onnxruntime")},
+        "export_onnx",
+        base_dir / "checks" / "onnx_perplexity.json",
+        lambda: onnx_quality(base_onnx, eval_tokens=cfg.eval_tokens, threads=threads),
+        OnnxQuality.from_json,
+    )
+    bench_file = run_dir / "checks" / "onnx_bench.json"
+    runner.run(
+        Stage(
+            "bench_onnx",
+            {
+                "eval_tokens": cfg.eval_tokens,
+                "speed": protocol.as_dict(),
+                "original": base_runner.hashes["export_onnx"],
+                "original_perplexity": base_runner.hashes["perplexity_onnx"],
+            },
+            [bench_file],
+            lambda: write_json(
+                bench_file,
+                measure_onnx(
+                    base_onnx,
+                    pruned_onnx,
+                    eval_tokens=cfg.eval_tokens,
+                    protocol=protocol,
+                    original_perplexity=original_ppl,
+                ).to_json(),
+            ),
+            needs=["export_onnx"],
         )
-        bench_file = run_dir / "checks" / "onnx_bench.json"
-        runner.run(
-            Stage(
-                "bench_onnx",
-                {
-                    "eval_tokens": cfg.eval_tokens,
-                    "speed": protocol.as_dict(),
-                    "original": base_runner.hashes["export_onnx"],
-                    "original_perplexity": base_runner.hashes["perplexity_onnx"],
-                },
-                [bench_file],
-                lambda: write_json(
-                    bench_file,
-                    bench_onnx(
-                        base_onnx,
-                        pruned_onnx,
-                        eval_tokens=cfg.eval_tokens,
-                        protocol=protocol,
-                        original_perplexity=original_ppl,
-                    ),
-                ),
-                needs=["export_onnx"],
-            )
-        )
-        outputs["onnx_bench"] = _read_json(bench_file)
-    return outputs
+    )
+    return parity, OnnxBench.from_json(_read_json(bench_file))
 
 
 def _gguf_stages(
     cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
-) -> dict:
+) -> tuple[StageOutputs, JsonObject | None]:
+    """The GGUF stages' outputs for the report, and the benchmark's JSON as written (for the frontier)."""
     from converters.gguf_export import export_gguf
-    from validation.gguf_bench import DEFAULT_PROTOCOL, bench_gguf, gguf_perplexity
+    from validation.gguf_bench import DEFAULT_PROTOCOL, GGUFQuality, bench_gguf, gguf_perplexity
     from validation.gguf_parity import (
         EXACT_TYPES,
         SOURCE_KL_MULTIPLE,
         SOURCE_TOP1_MARGIN,
+        compare_gguf,
         gguf_type_of,
-        validate_gguf,
     )
 
     from .imatrix_text import resolve_imatrix
@@ -240,7 +266,6 @@ def _gguf_stages(
     def imatrix_for(gguf_type: str, checkpoint: Path):
         return resolve_imatrix(None, gguf_type, checkpoint, prune_record=record)
 
-    outputs: dict[str, Any] = {}
     slug = source.slug
     # A quantized GGUF source is pruned into a GGUF of its own type directly (untouched tensors
     # copied byte for byte), and benchmarked against the source file itself: that is the file its
@@ -316,64 +341,68 @@ def _gguf_stages(
             lambda: write_json(
                 parity_file,
                 {
-                    t: validate_gguf(
+                    t: compare_gguf(
                         pruned_files[t], pruned_ckpt, check=False, source_error=source_errors.get(t)
-                    )
+                    ).to_json()
                     for t in types
                 },
             ),
             needs=[f"export_gguf_{t}" for t in types],
         )
     )
-    outputs["gguf_parity"] = _read_json(parity_file)
-    outputs["gguf_imatrix"] = _imatrices({"pruned": pruned_files, "original": base_files})
-    if not cfg.skip_bench:
-        threads = protocol.resolved_threads()
-        original_quality = [
-            _original_perplexity(
-                base_runner,
-                f"perplexity_gguf_{t}",
-                {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("llama-cpp-python")},
-                f"export_gguf_{t}",
-                base_dir / "checks" / f"gguf_{t}_perplexity.json",
-                lambda t=t: gguf_perplexity(base_files[t], eval_tokens=cfg.eval_tokens, threads=threads),
-            )
-            for t in bench_types
-        ]
-        bench_file = run_dir / "checks" / "gguf_bench.json"
-        runner.run(
-            Stage(
-                "bench_gguf",
-                {
-                    "eval_tokens": cfg.eval_tokens,
-                    "types": bench_types,
-                    "speed": protocol.as_dict(),
-                    "original": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
-                    "original_perplexity": [base_runner.hashes[f"perplexity_gguf_{t}"] for t in bench_types],
-                },
-                [bench_file],
-                lambda: write_json(
-                    bench_file,
-                    {
-                        t: bench_gguf(
-                            base_files[t],
-                            pruned_files[t],
-                            eval_tokens=cfg.eval_tokens,
-                            protocol=protocol,
-                            torch_reference=False,
-                            original_quality=original_quality,
-                        )
-                        for t in bench_types
-                    },
-                ),
-                needs=[f"export_gguf_{t}" for t in bench_types],
-            )
+    outputs = StageOutputs(
+        gguf_parity={t: GGUFParity.from_json(entry) for t, entry in _read_json(parity_file).items()},
+        gguf_imatrix=_imatrices({"pruned": pruned_files, "original": base_files}),
+    )
+    if cfg.skip_bench:
+        return outputs, None
+    threads = protocol.resolved_threads()
+    original_quality = [
+        _original_perplexity(
+            base_runner,
+            f"perplexity_gguf_{t}",
+            {"eval_tokens": cfg.eval_tokens, "threads": threads, "runtime": version("llama-cpp-python")},
+            f"export_gguf_{t}",
+            base_dir / "checks" / f"gguf_{t}_perplexity.json",
+            lambda t=t: gguf_perplexity(base_files[t], eval_tokens=cfg.eval_tokens, threads=threads),
+            GGUFQuality.from_json,
         )
-        outputs["gguf_bench"] = _read_json(bench_file)
-    return outputs
+        for t in bench_types
+    ]
+    bench_file = run_dir / "checks" / "gguf_bench.json"
+    runner.run(
+        Stage(
+            "bench_gguf",
+            {
+                "eval_tokens": cfg.eval_tokens,
+                "types": bench_types,
+                "speed": protocol.as_dict(),
+                "original": [base_runner.hashes[f"export_gguf_{t}"] for t in bench_types],
+                "original_perplexity": [base_runner.hashes[f"perplexity_gguf_{t}"] for t in bench_types],
+            },
+            [bench_file],
+            lambda: write_json(
+                bench_file,
+                {
+                    t: bench_gguf(
+                        base_files[t],
+                        pruned_files[t],
+                        eval_tokens=cfg.eval_tokens,
+                        protocol=protocol,
+                        torch_reference=False,
+                        original_quality=original_quality,
+                    ).to_json()
+                    for t in bench_types
+                },
+            ),
+            needs=[f"export_gguf_{t}" for t in bench_types],
+        )
+    )
+    bench = _read_json(bench_file)
+    return replace(outputs, gguf_bench={t: GGUFBench.from_json(b) for t, b in bench.items()}), bench
 
 
-def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, Any]:
+def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, ImatrixUse | None]:
     """For the report: the importance matrix each GGUF file was quantized with, or None."""
     from converters.imatrix import quantized_with
 
@@ -385,7 +414,7 @@ def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, Any]:
     }
 
 
-def _imatrix_key(gguf_type: str, prune_record: Path) -> dict[str, Any]:
+def _imatrix_key(gguf_type: str, prune_record: Path) -> JsonObject:
     """A GGUF export stage's key part for its importance matrix: none at all where the type has no
     matrix by default, so that those stages keep the keys they had."""
     from .imatrix_text import default_imatrix_recipe
@@ -394,11 +423,11 @@ def _imatrix_key(gguf_type: str, prune_record: Path) -> dict[str, Any]:
     return {} if recipe is None else {"imatrix": recipe}
 
 
-def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_dir: Path) -> dict:
+def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_dir: Path) -> GGUFParity:
     """The original model's GGUF of ``gguf_type`` against the original in PyTorch (``reference()``,
     its checkpoint): the error a pruned file of that type is judged against. Measured once per model
     and type."""
-    from validation.gguf_parity import validate_gguf
+    from validation.gguf_parity import compare_gguf
 
     out = base_dir / "checks" / f"gguf_{gguf_type}_parity.json"
     base_runner.run(
@@ -406,29 +435,29 @@ def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_
             f"validate_gguf_{gguf_type}",
             {"type": gguf_type},
             [out],
-            lambda: write_json(out, validate_gguf(gguf_file, reference(), check=False)),
+            lambda: write_json(out, compare_gguf(gguf_file, reference(), check=False).to_json()),
             needs=[f"export_gguf_{gguf_type}"],
         )
     )
-    return _read_json(out)
+    return GGUFParity.from_json(_read_json(out))
 
 
 def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
-    from converters.gguf_prune import prune_gguf
+    from converters.gguf_prune import write_pruned_gguf
 
     from .arch import adapter_for
     from .replaceme.save import MAPS_FILE, load_maps
 
     record = json.loads((run_dir / "prune.json").read_text())
     adapter = adapter_for(load_config(source))
-    result = prune_gguf(
+    result = write_pruned_gguf(
         source.location,
         out,
         record["kept_layers"],
         load_maps(run_dir / MAPS_FILE),
         dense_fold=adapter.dense_fold,
     )
-    write_json(run_dir / "checks" / "gguf_native.json", result)
+    write_json(run_dir / "checks" / "gguf_native.json", result.to_json())
 
 
 def _text_file_fingerprints(options: Any) -> dict[str, str]:
@@ -441,7 +470,8 @@ def _text_file_fingerprints(options: Any) -> dict[str, str]:
     return {spec: content_fingerprint(path) for spec, path in files.items() if path.is_file()}
 
 
-def run_pipeline(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+def run_pipeline(cfg: RunConfig) -> tuple[Path, JsonObject]:
+    """Runs every stage; returns the run folder and what its report.json holds."""
     source = resolve(cfg.model)
     ratio_label = cfg.ratio_label
     run_dir = run_dir_for(Path(cfg.out_root), source, ratio_label)
@@ -454,7 +484,7 @@ def run_pipeline(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
 
 def _run_stages(
     cfg: RunConfig, source: ModelSource, config: Any, run_dir: Path, base_dir: Path, ratio_label: str
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, JsonObject]:
     remove_partial_outputs(run_dir)
     remove_partial_outputs(base_dir)
     runner = StageRunner(run_dir / ".stages", force=cfg.force)
@@ -486,14 +516,15 @@ def _run_stages(
             lambda: prune(source, options, run_dir),
         )
     )
-    outputs: dict[str, Any] = {}
+    outputs, gguf_bench = StageOutputs(), None
 
     if not cfg.skip_onnx:
-        outputs |= _onnx_stages(
+        onnx_parity, onnx_bench = _onnx_stages(
             cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
         )
+        outputs = replace(outputs, onnx_parity=onnx_parity, onnx_bench=onnx_bench)
     if not cfg.skip_gguf:
-        outputs |= _gguf_stages(
+        gguf_outputs, gguf_bench = _gguf_stages(
             cfg,
             runner,
             base_runner,
@@ -505,9 +536,15 @@ def _run_stages(
             source,
             ratio_label,
         )
+        outputs = replace(
+            outputs,
+            gguf_parity=gguf_outputs.gguf_parity,
+            gguf_imatrix=gguf_outputs.gguf_imatrix,
+            gguf_bench=gguf_outputs.gguf_bench,
+        )
     if frontier_enabled(cfg, source):
         native = own_type(source, config) if source.is_gguf else None
-        outputs |= frontier_stages(
+        frontier = frontier_stages(
             cfg,
             runner,
             base_runner,
@@ -518,18 +555,17 @@ def _run_stages(
             run_dir,
             base_dir,
             run_dir / "gguf" / f"{source.slug}-r{ratio_label}-{native}.gguf" if native else None,
-            outputs.get("gguf_bench"),
+            gguf_bench,
         )
-
-    from validation.report import write_report
+        outputs = replace(outputs, frontier=frontier["frontier"])
 
     timings = {f"original/{k}": v for k, v in base_runner.seconds.items()} | runner.seconds
     report = write_report(
         run_dir,
-        _read_json(run_dir / "prune.json"),
+        PruneRecord.from_json(_read_json(run_dir / "prune.json")),
         outputs,
         timings,
         reused=runner.reused + [f"original/{n}" for n in base_runner.reused],
         wall_s=time.perf_counter() - started,
     )
-    return run_dir, report
+    return run_dir, report.to_json()

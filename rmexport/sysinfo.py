@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from typing import Any
+from dataclasses import asdict, dataclass
+
+from .records import JsonObject, from_jsonable
 
 __all__ = [
     "SIMD_FLAGS",
+    "MachineInfo",
     "cpu_flags",
+    "describe_machine",
     "load_average",
     "machine_info",
     "package_versions",
@@ -118,20 +122,48 @@ def package_versions(*names: str) -> dict[str, str | None]:
     return versions
 
 
-def machine_info(*packages: str, threads: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MachineInfo:
     """CPU model and SIMD flags, cores, the threads a benchmark used, memory, OS and versions."""
+
+    cpu: str
+    cpu_flags: list[str]
+    logical_cores: int | None
+    physical_cores: int | None
+    usable_cores: int
+    threads: int | None
+    memory_gib: float | None
+    platform: str
+    python: str
+    versions: dict[str, str | None]  # package -> version, None where not installed
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> MachineInfo:
+        return from_jsonable(cls, data)
+
+
+def describe_machine(*packages: str, threads: int | None = None) -> MachineInfo:
+    """This machine, with the versions of ``packages`` and the ``threads`` a benchmark used."""
     lines = _cpuinfo()
-    return {
-        "cpu": _field(lines, "model name", "Model name", "Hardware")
+    return MachineInfo(
+        cpu=_field(lines, "model name", "Model name", "Hardware")
         or platform.processor()
         or platform.machine(),
-        "cpu_flags": cpu_flags(lines),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": _physical_cores(lines),
-        "usable_cores": usable_cores(),
-        "threads": threads,
-        "memory_gib": _memory_gib(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": package_versions(*packages),
-    }
+        cpu_flags=cpu_flags(lines),
+        logical_cores=os.cpu_count(),
+        physical_cores=_physical_cores(lines),
+        usable_cores=usable_cores(),
+        threads=threads,
+        memory_gib=_memory_gib(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        versions=package_versions(*packages),
+    )
+
+
+def machine_info(*packages: str, threads: int | None = None) -> JsonObject:
+    """``describe_machine`` as JSON, for bench/prune_variants.py (until it takes the record itself)."""
+    return describe_machine(*packages, threads=threads).to_json()

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from converters.gguf_export import export_gguf
 from converters.gguf_metadata import read_metadata, runtime_problem, write_metadata
-from converters.gguf_prune import prune_gguf
+from converters.gguf_prune import write_pruned_gguf
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import config_from_gguf
@@ -27,7 +27,7 @@ from rmexport.cli import main
 from rmexport.errors import ExportError
 from rmexport.fileio import read_gguf_header
 from rmexport.replaceme.apply import remove_blocks
-from validation.gguf_parity import validate_gguf
+from validation.gguf_parity import compare_gguf
 
 from .test_pipeline import assert_checks_passed
 
@@ -78,12 +78,12 @@ def test_a_cut_that_breaks_the_period_runs_in_llama_cpp_only_with_the_array(
     assert layer_types != adapter.llama_cpp_layer_types(len(layer_types))  # the index rule is broken
     out = export_gguf(pruned, tmp_path / "pruned-f32.gguf", "f32")
     assert read_metadata(str(out))[_pattern_key(family)].value == [t == SLIDING for t in layer_types]
-    with_array = validate_gguf(out, pruned, **PARITY)  # raises when out of the f32 tolerances
-    assert with_array["passed"] and with_array["top1_agreement"] >= 0.995
+    with_array = compare_gguf(out, pruned, **PARITY)  # raises when out of the f32 tolerances
+    assert with_array.passed and with_array.top1_agreement >= 0.995
     bare = _without_key(out, tmp_path / "no-array.gguf", _pattern_key(family))
-    without = validate_gguf(bare, pruned, **PARITY, check=False)
-    assert not without["passed"] and without["top1_agreement"] < 0.9
-    assert without["mean_kl"] > 100 * with_array["mean_kl"]
+    without = compare_gguf(bare, pruned, **PARITY, check=False)
+    assert not without.passed and without.top1_agreement < 0.9
+    assert without.mean_kl > 100 * with_array.mean_kl
 
 
 def _raw_bytes(path: Path) -> dict[str, str]:
@@ -108,17 +108,17 @@ def test_pruning_a_quantized_gemma3_gguf_writes_the_kept_pattern(
     assert (key in read_metadata(str(q8))) == source_has_array
     kept = [0, 1, 4, 5, 6, 7]
     scale = 1 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(0))
-    record = prune_gguf(q8, tmp_path / "out.gguf", kept, {1: [scale]}, dense_fold=False)
+    record = write_pruned_gguf(q8, tmp_path / "out.gguf", kept, {1: [scale]}, dense_fold=False)
 
     expected = [True, True, True, False, True, True]  # [s s | s F s s]: blocks 2, 3 removed
     assert read_metadata(str(tmp_path / "out.gguf"))[key].value == expected
     assert config_from_gguf(tmp_path / "out.gguf").layer_types == [SLIDING if s else FULL for s in expected]
     before, after = _raw_bytes(q8), _raw_bytes(tmp_path / "out.gguf")
-    assert record["requantized"] == 1 and list(record["folded"]) == ["blk.1.post_ffw_norm.weight"]
-    for name, entry in record["tensors"].items():
-        if entry["action"] == "copied":
-            assert after[name] == before[entry["source"]], name
-    assert record["copied"] == len(after) - 1 and record["dropped"] == len(before) - len(after)
+    assert record.requantized == 1 and list(record.folded) == ["blk.1.post_ffw_norm.weight"]
+    for name, entry in record.tensors.items():
+        if entry.action == "copied":
+            assert after[name] == before[entry.source], name
+    assert record.copied == len(after) - 1 and record.dropped == len(before) - len(after)
     with llama_cpp_tools.open_model(tmp_path / "out.gguf", n_ctx=64, logits_all=True) as llm:
         logits = llama_cpp_tools.eval_logits(llm, list(range(3, 51)))
     assert logits.shape[0] == 48 and torch.isfinite(torch.from_numpy(logits)).all()
@@ -163,7 +163,7 @@ def test_only_a_llama_cpp_that_cannot_read_the_array_is_refused(tiny_checkpoints
     assert runtime_problem(AutoConfig.from_pretrained(whole_periods), adapter, "0.3.35") is None
     with pytest.raises(ExportError, match="0.3.36"):
         q8 = export_gguf(tiny_checkpoints["gemma3"], tmp_path / "q8.gguf", "q8_0")
-        prune_gguf(
+        write_pruned_gguf(
             q8, tmp_path / "out.gguf", [0, 1, 4, 5, 6, 7], {}, dense_fold=False, llama_cpp_version="0.3.35"
         )
     assert not (tmp_path / "out.gguf").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -17,7 +18,7 @@ from converters.gguf_metadata import read_metadata
 from rmexport.cli import main
 from rmexport.errors import ConfigError, ToleranceError
 from rmexport.models import read_provenance
-from validation.gguf_parity import compare_gguf, validate_gguf
+from validation.gguf_parity import compare_gguf
 
 from .conftest import FAMILIES
 from .tiny import make_tiny_checkpoint
@@ -52,7 +53,7 @@ def test_wrong_reference_fails_parity_with_exit_code_1(tiny_checkpoints, builtin
     other = make_tiny_checkpoint("llama", gguf_dir / "llama-seed1", builtin_corpus.pool[:300], seed=1)
     out = export_gguf(other, gguf_dir / "tiny-llama-seed1-f32.gguf", "f32")
     with pytest.raises(ToleranceError):
-        validate_gguf(out, tiny_checkpoints["llama"], **TINY_CHECK)
+        compare_gguf(out, tiny_checkpoints["llama"], **TINY_CHECK)
     code = main(
         ["validate", "gguf", str(out), "--reference", str(tiny_checkpoints["llama"]), "--prompts", "1"]
     )
@@ -70,28 +71,28 @@ def pruned_ggufs(pruned_default_checkpoint, gguf_dir) -> dict[str, Path]:
 
 @pytest.mark.parametrize("gguf_type", ["f32", "f16"])
 def test_pruned_default_model_passes_parity(gguf_type, pruned_ggufs, pruned_default_checkpoint):
-    result = validate_gguf(pruned_ggufs[gguf_type], pruned_default_checkpoint, **REAL_CHECK)
-    assert result["type"] == gguf_type and result["passed"]
-    assert describe_gguf(pruned_ggufs[gguf_type])["block_count"] == 22
+    result = compare_gguf(pruned_ggufs[gguf_type], pruned_default_checkpoint, **REAL_CHECK)
+    assert result.type == gguf_type and result.passed
+    assert summarize_gguf(pruned_ggufs[gguf_type]).block_count == 22
     if gguf_type == "f32":
-        assert result["decode_match"] == 1.0 and result["max_abs_diff"] < 2e-2
+        assert result.decode_match == 1.0 and result.max_abs_diff < 2e-2
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
 def test_pruned_default_model_quantized_writes_and_loads(gguf_type, pruned_ggufs, pruned_default_checkpoint):
-    info = describe_gguf(pruned_ggufs[gguf_type])
-    assert info["block_count"] == 22
-    assert info["size_bytes"] < 0.6 * pruned_ggufs["f16"].stat().st_size  # 8.5 or fewer bits per weight
+    info = summarize_gguf(pruned_ggufs[gguf_type])
+    assert info.block_count == 22
+    assert info.size_bytes < 0.6 * pruned_ggufs["f16"].stat().st_size  # 8.5 or fewer bits per weight
     if gguf_type == "q8_0":
-        assert info["tensor_types"].get("Q8_0", 0) >= 22 * 7  # every 2-D weight of every block
+        assert info.tensor_types.get("Q8_0", 0) >= 22 * 7  # every 2-D weight of every block
     else:
         # Rows of 576 are not a multiple of 256: llama.cpp falls back per tensor to other types.
-        assert set(info["tensor_types"]) - {"F32"}, info
+        assert set(info.tensor_types) - {"F32"}, info
         assert int(read_metadata(str(pruned_ggufs[gguf_type]))["general.file_type"].value) == 15
-    result = validate_gguf(
+    result = compare_gguf(
         pruned_ggufs[gguf_type], pruned_default_checkpoint, n_prompts=1, max_tokens=64, new_tokens=8
     )
-    assert result["passed"]
+    assert result.passed
 
 
 def test_metadata_of_a_gguf_source_is_carried_over(default_checkpoint, pruned_default_checkpoint, tmp_path):
@@ -154,8 +155,8 @@ def test_sentencepiece_tokenizers_match_in_llama_cpp(builtin_corpus, tmp_path):
     out = export_gguf(checkpoint, tmp_path / "spm.gguf", "f32")
     meta = read_metadata(str(out))
     assert meta["tokenizer.ggml.model"].value == "llama" and "tokenizer.ggml.scores" in meta
-    result = validate_gguf(out, checkpoint, **TINY_CHECK)
-    assert result["passed"] and result["tokenization_mismatches"] == []
+    result = compare_gguf(out, checkpoint, **TINY_CHECK)
+    assert result.passed and result.tokenization_mismatches == []
 
 
 def test_unknown_type_is_a_config_error(tiny_checkpoints, tmp_path):
@@ -275,7 +276,7 @@ def test_rope_scaling_survives_export(family, scaling, tiny_checkpoints, tmp_pat
     config["rope_scaling"] = ROPE_SCALINGS[scaling]
     (scaled / "config.json").write_text(json.dumps(config))
     out = export_gguf(scaled, tmp_path / "scaled.gguf", "f32")
-    assert validate_gguf(out, scaled, **TINY_CHECK)["passed"]
+    assert compare_gguf(out, scaled, **TINY_CHECK).passed
 
 
 def test_bench_accepts_gguf_files(tiny_checkpoints, tmp_path, capsys):
@@ -342,7 +343,7 @@ def test_carry_over_takes_per_layer_arrays_from_the_config_when_blocks_differ():
 def test_an_earlier_perplexity_of_the_original_is_reused_only_on_the_same_file_and_windows(
     tiny_checkpoints, tmp_path
 ):
-    from validation.gguf_bench import bench_gguf, gguf_perplexity
+    from validation.gguf_bench import GGUFQuality, bench_gguf, gguf_perplexity
     from validation.speed import SpeedProtocol, SpeedRounds
 
     original = export_gguf(tiny_checkpoints["llama"], tmp_path / "o.gguf", "f16")
@@ -361,12 +362,13 @@ def test_an_earlier_perplexity_of_the_original_is_reused_only_on_the_same_file_a
             protocol=protocol,
             torch_reference=False,
             original_quality=earlier,
-        )["types"]["f16"]
+        ).types["f16"]
 
-    fresh = bench(())["original"]
-    assert measured["ppl"] == pytest.approx(fresh["ppl"], rel=1e-6) and measured["tokens"] == fresh["tokens"]
-    marked = measured | {"ppl": -1.0}  # a value no measurement gives: shows which one the bench used
-    assert bench([marked])["original"]["ppl"] == -1.0
-    assert bench([marked])["pruned"]["ppl"] > 0  # the pruned model is always measured
-    assert bench([marked], eval_tokens=96)["original"]["ppl"] > 0  # other windows: measured again
-    assert bench([marked | {"file": str(pruned)}])["original"]["ppl"] > 0  # another file
+    fresh = bench(()).original
+    assert measured.ppl == pytest.approx(fresh.ppl, rel=1e-6) and measured.tokens == fresh.tokens
+    assert GGUFQuality.from_json(json.loads(json.dumps(measured.to_json()))) == measured  # as stored
+    marked = replace(measured, ppl=-1.0)  # a value no measurement gives: shows which one the bench used
+    assert bench([marked]).original.ppl == -1.0
+    assert bench([marked]).pruned.ppl > 0  # the pruned model is always measured
+    assert bench([marked], eval_tokens=96).original.ppl > 0  # other windows: measured again
+    assert bench([replace(marked, file=str(pruned))]).original.ppl > 0  # another file

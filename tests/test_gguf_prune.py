@@ -1,4 +1,4 @@
-"""prune_gguf: a pruned GGUF written straight from a quantized GGUF, checked in the real llama.cpp.
+"""write_pruned_gguf: a pruned GGUF written straight from a quantized GGUF, checked in the real llama.cpp.
 
 On the default model's Q4_1 file (blocks [12, 20) removed, a random near-identity map folded into
 block 11): untouched tensors are byte-identical, the folded tensor is written in Q8_0 (its source
@@ -25,7 +25,14 @@ import torch
 from converters.ggml_quant import quantize_like
 from converters.gguf_export import export_gguf
 from converters.gguf_metadata import read_metadata
-from converters.gguf_prune import BlockCount, FileSizes, GGUFPrune, TensorWrite, folded_type, prune_gguf
+from converters.gguf_prune import (
+    BlockCount,
+    FileSizes,
+    GGUFPrune,
+    TensorWrite,
+    folded_type,
+    write_pruned_gguf,
+)
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ADAPTERS
 from rmexport.calib.gguf_reader import GGUFCheckpointReader
@@ -78,7 +85,7 @@ def pruned_default(default_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf-prune") / "pruned.gguf"
     transform = _near_identity(576)
     kept = [i for i in range(30) if not CUT[0] <= i < CUT[1]]
-    record = prune_gguf(default_gguf, out, kept, {FOLD_BLOCK: [transform]}, dense_fold=True)
+    record = write_pruned_gguf(default_gguf, out, kept, {FOLD_BLOCK: [transform]}, dense_fold=True)
     return out, record, transform, kept
 
 
@@ -135,10 +142,10 @@ def test_untouched_tensors_are_byte_identical(default_readers, pruned_default):
         assert got.tensor_type == t.tensor_type, new_name
         assert _sha(got) == _sha(t), f"{new_name} (from {name}) changed"
         checked += 1
-    assert checked == len(pruned) - 1 == record["copied"] and record["requantized"] == 1
-    assert record["dropped"] == 72 and record["type_changed"] == {folded: "Q8_0"}
-    assert record["folded"][folded]["source_type"] == "Q4_1"
-    assert record["tensors"]["blk.12.attn_q.weight"] == {
+    assert checked == len(pruned) - 1 == record.copied and record.requantized == 1
+    assert record.dropped == 72 and record.type_changed == {folded: "Q8_0"}
+    assert record.folded[folded].source_type == "Q4_1"
+    assert record.tensors["blk.12.attn_q.weight"].to_json() == {
         "source": "blk.20.attn_q.weight",
         "action": "copied",
         "type": "Q4_1",
@@ -162,14 +169,14 @@ def test_folded_tensor_is_q8_0_within_q8_0_error(default_readers, pruned_default
     err = np.abs(approx.reshape(-1, 32) - blocks).max(1)
     assert (err <= bound).all(), f"{(err > bound).sum()} blocks exceed Q8_0's rounding bound"
     rel = np.linalg.norm(approx - target) / np.linalg.norm(target)
-    assert rel == pytest.approx(record["folded"][name]["relative_error"], rel=1e-6)
+    assert rel == pytest.approx(record.folded[name].relative_error, rel=1e-6)
     # Far below what the source's own type would have given the same weights.
     in_q4_1 = quantize_like(target.astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
     back = np.asarray(gguf.quants.dequantize(in_q4_1.data, in_q4_1.qtype), dtype=np.float64)
     assert rel < 0.25 * np.linalg.norm(back.reshape(target.shape) - target) / np.linalg.norm(target)
     # The fold is really there: the stored weight is much closer to Tᵀ·W than to W.
     assert np.linalg.norm(approx - target) < 0.7 * np.linalg.norm(approx - w)
-    assert record["folded"][name]["quantizer"] == "gguf-py"
+    assert record.folded[name].quantizer == "gguf-py"
 
 
 def test_metadata_is_the_sources_with_the_block_count_sliced(default_gguf, pruned_default):
@@ -181,7 +188,7 @@ def test_metadata_is_the_sources_with_the_block_count_sliced(default_gguf, prune
             assert after[key].value == 22 and after[key].vtype == kv.vtype
         else:
             assert after[key] == kv, key
-    assert record["block_count"] == {"before": 30, "after": 22}
+    assert record.block_count == BlockCount(before=30, after=22)
 
 
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
@@ -254,14 +261,16 @@ def _pruned_hf_model(checkpoint: Path, family: str, cut: tuple[int, int], fold_b
     ],
 )
 def test_f32_prune_equals_pruning_the_hf_model(family, transform, tiny_checkpoints, tmp_path):
-    """f32 GGUF -> prune_gguf -> read back == transformers model folded and cut by apply.py."""
+    """f32 GGUF -> write_pruned_gguf -> read back == transformers model folded and cut by apply.py."""
     cut = (2, 4)
     src = export_gguf(tiny_checkpoints[family], tmp_path / "src.gguf", "f32")
     kept = [i for i in range(8) if not cut[0] <= i < cut[1]]
     adapter = ADAPTERS[family]
-    record = prune_gguf(src, tmp_path / "out.gguf", kept, {1: [transform]}, dense_fold=adapter.dense_fold)
+    record = write_pruned_gguf(
+        src, tmp_path / "out.gguf", kept, {1: [transform]}, dense_fold=adapter.dense_fold
+    )
     folded = "blk.1.ffn_down.weight" if adapter.dense_fold else "blk.1.post_ffw_norm.weight"
-    assert list(record["folded"]) == [folded] and record["folded"][folded]["relative_error"] < 1e-6
+    assert list(record.folded) == [folded] and record.folded[folded].relative_error < 1e-6
     model = _pruned_hf_model(tiny_checkpoints[family], family, cut, 1, transform)
     reader = GGUFCheckpointReader(tmp_path / "out.gguf")
     assert reader.block_count == 6 and reader.config.num_hidden_layers == 6
@@ -278,11 +287,11 @@ def test_bad_requests_are_refused_before_writing(tiny_checkpoints, tmp_path):
     src = export_gguf(tiny_checkpoints["gemma3"], tmp_path / "g3.gguf", "f32")
     out = tmp_path / "out.gguf"
     with pytest.raises(ConfigError, match="removed"):
-        prune_gguf(src, out, [0, 1, 2, 3, 4, 5], {7: [torch.ones(64)]}, dense_fold=False)
+        write_pruned_gguf(src, out, [0, 1, 2, 3, 4, 5], {7: [torch.ones(64)]}, dense_fold=False)
     with pytest.raises(ConfigError, match="diagonal"):
-        prune_gguf(src, out, list(range(8)), {1: [_near_identity(64)]}, dense_fold=False)
+        write_pruned_gguf(src, out, list(range(8)), {1: [_near_identity(64)]}, dense_fold=False)
     with pytest.raises(ConfigError, match="outside"):
-        prune_gguf(src, out, [0, 9], {}, dense_fold=False)
+        write_pruned_gguf(src, out, [0, 9], {}, dense_fold=False)
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -323,9 +332,9 @@ def test_k_quant_fold_is_written_in_q8_0(tiny_k_quant, tmp_path):
     qtype = source[name].tensor_type
     assert qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
     transform = _near_identity(256, seed=2)
-    record = prune_gguf(q4km, tmp_path / "out.gguf", [0, 1, 3], {1: [transform]}, dense_fold=True)
-    assert record["type_changed"] == {name: "Q8_0"} and record["folded"][name]["source_type"] == qtype.name
-    assert record["folded"][name]["quantizer"] == "gguf-py"
+    record = write_pruned_gguf(q4km, tmp_path / "out.gguf", [0, 1, 3], {1: [transform]}, dense_fold=True)
+    assert record.type_changed == {name: "Q8_0"} and record.folded[name].source_type == qtype.name
+    assert record.folded[name].quantizer == "gguf-py"
     pruned = _tensors(tmp_path / "out.gguf")
     assert pruned[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert pruned["blk.2.ffn_down.weight"].tensor_type == source["blk.3.ffn_down.weight"].tensor_type
@@ -380,7 +389,7 @@ def test_truncated_or_corrupt_gguf_is_exit_2_and_leaves_nothing(tiny_k_quant, tm
         bad.write_bytes(content)
         target = out_dir / f"pruned-{name}"
         with pytest.raises(ModelLoadError) as err:
-            prune_gguf(bad, target, [0, 1, 2], {}, dense_fold=True)
+            write_pruned_gguf(bad, target, [0, 1, 2], {}, dense_fold=True)
         assert err.value.exit_code == 2 and err.value.hint
         assert not target.exists() and list(out_dir.iterdir()) == []
 
@@ -388,9 +397,9 @@ def test_truncated_or_corrupt_gguf_is_exit_2_and_leaves_nothing(tiny_k_quant, tm
 def test_pruned_file_can_be_pruned_again(tiny_k_quant, tmp_path):
     """The output is an ordinary GGUF: valid offsets and alignment, readable by our own reader."""
     _, q4km = tiny_k_quant
-    first = prune_gguf(q4km, tmp_path / "a.gguf", [0, 1, 2], {}, dense_fold=True)
-    second = prune_gguf(tmp_path / "a.gguf", tmp_path / "b.gguf", [0, 2], {}, dense_fold=True)
-    assert first["requantized"] == second["requantized"] == 0
+    first = write_pruned_gguf(q4km, tmp_path / "a.gguf", [0, 1, 2], {}, dense_fold=True)
+    second = write_pruned_gguf(tmp_path / "a.gguf", tmp_path / "b.gguf", [0, 2], {}, dense_fold=True)
+    assert first.requantized == second.requantized == 0
     a, b = _tensors(tmp_path / "a.gguf"), _tensors(tmp_path / "b.gguf")
     assert _sha(b["blk.1.attn_v.weight"]) == _sha(a["blk.2.attn_v.weight"])
     shutil.rmtree(tmp_path, ignore_errors=True)

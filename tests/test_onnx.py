@@ -18,7 +18,7 @@ from converters.onnx_export import (
     read_export_info,
 )
 from rmexport.cli import main
-from validation.onnx_parity import TOLERANCES, OnnxParity, compare_onnx, heldout_prompts, validate_onnx
+from validation.onnx_parity import TOLERANCES, OnnxParity, compare_onnx, heldout_prompts
 from validation.ort_decoder import OrtDecoder
 
 from .conftest import FAMILIES
@@ -246,32 +246,32 @@ def test_genai_int4_runs_and_is_smaller(og, genai_exports, tiny_checkpoints, tmp
         return sum(p.stat().st_size for p in d.glob("model.onnx*"))
 
     assert size(int4) < 0.6 * size(genai_exports["llama"])
-    result = validate_onnx(int4, ckpt, n_prompts=1, prompt_tokens=32, new_tokens=8, raise_on_failure=False)
-    assert result["precision"] == "int4" and result["tolerance"]["max_abs_diff"] is None
-    assert 0 < result["max_abs_diff"] < 1e3 and result["positions"] == 32
+    result = compare_onnx(int4, ckpt, n_prompts=1, prompt_tokens=32, new_tokens=8, raise_on_failure=False)
+    assert result.precision == "int4" and result.tolerance.max_abs_diff is None
+    assert 0 < result.max_abs_diff < 1e3 and result.positions == 32
 
 
 # --- benchmarks (slow) ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_bench_original_vs_pruned(default_checkpoint, pruned_default_onnx, tmp_path):
-    from validation.onnx_bench import bench_onnx
+    from validation.onnx_bench import measure_onnx
     from validation.speed import SpeedProtocol, SpeedRounds
 
     original = export_onnx(default_checkpoint, tmp_path / "original")
     protocol = SpeedProtocol(
         prompt_tokens=(128, 512), gen_tokens=32, rounds=SpeedRounds(min_rounds=3, max_rounds=5)
     )
-    result = bench_onnx(original, pruned_default_onnx, eval_tokens=1024, protocol=protocol)
-    orig, pruned = result["models"]["original"], result["models"]["pruned"]
-    assert (orig["num_hidden_layers"], pruned["num_hidden_layers"]) == (30, 22)
-    phases = result["speed"]["phases"]
-    assert list(phases) == ["pp128", "pp512", "tg32"] and 3 <= result["speed"]["rounds"] <= 5
+    result = measure_onnx(original, pruned_default_onnx, eval_tokens=1024, protocol=protocol)
+    orig, pruned = result.models["original"], result.models["pruned"]
+    assert (orig.num_hidden_layers, pruned.num_hidden_layers) == (30, 22)
+    phases = result.speed.phases
+    assert list(phases) == ["pp128", "pp512", "tg32"] and 3 <= result.speed.rounds <= 5
     # The graph returns logits for every position: the head runs on the whole prompt, so even
     # prefill's ideal stays below L/N.
-    assert all(1.2 < p["ideal"] < 30 / 22 for p in phases.values())
-    assert pruned["ppl"] > orig["ppl"] > 1  # eight blocks removed without any fit cost quality
+    assert all(1.2 < p.ideal < 30 / 22 for p in phases.values())
+    assert pruned.ppl > orig.ppl > 1  # eight blocks removed without any fit cost quality
     for p in phases.values():  # no timing threshold here: the report's speed check judges that
-        assert p["slower_than_original"] == (p["speedup"]["median"] < 1)
-        assert p["speedup"]["min"] <= p["speedup"]["median"] <= p["speedup"]["max"]
-    (tmp_path / "bench.json").write_text(json.dumps(result))
+        assert p.slower_than_original == (p.speedup.median < 1)
+        assert p.speedup.min <= p.speedup.median <= p.speedup.max
+    (tmp_path / "bench.json").write_text(json.dumps(result.to_json()))
     assert EXPORT_INFO_FILE in {p.name for p in original.iterdir()}

@@ -214,7 +214,8 @@ def test_unknown_model(capsys, tmp_path):
 
 @pytest.mark.parametrize("source", ["builtin", "docs", "dialogue"])
 def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny_run, tmp_path, source):
-    from validation.report import write_report
+    from rmexport.records import PruneRecord
+    from validation.report import StageOutputs, write_report
 
     _, _, run_dir = tiny_run
     prune = json.loads((run_dir / "prune.json").read_text())
@@ -224,9 +225,9 @@ def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny
         q["ppl_pruned"] = q["ppl_plain_removal"] * 0.9
     by_source[source]["ppl_pruned"] = by_source[source]["ppl_plain_removal"] * 1.01  # ... but here
     shutil.copytree(run_dir / "plots", tmp_path / "plots")
-    report = write_report(tmp_path, prune, {}, {}, reused=[], wall_s=1.0)
-    assert report["quality_check"]["pruned_worse_than_plain_removal"] == [source]
-    assert report["all_checks_passed"] is False
+    report = write_report(tmp_path, PruneRecord.from_json(prune), StageOutputs(), {}, reused=[], wall_s=1.0)
+    assert report.quality_check.pruned_worse_than_plain_removal == [source]
+    assert report.all_checks_passed is False
     markdown = (tmp_path / "report.md").read_text()
     assert f"worse than plain removal of the same blocks on `{source}`" in markdown
     tokens = f"({RUN_EVAL_TOKENS} tokens)"  # the run's default for every held-out source

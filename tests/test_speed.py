@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,18 +17,20 @@ import pytest
 
 from rmexport.cli import main
 from rmexport.errors import ConfigError
+from rmexport.records import PruneRecord
+from rmexport.sysinfo import describe_machine
 from validation.flops import IdealSpeedup, ModelShape, attended_keys, ideal_speedups, phase_flops
+from validation.gguf_bench import GGUFBench, GGUFQuality, GGUFTypeBench
+from validation.report import StageOutputs
 from validation.speed import (
     Phase,
     SpeedProtocol,
     SpeedRounds,
     SpeedRun,
     Spread,
-    attach_ideal,
     format_phases,
     measure_speed,
     median_rel_se,
-    run_protocol,
     spread,
 )
 
@@ -118,16 +121,16 @@ def test_a_noisy_phase_keeps_being_timed_after_the_precise_ones_stop():
     protocol = SpeedProtocol(
         prompt_tokens=(8,), gen_tokens=2, rounds=SpeedRounds(warmup=0, min_rounds=2, max_rounds=6)
     )
-    result = run_protocol(
+    result = measure_speed(
         _phases({"pp8": 0.01, "tg2": 0.01}), _phases({"pp8": drifting, "tg2": 0.01}), protocol
     )
-    assert result["rounds"] == 6 and result["settled"] is False
-    pp8, tg2 = result["phases"]["pp8"], result["phases"]["tg2"]
-    assert pp8["rounds"] == 6 and not pp8["settled"] and pp8["speedup"]["rel_se"] > protocol.rounds.rel_tol
-    assert tg2["rounds"] == 3 and tg2["settled"]  # three rounds are the fewest that estimate a spread
-    s = pp8["speedup"]
-    assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
-    assert s["rounds"] == sorted(s["rounds"]) and s["max"] > 1.1**10  # faster every repetition
+    assert result.rounds == 6 and result.settled is False
+    pp8, tg2 = result.phases["pp8"], result.phases["tg2"]
+    assert pp8.rounds == 6 and not pp8.settled and pp8.speedup.rel_se > protocol.rounds.rel_tol
+    assert tg2.rounds == 3 and tg2.settled  # three rounds are the fewest that estimate a spread
+    s = pp8.speedup
+    assert s.min <= s.q1 <= s.median <= s.q3 <= s.max
+    assert s.rounds == sorted(s.rounds) and s.max > 1.1**10  # faster every repetition
 
 
 # The keys of a bench's "speed" and of each of its phases, in their order: the report reads them.
@@ -163,14 +166,13 @@ def test_a_speed_run_round_trips_through_json_as_the_benches_extend_it():
         protocol.phases,
     )
     settings = {"n_threads": 1}
-    extended = attach_ideal(timed | {"settings": settings}, ideals)  # gguf_bench's way
-    typed = replace(run, settings=settings).with_ideal(ideals)  # onnx_bench's way
-    assert json.loads(json.dumps(extended)) == json.loads(json.dumps(typed.to_json()))
+    typed = replace(run, settings=settings).with_ideal(ideals)  # as both benches extend it
+    extended = json.loads(json.dumps(typed.to_json()))
     assert list(extended) == SPEED_KEYS and list(extended["phases"]["pp16"]) == PHASE_KEYS
     assert typed.slower_than_original == ["tg4"] and typed.phases["pp16"].above_ideal is True
     assert typed.phases["pp16"].flops == ideals["pp16"].flops
-    assert SpeedRun.from_json(json.loads(json.dumps(extended))) == typed
-    assert format_phases(typed) == format_phases(extended)
+    assert SpeedRun.from_json(extended) == typed
+    assert format_phases(SpeedRun.from_json(extended)) == format_phases(typed)
     assert "SLOWER THAN ORIGINAL" in "\n".join(format_phases(typed))
 
 
@@ -205,7 +207,7 @@ def test_impossible_protocols_are_config_errors(kwargs):
 
 def test_protocol_needs_the_same_phases_for_both_models():
     with pytest.raises(ConfigError, match="phases"):
-        run_protocol(_phases({"pp16": 1.0}), _phases({"pp16": 1.0, "tg4": 1.0}), TINY)
+        measure_speed(_phases({"pp16": 1.0}), _phases({"pp16": 1.0, "tg4": 1.0}), TINY)
 
 
 # --- the ideal -----------------------------------------------------------------------------
@@ -317,27 +319,32 @@ def _check_speed_result(result: SpeedRun, protocol: SpeedProtocol, ideals: dict[
 
 def test_llama_cpp_speed_alternates_and_carries_the_ideal(tiny_checkpoints, pruned_llama, tmp_path):
     from converters.gguf_export import export_gguf
+    from validation.gguf_bench import measure_speed as gguf_speed
     from validation.gguf_bench import speed
 
     original = export_gguf(tiny_checkpoints["llama"], tmp_path / "o.gguf", "f16")
     pruned = export_gguf(pruned_llama, tmp_path / "p.gguf", "f16")
-    result = speed(original, pruned, TINY)
+    run = gguf_speed(original, pruned, TINY)
+    result = json.loads(json.dumps(run.to_json()))
+    assert SpeedRun.from_json(result) == run and list(result) == SPEED_KEYS
     ideals = ideal_speedups(
         ModelShape.from_config(json.loads((tiny_checkpoints["llama"] / "config.json").read_text())),
         ModelShape.from_config(json.loads((pruned_llama / "config.json").read_text())),
         TINY.phases,
         prompt_head="last",
     )
-    _check_speed_result(SpeedRun.from_json(result), TINY, ideals)
-    settings = result["settings"]
+    _check_speed_result(run, TINY, ideals)
+    settings = run.settings
     assert settings["n_ctx_requested"] == 16 + 4 and settings["n_threads"] >= 1
     assert settings["n_ctx"]["original"] == settings["n_ctx"]["pruned"] >= 16 + 4  # same settings
-    assert 1 < result["phases"]["pp16"]["ideal"] < 8 / 6
+    assert 1 < run.phases["pp16"].ideal < 8 / 6
+    quick = replace(TINY, rounds=SpeedRounds(warmup=0, min_rounds=1, max_rounds=1))
+    assert list(speed(original, pruned, quick)) == SPEED_KEYS  # the JSON rmexport.frontier stores
 
 
 def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpoints, pruned_llama, tmp_path):
     from converters.onnx_export import export_onnx
-    from validation.onnx_bench import OnnxBench, bench_onnx, format_table, measure_onnx, onnx_quality
+    from validation.onnx_bench import OnnxBench, OnnxQuality, format_table, measure_onnx, onnx_quality
 
     original = export_onnx(tiny_checkpoints["llama"], tmp_path / "o")
     pruned = export_onnx(pruned_llama, tmp_path / "p")
@@ -353,9 +360,9 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
         prompt_head="all",  # the optimum graph returns logits for every position
     )
     _check_speed_result(result.speed, protocol, ideals)
-    assert result.models["pruned"].ppl > 0 and result.machine["threads"] == result.threads
+    assert result.models["pruned"].ppl > 0 and result.machine.threads == result.threads
     assert result.models["pruned"].num_hidden_layers == 6 and result.eval.tokens > 0
-    assert "pp16" in format_table(result) and format_table(result.to_json()) == format_table(result)
+    assert "pp16" in format_table(result)
     data = json.loads(json.dumps(result.to_json()))
     assert list(data) == [
         "backend",
@@ -378,10 +385,11 @@ def test_onnxruntime_speed_counts_the_head_on_every_prompt_position(tiny_checkpo
     assert measured.ppl == pytest.approx(result.models["original"].ppl, rel=1e-6)
     marked = replace(measured, ppl=-1.0)  # a value no measurement gives: shows which one the bench used
     quick = replace(protocol, prompt_tokens=(8,), rounds=replace(protocol.rounds, min_rounds=1, max_rounds=1))
-    reused = bench_onnx(  # as the pipeline calls it: the original's stored JSON in, JSON out
-        original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=marked.to_json()
+    stored = OnnxQuality.from_json(json.loads(json.dumps(marked.to_json())))  # as the pipeline reads it back
+    reused = measure_onnx(
+        original, pruned, eval_tokens=64, window=32, protocol=quick, original_perplexity=stored
     )
-    assert reused["models"]["original"]["ppl"] == -1.0 and reused["models"]["pruned"]["ppl"] > 0
+    assert reused.models["original"].ppl == -1.0 and reused.models["pruned"].ppl > 0
     other_windows = measure_onnx(
         original, pruned, eval_tokens=96, window=32, protocol=quick, original_perplexity=marked
     )
@@ -397,50 +405,87 @@ def test_cli_rejects_an_impossible_protocol(tiny_checkpoints, capsys):
 
 
 # --- the report ----------------------------------------------------------------------------
-def _prune_record() -> dict:
+def _prune_record() -> PruneRecord:
     scores = {
         "candidates": [1, 2],
         "distance_last": {"1": 0.2, "2": 0.1},
         "distance_all": {"1": 0.3, "2": 0.2},
     }
-    return {
-        "model": {"spec": "tiny"},
-        "ratio": 0.25,
-        "L": 8,
-        "N": 6,
-        "n": 2,
-        "cuts": [
-            {
-                "cut": [2, 4],
-                "removed_layers": [2, 3],
-                "fit": {"solver": "lstsq", "rel_residual": 0.1, "rel_residual_plain_removal": 0.2},
-                "scores": scores,
-            }
-        ],
-        "quality": {"ppl_original": 10.0, "ppl_plain_removal": 20.0, "ppl_pruned": 12.0},
-        "fold_parity": {"passed": True, "max_abs_logit_diff": 1e-6, "atol": 1e-4},
-        "calibration": {"documents": 4, "source": "builtin", "packed": True, "tokens": 128, "sha256": "0"},
-        "evaluation": {"tokens": 64, "source": "builtin", "window": 32},
-        "solver": {"name": "lstsq"},
-        "selection": {"rule": "distance"},
-    }
+    return PruneRecord.from_json(
+        {
+            "model": {
+                "spec": "tiny",
+                "kind": "local",
+                "location": "/tiny",
+                "architecture": "LlamaForCausalLM",
+                "family": "llama",
+                "hidden_size": 64,
+            },
+            "L": 8,
+            "n": 2,
+            "N": 6,
+            "ratio": 0.25,
+            "kept_layers": [0, 1, 4, 5, 6, 7],
+            "cuts": [
+                {
+                    "cut": [2, 4],
+                    "removed_layers": [2, 3],
+                    "fit": {"solver": "lstsq", "rel_residual": 0.1, "rel_residual_plain_removal": 0.2},
+                    "scores": scores,
+                }
+            ],
+            "selection": {"rule": "distance"},
+            "solver": {"name": "lstsq"},
+            "calibration": {
+                "documents": 4,
+                "source": "builtin",
+                "packed": True,
+                "tokens": 128,
+                "sha256": "0",
+            },
+            "evaluation": {"tokens": 64, "source": "builtin", "window": 32},
+            "fold_parity": {
+                "max_abs_logit_diff": 1e-6,
+                "max_abs_logit": 10.0,
+                "atol": 1e-4,
+                "tokens": 64,
+                "passed": True,
+            },
+            "quality": {"ppl_original": 10.0, "ppl_plain_removal": 20.0, "ppl_pruned": 12.0},
+            "guard": {"judged_on": None, "kept": "fitted"},
+            "tokenizer_parity": {},
+            "memory": {},
+            "saved_dtype": "float32",
+            "versions": {},
+        }
+    )
 
 
-def _gguf_bench(pruned_seconds: float) -> dict:
+def _speed_run(pruned_tg: float | Callable[[], float], ideal: bool = True) -> SpeedRun:
     protocol = SpeedProtocol(
         prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=0, min_rounds=3, max_rounds=3)
     )
-    result = run_protocol(
-        _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": pruned_seconds}), protocol
+    run = measure_speed(
+        _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": pruned_tg}), protocol
     )
+    if not ideal:
+        return run
     shape = ModelShape.from_config(TINY_CONFIG)
     pruned = ModelShape.from_config(TINY_CONFIG | {"num_hidden_layers": 6})
-    result = attach_ideal(result, ideal_speedups(shape, pruned, protocol.phases))  # as gguf_bench does
-    models = {
-        role: {"block_count": blocks, "ppl": 10.0, "size_bytes": 1000 * blocks}
+    return replace(run, settings={"n_threads": 1}).with_ideal(ideal_speedups(shape, pruned, protocol.phases))
+
+
+def _gguf_bench(speed: SpeedRun) -> dict[str, GGUFBench]:
+    quality = {
+        role: GGUFQuality(f"/{role}.gguf", 1000 * blocks, blocks, 10.0, 2.3, 64, 2, "0")
         for role, blocks in (("original", 8), ("pruned", 6))
     }
-    return {"f16": {"machine": {"cpu": "test", "threads": 1}, "types": {"f16": {**models, "speed": result}}}}
+    machine = describe_machine("numpy", threads=1)
+    entry = GGUFTypeBench(quality["original"], quality["pruned"], 0.75, speed)
+    library = {"llama_cpp_python": "0", "system_info": "", "extra_buffer_types": True}
+    return {
+        "f16": GGUFBench("/original.gguf", "/pruned.gguf", 2, 32, 1, library, machine, {}, {"f16": entry})
+    }
 
 
 def _linked_images(markdown: str) -> list[str]:
@@ -458,12 +503,13 @@ def assert_every_linked_image_exists(run_dir: Path) -> list[str]:
 def test_report_flags_a_slowdown_and_links_only_written_plots(tmp_path, pruned_seconds, slower):
     from validation.report import write_report
 
-    report = write_report(tmp_path, _prune_record(), {"gguf_bench": _gguf_bench(pruned_seconds)}, {}, [], 1.0)
-    rows = {r["phase"]: r for r in report["speed"]}
-    assert set(rows) == {"pp16", "tg4"} and rows["pp16"]["measured"] == pytest.approx(2.0)
-    assert rows["tg4"]["slower_than_original"] is slower
-    assert report["speed_checks"]["passed"] is not slower
-    assert report["all_checks_passed"] is not slower
+    outputs = StageOutputs(gguf_bench=_gguf_bench(_speed_run(pruned_seconds)))
+    report = write_report(tmp_path, _prune_record(), outputs, {}, [], 1.0)
+    rows = {r.phase: r for r in report.speed}
+    assert set(rows) == {"pp16", "tg4"} and rows["pp16"].measured == pytest.approx(2.0)
+    assert rows["tg4"].slower_than_original is slower
+    assert report.speed_checks.passed is not slower
+    assert report.all_checks_passed is not slower
     assert json.loads((tmp_path / "report.json").read_text())["all_checks_passed"] is not slower
     markdown = (tmp_path / "report.md").read_text()
     assert ("slower than original" in markdown) is slower
@@ -475,8 +521,8 @@ def test_report_flags_a_slowdown_and_links_only_written_plots(tmp_path, pruned_s
 def test_report_without_benchmarks_links_no_speed_plot(tmp_path):
     from validation.report import write_report
 
-    report = write_report(tmp_path, _prune_record(), {}, {}, [], 1.0)
-    assert report["speed"] == [] and report["all_checks_passed"] is True
+    report = write_report(tmp_path, _prune_record(), StageOutputs(), {}, [], 1.0)
+    assert report.speed == [] and report.all_checks_passed is True
     assert "plots/speed.png" not in assert_every_linked_image_exists(tmp_path)
     assert not (tmp_path / "plots" / "speed.png").exists()
 
@@ -488,17 +534,48 @@ def test_a_median_below_one_with_a_spread_above_one_is_inconclusive_not_failed(t
     from validation.report import write_report
 
     times = cycle([0.03, 0.03, 0.005])
-    bench = _gguf_bench(0.01)
-    protocol = SpeedProtocol(
-        prompt_tokens=(16,), gen_tokens=4, rounds=SpeedRounds(warmup=0, min_rounds=3, max_rounds=3)
-    )
-    bench["f16"]["types"]["f16"]["speed"] = run_protocol(
-        _phases({"pp16": 0.02, "tg4": 0.02}), _phases({"pp16": 0.01, "tg4": lambda: next(times)}), protocol
-    )
-    report = write_report(tmp_path, _prune_record(), {"gguf_bench": bench}, {}, [], 1.0)
-    row = next(r for r in report["speed"] if r["phase"] == "tg4")
-    assert row["slower_than_original"] and not row["consistently_slower"]
-    assert report["speed_checks"]["passed"] and report["speed_checks"]["inconclusive"] == [
-        "llama.cpp f16 tg4"
-    ]
+    bench = _gguf_bench(_speed_run(lambda: next(times), ideal=False))
+    report = write_report(tmp_path, _prune_record(), StageOutputs(gguf_bench=bench), {}, [], 1.0)
+    row = next(r for r in report.speed if r.phase == "tg4")
+    assert row.slower_than_original and not row.consistently_slower
+    assert report.speed_checks.passed and report.speed_checks.inconclusive == ["llama.cpp f16 tg4"]
     assert "inconclusive" in (tmp_path / "report.md").read_text()
+
+
+# The keys of report.json, in their order (the stage outputs come between ``machines`` and ``timings_s``).
+REPORT_KEYS = [
+    "model", "ratio", "L", "N", "cuts", "prune", "quality_check", "runtimes", "speed", "speed_checks",
+    "machines", "gguf_imatrix", "gguf_bench", "timings_s", "reused_stages", "wall_s", "all_checks_passed",
+    "plots",
+]  # fmt: skip
+
+
+def test_the_report_and_its_inputs_round_trip_through_json(tmp_path):
+    """Every record the report takes or writes reads back from its JSON, keys and their order included."""
+    from converters.imatrix import ImatrixUse
+    from rmexport.sysinfo import MachineInfo
+    from validation.report import RuntimeRow, SpeedRow, write_report
+
+    imatrix = {"pruned q4_k_m": ImatrixUse("imatrix.gguf", "calibration.txt", 16, 210), "original f16": None}
+    outputs = StageOutputs(gguf_imatrix=imatrix, gguf_bench=_gguf_bench(_speed_run(0.01)))
+    data = json.loads(json.dumps(outputs.to_json()))
+    assert list(data) == ["gguf_imatrix", "gguf_bench"] and StageOutputs.from_json(data) == outputs
+    bench = data["gguf_bench"]["f16"]
+    assert list(bench) == [
+        "original", "pruned", "windows", "window_tokens", "n_threads", "library", "machine", "torch", "types",
+    ]  # fmt: skip
+    assert list(bench["types"]["f16"]) == ["original", "pruned", "size_ratio", "speed"]
+    assert list(bench["types"]["f16"]["original"]) == [
+        "file", "size_bytes", "block_count", "ppl", "mean_nll", "tokens", "windows", "windows_sha256",
+    ]  # fmt: skip
+    assert GGUFBench.from_json(bench) == outputs.gguf_bench["f16"]
+    machine = outputs.gguf_bench["f16"].machine
+    assert MachineInfo.from_json(json.loads(json.dumps(machine.to_json()))) == machine
+
+    report = write_report(tmp_path, _prune_record(), outputs, {"prune": 1.234}, ["prune"], 12.34)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert list(written) == REPORT_KEYS and written == json.loads(json.dumps(report.to_json()))
+    assert [RuntimeRow(**r) for r in written["runtimes"]] == report.runtimes
+    assert [SpeedRow(**r) for r in written["speed"]] == report.speed
+    assert written["machines"]["llama.cpp f16"]["llama_cpp"]["extra_buffer_types"] is True
+    assert written["timings_s"] == {"prune": 1.23} and written["wall_s"] == 12.3

@@ -14,31 +14,38 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from converters.gguf_export import describe_gguf
+from converters.gguf_export import summarize_gguf
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.calib.corpus import load_corpus
 from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger
-from rmexport.sysinfo import machine_info, usable_cores
+from rmexport.records import JsonObject, from_jsonable
+from rmexport.sysinfo import MachineInfo, describe_machine, usable_cores
 from validation.gguf_parity import gguf_type_of
-from validation.perplexity import measured_on, perplexity, torch_forward, windows_digest
+from validation.perplexity import PerplexityResult, measured_here, perplexity, torch_forward, windows_digest
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
 
 __all__ = [
     "DEFAULT_PROTOCOL",
+    "GGUFBench",
+    "GGUFQuality",
+    "GGUFTypeBench",
+    "HeldoutPerplexity",
     "bench_gguf",
     "format_table",
     "gguf_perplexity",
     "llama_cpp_forward",
+    "measure_speed",
     "speed",
 ]
 
@@ -46,6 +53,76 @@ log = get_logger(__name__)
 
 DEFAULT_PROTOCOL = speed_protocol.SpeedProtocol(prompt_tokens=(512,), gen_tokens=128)
 _VERSIONS = ("llama-cpp-python", "gguf", "numpy")
+
+
+@dataclass(frozen=True)
+class HeldoutPerplexity:
+    """Perplexity over the held-out windows (a PyTorch reference's, beside llama.cpp's)."""
+
+    ppl: float
+    mean_nll: float
+    tokens: int
+    windows: int
+
+    @classmethod
+    def of(cls, result: PerplexityResult) -> HeldoutPerplexity:
+        return cls(ppl=result.ppl, mean_nll=result.mean_nll, tokens=result.n_tokens, windows=result.n_windows)
+
+
+@dataclass(frozen=True)
+class GGUFQuality:
+    """One GGUF's size, blocks and held-out perplexity, with the digest of the windows it was measured on."""
+
+    file: str
+    size_bytes: int
+    block_count: int | None
+    ppl: float
+    mean_nll: float
+    tokens: int
+    windows: int
+    windows_sha256: str
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> GGUFQuality:
+        return from_jsonable(cls, data)
+
+
+@dataclass(frozen=True)
+class GGUFTypeBench:
+    """Original vs pruned at one GGUF type."""
+
+    original: GGUFQuality
+    pruned: GGUFQuality
+    size_ratio: float  # pruned over original
+    speed: speed_protocol.SpeedRun  # with each phase's ideal and llama.cpp's settings
+
+    def to_json(self) -> JsonObject:
+        return asdict(self) | {"speed": self.speed.to_json()}
+
+
+@dataclass(frozen=True)
+class GGUFBench:
+    """``bench_gguf``'s result; ``to_json()`` is one type's entry of ``checks/gguf_bench.json``."""
+
+    original: str
+    pruned: str
+    windows: int
+    window_tokens: int
+    n_threads: int
+    library: dict[str, str | bool]  # llamacpp.library_info
+    machine: MachineInfo
+    torch: dict[str, HeldoutPerplexity]  # "original", "pruned": of the HF checkpoints given
+    types: dict[str, GGUFTypeBench]
+
+    def to_json(self) -> JsonObject:
+        return asdict(self) | {"types": {t: entry.to_json() for t, entry in self.types.items()}}
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> GGUFBench:
+        return from_jsonable(cls, data)
 
 
 def llama_cpp_forward(model: Any):
@@ -74,9 +151,9 @@ def _generation_phase(model: Any, tokens: list[int]) -> speed_protocol.Phase:
     )
 
 
-def speed(
+def measure_speed(
     original: str | Path, pruned: str | Path, protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL
-) -> dict[str, Any]:
+) -> speed_protocol.SpeedRun:
     """The speed protocol on two GGUF files in llama.cpp, with each phase's ideal speed-up."""
     paths = {"original": Path(original), "pruned": Path(pruned)}
     threads = protocol.resolved_threads()
@@ -95,19 +172,26 @@ def speed(
             }
             for role, model in models.items()
         }
-        result = speed_protocol.run_protocol(phases["original"], phases["pruned"], protocol)
+        run = speed_protocol.measure_speed(phases["original"], phases["pruned"], protocol)
         # llama.cpp may round the context up (to a multiple of 256); record what it used.
         actual_ctx = {role: model.n_ctx() for role, model in models.items()}
     shapes = {role: ModelShape.from_gguf(path) for role, path in paths.items()}
     ideals = ideal_speedups(shapes["original"], shapes["pruned"], protocol.phases, prompt_head="last")
-    result["settings"] = {
+    settings = {
         "n_ctx_requested": context,
         "n_ctx": actual_ctx,
         "n_batch": context,
         "n_ubatch": context,
         "n_threads": threads,
     }
-    return speed_protocol.attach_ideal(result, ideals)
+    return replace(run, settings=settings).with_ideal(ideals)
+
+
+def speed(
+    original: str | Path, pruned: str | Path, protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL
+) -> JsonObject:
+    """``measure_speed`` as JSON: the form rmexport/frontier.py stores (until it takes the record itself)."""
+    return measure_speed(original, pruned, protocol).to_json()
 
 
 class _LlamaTokenizer:
@@ -126,7 +210,7 @@ def _is_gguf(spec: str | Path) -> bool:
 
 
 def _block_count(path: Path) -> int | None:
-    return describe_gguf(path)["block_count"]
+    return summarize_gguf(path).block_count
 
 
 def _windows(original: str | Path, pruned: str | Path, eval_tokens: int, window: int) -> torch.Tensor:
@@ -140,11 +224,13 @@ def _windows(original: str | Path, pruned: str | Path, eval_tokens: int, window:
         return heldout_windows(corpus, _LlamaTokenizer(model), eval_tokens, window)
 
 
-def _torch_ppl(checkpoint: Path, windows: torch.Tensor) -> dict[str, Any]:
+def _torch_ppl(checkpoint: Path, windows: torch.Tensor) -> HeldoutPerplexity:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    return perplexity(torch_forward(model), windows, batch_size=1, desc="PyTorch perplexity").as_dict()
+    return HeldoutPerplexity.of(
+        perplexity(torch_forward(model), windows, batch_size=1, desc="PyTorch perplexity")
+    )
 
 
 # (HF checkpoint, GGUF file to write, GGUF type) -> the file written; the caller supplies the writer.
@@ -159,7 +245,7 @@ def _gguf_file(spec: str | Path, gguf_type: str, work_dir: Path, role: str, expo
     return export(Path(spec), work_dir / f"{role}-{gguf_type}.gguf", gguf_type)
 
 
-def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any]:
+def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> GGUFQuality:
     """Size, blocks and perplexity of one GGUF over the held-out windows (and their digest)."""
     f32 = gguf_type_of(path) == "f32"  # f32 weights: keep the KV cache in f32 too, as parity does
     with llama_cpp_tools.open_model(
@@ -168,25 +254,36 @@ def _quality(path: Path, windows: torch.Tensor, n_threads: int) -> dict[str, Any
         ppl = perplexity(
             llama_cpp_forward(model), windows, batch_size=1, desc=f"llama.cpp perplexity {path.name}"
         )
-    result = {"file": str(path), "size_bytes": path.stat().st_size, "block_count": _block_count(path)}
-    result.update(ppl.as_dict())
-    result["windows_sha256"] = windows_digest(windows)
-    return result
+    return GGUFQuality(
+        file=str(path),
+        size_bytes=path.stat().st_size,
+        block_count=_block_count(path),
+        ppl=ppl.ppl,
+        mean_nll=ppl.mean_nll,
+        tokens=ppl.n_tokens,
+        windows=ppl.n_windows,
+        windows_sha256=windows_digest(windows),
+    )
 
 
 def _earlier_measurement(
-    earlier: Sequence[dict[str, Any]], path: Path, windows: torch.Tensor
-) -> dict[str, Any] | None:
+    earlier: Sequence[GGUFQuality], path: Path, windows: torch.Tensor
+) -> GGUFQuality | None:
     """The measurement of ``path`` among ``earlier`` ones, if it was made on this file and these windows."""
     size = path.stat().st_size
     return next(
-        (m for m in earlier if measured_on(m, path, windows, "file") and m["size_bytes"] == size), None
+        (
+            m
+            for m in earlier
+            if measured_here(m.file, m.windows_sha256, path, windows) and m.size_bytes == size
+        ),
+        None,
     )
 
 
 def gguf_perplexity(
     path: str | Path, *, eval_tokens: int = 2048, window: int = 512, threads: int = 0
-) -> dict[str, Any]:
+) -> GGUFQuality:
     """What ``bench_gguf`` measures of one GGUF besides speed: size, blocks and held-out perplexity.
     The original's never changes between runs, so a pipeline measures it once per model and hands
     it back to ``bench_gguf(original_quality=...)``."""
@@ -205,8 +302,8 @@ def bench_gguf(
     torch_reference: bool = True,
     work_dir: str | Path | None = None,
     export: Exporter | None = None,
-    original_quality: Sequence[dict[str, Any]] = (),
-) -> dict[str, Any]:
+    original_quality: Sequence[GGUFQuality] = (),
+) -> GGUFBench:
     """Perplexity, speed and size of original vs pruned in llama.cpp, per GGUF type.
 
     ``original`` and ``pruned`` are GGUF files, or HF checkpoints that ``export`` writes as a GGUF
@@ -220,21 +317,13 @@ def bench_gguf(
         types = tuple(file_types)
     threads = protocol.resolved_threads()
     windows = _windows(original, pruned, eval_tokens, window)
-    result: dict[str, Any] = {
-        "original": str(original),
-        "pruned": str(pruned),
-        "windows": int(windows.shape[0]),
-        "window_tokens": window,
-        "n_threads": threads,
-        "library": llama_cpp_tools.library_info(),
-        "machine": machine_info(*_VERSIONS, threads=threads),
-        "torch": {},
-        "types": {},
-    }
+    library, machine = llama_cpp_tools.library_info(), describe_machine(*_VERSIONS, threads=threads)
+    torch_ppl = {}
     if torch_reference:
         for role, spec in (("original", original), ("pruned", pruned)):
             if not _is_gguf(spec):
-                result["torch"][role] = _torch_ppl(Path(spec), windows)
+                torch_ppl[role] = _torch_ppl(Path(spec), windows)
+    by_type = {}
     with tempfile.TemporaryDirectory(prefix="rmexport-bench-") as scratch:
         folder = Path(work_dir) if work_dir else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,49 +332,61 @@ def bench_gguf(
                 role: _gguf_file(spec, gguf_type, folder, role, export)
                 for role, spec in (("original", original), ("pruned", pruned))
             }
-            entry: dict[str, Any] = {}
+            quality = {}
             for role, path in paths.items():
                 earlier = (
                     _earlier_measurement(original_quality, path, windows) if role == "original" else None
                 )
                 if earlier is not None:
                     log.info(
-                        "llama.cpp perplexity of %s: %.3f (measured once per model)",
-                        path.name,
-                        earlier["ppl"],
+                        "llama.cpp perplexity of %s: %.3f (measured once per model)", path.name, earlier.ppl
                     )
-                entry[role] = earlier or _quality(path, windows, threads)
-            entry["size_ratio"] = entry["pruned"]["size_bytes"] / entry["original"]["size_bytes"]
-            entry["speed"] = speed(paths["original"], paths["pruned"], protocol)
-            for phase, measured in entry["speed"]["phases"].items():
+                quality[role] = earlier or _quality(path, windows, threads)
+            run = measure_speed(paths["original"], paths["pruned"], protocol)
+            for phase, measured in run.phases.items():
                 log.info(
                     "%s %s: x%.2f (ideal x%.2f) over %d rounds",
                     gguf_type,
                     phase,
-                    measured["speedup"]["median"],
-                    measured["ideal"],
-                    entry["speed"]["rounds"],
+                    measured.speedup.median,
+                    measured.ideal,
+                    run.rounds,
                 )
-            result["types"][gguf_type] = entry
-    return result
+            by_type[gguf_type] = GGUFTypeBench(
+                original=quality["original"],
+                pruned=quality["pruned"],
+                size_ratio=quality["pruned"].size_bytes / quality["original"].size_bytes,
+                speed=run,
+            )
+    return GGUFBench(
+        original=str(original),
+        pruned=str(pruned),
+        windows=int(windows.shape[0]),
+        window_tokens=window,
+        n_threads=threads,
+        library=library,
+        machine=machine,
+        torch=torch_ppl,
+        types=by_type,
+    )
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: GGUFBench) -> str:
     header = f"{'type':<7} {'model':<9} {'blocks':>6} {'MiB':>7} {'ppl':>9} {'torch ppl':>9}"
     lines = [
-        f"{result['windows']} windows x {result['window_tokens']} tokens, {result['n_threads']} threads",
+        f"{result.windows} windows x {result.window_tokens} tokens, {result.n_threads} threads",
         header,
         "-" * len(header),
     ]
-    for gguf_type, entry in result["types"].items():
+    for gguf_type, entry in result.types.items():
         for role in ("original", "pruned"):
-            r = entry[role]
-            torch_ppl = result["torch"].get(role, {}).get("ppl")
-            torch_text = "-" if torch_ppl is None else f"{torch_ppl:.3f}"
+            r = entry.original if role == "original" else entry.pruned
+            torch_ppl = result.torch.get(role)
+            torch_text = "-" if torch_ppl is None else f"{torch_ppl.ppl:.3f}"
             lines.append(
-                f"{gguf_type:<7} {role:<9} {r['block_count'] or '?':>6} {r['size_bytes'] / 2**20:>7.1f} "
-                f"{r['ppl']:>9.3f} {torch_text:>9}"
+                f"{gguf_type:<7} {role:<9} {r.block_count or '?':>6} {r.size_bytes / 2**20:>7.1f} "
+                f"{r.ppl:>9.3f} {torch_text:>9}"
             )
-    for gguf_type, entry in result["types"].items():
-        lines += ["", f"{gguf_type} speed:", *speed_protocol.format_phases(entry["speed"])]
+    for gguf_type, entry in result.types.items():
+        lines += ["", f"{gguf_type} speed:", *speed_protocol.format_phases(entry.speed)]
     return "\n".join(lines)

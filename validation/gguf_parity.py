@@ -45,7 +45,6 @@ __all__ = [
     "gguf_type_of",
     "print_table",
     "source_relative_tolerance",
-    "validate_gguf",
 ]
 
 log = get_logger(__name__)
@@ -111,10 +110,9 @@ class SourceError:
     max_abs_diff: float
 
     @classmethod
-    def of(cls, result: GGUFParity | JsonObject) -> SourceError:
-        """From the original's ``compare_gguf`` record, or its JSON as read back from its file."""
-        data = result.to_json() if isinstance(result, GGUFParity) else result
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+    def of(cls, result: GGUFParity) -> SourceError:
+        """From the original's ``compare_gguf`` record."""
+        return cls(**{f.name: getattr(result, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -224,12 +222,12 @@ def compare_gguf(
     n_threads: int = 2,
     gguf_type: str | None = None,
     check: bool = True,
-    source_error: GGUFParity | JsonObject | None = None,
+    source_error: GGUFParity | None = None,
 ) -> GGUFParity:
     """Compare llama.cpp running ``gguf_file`` with PyTorch running ``reference`` (HF dir).
 
     ``source_error``: the same comparison of the original model's GGUF of this type with the
-    original model (or its JSON); a lossy type is then held to ``source_relative_tolerance``."""
+    original model; a lossy type is then held to ``source_relative_tolerance``."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -319,45 +317,12 @@ def compare_gguf(
     return result
 
 
-def validate_gguf(
-    gguf_file: str | Path,
-    reference: str | Path,
-    *,
-    n_prompts: int = 4,
-    max_tokens: int = 96,
-    new_tokens: int = 32,
-    n_threads: int = 2,
-    gguf_type: str | None = None,
-    check: bool = True,
-    source_error: GGUFParity | JsonObject | None = None,
-) -> JsonObject:
-    """``compare_gguf``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
-    take the record itself)."""
-    return compare_gguf(
-        gguf_file,
-        reference,
-        n_prompts=n_prompts,
-        max_tokens=max_tokens,
-        new_tokens=new_tokens,
-        n_threads=n_threads,
-        gguf_type=gguf_type,
-        check=check,
-        source_error=source_error,
-    ).to_json()
-
-
-def _record(result: GGUFParity | JsonObject) -> GGUFParity:
-    return result if isinstance(result, GGUFParity) else GGUFParity.from_json(result)
-
-
-def format_table(result: GGUFParity | JsonObject) -> str:
-    """The result (or its JSON) as a plain-text table (also used in the ToleranceError message)."""
-    r = _record(result)
+def format_table(r: GGUFParity) -> str:
+    """The result as a plain-text table (also used in the ToleranceError message)."""
     return parity.format_table(
         r.measured(), r.tolerance, f"gguf parity [{r.type}]: {r.gguf_file} vs {r.reference}"
     )
 
 
-def print_table(result: GGUFParity | JsonObject) -> None:
-    r = _record(result)
+def print_table(r: GGUFParity) -> None:
     parity.print_table(r.measured(), r.tolerance, f"GGUF parity [{r.type}]  {r.gguf_file}")

@@ -26,7 +26,7 @@ from rmexport.calib.corpus import load_corpus
 from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError, ModelLoadError
 from rmexport.records import Evaluation, JsonObject, from_jsonable
-from rmexport.sysinfo import machine_info, usable_cores
+from rmexport.sysinfo import MachineInfo, describe_machine, usable_cores
 
 from . import speed as speed_protocol
 from .flops import ModelShape, ideal_speedups
@@ -37,10 +37,8 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "OnnxBench",
     "OnnxQuality",
-    "bench_onnx",
     "format_table",
     "measure_onnx",
-    "onnx_perplexity",
     "onnx_quality",
 ]
 
@@ -80,7 +78,7 @@ class OnnxBench:
     backend: str
     eval: Evaluation
     threads: int
-    machine: JsonObject  # sysinfo.machine_info
+    machine: MachineInfo
     models: dict[str, OnnxQuality]  # "original", "pruned"
     ppl_ratio: float  # pruned over original
     size_ratio: float
@@ -188,13 +186,6 @@ def onnx_quality(
     return _measured(OrtDecoder(onnx_dir, threads=threads or usable_cores()), windows, "original")
 
 
-def onnx_perplexity(
-    onnx_dir: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS, window: int = 512, threads: int = 0
-) -> JsonObject:
-    """``onnx_quality`` as JSON: the form pipeline.py stores (until it takes the record itself)."""
-    return onnx_quality(onnx_dir, eval_tokens=eval_tokens, window=window, threads=threads).to_json()
-
-
 def measure_onnx(
     original_dir: str | Path,
     pruned_dir: str | Path,
@@ -202,11 +193,11 @@ def measure_onnx(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int = 512,
     protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
-    original_perplexity: OnnxQuality | JsonObject | None = None,
+    original_perplexity: OnnxQuality | None = None,
 ) -> OnnxBench:
     """Perplexity and speed of two ONNX exports side by side, each speed-up against its ideal.
 
-    ``original_perplexity`` (from ``onnx_quality``, or its JSON as stored) is used instead of
+    ``original_perplexity`` (from ``onnx_quality``) is used instead of
     measuring the original again when it was measured on the same export and the same windows."""
     original_dir, pruned_dir = _checked_dir(original_dir), _checked_dir(pruned_dir)
     windows = _windows(original_dir, eval_tokens, window)
@@ -216,9 +207,6 @@ def measure_onnx(
             hint="compare a pruned model with the model it was pruned from",
         )
     earlier = original_perplexity
-    if isinstance(earlier, dict):
-        earlier = OnnxQuality.from_json(earlier)
-
     threads = protocol.resolved_threads()
     paths = {"original": original_dir, "pruned": pruned_dir}
     decoders = {name: OrtDecoder(path, threads=threads) for name, path in paths.items()}
@@ -237,7 +225,7 @@ def measure_onnx(
         backend="onnxruntime",
         eval=Evaluation(source="builtin", tokens=original.tokens, window=window),
         threads=threads,
-        machine=machine_info(*_VERSIONS, threads=threads),
+        machine=describe_machine(*_VERSIONS, threads=threads),
         models=models,
         ppl_ratio=pruned.ppl / original.ppl,
         size_ratio=pruned.size_bytes / original.size_bytes,
@@ -245,34 +233,12 @@ def measure_onnx(
     )
 
 
-def bench_onnx(
-    original_dir: str | Path,
-    pruned_dir: str | Path,
-    *,
-    eval_tokens: int = DEFAULT_EVAL_TOKENS,
-    window: int = 512,
-    protocol: speed_protocol.SpeedProtocol = DEFAULT_PROTOCOL,
-    original_perplexity: OnnxQuality | JsonObject | None = None,
-) -> JsonObject:
-    """``measure_onnx``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
-    take the record itself)."""
-    return measure_onnx(
-        original_dir,
-        pruned_dir,
-        eval_tokens=eval_tokens,
-        window=window,
-        protocol=protocol,
-        original_perplexity=original_perplexity,
-    ).to_json()
-
-
-def format_table(result: OnnxBench | JsonObject) -> str:
-    """The result (or its JSON) as plain text: each model's size and perplexity, then the speed table."""
-    bench = result if isinstance(result, OnnxBench) else OnnxBench.from_json(result)
+def format_table(bench: OnnxBench) -> str:
+    """The result as plain text: each model's size and perplexity, then the speed table."""
     machine = bench.machine
     lines = [
-        f"onnxruntime {machine['versions'].get('onnxruntime')} on {machine['cpu']} "
-        f"({machine['usable_cores']} cores, {bench.threads} threads)",
+        f"onnxruntime {machine.versions.get('onnxruntime')} on {machine.cpu} "
+        f"({machine.usable_cores} cores, {bench.threads} threads)",
         f"{'model':<9} {'blocks':>6} {'MiB':>8} {'perplexity':>11}",
     ]
     for role, m in bench.models.items():

@@ -41,7 +41,6 @@ __all__ = [
     "format_table",
     "heldout_prompts",
     "print_table",
-    "validate_onnx",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,19 +175,13 @@ def _compare_prompt(
     )
 
 
-def _record(result: OnnxParity | JsonObject) -> OnnxParity:
-    return result if isinstance(result, OnnxParity) else OnnxParity.from_json(result)
-
-
-def format_table(result: OnnxParity | JsonObject) -> str:
-    """The result (or its JSON) as a plain-text table (also used in the ToleranceError message)."""
-    r = _record(result)
+def format_table(r: OnnxParity) -> str:
+    """The result as a plain-text table (also used in the ToleranceError message)."""
     title = f"onnx parity [{r.flavor}, {r.precision}]: {r.onnx_dir} vs {r.reference}"
     return parity.format_table(r.measured(), r.tolerance, title)
 
 
-def print_table(result: OnnxParity | JsonObject) -> None:
-    r = _record(result)
+def print_table(r: OnnxParity) -> None:
     parity.print_table(r.measured(), r.tolerance, f"ONNX parity [{r.flavor}, {r.precision}]  {r.onnx_dir}")
 
 
@@ -259,24 +252,3 @@ def compare_onnx(
             hint="see the table; re-export, or compare against the checkpoint the export came from",
         )
     return result
-
-
-def validate_onnx(
-    onnx_dir: str | Path,
-    reference_ckpt: str | Path,
-    *,
-    n_prompts: int = DEFAULT_PROMPTS,
-    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
-    raise_on_failure: bool = True,
-) -> JsonObject:
-    """``compare_onnx``'s record as JSON: the form pipeline.py writes and cli.py reads (until they
-    take the record itself)."""
-    return compare_onnx(
-        onnx_dir,
-        reference_ckpt,
-        n_prompts=n_prompts,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        raise_on_failure=raise_on_failure,
-    ).to_json()

@@ -19,12 +19,10 @@ import torch
 from rmexport.log import progress
 from rmexport.measures import nll_sum
 from rmexport.measures import perplexity as perplexity_of
-from rmexport.records import JsonObject
 
 __all__ = [
     "PerplexityResult",
     "measured_here",
-    "measured_on",
     "perplexity",
     "torch_forward",
     "window_nll",
@@ -41,14 +39,6 @@ class PerplexityResult:
     n_tokens: int
     n_windows: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "ppl": self.ppl,
-            "mean_nll": self.mean_nll,
-            "tokens": self.n_tokens,
-            "windows": self.n_windows,
-        }
-
 
 def windows_digest(windows: torch.Tensor) -> str:
     """A short hash of the token ids, so a perplexity measured earlier is reused only on the same windows."""
@@ -62,13 +52,6 @@ def measured_here(
     ``path`` and these windows: only then may a benchmark use it instead of measuring again."""
     return Path(measured_path).resolve() == Path(path).resolve() and measured_digest == windows_digest(
         windows
-    )
-
-
-def measured_on(earlier: JsonObject | None, path: Path, windows: torch.Tensor, path_key: str) -> bool:
-    """``measured_here`` for a stored measurement (its JSON, ``earlier[path_key]`` its file or folder)."""
-    return earlier is not None and measured_here(
-        earlier[path_key], earlier.get("windows_sha256"), path, windows
     )
 
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rmexport.records import PruneRecord
+
 __all__ = ["plot_bars", "plot_frontier", "plot_selection_profile", "plot_speedups"]
 
 
@@ -35,13 +37,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_selection_profile(prune_record: dict[str, Any], path: Path) -> Path:
+def plot_selection_profile(prune_record: PruneRecord, path: Path) -> Path:
     """Per candidate start: angular distance and fit errors, with the chosen cut shaded."""
     plt = _pyplot()
-    cuts = prune_record["cuts"]
+    cuts = prune_record.cuts
     fig, axes = plt.subplots(len(cuts), 1, figsize=(8, 3.2 * len(cuts)), squeeze=False)
     for ax, cut in zip(axes[:, 0], cuts, strict=True):
-        scores = cut["scores"]
+        scores = cut.scores
         starts = [int(s) for s in scores["candidates"]]
         ax.plot(
             starts,
@@ -61,14 +63,14 @@ def plot_selection_profile(prune_record: dict[str, Any], path: Path) -> Path:
             xs = sorted(int(s) for s in fit)
             ax.plot(xs, [fit[str(s)] for s in xs], "s-", label="error after fitted map")
             ax.plot(xs, [removal[str(s)] for s in xs], "s--", label="error of plain removal")
-        start, end = cut["cut"]
+        start, end = cut.cut
         ax.axvspan(start - 0.4, start + 0.4, color="tab:red", alpha=0.2, label=f"chosen cut [{start}, {end})")
         ax.set_xlabel("first removed block (candidate start)")
         ax.set_ylabel("score (lower is better)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     axes[0, 0].set_title(
-        f"{prune_record['model']['spec']}: where to cut {prune_record['n']} of {prune_record['L']} blocks"
+        f"{prune_record.model.spec}: where to cut {prune_record.n} of {prune_record.L} blocks"
     )
     fig.tight_layout()
     return _save(fig, path)

@@ -48,13 +48,11 @@ __all__ = [
     "SpeedRun",
     "Speedup",
     "Spread",
-    "attach_ideal",
     "format_phases",
     "measure_speed",
     "median_rel_se",
     "phase_kind",
     "repetitions_per_round",
-    "run_protocol",
     "spread",
     "timed",
 ]
@@ -355,22 +353,8 @@ def measure_speed(
     )
 
 
-def run_protocol(
-    original: Mapping[str, Phase], pruned: Mapping[str, Phase], protocol: SpeedProtocol
-) -> JsonObject:
-    """``measure_speed``'s record as JSON: the form validation/gguf_bench.py extends with its settings
-    (until it takes the record itself)."""
-    return measure_speed(original, pruned, protocol).to_json()
-
-
-def attach_ideal(result: JsonObject, ideals: Mapping[str, IdealSpeedup]) -> JsonObject:
-    """``SpeedRun.with_ideal`` on ``run_protocol``'s JSON (as extended by a bench), as JSON."""
-    return SpeedRun.from_json(result).with_ideal(ideals).to_json()
-
-
-def format_phases(result: SpeedRun | JsonObject) -> list[str]:
+def format_phases(run: SpeedRun) -> list[str]:
     """Plain-text table: per phase each model's median tokens/s [min–max], speed-up, ideal."""
-    run = result if isinstance(result, SpeedRun) else SpeedRun.from_json(result)
 
     def rng(stats: Spread, fmt: str) -> str:
         return f"{fmt.format(stats.median)} [{fmt.format(stats.min)}–{fmt.format(stats.max)}]"
