@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from converters.gguf_export import GGUF_TYPES
 from converters.imatrix import CalibrationText
@@ -25,10 +25,13 @@ from .calib.tokens import mixture_batches
 from .errors import ConfigError
 from .log import get_logger
 from .prune import PruneOptions
+from .records import JsonObject
 
 __all__ = [
     "IMATRIX_CHOICES",
     "IMATRIX_CHUNKS",
+    "CalibrationRecipe",
+    "ImatrixRecipe",
     "calibration_recipe",
     "calibration_text",
     "default_imatrix_recipe",
@@ -42,7 +45,23 @@ IMATRIX_CHUNKS = 16
 _SEPARATOR = "\n\n"
 
 
-def _prune_record(record: Path) -> dict[str, Any] | None:
+class CalibrationRecipe(TypedDict):
+    """How a prune drew its calibration text, as ``prune.json``'s ``calibration`` records it."""
+
+    source: str  # the mixture, e.g. "builtin" or "builtin:3,docs:1"
+    documents: int
+    seq_len: int
+    seed: int
+
+
+class ImatrixRecipe(CalibrationRecipe):
+    """What a default importance matrix is computed from: a GGUF export stage's key."""
+
+    chunks: int  # at most this many of the calibration sequences (llama-imatrix --chunks)
+
+
+def _prune_record(record: Path) -> JsonObject | None:
+    """``prune.json`` as written (any version of it: only its calibration section is read), or None."""
     if not record.is_file():
         return None
     try:
@@ -52,18 +71,18 @@ def _prune_record(record: Path) -> dict[str, Any] | None:
         return None
 
 
-def calibration_recipe(prune_record: str | Path) -> dict[str, Any]:
+def calibration_recipe(prune_record: str | Path) -> CalibrationRecipe:
     """How the prune recorded in ``prune_record`` drew its calibration text (a default prune's
     where there is no record): source mixture, documents, sequence length, seed."""
     defaults = PruneOptions()
-    recipe = {
-        "source": defaults.calib_data,
-        "documents": defaults.calib_samples,
-        "seq_len": defaults.seq_len,
-        "seed": defaults.seed,
-    }
+    recipe = CalibrationRecipe(
+        source=defaults.calib_data,
+        documents=defaults.calib_samples,
+        seq_len=defaults.seq_len,
+        seed=defaults.seed,
+    )
     calibration = (_prune_record(Path(prune_record)) or {}).get("calibration") or {}
-    return recipe | {k: calibration[k] for k in recipe if k in calibration}
+    return CalibrationRecipe(**{k: calibration.get(k, v) for k, v in recipe.items()})
 
 
 def _evenly_spread(items: list[Any], limit: int | None) -> list[Any]:
@@ -111,12 +130,12 @@ def calibration_text(
     )
 
 
-def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> dict[str, Any] | None:
+def default_imatrix_recipe(type_name: str, prune_record: str | Path) -> ImatrixRecipe | None:
     """What the default ``--imatrix`` of ``type_name`` computes its matrix from (the calibration
     recipe), or None where the default is no matrix: a pipeline stage's key."""
     if not GGUF_TYPES[type_name].imatrix_by_default:
         return None
-    return calibration_recipe(prune_record) | {"chunks": IMATRIX_CHUNKS}
+    return ImatrixRecipe(**calibration_recipe(prune_record), chunks=IMATRIX_CHUNKS)
 
 
 def resolve_imatrix(

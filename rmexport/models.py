@@ -25,6 +25,7 @@ from .errors import ModelLoadError
 from .fileio import PROVENANCE_FILE, cache_dir, open_gguf, read_provenance, write_provenance
 from .hub import require_hub
 from .log import get_logger
+from .records import JsonObject
 from .tokenizer_parity import check_saved, ensure_parity, read_record, write_record
 
 __all__ = [
@@ -190,7 +191,7 @@ def metadata_dir(source: ModelSource) -> str:
     return str(target)
 
 
-def tokenizer_parity_record(source: ModelSource) -> dict[str, Any]:
+def tokenizer_parity_record(source: ModelSource) -> JsonObject:
     """What ``prune.json`` records about tokenizer parity for ``source``.
 
     For a GGUF source: the verdict saved beside its cached conversion (``metadata_dir`` checks

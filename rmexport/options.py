@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from .errors import ConfigError
 
@@ -123,6 +123,19 @@ def _shown(opt: Option, default: Any) -> str | None:
     return f"{default:g}" if isinstance(default, float) else str(default)
 
 
+class _ArgumentKwargs(TypedDict, total=False):
+    """What ``add_arguments`` hands ``argparse.ArgumentParser.add_argument`` for a valued option."""
+
+    help: str
+    default: Any
+    type: Callable[[str], Any]
+    choices: list[str]
+    metavar: str
+    nargs: str
+    dest: str
+    required: bool
+
+
 def add_arguments(
     parser: argparse.ArgumentParser, cls: type, defaults: Mapping[str, Any] | None = None
 ) -> None:
@@ -144,7 +157,7 @@ def add_arguments(
             action = "store_false" if opt.negate else "store_true"
             groups[opt.group].add_argument(opt.flag, dest=f.name, action=action, help=help_text)
             continue
-        kwargs: dict[str, Any] = {"help": help_text}
+        kwargs = _ArgumentKwargs(help=help_text)
         if default is not REQUIRED:
             kwargs["default"] = default
         if opt.parse is not None:

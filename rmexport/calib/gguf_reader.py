@@ -29,6 +29,7 @@ from ..arch import ArchAdapter, adapter_for
 from ..errors import ModelLoadError
 from ..fileio import GGUFTensorInfo, open_gguf
 from ..log import get_logger
+from ..records import JsonObject
 
 __all__ = [
     "GGUFCheckpointReader",
@@ -58,7 +59,7 @@ class GGUFFacts:
     tied_embeddings: bool
     file_type: int | None
     tensor_types: dict[str, int] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    metadata: JsonObject = field(default_factory=dict, repr=False)  # the file's key-value pairs
 
 
 def read_gguf_facts(path: str | Path) -> GGUFFacts:

@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..errors import CalibrationError, ConfigError
+from ..records import JsonObject
 from .corpus import Corpus, Document, load_corpus, parse_mixture
 
 __all__ = [
     "DEFAULT_EVAL_WINDOW",
+    "CalibrationPart",
     "CalibrationSet",
     "calibration_batches",
     "heldout_windows",
@@ -34,6 +36,16 @@ __all__ = [
 
 DEFAULT_EVAL_WINDOW = 512
 _SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class CalibrationPart:
+    """One source of a mixture: how many of its documents, and tokens, the set holds."""
+
+    source: str
+    documents: int
+    tokens: int
+    packed: bool
 
 
 @dataclass
@@ -47,14 +59,12 @@ class CalibrationSet:
     packed: bool
     n_tokens: int = 0
     token_hash: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
+    parts: list[CalibrationPart] = field(default_factory=list)  # a mixture's sources; none for one source
 
     def summary(self) -> str:
         """One sentence for the log: how much text, from where, and its hash."""
-        parts = self.extras.get("parts")
-        sources = (
-            ", ".join(f"{p['documents']} of `{p['source']}`" for p in parts) if parts else f"`{self.source}`"
-        )
+        parts = self.parts
+        sources = ", ".join(f"{p.documents} of `{p.source}`" for p in parts) if parts else f"`{self.source}`"
         return (
             f"{self.n_documents} documents ({sources}) in {sum(len(ids) for ids, _ in self.batches)} "
             f"sequences of up to {self.seq_len} tokens, {self.n_tokens} tokens in all "
@@ -73,8 +83,9 @@ class CalibrationSet:
         count = min(total, max(1, math.ceil(total * documents / max(self.n_documents, 1))))
         return sorted({(2 * i + 1) * total // (2 * count) for i in range(count)})
 
-    def describe(self) -> dict[str, Any]:
-        return {
+    def describe(self) -> JsonObject:
+        """The set as ``prune.json``'s ``calibration`` records it (which the prune extends)."""
+        described = {
             "source": self.source,
             "documents": self.n_documents,
             "sequences": sum(len(ids) for ids, _ in self.batches),
@@ -82,7 +93,8 @@ class CalibrationSet:
             "seq_len": self.seq_len,
             "packed": self.packed,
             "sha256": self.token_hash,
-        } | self.extras
+        }
+        return described | ({"parts": [asdict(p) for p in self.parts]} if self.parts else {})
 
 
 def _choose_documents(pool: list[Document], n: int, seed: int, offset: int = 0) -> list[Document]:
@@ -279,9 +291,7 @@ def mixture_batches(
         packed=all(s.packed for s in sets),
         n_tokens=n_tokens,
         token_hash=digest.hexdigest()[:16],
-        extras={
-            "parts": [{k: s.describe()[k] for k in ("source", "documents", "tokens", "packed")} for s in sets]
-        },
+        parts=[CalibrationPart(s.source, s.n_documents, s.n_tokens, s.packed) for s in sets],
     )
 
 

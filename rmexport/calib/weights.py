@@ -19,7 +19,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from ..errors import ExportError, ModelLoadError
 from ..fileio import read_provenance
 from ..log import get_logger, progress
 from .gguf_reader import GGUFCheckpointReader
+
+if TYPE_CHECKING:
+    from safetensors import safe_open
 
 __all__ = [
     "CheckpointReader",
@@ -83,7 +86,7 @@ class CheckpointReader:
                 f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}",
                 hint="layer-by-layer pruning reads safetensors checkpoints only",
             )
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, safe_open] = {}
 
     @property
     def shards(self) -> list[str]:
@@ -92,7 +95,7 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, shard: str) -> Any:
+    def _handle(self, shard: str) -> safe_open:
         if shard not in self._handles:
             from safetensors import safe_open
 
@@ -197,7 +200,15 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
     return _SAFETENSORS_DTYPES[dtype]
 
 
-def _header(entries: dict[str, dict[str, Any]], size: int | None = None) -> bytes:
+class _HeaderEntry(TypedDict):
+    """One tensor of a safetensors header."""
+
+    dtype: str
+    shape: list[int]
+    data_offsets: list[int]  # [begin, end) in the data that follows the header
+
+
+def _header(entries: dict[str, _HeaderEntry], size: int | None = None) -> bytes:
     """The JSON header, padded with spaces (as the format allows) to ``size`` or to a multiple of 8."""
     text = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     size = size if size is not None else -(-len(text) // 8) * 8
@@ -211,7 +222,7 @@ def write_safetensors(path: Path, items: list[tuple[str, int, Any]], release: An
     larger than the reserve (tensors of many dimensions) is written in front of a copy of the data.
     ``release()`` runs after every ``RELEASE_BYTES`` produced. Returns each tensor's bytes."""
     reserve = _header_reserve(items)
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, _HeaderEntry] = {}
     sizes: dict[str, int] = {}
     offset = since_release = 0
     with open(path, "w+b") as f:
