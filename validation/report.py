@@ -31,7 +31,6 @@ __all__ = [
     "check_quality",
     "machines",
     "print_summary",
-    "quality_check",
     "runtime_rows",
     "speed_check",
     "speed_rows",
@@ -400,12 +399,6 @@ def check_quality(prune: PruneRecord) -> QualityCheck:
     return QualityCheck(passed=not worse, pruned_worse_than_plain_removal=worse)
 
 
-def quality_check(prune: JsonObject) -> JsonObject:
-    """``check_quality`` on prune.json as read, as JSON: the form ``_guard_lines`` reads (until it
-    takes the record itself)."""
-    return asdict(check_quality(PruneRecord.from_json(prune)))
-
-
 def _parity_passed(outputs: StageOutputs) -> bool:
     onnx = outputs.onnx_parity is None or outputs.onnx_parity.passed
     return onnx and all(p.passed for p in (outputs.gguf_parity or {}).values())
@@ -604,44 +597,45 @@ def _strength(ridge: float | None) -> str:
     return "∞ (unchanged)" if ridge is None else f"{ridge:g}"
 
 
-def _repair_lines(prune: dict) -> list[str]:
-    repair = prune.get("repair") or {}
-    blocks = repair.get("blocks") or []
-    if not blocks:
-        return [f"No repair after the cut: {repair['note']}.", ""] if repair.get("note") else []
+def _repair_lines(prune: PruneRecord) -> list[str]:
+    repair = prune.repair
+    if repair is None:
+        return []
+    if not repair.blocks:
+        return [f"No repair after the cut: {repair.note}.", ""] if repair.note else []
     refits = "; ".join(
-        f"block {b['block']} (`{b['tensor']}`): ridge {_strength(b['ridge'])}, set-aside error "
-        f"{b['set_aside_rel_residual_unrepaired']:.5f} → {b['set_aside_rel_residual']:.5f}"
-        for b in blocks
+        f"block {b.block} (`{b.tensor}`): ridge {_strength(b.ridge)}, set-aside error "
+        f"{b.set_aside_rel_residual_unrepaired:.5f} → {b.set_aside_rel_residual:.5f}"
+        for b in repair.blocks
     )
-    kept = repair["kept_blocks"]
     return [
-        f"Repair after the cut ({repair['seconds']:.0f} s), each `down_proj` refitted toward the original "
-        f"stream after its block: {refits}. Kept: {kept} of {len(blocks)} (the quality guard's choice).",
+        f"Repair after the cut ({repair.seconds:.0f} s), each `down_proj` refitted toward the original "
+        f"stream after its block: {refits}. Kept: {repair.kept_blocks} of {len(repair.blocks)} (the quality "
+        "guard's choice).",
         "",
     ]
 
 
-def _guard_lines(prune: dict) -> list[str]:
+def _guard_lines(prune: PruneRecord) -> list[str]:
     lines = _repair_lines(prune)
-    guard = prune.get("guard") or {}
-    if guard.get("judged_on"):
-        losses = guard["selection_loss"]
+    guard = prune.guard
+    if guard.judged_on:
+        losses = guard.selection_loss
         stages = ["plain_removal", *(s for s in losses if s != "plain_removal")]
         lines += [
-            f"Quality guard, on {guard['judged_on']}: kept **{_stage_name(guard['kept'])}**, the lowest mean "
+            f"Quality guard, on {guard.judged_on}: kept **{_stage_name(guard.kept)}**, the lowest mean "
             "loss of the stages no worse than plain removal on every source.",
             "",
             "| set-aside loss | " + " | ".join(_stage_name(s) for s in stages) + " |",
             "|---" * (len(stages) + 1) + "|",
             *(
                 f"| `{source}` | " + " | ".join(f"{loss[s]:.4f}" for s in stages) + " |"
-                for source, loss in guard["by_source"].items()
+                for source, loss in guard.by_source.items()
             ),
             "| mean | " + " | ".join(f"{losses[s]:.4f}" for s in stages) + " |",
             "",
         ]
-    worse = quality_check(prune)["pruned_worse_than_plain_removal"]
+    worse = check_quality(prune).pruned_worse_than_plain_removal
     if worse:
         sources = ", ".join(f"`{s}`" for s in worse)
         lines += [f"**The pruned model is worse than plain removal of the same blocks on {sources}.**", ""]
@@ -728,7 +722,7 @@ def _markdown(report: Report) -> str:
         f"Fold parity (folded weights vs the map applied explicitly): max |Δlogit| "
         f"{prune.fold_parity.max_abs_logit_diff:.2e}, tolerance {prune.fold_parity.atol:.2e}.",
         "",
-        *_guard_lines(prune.to_json()),
+        *_guard_lines(prune),
         *_image(images, "perplexity", "perplexity"),
     ]
     parity = parity_rows(outputs)
