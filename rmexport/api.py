@@ -15,8 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
+from converters.gguf_export import describe_gguf
+from converters.gguf_export import export_gguf as write_gguf
+from converters.onnx_export import export_onnx as write_onnx
+from converters.onnx_export import read_export_info
+
 from .config import ExportGGUFConfig, ExportONNXConfig, RunConfig
+from .errors import ModelLoadError
+from .imatrix_text import resolve_imatrix
+from .models import checkpoint_dir, resolve
+from .pipeline import run_pipeline
 from .prune import PruneOptions
+from .prune import prune as prune_model
 from .records import JsonObject, PruneRecord
 
 __all__ = [
@@ -63,16 +75,12 @@ class RunResult:
 def _local_checkpoint(model: str | Path) -> Path:
     """Converters take a local HF directory: an alias, hub id or .gguf becomes one (a GGUF source's
     cached conversion, a hub model's downloaded snapshot)."""
-    from .errors import ModelLoadError
-    from .models import checkpoint_dir, resolve
-
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     source = resolve(str(model))
     if source.kind != "hub":
         return Path(checkpoint_dir(source))
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(source.location))
@@ -85,9 +93,6 @@ def _local_checkpoint(model: str | Path) -> Path:
 
 def prune(model: str | Path, out_dir: str | Path, options: PruneOptions | None = None) -> PruneResult:
     """Prune ``model`` into ``out_dir`` (``hf/`` and ``prune.json``, all or nothing)."""
-    from .models import resolve
-    from .prune import prune as prune_model
-
     options = options or PruneOptions()
     options.validate()
     out = Path(out_dir)
@@ -99,11 +104,6 @@ def export_gguf(
     checkpoint: str | Path, out_file: str | Path, config: ExportGGUFConfig | None = None
 ) -> GGUFExport:
     """Write ``checkpoint`` as a GGUF file that llama.cpp loads."""
-    from converters.gguf_export import describe_gguf
-    from converters.gguf_export import export_gguf as write_gguf
-
-    from .imatrix_text import resolve_imatrix
-
     config = config or ExportGGUFConfig()
     local = _local_checkpoint(checkpoint)
     imatrix_source = resolve_imatrix(config.imatrix, config.type, local)
@@ -115,9 +115,6 @@ def export_onnx(
     checkpoint: str | Path, out_dir: str | Path, config: ExportONNXConfig | None = None
 ) -> ONNXExport:
     """Export ``checkpoint`` as an ONNX decoder with KV cache into ``out_dir``."""
-    from converters.onnx_export import export_onnx as write_onnx
-    from converters.onnx_export import read_export_info
-
     config = config or ExportONNXConfig()
     path = write_onnx(
         _local_checkpoint(checkpoint),
@@ -131,8 +128,6 @@ def export_onnx(
 
 def run(config: RunConfig | None = None) -> RunResult:
     """Everything ``rmexport run`` does: prune, export, validate, benchmark, report."""
-    from .pipeline import run_pipeline
-
     config = config or RunConfig()
     config.prune.validate()
     run_dir, report = run_pipeline(config)

@@ -31,14 +31,25 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import torch
+from google.protobuf.message import DecodeError
+
+from converters.gguf_export import GGUF_TYPES
+
+from .arch import ADAPTERS, adapter_for, supported_architectures
 from .atomic import STAGING_PREFIX, existing_ancestor
+from .calib.budget import BlockShape, MemoryBudget, check_budget_fits
+from .calib.corpus import HUB_DATASETS, OFFLINE_SOURCES, load_corpus, parse_mixture
+from .calib.tokens import shares
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .fileio import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
+from .hub import require_hub
 from .lock import LOCK_NAME, check_not_held
 from .models import ModelSource, resolve
 from .options import check_bounds, check_count, check_number
+from .pipeline import run_dir_for
 from .records import JsonObject
-from .replaceme.select import SelectionRule
+from .replaceme.select import SelectionRule, cut_size, split_cut
 from .replaceme.solvers import solver_named
 
 if TYPE_CHECKING:
@@ -131,15 +142,11 @@ class CheckedSource(ModelSource):
 
 
 def _families_hint() -> str:
-    from .arch import ADAPTERS, supported_architectures
-
     return "supported families: " + ", ".join(ADAPTERS) + " (" + ", ".join(supported_architectures()) + ")"
 
 
 def _family(config: JsonObject, where: str) -> tuple[str, str]:
     """(family, GGUF architecture) of a raw config dict, or UnsupportedArchitectureError."""
-    from .arch import adapter_for
-
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     try:
@@ -279,7 +286,6 @@ def check_checkpoint_dir(
     for shard in shards:
         names.update(check_safetensors(shard, where))
     _check_index_names(path, names, where)
-    from .arch import ADAPTERS
 
     layer_index = re.compile(rf"(?:^|\.){re.escape(ADAPTERS[family].layers_path)}\.(\d+)\.")
     blocks = {int(m.group(1)) for name in names if (m := layer_index.search(name))}
@@ -371,8 +377,6 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def _gguf_family(facts: GGUFFacts, where: str) -> str:
-    from .arch import ADAPTERS
-
     for adapter in ADAPTERS.values():
         if adapter.gguf_arch == facts.architecture:
             return adapter.family
@@ -414,8 +418,6 @@ def check_model_source(
 def _hub_config(source: ModelSource, where: str) -> JsonObject:
     from transformers import PretrainedConfig
 
-    from .hub import require_hub
-
     require_hub(source.location)
     try:
         config, _ = PretrainedConfig.get_config_dict(source.location)
@@ -433,7 +435,6 @@ def check_onnx_dir(path: Path | str, where: str = "ONNX folder") -> OnnxFacts:
     """A folder written by ``rmexport export onnx``: a decoder graph with past key/values whose
     external data is all there, plus config and tokenizer."""
     import onnx
-    from google.protobuf.message import DecodeError
 
     path = Path(path).expanduser()
     hint = "create it with: rmexport export onnx CKPT --out DIR"
@@ -480,8 +481,6 @@ def check_onnx_dir(path: Path | str, where: str = "ONNX folder") -> OnnxFacts:
 # --- numbers --------------------------------------------------------------------------------
 def check_cut(n_layers: int, ratio: float | None, layers: int | None, blocks: int = 1) -> list[int]:
     """Sizes of the cuts ``--ratio``/``--layers``/``--blocks`` ask of a model of ``n_layers``."""
-    from .replaceme.select import cut_size, split_cut
-
     if n_layers < 3:
         raise ConfigError(f"the model has only {n_layers} blocks; at least 2 must remain, so none can go")
     if layers is not None:
@@ -534,8 +533,6 @@ def _estimated_largest_module(config: JsonObject) -> int:
 
 def _hidden_and_largest_module(source: CheckedSource) -> tuple[int, int]:
     """(hidden size, elements of the largest module) from headers only."""
-    from .arch import ADAPTERS
-
     if source.kind == "gguf":
         header = read_gguf_header(source.location)
         shapes = ((t.name, t.shape) for t in header.tensors)
@@ -556,8 +553,6 @@ def _hidden_and_largest_module(source: CheckedSource) -> tuple[int, int]:
 def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
     """The memory budget parses and is at least what the smallest streamed prune holds at once
     (ConfigError naming that minimum otherwise): refused before any weights are read."""
-    from .calib.budget import BlockShape, MemoryBudget, check_budget_fits
-
     budget = MemoryBudget.from_option(options.memory_budget)
     if options.memory_budget:
         option = "--memory-budget"
@@ -573,8 +568,6 @@ def check_memory_budget(source: CheckedSource, options: PruneOptions) -> None:
 
 
 def check_device(device: str, option: str = "--device") -> None:
-    import torch
-
     if device == "auto":  # resolved by rmexport.compute to what torch sees
         return
     try:
@@ -622,8 +615,6 @@ def check_text_source(
     """A text file that is UTF-8 natural language with at least ``pool_documents`` real documents
     in its calibration pool and ``heldout_documents`` in its held-out part. ``builtin`` and hub
     datasets are not read here (the first is known good, the second needs the network)."""
-    from .calib.corpus import HUB_DATASETS, OFFLINE_SOURCES, load_corpus
-
     if spec in OFFLINE_SOURCES or spec in HUB_DATASETS or spec.startswith("hf:"):
         return
     path = Path(spec).expanduser()
@@ -770,9 +761,6 @@ def _selection_documents(options: PruneOptions) -> int:
 
 
 def _check_texts(options: PruneOptions) -> None:
-    from .calib.corpus import parse_mixture
-    from .calib.tokens import shares
-
     parts = parse_mixture(options.calib_data)
     weights = [w for _, w in parts]
     needed = shares(options.calib_samples, weights)
@@ -807,10 +795,6 @@ def check_prune_args(config: PruneConfig) -> CheckedSource:
 
 def check_run_args(config: RunConfig) -> CheckedSource:
     """Everything ``rmexport run`` can check before loading weights; creates nothing."""
-    from converters.gguf_export import GGUF_TYPES
-
-    from .pipeline import run_dir_for
-
     source = _check_prune_options(config.model, config.prune)
     if not config.skip_gguf and config.gguf_type not in GGUF_TYPES:
         raise ConfigError(
@@ -882,8 +866,6 @@ def check_bench_onnx_args(config: BenchONNXConfig) -> tuple[OnnxFacts, OnnxFacts
 def check_bench_gguf_args(config: BenchGGUFConfig) -> tuple[str, ...]:
     """Checks of ``bench gguf`` (its speed protocol checked itself when the CLI built it); returns
     the GGUF types asked for."""
-    from converters.gguf_export import GGUF_TYPES
-
     types = tuple(t.strip() for t in str(config.types).split(",") if t.strip())
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown or not types:

@@ -17,23 +17,43 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from converters.imatrix import ImatrixUse
-from validation.gguf_bench import GGUFBench
-from validation.gguf_parity import GGUFParity
-from validation.onnx_bench import OnnxBench
-from validation.onnx_parity import OnnxParity
+import torch
+
+from converters.gguf_export import GGUF_TYPES, export_gguf
+from converters.gguf_prune import write_pruned_gguf
+from converters.imatrix import ImatrixUse, quantized_with
+from converters.onnx_export import export_onnx
+from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
+from validation.gguf_bench import GGUFBench, GGUFQuality, bench_gguf, gguf_perplexity
+from validation.gguf_parity import (
+    EXACT_TYPES,
+    SOURCE_KL_MULTIPLE,
+    SOURCE_TOP1_MARGIN,
+    GGUFParity,
+    compare_gguf,
+    gguf_type_of,
+)
+from validation.onnx_bench import DEFAULT_PROTOCOL as ONNX_PROTOCOL
+from validation.onnx_bench import OnnxBench, OnnxQuality, measure_onnx, onnx_quality
+from validation.onnx_parity import OnnxParity, compare_onnx
 from validation.report import StageOutputs, write_report
 
+from . import llamacpp
+from .arch import adapter_for
 from .atomic import existing_ancestor, write_json
+from .calib.corpus import parse_mixture
+from .calib.weights import checkpoint_dtype
 from .config import RunConfig
 from .errors import ConfigError
 from .fileio import content_fingerprint
 from .frontier import frontier_enabled, frontier_stages, own_type
+from .imatrix_text import default_imatrix_recipe, resolve_imatrix
 from .lock import hold_folder
 from .log import get_logger
 from .models import ModelSource, checkpoint_dir, load_config, metadata_dir, resolve
 from .prune import prune
 from .records import JsonObject, PruneRecord
+from .replaceme.save import MAPS_FILE, load_maps
 from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
 from .sysinfo import ram_bytes
@@ -68,22 +88,16 @@ def _estimate_params(config: Any, blocks: int | None = None) -> int:
 
 def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
     """Every check that needs no heavy work: fail before loading any weights."""
-    from .arch import adapter_for
-
     config = load_config(source)
     adapter = adapter_for(config)
     n = cut_size(config.num_hidden_layers, cfg.ratio, cfg.layers)
     sizes = split_cut(n, cfg.blocks)
     if not cfg.skip_gguf:
-        from converters.gguf_export import GGUF_TYPES
-
         if cfg.gguf_type not in GGUF_TYPES:
             raise ConfigError(
                 f"--gguf-type {cfg.gguf_type!r} is not supported", hint="use one of " + ", ".join(GGUF_TYPES)
             )
-        from .llamacpp import installed_version
-
-        llama_cpp_version = installed_version()
+        llama_cpp_version = llamacpp.installed_version()
         workable = adapter.gguf_cut_sizes(config.num_hidden_layers, llama_cpp_version)
         if workable is not None and any(size not in workable for size in sizes):
             nearest = sorted(workable, key=lambda k: (abs(k - n), k))[:2]
@@ -106,9 +120,6 @@ def _preflight(source: ModelSource, cfg: RunConfig, run_dir: Path) -> Any:
                 hint="add --skip-onnx (pruning, GGUF, parity and the report still run), or export ONNX "
                 "on a machine with more memory",
             )
-    import torch
-
-    from .calib.weights import checkpoint_dtype
 
     dtype_bytes = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
     if (run_dir / "hf" / "config.json").is_file():  # an earlier run's checkpoint is reused in place
@@ -163,11 +174,7 @@ def _original_perplexity(
 def _onnx_stages(
     cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir
 ) -> tuple[OnnxParity, OnnxBench | None]:
-    from converters.onnx_export import export_onnx
-    from validation.onnx_bench import DEFAULT_PROTOCOL, OnnxQuality, measure_onnx, onnx_quality
-    from validation.onnx_parity import compare_onnx
-
-    protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
+    protocol = ONNX_PROTOCOL.with_rounds(cfg.speed)
 
     onnx_key = {"flavor": cfg.onnx_flavor, "dtype": cfg.onnx_dtype}
     base_onnx, pruned_onnx = base_dir / "onnx", run_dir / "onnx"
@@ -245,19 +252,7 @@ def _gguf_stages(
     cfg, runner, base_runner, model_key, original_ckpt, pruned_ckpt, run_dir, base_dir, source, ratio_label
 ) -> tuple[StageOutputs, JsonObject | None]:
     """The GGUF stages' outputs for the report, and the benchmark's JSON as written (for the frontier)."""
-    from converters.gguf_export import export_gguf
-    from validation.gguf_bench import DEFAULT_PROTOCOL, GGUFQuality, bench_gguf, gguf_perplexity
-    from validation.gguf_parity import (
-        EXACT_TYPES,
-        SOURCE_KL_MULTIPLE,
-        SOURCE_TOP1_MARGIN,
-        compare_gguf,
-        gguf_type_of,
-    )
-
-    from .imatrix_text import resolve_imatrix
-
-    protocol = DEFAULT_PROTOCOL.with_rounds(cfg.speed)
+    protocol = GGUF_PROTOCOL.with_rounds(cfg.speed)
 
     # Types at 4 bits and fewer are quantized with an importance matrix from the prune's calibration
     # text, the original's (from the same text) and the pruned model's alike.
@@ -404,8 +399,6 @@ def _gguf_stages(
 
 def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, ImatrixUse | None]:
     """For the report: the importance matrix each GGUF file was quantized with, or None."""
-    from converters.imatrix import quantized_with
-
     return {
         f"{role} {gguf_type}": quantized_with(path)
         for role, by_type in files.items()
@@ -417,8 +410,6 @@ def _imatrices(files: dict[str, dict[str, Path]]) -> dict[str, ImatrixUse | None
 def _imatrix_key(gguf_type: str, prune_record: Path) -> JsonObject:
     """A GGUF export stage's key part for its importance matrix: none at all where the type has no
     matrix by default, so that those stages keep the keys they had."""
-    from .imatrix_text import default_imatrix_recipe
-
     recipe = default_imatrix_recipe(gguf_type, prune_record)
     return {} if recipe is None else {"imatrix": recipe}
 
@@ -427,8 +418,6 @@ def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_
     """The original model's GGUF of ``gguf_type`` against the original in PyTorch (``reference()``,
     its checkpoint): the error a pruned file of that type is judged against. Measured once per model
     and type."""
-    from validation.gguf_parity import compare_gguf
-
     out = base_dir / "checks" / f"gguf_{gguf_type}_parity.json"
     base_runner.run(
         Stage(
@@ -443,11 +432,6 @@ def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_
 
 
 def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
-    from converters.gguf_prune import write_pruned_gguf
-
-    from .arch import adapter_for
-    from .replaceme.save import MAPS_FILE, load_maps
-
     record = json.loads((run_dir / "prune.json").read_text())
     adapter = adapter_for(load_config(source))
     result = write_pruned_gguf(
@@ -462,8 +446,6 @@ def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
 
 def _text_file_fingerprints(options: Any) -> dict[str, str]:
     """Content fingerprints of the text files the prune reads (calibration, held-out), by name."""
-    from .calib.corpus import parse_mixture
-
     specs = [name for name, _ in parse_mixture(options.calib_data)]
     specs += [options.eval_data, *options.ood_data]
     files = {spec: Path(spec).expanduser() for spec in specs}

@@ -503,7 +503,8 @@ CHECKED_NOW = [
 
 def _check_prune_or_run(args):
     """The check of ``prune`` or ``run`` on the typed config the CLI builds from ``args``."""
-    from rmexport.cli import prune_config, run_config
+    from rmexport.commands.prune import prune_config
+    from rmexport.commands.run import run_config
     from rmexport.inputs import check_prune_args, check_run_args
 
     if args.command == "prune":

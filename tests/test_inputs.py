@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rmexport.cli import build_parser, prune_config, run_config
+from rmexport.cli import build_parser
+from rmexport.commands.prune import prune_config
+from rmexport.commands.run import run_config
 from rmexport.config import (
     BenchGGUFConfig,
     PruneConfig,

@@ -29,6 +29,7 @@ PACKAGES = ("rmexport", "converters", "validation", "bench")
 # rmexport.imatrix_text joins a prune's calibration text to the GGUF exporter, for api and pipeline.
 TOP = (
     "rmexport.cli",
+    "rmexport.commands",
     "rmexport.pipeline",
     "rmexport.inputs",
     "rmexport.api",

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rmexport.cli import build_parser, prune_config, run_config
+from rmexport.cli import build_parser
+from rmexport.commands.prune import prune_config
+from rmexport.commands.run import run_config
 from rmexport.config import BenchGGUFConfig, PruneConfig, RunConfig, ValidateGGUFConfig
 from rmexport.errors import ConfigError
 from rmexport.options import check_bounds, declared
