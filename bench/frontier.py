@@ -22,9 +22,9 @@ from rmexport.calib.corpus import BUILTIN, OUT_OF_DOMAIN
 from rmexport.frontier import (
     SPEED_ROUNDS,
     TOKENS_PER_SOURCE,
+    FrontierRecord,
     Ladder,
     f32_writer,
-    ladder_files,
     ladder_types,
     make_ladder,
     own_type,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {}
     for role, ladder in ladders.items():
         begun = time.perf_counter()
-        reference = None if role == "original" else results["original"]["reference"]
+        reference = None if role == "original" else results["original"].reference
         results[role] = make_ladder(ladder, types, windows, record, threads, reference, plain=plain)
         seconds[role] = round(time.perf_counter() - begun, 1)
     main_bench = (
@@ -93,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     main_speed = (main_bench.get(own) or {}).get("types", {}).get(own, {}).get("speed")
     reused = {own: main_speed | {"reused_from": "the main llama.cpp comparison"}} if main_speed else {}
     begun = time.perf_counter()
-    files = {role: ladder_files(results[role]) for role in ladders}
+    files = {role: results[role].files() for role in ladders}
     speeds = time_ladder(types, files, protocol, reused)
     seconds["speed"] = round(time.perf_counter() - begun, 1)
-    frontier = {
-        "types": types,
-        "own_type": own,
-        "tokens_per_source": TOKENS_PER_SOURCE,
-        "speed_rounds": {"warmup": SPEED_ROUNDS.warmup, "rounds": SPEED_ROUNDS.max_rounds},
-        "original": results["original"],
-        "pruned": results["pruned"],
-        "speed": speeds,
-        "seconds": seconds | {"total": round(time.perf_counter() - started, 1)},
-    }
+    frontier = FrontierRecord(
+        types=types,
+        own_type=own,
+        tokens_per_source=TOKENS_PER_SOURCE,
+        speed_rounds={"warmup": SPEED_ROUNDS.warmup, "rounds": SPEED_ROUNDS.max_rounds},
+        original=results["original"],
+        pruned=results["pruned"],
+        speed=speeds,
+        seconds=seconds | {"total": round(time.perf_counter() - started, 1)},
+    ).to_json()
     frontier |= frontier_summary(frontier)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plots = frontier_plots(frontier, args.out.parent / args.out.stem)

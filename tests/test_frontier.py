@@ -7,12 +7,16 @@ a tiny model with a ladder of three types.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from rmexport import frontier
 from rmexport.cli import main
-from validation.frontier import pareto
+from rmexport.frontier import FrontierRecord, LadderRecord
+from validation.frontier import WARMUP_TOKENS, FrontierRow, WarmUp, page_cache_fraction, pareto
+from validation.gguf_bench import DEFAULT_PROTOCOL
 
 from .test_pipeline import FAST
 from .test_speed import assert_every_linked_image_exists
@@ -112,3 +116,61 @@ def test_frontier_without_llama_imatrix_names_the_make_target(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "llama-imatrix is not built" in lines[0]
     assert "make llama-tools" in err and not (tmp_path / "runs").exists()
+
+
+def test_the_speed_step_runs_each_file_once_untimed_first(frontier_run):
+    _, run_dir, base_dir = frontier_run
+    speeds = json.loads((run_dir / "checks" / "frontier_speed.json").read_text())
+    assert set(speeds) == {"q8_0", "q4_k_m", "f32"}
+    for gguf_type, record in speeds.items():
+        for role, folder in (("original", base_dir), ("pruned", run_dir)):
+            warm = WarmUp.from_json(record["warmup"][role])
+            assert Path(warm.file).parent == folder / "frontier" and gguf_type in Path(warm.file).name
+            # llama.cpp's own count of the tokens it evaluated, and the file whole in the page cache
+            assert warm.tokens == WARMUP_TOKENS and warm.seconds > 0
+            assert warm.resident_after == 1.0 and record["resident_after_timing"][role] == 1.0
+        assert record["phases"]["tg128"]["rounds"] == 1
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_out_of_the_page_cache_is_read_in_before_the_timed_round(frontier_run, tmp_path):
+    _, run_dir, base_dir = frontier_run
+    files = {
+        role: {"q8_0": folder / "frontier" / name}
+        for role, folder, name in (
+            ("original", base_dir, "llama-q8_0.gguf"),
+            ("pruned", run_dir, "llama-r0.25-q8_0.gguf"),
+        )
+    }
+    for role in files:
+        _evict(files[role]["q8_0"])
+    if any(page_cache_fraction(f["q8_0"]) == 1.0 for f in files.values()):
+        pytest.skip("this file system keeps the files in memory (tmpfs): they cannot be cold")
+    protocol = DEFAULT_PROTOCOL.with_rounds(frontier.SPEED_ROUNDS)
+    record = frontier.time_ladder(["q8_0"], files, protocol, {})["q8_0"]
+    for role in files:
+        warm = WarmUp.from_json(record["warmup"][role])
+        assert warm.resident_before < 0.5 and warm.resident_after == 1.0 and warm.tokens == WARMUP_TOKENS
+    assert record["phases"]["pp512"]["original"]["tokens_per_s"]["median"] > 0
+
+
+def test_the_frontier_records_read_back_as_written(frontier_run):
+    _, run_dir, base_dir = frontier_run
+    for path in (base_dir / "checks" / "frontier.json", run_dir / "checks" / "frontier.json"):
+        data = json.loads(path.read_text())
+        record = LadderRecord.from_json(data)
+        assert record.to_json() == data and record.points[0].sources["builtin"].tokens > 0
+    assert LadderRecord.from_json(json.loads((base_dir / "checks" / "frontier.json").read_text())).reference
+    report = json.loads((run_dir / "report.json").read_text())["frontier"]
+    stages = {k: v for k, v in report.items() if k not in ("table", "headline")}
+    assert FrontierRecord.from_json(stages).to_json() == stages
+    for row in report["table"]:
+        assert FrontierRow.from_json(row).to_json() == row

@@ -7,7 +7,9 @@ position of those windows. The original's float distribution (its f32 GGUF in ll
 KV cache) is computed once and stored as float16 log-probabilities ``[positions, vocab]``
 (``write_reference``); every point reads it back, so one llama.cpp pass over the windows gives a point
 both numbers. Speed is ``gguf_bench.speed``: pp512 and tg128, a pruned point against the original's
-point of the same type, A B B A.
+point of the same type, A B B A; before it, ``warm_up`` runs each of the two files once untimed (read
+through into the page cache, loaded by llama.cpp, a short prompt evaluated), so that neither a file no
+longer in the page cache nor a first load is paid inside the timed round.
 
 ``pareto`` marks the points that no other point beats on both axes; ``headline`` says in one
 sentence what the frontier shows.
@@ -15,9 +17,13 @@ sentence what the frontier shows.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +38,129 @@ from rmexport.calib.tokens import heldout_windows
 from rmexport.errors import ConfigError
 from rmexport.log import get_logger, progress
 from rmexport.measures import perplexity as perplexity_of
+from rmexport.records import JsonObject, from_jsonable
 from validation.gguf_parity import gguf_type_of
 from validation.perplexity import window_nll, windows_digest
 
-__all__ = ["frontier_windows", "headline", "measure_point", "pareto", "write_reference"]
+__all__ = [
+    "WARMUP_TOKENS",
+    "FrontierPoint",
+    "FrontierRow",
+    "Reference",
+    "SourcePoint",
+    "WarmUp",
+    "frontier_windows",
+    "headline",
+    "measure_point",
+    "page_cache_fraction",
+    "pareto",
+    "warm_up",
+    "write_reference",
+]
 
 log = get_logger(__name__)
+
+# The warm-up's prompt: one decode of any length reads every weight of every block (and a tied head the
+# whole embedding), so a few tokens are enough; the file itself is read through before.
+WARMUP_TOKENS = 16
+_READ_CHUNK = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float model's stored log-probabilities (``write_reference``) and what they were made from."""
+
+    file: str  # .npy, float16 [positions, vocab]
+    model: str  # the f32 GGUF
+    positions: int
+    windows_sha256: dict[str, str]  # source -> windows_digest
+    seconds: float
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Reference:
+        return from_jsonable(cls, data)
+
+
+@dataclass(frozen=True)
+class SourcePoint:
+    """One file on one text source's windows."""
+
+    ppl: float
+    kl: float  # mean over the source's predicted positions
+    tokens: int
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One GGUF file measured (``measure_point``); ``imatrix`` and ``extra`` say how its ladder made it."""
+
+    file: str
+    type: str
+    size_bytes: int
+    block_count: int
+    sources: dict[str, SourcePoint]
+    ppl: float  # every source's windows pooled: exp of the mean NLL over every predicted token
+    kl: float
+    tokens: int
+    seconds: float
+    imatrix: bool = False  # quantized with the importance matrix
+    extra: bool = False  # a benchmark's extra file (``--plain``), beside the ladder: not timed
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> FrontierPoint:
+        return from_jsonable(cls, data)
+
+
+@dataclass
+class FrontierRow:
+    """One row of the frontier's table: a point, its speed, and whether it is on either Pareto frontier."""
+
+    model: str  # "original" or "pruned"
+    type: str
+    blocks: int
+    size_mib: float
+    ppl: float
+    ppl_by_source: dict[str, float]
+    kl: float
+    pp_tokens_per_s: float | None
+    tg_tokens_per_s: float | None
+    tg_speedup: float | None  # the pruned rows only
+    speed_rounds: int | None
+    imatrix: bool
+    extra: bool
+    pareto_size: bool = False
+    pareto_speed: bool = False
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> FrontierRow:
+        return from_jsonable(cls, data)
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """One file's untimed turn before the speed step times it (``warm_up``)."""
+
+    file: str
+    resident_before: float | None  # fraction of its pages in the page cache before (page_cache_fraction)
+    resident_after: float | None  # and after
+    tokens: int  # evaluated by llama.cpp (its own count)
+    seconds: float  # read, load and evaluation
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> WarmUp:
+        return from_jsonable(cls, data)
 
 
 def frontier_windows(tokenizer: Any, tokens: Mapping[str, int], window: int = 512) -> dict[str, torch.Tensor]:
@@ -68,7 +191,7 @@ def _each_window(model: Any, windows: Mapping[str, torch.Tensor], desc: str):
 
 def write_reference(
     f32_gguf: str | Path, windows: Mapping[str, torch.Tensor], out: str | Path, threads: int
-) -> dict:
+) -> Reference:
     """The float model's log-probabilities at every predicted position of ``windows`` (sources in
     order, windows in order), float16, written to ``out`` (``.npy``); returns what they were made from."""
     f32_gguf, out = Path(f32_gguf), Path(out)
@@ -83,13 +206,67 @@ def write_reference(
             row += logprobs.shape[0]
         store.flush()
         del store
-    return {
-        "file": str(out),
-        "model": str(f32_gguf),
-        "positions": row,
-        "windows_sha256": {source: windows_digest(w) for source, w in windows.items()},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return Reference(
+        file=str(out),
+        model=str(f32_gguf),
+        positions=row,
+        windows_sha256={source: windows_digest(w) for source, w in windows.items()},
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def page_cache_fraction(path: str | Path) -> float | None:
+    """The fraction of ``path``'s pages in the page cache (``mincore``), or None off Linux."""
+    size = Path(path).stat().st_size
+    if not sys.platform.startswith("linux"):
+        return None
+    if size == 0:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            resident = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, resident) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+        finally:
+            libc.munmap(address, size)
+    return float((np.frombuffer(resident, dtype=np.uint8) & 1).sum()) / pages
+
+
+def warm_up(gguf_file: str | Path, threads: int, tokens: int = WARMUP_TOKENS) -> WarmUp:
+    """Run ``gguf_file`` once, untimed: read it through (into the page cache), load it in llama.cpp and
+    evaluate a short prompt. What a cold page cache or a first load costs is paid here, not in a timed
+    round."""
+    path = Path(gguf_file)
+    before = page_cache_fraction(path)
+    started = time.perf_counter()
+    buffer = bytearray(_READ_CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+    with llama_cpp_tools.open_model(path, n_ctx=tokens, n_threads=threads) as model:
+        ids = np.random.default_rng(0).integers(min(10, model.n_vocab() - 1), model.n_vocab(), size=tokens)
+        model.reset()
+        model.eval(ids.tolist())
+        evaluated = int(model.n_tokens)
+    seconds = round(time.perf_counter() - started, 3)
+    log.debug("warm-up %s: %.2f s, %s of its pages cached before", path.name, seconds, before)
+    return WarmUp(str(path), before, page_cache_fraction(path), evaluated, seconds)
 
 
 def _kl_sum(reference: np.ndarray, logits: np.ndarray) -> float:
@@ -103,24 +280,24 @@ def _kl_sum(reference: np.ndarray, logits: np.ndarray) -> float:
 def measure_point(
     gguf_file: str | Path,
     windows: Mapping[str, torch.Tensor],
-    reference: Mapping[str, Any],
+    reference: Reference,
     threads: int,
     *,
     recorded_as: str | Path | None = None,
-) -> dict[str, Any]:
+) -> FrontierPoint:
     """Size, and per source perplexity and mean KL to the reference (``write_reference``'s record), of one
     GGUF over ``windows``; ``recorded_as`` is the path the result names (where a staged file will be)."""
     gguf_file = Path(gguf_file)
     digests = {source: windows_digest(w) for source, w in windows.items()}
-    if digests != reference["windows_sha256"]:
+    if digests != reference.windows_sha256:
         raise ConfigError(
             f"{gguf_file.name}: the reference log-probabilities were made on other windows",
             hint="measure the original's points again (--force)",
         )
-    stored = np.load(reference["file"], mmap_mode="r")
+    stored = np.load(reference.file, mmap_mode="r")
     if stored.shape[0] != _positions(windows):
         raise ConfigError(
-            f"{reference['file']} holds {stored.shape[0]} positions, the windows have {_positions(windows)}"
+            f"{reference.file} holds {stored.shape[0]} positions, the windows have {_positions(windows)}"
         )
     started = time.perf_counter()
     sums = {source: {"nll": 0.0, "count": 0, "kl": 0.0} for source in windows}
@@ -137,26 +314,23 @@ def measure_point(
             sums[source]["kl"] += _kl_sum(stored[row : row + count], logits[:-1])
             row += count
     per_source = {
-        source: {
-            "ppl": perplexity_of(s["nll"], s["count"]),
-            "kl": s["kl"] / s["count"],
-            "tokens": s["count"],
-        }
+        source: SourcePoint(
+            ppl=perplexity_of(s["nll"], s["count"]), kl=s["kl"] / s["count"], tokens=int(s["count"])
+        )
         for source, s in sums.items()
     }
-    total = sum(s["count"] for s in sums.values())
-    return {
-        "file": str(recorded_as or gguf_file),
-        "type": gguf_type_of(gguf_file),
-        "size_bytes": gguf_file.stat().st_size,
-        "block_count": describe_gguf(gguf_file)["block_count"],
-        "sources": per_source,
-        # All sources' windows pooled: exp of the mean NLL over every predicted token.
-        "ppl": perplexity_of(sum(s["nll"] for s in sums.values()), total),
-        "kl": sum(s["kl"] for s in sums.values()) / total,
-        "tokens": total,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    total = sum(int(s["count"]) for s in sums.values())
+    return FrontierPoint(
+        file=str(recorded_as or gguf_file),
+        type=gguf_type_of(gguf_file),
+        size_bytes=gguf_file.stat().st_size,
+        block_count=describe_gguf(gguf_file)["block_count"],
+        sources=per_source,
+        ppl=perplexity_of(sum(s["nll"] for s in sums.values()), total),
+        kl=sum(s["kl"] for s in sums.values()) / total,
+        tokens=total,
+        seconds=round(time.perf_counter() - started, 1),
+    )
 
 
 def pareto(points: Sequence[tuple[float, float]], *, higher_x_is_better: bool) -> list[bool]:
@@ -172,45 +346,40 @@ def pareto(points: Sequence[tuple[float, float]], *, higher_x_is_better: bool) -
 
 
 def _nearest_pair(
-    pruned: Sequence[dict[str, Any]], original: Sequence[dict[str, Any]], key: str
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The pruned and original points closest on ``key`` (relative difference)."""
-    pairs = [(p, o) for p in pruned for o in original if p.get(key) and o.get(key)]
+    pruned: Sequence[FrontierRow], original: Sequence[FrontierRow], key: str
+) -> tuple[FrontierRow, FrontierRow] | None:
+    """The pruned and original rows closest on ``key`` (relative difference)."""
+    pairs = [(p, o) for p in pruned for o in original if getattr(p, key) and getattr(o, key)]
     if not pairs:
         return None
-    return min(pairs, key=lambda pair: abs(math.log(pair[0][key] / pair[1][key])))
+    return min(pairs, key=lambda pair: abs(math.log(getattr(pair[0], key) / getattr(pair[1], key))))
 
 
-def _name(point: dict[str, Any]) -> str:
-    return point["type"].upper()
-
-
-def _winner(pruned: dict[str, Any], original: dict[str, Any]) -> str:
-    better = "the pruned file" if pruned["ppl"] < original["ppl"] else "the original's"
+def _winner(pruned: FrontierRow, original: FrontierRow) -> str:
+    better = "the pruned file" if pruned.ppl < original.ppl else "the original's"
     return f"{better} is the better one there"
 
 
-def headline(rows: Sequence[dict[str, Any]]) -> str:
-    """One sentence from the numbers: the pruned point and the original's point nearest in file size,
-    then nearest in tg128 speed, with their perplexities (``rows``: ``model``, ``type``, ``size_mib``,
-    ``ppl``, ``tg_tokens_per_s``)."""
-    pruned = [r for r in rows if r["model"] == "pruned"]
-    original = [r for r in rows if r["model"] == "original"]
+def headline(rows: Sequence[FrontierRow]) -> str:
+    """One sentence from the numbers: the pruned row and the original's row nearest in file size, then
+    nearest in tg128 speed, with their perplexities."""
+    pruned = [r for r in rows if r.model == "pruned"]
+    original = [r for r in rows if r.model == "original"]
     parts = []
     by_size = _nearest_pair(pruned, original, "size_mib")
     if by_size:
         p, o = by_size
         parts.append(
-            f"At about {p['size_mib']:.3g} MiB the pruned {_name(p)} ({p['size_mib']:.1f} MiB) has "
-            f"perplexity {p['ppl']:.2f} where the original's {_name(o)} ({o['size_mib']:.1f} MiB) has "
-            f"{o['ppl']:.2f}: {_winner(p, o)}"
+            f"At about {p.size_mib:.3g} MiB the pruned {p.type.upper()} ({p.size_mib:.1f} MiB) has "
+            f"perplexity {p.ppl:.2f} where the original's {o.type.upper()} ({o.size_mib:.1f} MiB) has "
+            f"{o.ppl:.2f}: {_winner(p, o)}"
         )
     by_speed = _nearest_pair(pruned, original, "tg_tokens_per_s")
     if by_speed:
         p, o = by_speed
         parts.append(
-            f"at about {p['tg_tokens_per_s']:.3g} tokens/s of tg128 the pruned {_name(p)} has "
-            f"{p['ppl']:.2f} where the original's {_name(o)} ({o['tg_tokens_per_s']:.0f} tokens/s) has "
-            f"{o['ppl']:.2f}: {_winner(p, o)}"
+            f"at about {p.tg_tokens_per_s:.3g} tokens/s of tg128 the pruned {p.type.upper()} has "
+            f"{p.ppl:.2f} where the original's {o.type.upper()} ({o.tg_tokens_per_s:.0f} tokens/s) has "
+            f"{o.ppl:.2f}: {_winner(p, o)}"
         )
     return ("; ".join(parts) + ".") if parts else ""

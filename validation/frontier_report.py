@@ -1,15 +1,17 @@
 """The frontier's part of the report: its table, its two plots and its sentence, from the stages' JSON.
 
-``frontier`` is what ``rmexport.frontier.frontier_stages`` returns: each model's measured points, the
-speed per type, and the settings they were measured with. Nothing is measured here.
+``frontier`` is what ``rmexport.frontier.frontier_stages`` returns (``FrontierRecord`` as JSON): each
+model's measured points, the speed per type, and the settings they were measured with. Nothing is
+measured here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .frontier import headline, pareto
+from rmexport.records import JsonObject
+
+from .frontier import FrontierPoint, FrontierRow, headline, pareto
 from .plots import plot_frontier
 
 __all__ = ["frontier_markdown", "frontier_plots", "frontier_summary"]
@@ -17,55 +19,56 @@ __all__ = ["frontier_markdown", "frontier_plots", "frontier_summary"]
 ROLES = ("original", "pruned")
 
 
-def _phase(speed: dict[str, Any], kind: str) -> dict[str, Any]:
+def _phase(speed: JsonObject, kind: str) -> JsonObject:
     """The longest phase of ``kind`` (prompt or generation) in a speed result, or {}."""
     phases = [e for e in (speed.get("phases") or {}).values() if e.get("kind") == kind]
     return max(phases, key=lambda e: e["tokens"]) if phases else {}
 
 
-def _rows(frontier: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(frontier: JsonObject) -> list[FrontierRow]:
     speeds = frontier.get("speed") or {}
     rows = []
     for role in ROLES:
-        for point in (frontier.get(role) or {}).get("points", []):
-            speed = {} if point.get("extra") else speeds.get(point["type"]) or {}  # extras are not timed
+        for data in (frontier.get(role) or {}).get("points", []):
+            point = FrontierPoint.from_json(data)
+            speed = {} if point.extra else speeds.get(point.type) or {}  # extras are not timed
             prompt, generation = _phase(speed, "prompt"), _phase(speed, "generation")
             rows.append(
-                {
-                    "model": role,
-                    "type": point["type"],
-                    "blocks": point["block_count"],
-                    "size_mib": point["size_bytes"] / 2**20,
-                    "ppl": point["ppl"],
-                    "ppl_by_source": {s: v["ppl"] for s, v in point["sources"].items()},
-                    "kl": point["kl"],
-                    "pp_tokens_per_s": (prompt.get(role) or {}).get("tokens_per_s", {}).get("median"),
-                    "tg_tokens_per_s": (generation.get(role) or {}).get("tokens_per_s", {}).get("median"),
-                    "tg_speedup": generation.get("speedup", {}).get("median") if role == "pruned" else None,
-                    "speed_rounds": speed.get("rounds"),
-                    "imatrix": point["imatrix"],
-                    "extra": bool(point.get("extra")),
-                }
+                FrontierRow(
+                    model=role,
+                    type=point.type,
+                    blocks=point.block_count,
+                    size_mib=point.size_bytes / 2**20,
+                    ppl=point.ppl,
+                    ppl_by_source={s: v.ppl for s, v in point.sources.items()},
+                    kl=point.kl,
+                    pp_tokens_per_s=(prompt.get(role) or {}).get("tokens_per_s", {}).get("median"),
+                    tg_tokens_per_s=(generation.get(role) or {}).get("tokens_per_s", {}).get("median"),
+                    tg_speedup=generation.get("speedup", {}).get("median") if role == "pruned" else None,
+                    speed_rounds=speed.get("rounds"),
+                    imatrix=point.imatrix,
+                    extra=point.extra,
+                )
             )
     return rows
 
 
-def frontier_summary(frontier: dict[str, Any]) -> dict[str, Any]:
-    """The table's rows, each with whether it is on the Pareto frontier by size and by tg128 speed,
-    and the sentence."""
+def frontier_summary(frontier: JsonObject) -> JsonObject:
+    """The table's rows (``FrontierRow`` as JSON), each with whether it is on the Pareto frontier by size
+    and by tg128 speed, and the sentence."""
     rows = _rows(frontier)
-    ladder = [r for r in rows if not r["extra"]]  # a benchmark's extra files stay off the frontier
-    timed = [r for r in ladder if r["tg_tokens_per_s"]]
-    on_size = pareto([(r["size_mib"], r["ppl"]) for r in ladder], higher_x_is_better=False)
-    on_speed = pareto([(r["tg_tokens_per_s"], r["ppl"]) for r in timed], higher_x_is_better=True)
-    size_ids = {id(r) for r, on in zip(ladder, on_size, strict=True) if on}
-    speed_ids = {id(r) for r, on in zip(timed, on_speed, strict=True) if on}
-    for row in rows:
-        row["pareto_size"], row["pareto_speed"] = id(row) in size_ids, id(row) in speed_ids
-    return {"table": rows, "headline": headline(ladder)}
+    ladder = [r for r in rows if not r.extra]  # a benchmark's extra files stay off the frontier
+    timed = [r for r in ladder if r.tg_tokens_per_s]
+    on_size = pareto([(r.size_mib, r.ppl) for r in ladder], higher_x_is_better=False)
+    on_speed = pareto([(r.tg_tokens_per_s or 0.0, r.ppl) for r in timed], higher_x_is_better=True)
+    for row, on in zip(ladder, on_size, strict=True):
+        row.pareto_size = on
+    for row, on in zip(timed, on_speed, strict=True):
+        row.pareto_speed = on
+    return {"table": [r.to_json() for r in rows], "headline": headline(ladder)}
 
 
-def frontier_plots(summary: dict[str, Any], plots: Path) -> dict[str, Path]:
+def frontier_plots(summary: JsonObject, plots: Path) -> dict[str, Path]:
     rows = summary["table"]
     if not rows:
         return {}
@@ -89,7 +92,7 @@ def _count(n: int | None, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _matrix_words(frontier: dict[str, Any]) -> str:
+def _matrix_words(frontier: JsonObject) -> str:
     matrices = [m for m in ((frontier.get(r) or {}).get("imatrix") for r in ROLES) if m]
     if not matrices:
         return "No type of the ladder uses an importance matrix by default."
@@ -104,13 +107,13 @@ def _matrix_words(frontier: dict[str, Any]) -> str:
     )
 
 
-def frontier_markdown(frontier: dict[str, Any], images: dict[str, str]) -> list[str]:
+def frontier_markdown(frontier: JsonObject, images: dict[str, str]) -> list[str]:
     """The report's section: what was measured and how, the sentence, the table, the plots.
     ``frontier``: the stages' result with ``frontier_summary``'s keys added."""
-    rows = frontier["table"]
+    rows = [FrontierRow.from_json(r) for r in frontier["table"]]
     if not rows:
         return []
-    sources = list(rows[0]["ppl_by_source"])
+    sources = list(rows[0].ppl_by_source)
     rounds = frontier.get("speed_rounds") or {}
     own = frontier["own_type"]
     reused = (frontier.get("speed") or {}).get(own, {}).get("reused_from")
@@ -146,21 +149,21 @@ def frontier_markdown(frontier: dict[str, Any], images: dict[str, str]) -> list[
         ]
     )
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["model"], -r["size_mib"])):
+    for r in sorted(rows, key=lambda r: (r.model, -r.size_mib)):
         cells = [
-            r["model"],
-            r["type"].upper(),
-            str(r["blocks"]),
-            _number(r["size_mib"], 1),
-            _number(r["ppl"], 2),
-            *(_number(r["ppl_by_source"][s], 2) for s in sources),
-            _number(r["kl"], 4),
-            _number(r["pp_tokens_per_s"], 0),
-            _number(r["tg_tokens_per_s"], 1),
-            "–" if r["tg_speedup"] is None else f"×{r['tg_speedup']:.2f}",
-            "yes" if r["imatrix"] else "no",
-            "◆" if r["pareto_size"] else "",
-            "◆" if r["pareto_speed"] else "",
+            r.model,
+            r.type.upper(),
+            str(r.blocks),
+            _number(r.size_mib, 1),
+            _number(r.ppl, 2),
+            *(_number(r.ppl_by_source[s], 2) for s in sources),
+            _number(r.kl, 4),
+            _number(r.pp_tokens_per_s, 0),
+            _number(r.tg_tokens_per_s, 1),
+            "–" if r.tg_speedup is None else f"×{r.tg_speedup:.2f}",
+            "yes" if r.imatrix else "no",
+            "◆" if r.pareto_size else "",
+            "◆" if r.pareto_speed else "",
         ]
         table.append("| " + " | ".join(cells) + " |")
     lines += [*table, ""]
