@@ -319,7 +319,7 @@ def time_ladder(
             timed[t] = reused[t]
             continue
         pair = {role: files[role][t] for role in ("original", "pruned")}
-        warm = {role: warm_up(path, protocol.resolved_threads()).to_json() for role, path in pair.items()}
+        warm = {role: warm_up(path).to_json() for role, path in pair.items()}
         timed[t] = speed(pair["original"], pair["pruned"], protocol) | {
             "warmup": warm,
             "resident_after_timing": {role: page_cache_fraction(path) for role, path in pair.items()},
