@@ -99,7 +99,11 @@ def ridge_toward(
             candidate = prior.to(torch.float64)
         else:
             a = alpha * scale
-            candidate, info = torch.linalg.solve_ex(stats.gram + a * identity, stats.cross + a * prior)
+            # A + αI is symmetric positive (semi)definite: Cholesky takes half of LU's time, the most
+            # of the prune's time on models like Qwen2.5-1.5B (d_ff 8960). A failed factorization
+            # (A singular at α = 0) leaves that strength out.
+            factor, info = torch.linalg.cholesky_ex(stats.gram + a * identity)
+            candidate = torch.cholesky_solve(stats.cross + a * prior, factor)
             if int(info) != 0 or not torch.isfinite(candidate).all():
                 errors[str(alpha)] = None
                 continue
