@@ -29,7 +29,9 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+from safetensors import safe_open
 
 from rmexport import llamacpp as llama_cpp_tools
 from rmexport.arch import ArchAdapter, adapter_for
@@ -148,8 +150,6 @@ def _safetensors_files(checkpoint: Path) -> list[Path]:
 
 
 def _hf_tensors(checkpoint: Path) -> Iterator[tuple[str, Any]]:
-    from safetensors import safe_open
-
     for path in _safetensors_files(checkpoint):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -157,9 +157,6 @@ def _hf_tensors(checkpoint: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _load(ref: tuple[Path, str]) -> np.ndarray:
-    import torch
-    from safetensors import safe_open
-
     path, name = ref
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(name).to(torch.float32).numpy()
@@ -238,8 +235,6 @@ def _encode(data: np.ndarray, gtype: GGUFType) -> np.ndarray:
 
 
 def _shape(ref: tuple[Path, str]) -> tuple[int, ...]:
-    from safetensors import safe_open
-
     path, name = ref
     with safe_open(str(path), framework="pt") as f:
         return tuple(f.get_slice(name).get_shape())

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rmexport.arch import ADAPTERS, adapter_for
 from rmexport.atomic import staged_dir
 from rmexport.errors import ConfigError, ExportError, ModelLoadError, ToolchainError
@@ -126,8 +128,6 @@ def _quiet_tracing() -> Iterator[None]:
     against PyTorch by ``validate onnx`` instead. Only these categories and modules are silenced,
     only inside the export; filters and loggers are restored on exit.
     """
-    import torch
-
     filters = [(logging.getLogger(name), _DropMatching(pattern)) for name, pattern in _EXPORT_NOISE]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

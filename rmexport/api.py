@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-
 from converters.gguf_export import describe_gguf
 from converters.gguf_export import export_gguf as write_gguf
 from converters.onnx_export import export_onnx as write_onnx
@@ -81,6 +79,7 @@ def _local_checkpoint(model: str | Path) -> Path:
     source = resolve(str(model))
     if source.kind != "hub":
         return Path(checkpoint_dir(source))
+    from huggingface_hub import snapshot_download  # ~0.2 s (requests, the hub client): only for a hub id
 
     try:
         return Path(snapshot_download(source.location))

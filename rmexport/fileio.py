@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+from gguf.quants import quant_shape_to_byte_shape
+
 from .errors import ModelLoadError
 from .records import JsonObject
 
@@ -62,8 +65,6 @@ class GGUFTensorInfo:
 
     @property
     def byte_shape(self) -> tuple[int, ...]:
-        from gguf.quants import quant_shape_to_byte_shape
-
         return quant_shape_to_byte_shape(self.shape, self.qtype)
 
     @property
@@ -150,8 +151,6 @@ def read_gguf_header(path: str | Path, *, strings: bool = False) -> GGUFHeader:
 
     Raises GGUFHeaderError for what is not a complete GGUF file (a header llama.cpp cannot read,
     or tensor data that runs past the end of the file), OSError for what cannot be read."""
-    import gguf
-
     path = Path(path)
     size = path.stat().st_size
     if size < 4:

@@ -13,6 +13,7 @@ llama-cpp-python version. Exporting never builds: a missing tool is an error tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -154,8 +155,6 @@ def _build(version: str, tools: list[str]) -> None:
 
 
 def main() -> int:
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name, path in build().items():
         print(f"{name}: {path}")

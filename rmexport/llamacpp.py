@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,6 @@ def llama_module() -> Any:
 
 def installed_version() -> str | None:
     """llama-cpp-python's version from its package metadata (None: not installed); loads no library."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:

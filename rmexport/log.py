@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tqdm.auto import tqdm
+
 __all__ = ["get_logger", "progress", "progress_enabled", "route_library_logs", "set_quiet"]
 
 T = TypeVar("T")
@@ -79,6 +81,5 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kwarg
     if not progress_enabled():
         yield from iterable
         return
-    from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, **kwargs)

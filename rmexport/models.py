@@ -17,6 +17,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+
 from .arch import adapter_for
 from .atomic import disk_full_guard, replace_dir
 from .calib.gguf_reader import config_from_gguf
@@ -342,8 +345,6 @@ def load_tokenizer(source: ModelSource) -> Any:
 
 def load_model(source: ModelSource, dtype: Any = None, device: str = "cpu") -> Any:
     """Load the causal LM in ``dtype`` (None: the checkpoint's own dtype) on ``device``."""
-    import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     adapter_for(load_config(source))  # fail on unsupported architectures before loading weights

@@ -1,7 +1,9 @@
 """The one way to import a dependency that only some installs have (the ``cpu``/``gpu``/``hub`` extras).
 
-Everything else is imported at the top of its module. A dependency here is imported on first use,
-and its absence is a one-line error that says what to install, never a traceback.
+Everything else is imported at the top of its module, but for the few libraries every install has that a
+``--help`` must not pay for (transformers, optimum, onnx, the hub client, ...; see docs/development.md), which
+the function using them imports. A dependency here is imported on first use, and its absence is a one-line
+error that says what to install, never a traceback.
 """
 
 from __future__ import annotations

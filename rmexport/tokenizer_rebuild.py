@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from .errors import ModelLoadError
 from .fileio import open_gguf
 from .llamacpp import PRE_TOKENIZER_REGEXES
@@ -153,8 +155,6 @@ def _bpe_merges(merges: list[str], index: dict[str, int]) -> list[tuple[str, str
 
 
 def _spm_tokenizer(vocab: GGUFVocab) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     index = {t: i for i, t in enumerate(vocab.tokens)}
     if not any(t.startswith("<0x") for t in vocab.tokens):
         raise _unsupported(vocab, "a SentencePiece vocabulary without <0xXX> byte tokens")
@@ -183,8 +183,6 @@ def _spm_tokenizer(vocab: GGUFVocab) -> Any:
 
 
 def _gpt2_tokenizer(vocab: GGUFVocab) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     rule = _PRE_RULES.get(vocab.pre)
     if rule is None:
         raise _unsupported(
@@ -216,8 +214,6 @@ def _gpt2_tokenizer(vocab: GGUFVocab) -> Any:
 
 def _add_marked_tokens(tok: Any, vocab: GGUFVocab) -> None:
     """Control and unknown tokens become special tokens; user-defined ones are matched in raw text."""
-    from tokenizers import AddedToken
-
     added = []
     for token, kind in zip(vocab.tokens, vocab.token_types, strict=False):
         if kind in (_CONTROL, _UNKNOWN, _USER_DEFINED):
@@ -226,8 +222,6 @@ def _add_marked_tokens(tok: Any, vocab: GGUFVocab) -> None:
 
 
 def _post_processor(tok: Any, vocab: GGUFVocab, special: SpecialTokens) -> None:
-    from tokenizers import processors
-
     before = [vocab.tokens[special.bos]] if special.add_bos and special.bos is not None else []
     after = [vocab.tokens[special.eos]] if special.add_eos and special.eos is not None else []
     if not before and not after:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import gguf
+
 from rmexport.arch import gguf_adapter
 from rmexport.errors import ConfigError
 from rmexport.fileio import open_gguf
@@ -86,8 +88,6 @@ class ModelShape:
     @classmethod
     def from_gguf(cls, path: str | Path) -> ModelShape:
         """From a GGUF's metadata, as llama.cpp reads it."""
-        import gguf
-
         header = open_gguf(path)
         metadata = header.metadata
         arch = metadata[gguf.Keys.General.ARCHITECTURE]

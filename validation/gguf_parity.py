@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from converters.gguf_export import GGUF_TYPES
@@ -188,8 +189,6 @@ TOKENIZER_PROBES = (
 
 def gguf_type_of(path: str | Path) -> str:
     """Our type name (f32, f16, ...) from the file's ``general.file_type``."""
-    import gguf
-
     file_type = open_gguf(path).metadata.get(gguf.Keys.General.FILE_TYPE)
     if file_type is None:
         return "unknown"

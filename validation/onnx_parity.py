@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from converters.onnx_export import read_export_info
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
@@ -198,8 +199,6 @@ def compare_onnx(
 
     Raises ToleranceError (after computing everything) when a check fails and ``raise_on_failure``.
     """
-    import torch
-
     if new_tokens < 1:
         raise ConfigError("--new-tokens must be >= 1")
     onnx_dir = Path(onnx_dir)

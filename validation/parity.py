@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.corpus import load_corpus
@@ -107,8 +111,6 @@ def torch_greedy(
 ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
     """Prefill logits ``[T, V]``, then ``new_tokens`` greedy tokens through transformers' cache,
     with the logits each token was chosen from."""
-    import torch
-
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt]), use_cache=True)
         prefill = out.logits[0].float().numpy()
@@ -342,10 +344,6 @@ def format_table(measured: Measured, tol: Tolerance, title: str) -> str:
 
 def print_table(measured: Measured, tol: Tolerance, title: str) -> None:
     """What was measured, against ``tol``, as a rich table on the terminal."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title=escape(title))
     for column in ("check", "value", "tolerance", ""):
         table.add_column(column)

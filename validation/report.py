@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from converters.imatrix import ImatrixUse
 from rmexport.records import JsonObject, PruneRecord, Quality, SourceQuality, from_jsonable
 from rmexport.sysinfo import MachineInfo
@@ -809,9 +812,6 @@ def _write(path: Path, text: str) -> None:
 
 def print_summary(report: JsonObject, run_dir: Path) -> None:
     """The run's summary on the console, from ``Report.to_json()`` (report.json as written)."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     rows = [RuntimeRow(**r) for r in report["runtimes"]]
     speed = [SpeedRow(**r) for r in report["speed"]]

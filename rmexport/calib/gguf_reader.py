@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from ..arch import ArchAdapter, adapter_for
 from ..errors import ModelLoadError
@@ -64,8 +66,6 @@ class GGUFFacts:
 
 def read_gguf_facts(path: str | Path) -> GGUFFacts:
     """Parse the header of ``path``; ModelLoadError when it is not a complete GGUF file."""
-    import gguf
-
     path = Path(path)
     header = open_gguf(path)
     tensors = {t.name: t for t in header.tensors}
@@ -110,8 +110,6 @@ def config_from_gguf(path: str | Path) -> Any:
 
 
 def _model_arch(arch: str) -> Any:
-    import gguf
-
     for key, name in gguf.MODEL_ARCH_NAMES.items():
         if name == arch:
             return key
@@ -129,8 +127,6 @@ def _hf_parameter_names(config: Any) -> list[str]:
 
 def _gguf_to_hf(facts: GGUFFacts, config: Any) -> dict[str, str]:
     """GGUF tensor name -> HF parameter name, for every tensor in the file."""
-    import gguf
-
     name_map = gguf.get_tensor_name_map(_model_arch(facts.arch), facts.block_count)
     candidates: dict[str, str] = {}
     for hf_name in _hf_parameter_names(config):
@@ -232,8 +228,6 @@ class GGUFCheckpointReader:
     def _dequantize(self, info: GGUFTensorInfo, raw: np.ndarray) -> np.ndarray:
         """``raw`` as float32 of ``info.shape``, a few rows at a time: gguf-py's dequantizers hold
         several float arrays of the whole input at once (2.2 GB for a 0.9 GB embedding)."""
-        from gguf.quants import dequantize
-
         out = np.empty(info.shape, dtype=np.float32)
         rows = out.reshape(-1, info.shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
         raw_rows = raw.reshape(rows.shape[0], -1)

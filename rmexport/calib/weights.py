@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..arch import ArchAdapter, adapter_for
@@ -77,8 +78,6 @@ class CheckpointReader:
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.directory / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
             with safe_open(self.directory / SINGLE_FILE, framework="pt") as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
         else:
@@ -97,8 +96,6 @@ class CheckpointReader:
 
     def _handle(self, shard: str) -> safe_open:
         if shard not in self._handles:
-            from safetensors import safe_open
-
             self._handles[shard] = safe_open(self.directory / shard, framework="pt")
         return self._handles[shard]
 
