@@ -42,6 +42,7 @@ from validation.gguf_bench import DEFAULT_PROTOCOL, speed
 from validation.gguf_parity import gguf_type_of
 
 from .atomic import staged_dir, write_json
+from .calib.weights import config_dtype
 from .config import RunConfig
 from .errors import ConfigError
 from .imatrix_text import calibration_text, default_imatrix_recipe
@@ -108,7 +109,7 @@ def own_type(source: ModelSource, config: Any) -> str:
     """The source's own type: a GGUF's file type, a checkpoint's dtype (f16 where it is unknown)."""
     if source.is_gguf:
         return gguf_type_of(source.location)
-    dtype = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or "")
+    dtype = str(config_dtype(config) or "")
     return _FLOAT_TYPES.get(dtype.removeprefix("torch."), "f16")
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -46,6 +49,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     )
 
 
+class _MistralRegexOnlyForMistral(logging.Filter):
+    """transformers 4.57.3 and later warn that a local tokenizer has Mistral's incorrect regex for
+    every checkpoint a 4.57.3 or later wrote, whatever its family (their check of the writer's
+    version lets only older ones through). The warning is kept for the Mistral families it is about."""
+
+    _message = re.compile(r"The tokenizer you are loading from '(.+?)' with an incorrect regex pattern")
+    _mistral_types = frozenset({"mistral", "mistral3", "ministral", "pixtral", "voxtral"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._message.match(record.getMessage())
+        if match is None:
+            return True
+        try:
+            config = json.loads((Path(match[1]) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        return not isinstance(config, dict) or config.get("model_type") in self._mistral_types
+
+
 def route_library_logs(verbose: bool = False) -> None:
     """Send third-party log records and ``warnings.warn`` through the root logger's handlers
     only (the CLI's), each once, a warning as one line: the libraries' own stderr handlers are
@@ -60,6 +82,9 @@ def route_library_logs(verbose: bool = False) -> None:
         from transformers.utils import logging as transformers_logging
     except ImportError:
         return
+    tokenizer_logger = logging.getLogger("transformers.tokenization_utils_base")
+    if not any(isinstance(f, _MistralRegexOnlyForMistral) for f in tokenizer_logger.filters):
+        tokenizer_logger.addFilter(_MistralRegexOnlyForMistral())
     # transformers installs its handler on import and stops propagation; undo both.
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()

@@ -3,12 +3,14 @@ honoured; library warnings reach the user once, through one handler."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
 
 from rmexport.cli import main
+from rmexport.log import route_library_logs
 
 from .test_cli_fuzz import REPO, one_line_error
 
@@ -89,3 +91,24 @@ def test_library_warnings_are_printed_once_at_sensible_levels(tiny_checkpoints, 
     assert done.stderr.count("LIBRARY-WARNING") == 1, done.stderr
     assert done.stderr.count("PYTHON-WARNING") == 1, done.stderr
     assert "Retrying" not in done.stderr and "LIBRARY-INTERNALS" not in done.stderr
+
+
+def test_the_mistral_regex_warning_is_kept_for_mistral_alone(tmp_path, caplog):
+    """transformers 4.57.3+ warns of Mistral's tokenizer regex for any local checkpoint with a large
+    vocabulary that it wrote (Qwen2.5's, for one); after the CLI set up logging the warning reaches
+    the user for a Mistral checkpoint only. Its text as transformers 4.57.6 words it."""
+    route_library_logs()
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    warned = {}
+    for model_type in ("qwen2", "mistral"):
+        checkpoint = tmp_path / model_type
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            logger.warning(
+                f"The tokenizer you are loading from '{checkpoint}' with an incorrect regex pattern: "
+                "https://huggingface.co/... This will lead to incorrect tokenization."
+            )
+        warned[model_type] = bool(caplog.records)
+    assert warned == {"qwen2": False, "mistral": True}

@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointReader",
     "ModelSkeleton",
     "checkpoint_dtype",
+    "config_dtype",
     "largest_module_bytes",
     "model_bytes",
     "open_weights",
@@ -142,8 +143,16 @@ def tensors_under(reader: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]
             yield name[len(head) :], reader.get(name)
 
 
+def config_dtype(config: Any) -> Any:
+    """The dtype a config declares, or None: ``dtype`` since transformers 4.56, ``torch_dtype``
+    before (reading the old name on a newer transformers prints a deprecation warning)."""
+    if hasattr(config, "dtype"):
+        return config.dtype
+    return getattr(config, "torch_dtype", None)
+
+
 def checkpoint_dtype(config: Any) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = config_dtype(config) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, torch.float32)
     return dtype
