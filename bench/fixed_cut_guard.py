@@ -51,6 +51,64 @@ def _losses(engine, by_source, plans: dict[str, Plan], shared: int) -> dict[str,
     return losses
 
 
+def _token_classes(ids: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """Per predicted token (position t predicts t + 1): 0 a special token or one of the two after
+    one (a chat template's role header), 1 another of the first 32 positions, 2 the rest."""
+    near = torch.isin(ids, special)
+    for k in (1, 2):
+        near[:, k:] |= torch.isin(ids[:, :-k], special)
+    classes = torch.full((ids.shape[0], ids.shape[1] - 1), 2)
+    classes[:, :32] = 1
+    classes[near[:, 1:]] = 0
+    return classes
+
+
+def _losses_by_token_class(engine, selection, plans: dict[str, Plan], special: torch.Tensor) -> dict:
+    """Mean next-token loss of each plan (and of the original) on ``selection``, by token class."""
+    names = ("template", "first 32", "rest")
+    plans = plans | {"original": original_plan(engine.n_layers)}
+    embedded = engine.embed("by-token", selection.batches)
+    ends = engine.advance("by-token", embedded, plans, desc="By token")
+    seen: dict[tuple[str, int], int] = {}
+    sums = {p: torch.zeros(3, dtype=torch.float64) for p in plans}
+    counts = {p: torch.zeros(3, dtype=torch.float64) for p in plans}
+
+    def on_logits(stream: str, b: int, logits: torch.Tensor) -> None:
+        ids, mask = selection.batches[b]
+        lo = seen.get((stream, b), 0)
+        hi = lo + logits.shape[1]
+        seen[(stream, b)] = hi
+        hi = min(hi, ids.shape[1] - 1)
+        if hi <= lo:
+            return
+        nll = -torch.log_softmax(logits[:, : hi - lo].double(), -1).gather(-1, ids[:, lo + 1 : hi + 1, None])[
+            ..., 0
+        ]
+        counted = mask[:, lo + 1 : hi + 1].bool()
+        classes = _token_classes(ids, special)[:, lo:hi]
+        for c in range(3):
+            chosen = counted & (classes == c)
+            sums[stream][c] += nll[chosen].sum()
+            counts[stream][c] += chosen.sum()
+
+    def targets(b: int):
+        ids, mask = selection.batches[b]
+        return ids, mask[:, 1:].bool()
+
+    try:
+        engine.head_pass("by-token", ends, targets=targets, on_logits=on_logits)
+    finally:
+        engine.release(embedded, *ends.values())
+        engine.forget("by-token")
+    return {
+        p: {
+            names[c]: [round(float(sums[p][c] / max(counts[p][c], 1)), 4), int(counts[p][c])]
+            for c in range(3)
+        }
+        for p in plans
+    }
+
+
 def _numbers(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -64,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=PruneOptions.calib_samples)
     parser.add_argument("--ridge", default="", help="more strengths to score, e.g. 1,10,inf")
     parser.add_argument("--shares", default="", help="blends of the default map to score, e.g. 0.75,0.5")
+    parser.add_argument(
+        "--by-token", default="", help="a source whose set-aside loss is also split by token class"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench/fixed-cut-guard.json"))
     args = parser.parse_args(argv)
 
@@ -95,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         plans = {name: cut_plan(plan, cut, Map(m, name)) for name, m in maps.items()}
         plans["plain_removal"] = plain_removal(plans["fitted"])
         losses = _losses(engine, by_source, plans, shared=cut[0] - 1)
+        by_token = (
+            _losses_by_token_class(
+                engine, by_source[args.by_token], plans, torch.tensor(tokenizer.all_special_ids)
+            )
+            if args.by_token
+            else None
+        )
     finally:
         engine.close()
     result = {
@@ -105,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         "ridge_toward_T": choice.alpha,
         "set_aside_rel_residual": residuals,
         "set_aside_loss": losses,
+        "by_token_class": by_token and {"source": args.by_token, "loss_and_count": by_token},
         "fit_s": round(fitted_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     for source_name, row in losses.items():
         print(source_name, {k: round(v, 4) for k, v in row.items()})
+    for plan_name, row in (by_token or {}).items():
+        print(args.by_token, plan_name, row)
     print(f"ridge {choice.alpha:g}; {result['wall_s']} s")
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -106,13 +106,16 @@ class RepairRecord:
 
 @dataclass
 class GuardRecord:
-    """The quality guard's judgement: the mean next-token loss of each stage of the prune on the set-aside
-    text of each source of the calibration mixture, and the stage kept."""
+    """The quality guard's judgement on the set-aside text of each source of the calibration mixture:
+    each stage of the prune's mean KL divergence from the original model's next-token distribution
+    (what it is judged on) and its mean next-token loss, and the stage kept."""
 
     judged_on: str | None  # None: the guard was off (``--no-quality-guard``)
     kept: str  # "fitted", "repair K" or "plain_removal"
     by_source: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> stage -> loss
     selection_loss: dict[str, float] = field(default_factory=dict)  # stage -> mean over the sources
+    kl_by_source: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> stage -> KL
+    mean_kl: dict[str, float] = field(default_factory=dict)  # stage -> mean over the sources
 
 
 @dataclass

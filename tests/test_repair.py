@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 from converters.gguf_export import export_gguf
 from converters.gguf_prune import write_pruned_gguf
 from rmexport.arch import adapter_for
+from rmexport.calib.engine import LogitComparison
+from rmexport.measures import kl_rows
 from rmexport.models import resolve
 from rmexport.prune import PruneOptions, prune
 
@@ -67,7 +69,7 @@ def test_the_blocks_after_the_cut_are_refitted_and_folded(weakened, tmp_path):
         assert torch.equal(saved[name], original[f"model.layers.{block}.mlp.down_proj.weight"])
 
 
-def test_the_guard_keeps_the_stage_with_the_lowest_set_aside_loss_of_those_beating_plain_removal(
+def test_the_guard_keeps_the_stage_closest_to_the_original_of_those_closer_than_plain_removal(
     weakened, tmp_path
 ):
     record = prune(
@@ -75,13 +77,27 @@ def test_the_guard_keeps_the_stage_with_the_lowest_set_aside_loss_of_those_beati
     )
     guard = record.guard
     stages = ["fitted", "repair 1", "repair 2"]
-    assert set(guard.selection_loss) == {*stages, "plain_removal"}
-    for losses in guard.by_source.values():
-        assert set(losses) == {*stages, "plain_removal"}
-    better = [s for s in stages if all(v[s] <= v["plain_removal"] for v in guard.by_source.values())]
-    expected = min(better, key=guard.selection_loss.get) if better else "plain_removal"
+    assert set(guard.mean_kl) == {*stages, "plain_removal"}
+    assert set(guard.selection_loss) == {"original", *stages, "plain_removal"}
+    for kl in guard.kl_by_source.values():
+        assert set(kl) == {*stages, "plain_removal"} and kl["plain_removal"] > 0
+    better = [s for s in stages if all(v[s] <= v["plain_removal"] for v in guard.kl_by_source.values())]
+    expected = min(better, key=guard.mean_kl.get) if better else "plain_removal"
     assert guard.kept == expected
     assert record.repair.kept_blocks == (int(expected[-1]) if expected.startswith("repair") else 0)
+
+
+def test_a_logit_comparison_sums_the_kl_of_the_counted_predictions():
+    generator = torch.Generator().manual_seed(0)
+    reference, logits = (torch.randn(2, 5, 11, generator=generator) * 3 for _ in range(2))
+    counted = torch.tensor([[True, False, True, True], [False, True, True, False]])  # 4 of 5 predict
+    comparison = LogitComparison()
+    comparison.add(logits[:, :3], reference[:, :3], counted[:, :3])
+    comparison.add(logits[:, 3:], reference[:, 3:], counted[:, 3:])
+    expected = kl_rows(reference[:, :4][counted], logits[:, :4][counted])
+    assert comparison.kl_count == 5
+    assert comparison.mean_kl == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert comparison.max_abs_difference == pytest.approx(float((logits - reference).abs().max()))
 
 
 def test_no_repair_is_recorded_with_its_reason(tiny_checkpoints, tmp_path):

@@ -589,8 +589,8 @@ _NO_EXTRA_BUFFERS = (
 
 def _stage_name(stage: str) -> str:
     """A stage of the prune the guard judged, as the report names it."""
-    if stage == "plain_removal":
-        return "plain removal"
+    if stage in ("plain_removal", "original"):
+        return stage.replace("_", " ")
     if stage == "fitted":
         return "the cut's map"
     return f"+ {stage}"  # "repair K": the map and K blocks after the cut repaired
@@ -619,24 +619,43 @@ def _repair_lines(prune: PruneRecord) -> list[str]:
     ]
 
 
+def _stage_table(
+    title: str, by_source: dict[str, dict[str, float]], mean: dict[str, float], digits: str
+) -> list[str]:
+    """One row per source and the mean, one column per stage: the original (where measured) and
+    plain removal first."""
+    first = [s for s in ("original", "plain_removal") if s in mean]
+    stages = [*first, *(s for s in mean if s not in first)]
+    return [
+        f"| {title} | " + " | ".join(_stage_name(s) for s in stages) + " |",
+        "|---" * (len(stages) + 1) + "|",
+        *(
+            f"| `{source}` | " + " | ".join(format(row[s], digits) for s in stages) + " |"
+            for source, row in by_source.items()
+        ),
+        "| mean | " + " | ".join(format(mean[s], digits) for s in stages) + " |",
+        "",
+    ]
+
+
 def _guard_lines(prune: PruneRecord) -> list[str]:
     lines = _repair_lines(prune)
     guard = prune.guard
-    if guard.judged_on:
-        losses = guard.selection_loss
-        stages = ["plain_removal", *(s for s in losses if s != "plain_removal")]
+    if guard.judged_on and guard.mean_kl:
+        lines += [
+            f"Quality guard, on {guard.judged_on}: kept **{_stage_name(guard.kept)}**, the closest to the "
+            "original model (mean KL divergence of the next-token distributions) of the stages closer than "
+            "plain removal on every source. Their losses beside it, the original's first.",
+            "",
+            *_stage_table("set-aside KL from the original", guard.kl_by_source, guard.mean_kl, ".5f"),
+            *_stage_table("set-aside loss", guard.by_source, guard.selection_loss, ".4f"),
+        ]
+    elif guard.judged_on:  # a prune.json from before the guard judged on KL
         lines += [
             f"Quality guard, on {guard.judged_on}: kept **{_stage_name(guard.kept)}**, the lowest mean "
             "loss of the stages no worse than plain removal on every source.",
             "",
-            "| set-aside loss | " + " | ".join(_stage_name(s) for s in stages) + " |",
-            "|---" * (len(stages) + 1) + "|",
-            *(
-                f"| `{source}` | " + " | ".join(f"{loss[s]:.4f}" for s in stages) + " |"
-                for source, loss in guard.by_source.items()
-            ),
-            "| mean | " + " | ".join(f"{losses[s]:.4f}" for s in stages) + " |",
-            "",
+            *_stage_table("set-aside loss", guard.by_source, guard.selection_loss, ".4f"),
         ]
     worse = check_quality(prune).pruned_worse_than_plain_removal
     if worse:

@@ -33,6 +33,7 @@ from .weights import ModelSkeleton, largest_module_bytes, model_bytes
 __all__ = [
     "Batches",
     "Engine",
+    "LogitComparison",
     "Map",
     "Plan",
     "Step",
@@ -407,20 +408,21 @@ class Engine:
         on_logits: Callable[[str, int, torch.Tensor], None] | None = None,
         chunk_bytes: int = 256 * 2**20,
         desc: str = "LM head",
-    ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], tuple[float, float]]]:
-        """Next-token loss of each stream, and the largest logit difference between pairs.
+    ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], LogitComparison]]:
+        """Next-token loss of each stream, and how far apart the logits of pairs are.
 
         ``targets(b)`` gives batch ``b``'s token ids and a mask of the predictions that count
         (position ``t`` predicts token ``t + 1``). Logits are computed a few positions at a time,
         so memory does not grow with vocabulary × batch, and one stream at a time: only the pairs
-        of ``compare`` hold two streams' logits at once. Returns ``{stream: (Σ nll, count)}`` and
-        ``{(a, b): (max |logit_a − logit_b|, max |logit_b|)}`` over the batches both hold.
-        ``on_logits(stream, b, logits)`` receives every position's logits, chunk by chunk."""
+        of ``compare`` hold two streams' logits at once. Returns ``{stream: (Σ nll, count)}`` and,
+        for each pair ``(a, b)`` of ``compare``, a ``LogitComparison`` of ``a`` against ``b`` over
+        the batches both hold. ``on_logits(stream, b, logits)`` receives every position's logits,
+        chunk by chunk."""
         norm, head = self.skeleton.load_head()
         vocab = head.weight.shape[0]
         cap = getattr(self.config, "final_logit_softcapping", None)
         losses = {s: (0.0, 0) for s in streams}
-        diffs = {pair: (0.0, 0.0) for pair in compare}
+        diffs = {pair: LogitComparison() for pair in compare}
         batches = sorted({b for s in streams.values() for b in s.keys})
         try:
             with torch.inference_mode():
@@ -443,7 +445,9 @@ class Engine:
                             del logits
                             for a, ref in compare:
                                 if s in (a, ref) and a in held and ref in held:
-                                    diffs[(a, ref)] = _max_difference(diffs[(a, ref)], held[a], held[ref])
+                                    diffs[(a, ref)].add(
+                                        held[a], held[ref], counted[:, lo : min(hi, predicted)]
+                                    )
                             later = present[i + 1 :]
                             held = {k: v for k, v in held.items() if _awaited(k, later, compare)}
         finally:
@@ -503,15 +507,34 @@ def _awaited(stream: str, later: list[str], compare: list[tuple[str, str]]) -> b
     return any((a == stream and ref in later) or (ref == stream and a in later) for a, ref in compare)
 
 
-def _max_difference(
-    so_far: tuple[float, float], logits: torch.Tensor, reference: torch.Tensor
-) -> tuple[float, float]:
-    """``so_far`` updated with max |logits − reference| and max |reference|."""
-    worst, scale = so_far
-    return (
-        max(worst, float((logits - reference).abs().max())),
-        max(scale, float(reference.abs().max())),
-    )
+@dataclass
+class LogitComparison:
+    """Logits of one stream against a reference stream's at the same positions: the largest
+    difference and the largest reference logit over every position, and the summed
+    KL(reference ‖ stream) of the next-token distributions over the counted predictions."""
+
+    max_abs_difference: float = 0.0
+    max_abs_reference: float = 0.0
+    kl_sum: float = 0.0
+    kl_count: int = 0
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / max(self.kl_count, 1)
+
+    def add(self, logits: torch.Tensor, reference: torch.Tensor, counted: torch.Tensor) -> None:
+        """One chunk of positions; ``counted`` marks its predictions that count (it may be shorter
+        than the chunk, whose last position predicts nothing)."""
+        self.max_abs_difference = max(self.max_abs_difference, float((logits - reference).abs().max()))
+        self.max_abs_reference = max(self.max_abs_reference, float(reference.abs().max()))
+        counted = counted.to(logits.device)
+        if not counted.any():
+            return
+        rows = counted.nonzero(as_tuple=True)
+        p = torch.log_softmax(reference[rows].float(), -1)
+        q = torch.log_softmax(logits[rows].float(), -1)
+        self.kl_sum += float((p.exp() * (p - q)).sum(-1, dtype=torch.float64).sum())
+        self.kl_count += int(rows[0].numel())
 
 
 def _apply_maps(maps: tuple[Map, ...]):

@@ -158,14 +158,14 @@ def run_checks(
         total, count = sums[name]
         return perplexity(total, count)
 
-    worst, scale = diffs[("pruned", "explicit")]
+    parity = diffs[("pruned", "explicit")]
     return CheckResults(
         ppl_original=ppl("original") if known_original is None else known_original,
         ppl_plain_removal=ppl("plain_removal"),
         ppl_pruned=ppl("pruned"),
         tokens=sums["pruned"][1],
-        parity_max_abs_logit_diff=worst,
-        parity_max_abs_logit=scale,
+        parity_max_abs_logit_diff=parity.max_abs_difference,
+        parity_max_abs_logit=parity.max_abs_reference,
         parity_tokens=int(batches[0][0].numel()),
         parity_rtol=fold_parity_rtol(engine.skeleton.compute_dtype),
     )

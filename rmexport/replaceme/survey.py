@@ -306,6 +306,13 @@ class SelectionScorer:
 
     def losses(self, plans: dict[str, Plan], shared: int) -> dict[str, float]:
         """Loss of each plan; ``shared`` leading steps are the same in all of them."""
+        return {name: loss for name, (loss, _) in self.losses_and_divergences(plans, shared).items()}
+
+    def losses_and_divergences(
+        self, plans: dict[str, Plan], shared: int, reference: str | None = None
+    ) -> dict[str, tuple[float, float | None]]:
+        """Mean loss of each plan and, where ``reference`` names one of them, each other plan's
+        mean KL(reference ‖ plan) of the next-token distributions (None for the reference)."""
         prefix = self._prefix(next(iter(plans.values()))[:shared])
         ends = self.engine.advance("selection", prefix, plans, desc="Selection")
         batches = self.selection.batches
@@ -314,11 +321,20 @@ class SelectionScorer:
             ids, mask = batches[b]
             return ids, mask[:, 1:].bool()
 
+        compare = [(name, reference) for name in plans if reference is not None and name != reference]
         try:
-            sums, _ = self.engine.head_pass("selection", ends, targets=targets, desc="Selection loss")
+            sums, comparisons = self.engine.head_pass(
+                "selection", ends, targets=targets, compare=compare, desc="Selection loss"
+            )
         finally:
             self.engine.release(*ends.values())
-        return {name: total / max(count, 1) for name, (total, count) in sums.items()}
+        return {
+            name: (
+                total / max(count, 1),
+                comparisons[(name, reference)].mean_kl if (name, reference) in comparisons else None,
+            )
+            for name, (total, count) in sums.items()
+        }
 
     def trial_losses(
         self, plan: Plan, n: int, maps: dict[int, torch.Tensor], candidates: list[int]
