@@ -24,8 +24,8 @@ from rmexport.calib.tokens import heldout_windows
 from rmexport.models import load_tokenizer, resolve
 from rmexport.prune import PruneOptions, _local_checkpoint, calibration_set, open_engine
 from rmexport.replaceme.checks import perplexities, plain_removal
-from rmexport.replaceme.repair import repair_after_cut
-from rmexport.replaceme.solve import RIDGE_GRID, lstsq_from_gram
+from rmexport.replaceme.repair import REPAIR_GRID, repair_after_cut
+from rmexport.replaceme.solve import lstsq_from_gram
 from rmexport.replaceme.survey import hidden_map
 
 __all__ = ["main"]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(source)
     calibration = calibration_set(tokenizer, options)
     set_aside = calibration_set(tokenizer, options, set_aside=True)
-    grid = tuple(float(x) for x in args.grid.split(",")) if args.grid else RIDGE_GRID
+    grid = tuple(float(x) for x in args.grid.split(",")) if args.grid else REPAIR_GRID
     if float("inf") not in grid:
         grid = (*grid, float("inf"))
     windows = {

@@ -128,8 +128,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=handlers, format="%(message)s", force=True)
     for name in ("rmexport", "converters", "validation"):
         logging.getLogger(name).setLevel(level)
-    route_library_logs(verbose=args.verbose)
     set_quiet(args.quiet)
+    route_library_logs(verbose=args.verbose)
     set_retries(args.retries)
 
 

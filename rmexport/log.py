@@ -88,6 +88,8 @@ def route_library_logs(verbose: bool = False) -> None:
     # transformers installs its handler on import and stops propagation; undo both.
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
+    if not progress_enabled():  # its bars ("Loading checkpoint shards") would land in logs as lines
+        transformers_logging.disable_progress_bar()
 
 
 def set_quiet(quiet: bool) -> None:

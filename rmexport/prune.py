@@ -182,7 +182,7 @@ class PruneOptions:
         doc="after the cut, the `down_proj` of up to `K` following blocks is refitted in turn so that, fed "
         "the pruned stream, each block's output matches the original model's stream after it (ridge least "
         "squares toward the block's own weights, the strength chosen on the set-aside documents); the "
-        "quality guard keeps the prefix with the lowest set-aside loss; `0` skips (see "
+        "quality guard keeps the prefix closest to the original on the set-aside documents; `0` skips (see "
         "[Repair](docs/quality.md#sequential-repair-of-the-blocks-after-the-cut))",
     )
     alpha: float = option(
@@ -299,14 +299,16 @@ class PruneOptions:
     quality_guard: bool = option(
         True,
         "--no-quality-guard",
-        "keep the fitted maps even when plain removal of the same blocks does better on the 64 set-aside "
-        "calibration documents (by default the prune then saves plain removal and says so)",
+        "keep the fitted maps even when plain removal of the same blocks stays closer to the original "
+        "model on the 64 set-aside calibration documents (by default the prune then saves plain removal "
+        "and says so)",
         group=_METHOD,
         negate=True,
-        doc="by default the fitted maps are kept only if the pruned model's loss on the set-aside documents "
-        "of *every* source of the calibration mixture is no worse than plain removal of the same blocks;"
-        " otherwise plain removal is saved, a warning names the likely cause (too little calibration "
-        "text), and `prune.json` says which was kept (`guard`). A report whose pruned model is worse "
+        doc="by default the fitted maps are kept only if the pruned model's next-token distributions on the "
+        "set-aside documents of *every* source of the calibration mixture are closer to the original's "
+        "(mean KL divergence) than those of plain removal of the same blocks; otherwise plain removal is "
+        "saved, a warning names the likely cause (too little calibration text), and `prune.json` says "
+        "which was kept (`guard`, with each stage's KL and loss). A report whose pruned model is worse "
         'than plain removal on held-out text never says "all checks passed"',
     )
     memory_budget: str | None = option(
