@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -227,6 +228,23 @@ def _kv_overrides(llama_cpp: Any, values: dict[str, int | str]) -> Any:
     return array
 
 
+@contextlib.contextmanager
+def _stderr_lines() -> Iterator[list[str]]:
+    """What native code writes to file descriptor 2 inside the block, as lines (filled on exit)
+    instead of on the terminal: llama.cpp's quantizer prints there whatever its log level."""
+    lines: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines += [x for x in captured.read().decode("utf-8", "replace").splitlines() if x.strip()]
+
+
 def quantize(
     source: str | Path,
     target: str | Path,
@@ -260,7 +278,13 @@ def quantize(
         keep_alive.append(overrides)
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    with _stderr_lines() as printed:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    for line in printed:
+        # One line per tensor whose row length the type cannot take ("falling back to q8_0"), then
+        # llama.cpp's own count of them: the count is what a user needs.
+        level = logging.INFO if "fallback quantization" in line else logging.DEBUG
+        log.log(level, "llama.cpp: %s", line.split("WARNING: ")[-1])
     if rc != 0:
         raise ExportError(
             f"llama.cpp's quantizer failed for {type_name} (return code {rc})",

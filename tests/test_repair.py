@@ -91,13 +91,15 @@ def test_a_logit_comparison_sums_the_kl_of_the_counted_predictions():
     generator = torch.Generator().manual_seed(0)
     reference, logits = (torch.randn(2, 5, 11, generator=generator) * 3 for _ in range(2))
     counted = torch.tensor([[True, False, True, True], [False, True, True, False]])  # 4 of 5 predict
-    comparison = LogitComparison()
-    comparison.add(logits[:, :3], reference[:, :3], counted[:, :3])
-    comparison.add(logits[:, 3:], reference[:, 3:], counted[:, 3:])
+    by_kl, by_difference = LogitComparison(kl=True), LogitComparison()
+    for comparison in (by_kl, by_difference):
+        comparison.add(logits[:, :3], reference[:, :3], counted[:, :3])
+        comparison.add(logits[:, 3:], reference[:, 3:], counted[:, 3:])
     expected = kl_rows(reference[:, :4][counted], logits[:, :4][counted])
-    assert comparison.kl_count == 5
-    assert comparison.mean_kl == pytest.approx(float(expected.mean()), rel=1e-5)
-    assert comparison.max_abs_difference == pytest.approx(float((logits - reference).abs().max()))
+    assert by_kl.kl_count == 5
+    assert by_kl.mean_kl == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert by_difference.max_abs_difference == pytest.approx(float((logits - reference).abs().max()))
+    assert by_difference.max_abs_reference == pytest.approx(float(reference.abs().max()))
 
 
 def test_no_repair_is_recorded_with_its_reason(tiny_checkpoints, tmp_path):

@@ -117,7 +117,11 @@ def frontier_markdown(frontier: JsonObject, images: dict[str, str]) -> list[str]
     rounds = frontier.get("speed_rounds") or {}
     own = frontier["own_type"]
     reused = (frontier.get("speed") or {}).get(own, {}).get("reused_from")
-    warmup = f"{_count(rounds['warmup'], 'warm-up turn')} and " if rounds.get("warmup") else "no warm-up, "
+    warmup = (
+        f"each file first run once untimed, {_count(rounds['warmup'], 'warm-up turn')} and "
+        if rounds.get("warmup")
+        else "each file first run once untimed, read into the page cache and loaded; then "
+    )
     timing = f"{warmup}{_count(rounds.get('rounds'), 'round')} per phase, fewer than the comparison above" + (
         f"; the source's own type, {own.upper()}, is that comparison's" if reused else ""
     )

@@ -405,6 +405,7 @@ class Engine:
         *,
         targets: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
         compare: list[tuple[str, str]] = (),
+        kl: bool = False,
         on_logits: Callable[[str, int, torch.Tensor], None] | None = None,
         chunk_bytes: int = 256 * 2**20,
         desc: str = "LM head",
@@ -416,13 +417,13 @@ class Engine:
         so memory does not grow with vocabulary × batch, and one stream at a time: only the pairs
         of ``compare`` hold two streams' logits at once. Returns ``{stream: (Σ nll, count)}`` and,
         for each pair ``(a, b)`` of ``compare``, a ``LogitComparison`` of ``a`` against ``b`` over
-        the batches both hold. ``on_logits(stream, b, logits)`` receives every position's logits,
-        chunk by chunk."""
+        the batches both hold: their largest difference, or with ``kl`` their KL divergence.
+        ``on_logits(stream, b, logits)`` receives every position's logits, chunk by chunk."""
         norm, head = self.skeleton.load_head()
         vocab = head.weight.shape[0]
         cap = getattr(self.config, "final_logit_softcapping", None)
         losses = {s: (0.0, 0) for s in streams}
-        diffs = {pair: LogitComparison() for pair in compare}
+        diffs = {pair: LogitComparison(kl=kl) for pair in compare}
         batches = sorted({b for s in streams.values() for b in s.keys})
         try:
             with torch.inference_mode():
@@ -510,9 +511,11 @@ def _awaited(stream: str, later: list[str], compare: list[tuple[str, str]]) -> b
 @dataclass
 class LogitComparison:
     """Logits of one stream against a reference stream's at the same positions: the largest
-    difference and the largest reference logit over every position, and the summed
-    KL(reference ‖ stream) of the next-token distributions over the counted predictions."""
+    difference and the largest reference logit over every position or, ``kl``, the summed
+    KL(reference ‖ stream) of the next-token distributions over the counted predictions (one or
+    the other: on a large vocabulary each costs more than the head's matmul)."""
 
+    kl: bool = False
     max_abs_difference: float = 0.0
     max_abs_reference: float = 0.0
     kl_sum: float = 0.0
@@ -525,16 +528,23 @@ class LogitComparison:
     def add(self, logits: torch.Tensor, reference: torch.Tensor, counted: torch.Tensor) -> None:
         """One chunk of positions; ``counted`` marks its predictions that count (it may be shorter
         than the chunk, whose last position predicts nothing)."""
-        self.max_abs_difference = max(self.max_abs_difference, float((logits - reference).abs().max()))
-        self.max_abs_reference = max(self.max_abs_reference, float(reference.abs().max()))
-        counted = counted.to(logits.device)
-        if not counted.any():
+        if not self.kl:
+            inf = float("inf")
+            difference = float(torch.linalg.vector_norm(logits - reference, inf))
+            self.max_abs_difference = max(self.max_abs_difference, difference)
+            self.max_abs_reference = max(
+                self.max_abs_reference, float(torch.linalg.vector_norm(reference, inf))
+            )
             return
-        rows = counted.nonzero(as_tuple=True)
-        p = torch.log_softmax(reference[rows].float(), -1)
-        q = torch.log_softmax(logits[rows].float(), -1)
-        self.kl_sum += float((p.exp() * (p - q)).sum(-1, dtype=torch.float64).sum())
-        self.kl_count += int(rows[0].numel())
+        n = counted.shape[1]
+        counted = counted.to(logits.device)
+        p = torch.log_softmax(reference[:, :n].float(), -1)
+        q = torch.log_softmax(logits[:, :n].float(), -1)
+        per_position = torch.nn.functional.kl_div(q, p, reduction="none", log_target=True).sum(
+            -1, dtype=torch.float64
+        )
+        self.kl_sum += float(per_position[counted].sum())
+        self.kl_count += int(counted.sum())
 
 
 def _apply_maps(maps: tuple[Map, ...]):

@@ -324,7 +324,7 @@ class SelectionScorer:
         compare = [(name, reference) for name in plans if reference is not None and name != reference]
         try:
             sums, comparisons = self.engine.head_pass(
-                "selection", ends, targets=targets, compare=compare, desc="Selection loss"
+                "selection", ends, targets=targets, compare=compare, kl=True, desc="Selection loss"
             )
         finally:
             self.engine.release(*ends.values())
