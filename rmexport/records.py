@@ -144,6 +144,17 @@ class PruneRecord:
     peak_rss_mib_after_stage: dict[str, float] = field(default_factory=dict)
     repair: RepairRecord | None = None
 
+    @property
+    def kept_words(self) -> str:
+        """What the pruned model is, as the guard kept it: the solver's map, the map and the blocks
+        repaired after it, or plain removal (the map lost on set-aside text)."""
+        kept = self.guard.kept
+        if kept == "plain_removal":
+            return "plain removal: the map lost on set-aside text"
+        if kept.startswith("repair"):
+            return f"{self.solver['name']} + {kept.removeprefix('repair ')} block(s) repaired"
+        return str(self.solver["name"])
+
     def to_json(self) -> JsonObject:
         return jsonable(asdict(self))
 

@@ -264,7 +264,8 @@ def _source_rule() -> str:
         "\"Source file's own\": the original model's GGUF of the same type against the original in "
         "PyTorch, on the same prompts (for a GGUF source, the source file itself). A lossy GGUF passes "
         f"when its mean KL is at most {SOURCE_KL_MULTIPLE:g}× that and its top-1 agreement at most "
-        f"{SOURCE_TOP1_MARGIN:g} below it."
+        f"{SOURCE_TOP1_MARGIN:g} below it (or, where the source disagrees more often than that, at most "
+        "twice as often as the source)."
     )
 
 
@@ -685,7 +686,7 @@ def _quality_table(prune: PruneRecord) -> str:
         for label, key in (
             ("original", "ppl_original"),
             ("plain removal of the same blocks", "ppl_plain_removal"),
-            (f"pruned ({prune.solver['name']})", "ppl_pruned"),
+            (f"pruned ({prune.kept_words})", "ppl_pruned"),
         )
     ]
     rows.append(

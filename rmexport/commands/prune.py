@@ -57,7 +57,7 @@ def _print_summary(record: PruneRecord, out_dir: Path) -> None:
         table.add_column(column)
     table.add_row("original", f"{quality.ppl_original:.2f}")
     table.add_row("plain removal", f"{quality.ppl_plain_removal:.2f}")
-    table.add_row(f"pruned ({_kept(record)})", f"{quality.ppl_pruned:.2f}")
+    table.add_row(f"pruned ({record.kept_words})", f"{quality.ppl_pruned:.2f}")
     console.print(table)
     for ood in quality.out_of_domain:
         console.print(
@@ -70,14 +70,3 @@ def _print_summary(record: PruneRecord, out_dir: Path) -> None:
     console.print(
         f"peak RSS {record.peak_rss_mib:.0f} MiB; wrote {out_dir / 'hf'} and {out_dir / 'prune.json'}"
     )
-
-
-def _kept(record: PruneRecord) -> str:
-    """What the pruned model is, in the guard's words: the map, the map and repaired blocks, or
-    plain removal when the map lost on some source's set-aside text."""
-    kept = record.guard.kept
-    if kept == "plain_removal":
-        return "plain removal: the map lost on set-aside text"
-    if kept.startswith("repair"):
-        return f"{record.solver['name']} + {kept.removeprefix('repair ')} block(s) repaired"
-    return record.solver["name"]
