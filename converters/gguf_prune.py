@@ -428,7 +428,17 @@ def write_pruned_gguf(
         len(kept),
         record.copied,
         record.requantized,
-        f", type changed: {changed_type}" if changed_type else "",
+        "".join(
+            f"; {', '.join(names)} written as {qtype}" for qtype, names in _by_value(changed_type).items()
+        ),
         record.seconds,
     )
     return record
+
+
+def _by_value(mapping: dict[str, str]) -> dict[str, list[str]]:
+    """``{key: value}`` as ``{value: [keys]}``, in first-seen order."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in mapping.items():
+        grouped.setdefault(value, []).append(key)
+    return grouped
