@@ -208,8 +208,7 @@ def quantized_with(gguf_file: str | Path) -> ImatrixUse | None:
 def check_matches(importance: Importance, model_gguf: str | Path) -> None:
     """ConfigError unless ``importance`` was made for this model: every entry names one of its weights,
     with that weight's row width, and both cover the same blocks."""
-    header = gguf.GGUFReader(model_gguf)
-    widths = {t.name: int(t.shape[0]) for t in header.tensors if len(t.shape) >= 2}
+    widths = {t.name: t.shape[-1] for t in open_gguf(model_gguf).tensors if len(t.shape) >= 2}
     hint = "compute it for this model (--imatrix auto) or pass the matrix written beside its GGUF"
     for name, values in sorted(importance.entries.items()):
         if name not in widths:

@@ -37,7 +37,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 CUTS = {"gemma3": (2, 4), "gemma2": (2, 3)}
 PARITY = dict(n_prompts=2, max_tokens=48, new_tokens=8)
 FAST = "--calib-samples 48 --seq-len 32 --eval-tokens 1024 --selection-samples 16".split()
-FAST += "--min-rounds 3 --max-rounds 3".split()
+FAST += "--min-rounds 3 --max-rounds 3 --threads 1".split()
 
 
 def _pattern_key(family: str) -> str:

@@ -12,7 +12,8 @@ from rmexport.cli import main
 from .test_pipeline import assert_checks_passed
 
 FAST = "--calib-samples 48 --seq-len 32 --eval-tokens 1024 --selection-samples 16".split()
-FAST += "--min-rounds 3 --max-rounds 3".split()  # a short speed protocol: tiny models, structure only
+# a short speed protocol on one thread: tiny models, structure only
+FAST += "--min-rounds 3 --max-rounds 3 --threads 1".split()
 
 
 @pytest.fixture(scope="module")

@@ -223,6 +223,13 @@ def test_a_matrix_of_another_model_is_one_line_exit_2(auto_export, run_dir, tmp_
         )
     )
     assert "covers 7 blocks, the model has 8" in line
+    # as if made for a wider model: one more input column in one weight
+    up = entries["blk.0.ffn_up.weight"]
+    wider = entries | {"blk.0.ffn_up.weight": np.concatenate([up, up[:1]])}
+    line = _one_line_error(
+        *_export_with(run_dir, tmp_path / "c.gguf", _write_imatrix(tmp_path / "wider.gguf", wider), capsys)
+    )
+    assert f"blk.0.ffn_up.weight has {up.size + 1} values, the model's rows are {up.size} wide" in line
     # as if made for a wider one
     wider = entries | {"blk.0.ffn_down.weight": np.ones(96, np.float32)}
     line = _one_line_error(

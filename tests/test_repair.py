@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from converters.gguf_export import export_gguf
 from converters.gguf_prune import write_pruned_gguf
 from rmexport.arch import adapter_for
-from rmexport.calib.engine import LogitComparison
+from rmexport.calib.engine import LogitComparison, NextTokenLogits
 from rmexport.measures import kl_rows
 from rmexport.models import resolve
 from rmexport.prune import PruneOptions, prune
@@ -93,8 +93,9 @@ def test_a_logit_comparison_sums_the_kl_of_the_counted_predictions():
     counted = torch.tensor([[True, False, True, True], [False, True, True, False]])  # 4 of 5 predict
     by_kl, by_difference = LogitComparison(kl=True), LogitComparison()
     for comparison in (by_kl, by_difference):
-        comparison.add(logits[:, :3], reference[:, :3], counted[:, :3])
-        comparison.add(logits[:, 3:], reference[:, 3:], counted[:, 3:])
+        for chunk in (slice(0, 3), slice(3, None)):
+            ours, theirs = NextTokenLogits(logits[:, chunk]), NextTokenLogits(reference[:, chunk])
+            comparison.add(ours, theirs, counted[:, chunk])
     expected = kl_rows(reference[:, :4][counted], logits[:, :4][counted])
     assert by_kl.kl_count == 5
     assert by_kl.mean_kl == pytest.approx(float(expected.mean()), rel=1e-5)

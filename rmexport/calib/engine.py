@@ -25,7 +25,7 @@ from torch import nn
 
 from ..fold import fold_map, is_hidden_map
 from ..log import get_logger, progress
-from ..measures import nll_sum
+from ..measures import log_normalizer, nll_sum
 from .budget import MemoryBudget
 from .store import ActivationStore
 from .weights import ModelSkeleton, largest_module_bytes, model_bytes
@@ -436,11 +436,11 @@ class Engine:
                     step = max(1, chunk_bytes // max(1, rows * vocab * 8))  # logits and one temporary
                     for lo in range(0, end, step):
                         hi = min(end, lo + step)
-                        held: dict[str, torch.Tensor] = {}  # logits a comparison still waits for
+                        held: dict[str, NextTokenLogits] = {}  # what a comparison still waits for
                         for i, s in enumerate(present):
-                            logits = self._logits(head, normed[s][:, lo:hi], cap)
+                            logits = NextTokenLogits(self._logits(head, normed[s][:, lo:hi], cap))
                             if on_logits:
-                                on_logits(s, b, logits.float().cpu())
+                                on_logits(s, b, logits.logits.float().cpu())
                             losses[s] = _add_nll(losses[s], logits, ids, counted, lo, min(hi, predicted))
                             held[s] = logits
                             del logits
@@ -488,9 +488,33 @@ class Engine:
         self.skeleton.close()
 
 
+class NextTokenLogits:
+    """One chunk of a stream's logits, with what the loss and the KL comparisons derive from them
+    made once however many comparisons read it: the log-normalizer, and as a reference the
+    probabilities."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self._normalizer: torch.Tensor | None = None
+        self._probabilities: torch.Tensor | None = None
+
+    @property
+    def normalizer(self) -> torch.Tensor:
+        """``logsumexp`` of every position's logits, float64."""
+        if self._normalizer is None:
+            self._normalizer = log_normalizer(self.logits)
+        return self._normalizer
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        if self._probabilities is None:
+            self._probabilities = (self.logits - self.normalizer.to(self.logits.dtype).unsqueeze(-1)).exp_()
+        return self._probabilities
+
+
 def _add_nll(
     so_far: tuple[float, int],
-    logits: torch.Tensor,
+    logits: NextTokenLogits,
     ids: torch.Tensor,
     counted: torch.Tensor,
     lo: int,
@@ -499,8 +523,11 @@ def _add_nll(
     """``so_far`` plus the loss of positions ``lo .. hi`` (``logits`` starts at ``lo``)."""
     if hi <= lo:
         return so_far
-    nll, n = nll_sum(logits[:, : hi - lo], ids[:, lo + 1 : hi + 1], counted[:, lo:hi])
-    return so_far[0] + nll, so_far[1] + n
+    n = hi - lo
+    nll, count = nll_sum(
+        logits.logits[:, :n], ids[:, lo + 1 : hi + 1], counted[:, lo:hi], logits.normalizer[:, :n]
+    )
+    return so_far[0] + nll, so_far[1] + count
 
 
 def _awaited(stream: str, later: list[str], compare: list[tuple[str, str]]) -> bool:
@@ -525,24 +552,24 @@ class LogitComparison:
     def mean_kl(self) -> float:
         return self.kl_sum / max(self.kl_count, 1)
 
-    def add(self, logits: torch.Tensor, reference: torch.Tensor, counted: torch.Tensor) -> None:
+    def add(self, logits: NextTokenLogits, reference: NextTokenLogits, counted: torch.Tensor) -> None:
         """One chunk of positions; ``counted`` marks its predictions that count (it may be shorter
         than the chunk, whose last position predicts nothing)."""
         if not self.kl:
             inf = float("inf")
-            difference = float(torch.linalg.vector_norm(logits - reference, inf))
+            difference = float(torch.linalg.vector_norm(logits.logits - reference.logits, inf))
             self.max_abs_difference = max(self.max_abs_difference, difference)
             self.max_abs_reference = max(
-                self.max_abs_reference, float(torch.linalg.vector_norm(reference, inf))
+                self.max_abs_reference, float(torch.linalg.vector_norm(reference.logits, inf))
             )
             return
         n = counted.shape[1]
-        counted = counted.to(logits.device)
-        p = torch.log_softmax(reference[:, :n].float(), -1)
-        q = torch.log_softmax(logits[:, :n].float(), -1)
-        per_position = torch.nn.functional.kl_div(q, p, reduction="none", log_target=True).sum(
-            -1, dtype=torch.float64
-        )
+        counted = counted.to(logits.logits.device)
+        # KL(p ‖ q) = Σ p (log p - log q) = Σ p (reference - logits) - log Z_reference + log Z_logits:
+        # the reference's probabilities are shared by every stream compared with it, and the
+        # normalizers by the loss; the differences of logits are small, so float32 sums keep ~1e-6.
+        weighted = (reference.probabilities[:, :n] * (reference.logits[:, :n] - logits.logits[:, :n])).sum(-1)
+        per_position = weighted.double() - reference.normalizer[:, :n] + logits.normalizer[:, :n]
         self.kl_sum += float(per_position[counted].sum())
         self.kl_count += int(counted.sum())
 
