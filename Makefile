@@ -58,8 +58,10 @@ llama-tools: $(STAMP)
 export: $(STAMP)
 	$(VENV)/bin/rmexport run $(MODEL) --ratio $(RATIO) --out-root $(OUT)
 
+# One worker per core, a test file to a worker (its module fixtures are made once); TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= auto
 test: $(STAMP) llama-tools
-	$(PY) -m pytest -m "not slow and not hub and not gpu" -q --durations=15
+	$(PY) -m pytest -m "not slow and not hub and not gpu" -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q

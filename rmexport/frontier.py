@@ -80,7 +80,7 @@ LADDER = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 # point costs one llama.cpp pass over them, and make export's budget (9 minutes on 2 cores) has room for
 # fourteen points of 3 x 256 tokens, not of 3 x 4,096.
 TOKENS_PER_SOURCE = 256
-# Fewer rounds than the main comparison (3 to 10, after a warm-up turn of every phase): one round per
+# Fewer rounds than the main comparison (3 to 6, after a warm-up turn of every phase): one round per
 # phase, after one short untimed run of each file (``warm_up``: the page cache and the first load), not
 # the protocol's warm-up turns (a pp512 and 16 tokens of tg128 per model: about 2 s a type on the default
 # model). A round is A B B A, so each model's first call in the timing process is paid by both.

@@ -34,7 +34,7 @@ class SpeedRounds:
         1, "--warmup", "untimed turns of every phase per model first", kind="count", minimum=0
     )
     min_rounds: int = option(3, "--min-rounds", "rounds of a phase at least", kind="count")
-    max_rounds: int = option(10, "--max-rounds", "rounds of a phase at most, precise or not", kind="count")
+    max_rounds: int = option(6, "--max-rounds", "rounds of a phase at most, precise or not", kind="count")
     rel_tol: float = option(
         0.02,
         "--rel-tol",

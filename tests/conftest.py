@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -57,13 +58,22 @@ DEFAULT_PRUNE_OPTIONS = dict(
 
 @pytest.fixture(scope="session")
 def pruned_default_run(tmp_path_factory):
-    """(output folder, prune record) of a real ReplaceMe prune of the default model at ratio 0.25."""
+    """(output folder, prune record) of a real ReplaceMe prune of the default model at ratio 0.25.
+
+    ``make test`` runs the files on two workers (pytest-xdist); the prune is the suite's costliest
+    fixture, so the first worker to ask makes it in the folder they share and the other waits for it."""
+    from filelock import FileLock
+
     from rmexport.models import DEFAULT_MODEL, resolve
     from rmexport.prune import PruneOptions, prune
 
-    out = tmp_path_factory.mktemp("pruned-default")
-    record = prune(resolve(DEFAULT_MODEL), PruneOptions(**DEFAULT_PRUNE_OPTIONS), out).to_json()
-    return out, record
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "pruned-default"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "prune.json").is_file():
+            prune(resolve(DEFAULT_MODEL), PruneOptions(**DEFAULT_PRUNE_OPTIONS), out)
+    return out, json.loads((out / "prune.json").read_text())
 
 
 @pytest.fixture(scope="session")
