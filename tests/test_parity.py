@@ -292,19 +292,28 @@ def test_the_source_error_reads_from_the_record_as_stored():
     assert tol.min_top1_agreement == pytest.approx(0.9 - gguf_parity.SOURCE_TOP1_MARGIN)
 
 
-def test_the_two_pytorch_references_agree(builtin_corpus, tmp_path):
-    """transformers with its KV cache (ONNX's reference) and the block engine (llama.cpp's) give the
-    same logits and the same greedy tokens."""
+def test_the_reference_along_a_decode_is_transformers_own_greedy_decode(builtin_corpus, tmp_path):
+    """The block engine run once along a greedy decode chooses, at every step, the token transformers'
+    own greedy decode (through its KV cache) chose, from the same logits."""
     from rmexport.models import load_model, load_tokenizer, resolve
 
     ckpt = make_tiny_checkpoint("llama", tmp_path / "llama", builtin_corpus.pool[:300])
     source = resolve(str(ckpt))
     prompt = parity.heldout_prompts(load_tokenizer(source), 1, 24)[0]
-    prefill, tokens, steps = parity.torch_greedy(load_model(source, dtype=torch.float32), prompt, 6)
-    assert prefill.shape[0] == len(prompt) and len(tokens) == len(steps) == 6
-    assert tokens[0] == int(prefill[-1].argmax())
+    model = load_model(source, dtype=torch.float32)
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
     with parity.EngineReference.open(ckpt) as reference:
-        (engine_prefill,) = reference.logits([prompt])
+        (along,) = reference.logits([prompt + tokens[:-1]])
         choices = reference.choices_along(prompt, tokens)
-    np.testing.assert_allclose(engine_prefill, prefill, atol=1e-4)
-    assert choices == tokens
+    assert len(tokens) == 6 and choices == tokens
+    steps = torch.stack(out.logits)[:, 0].float().numpy()
+    np.testing.assert_allclose(along[len(prompt) - 1 :], steps, atol=1e-4)

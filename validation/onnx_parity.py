@@ -1,9 +1,10 @@
 """onnxruntime vs PyTorch on held-out prompts: prefill logits and greedy decoding via the KV cache.
 
 The ONNX graph runs in a plain ``onnxruntime.InferenceSession`` fed by hand
-(validation/ort_decoder.py); the reference is the checkpoint in PyTorch, float32, decoding with
-transformers' own KV cache. Prompts are the first held-out documents of the builtin corpus
-(never calibration text), tokenized, BOS-prefixed and truncated.
+(validation/ort_decoder.py), decoding through its KV cache; the reference is the checkpoint in
+PyTorch, float32 (the block engine, as for llama.cpp), run once along onnxruntime's decode: up to the
+first difference, its choices there are its own greedy decode. Prompts are the first held-out
+documents of the builtin corpus (never calibration text), tokenized, BOS-prefixed and truncated.
 
 Checks, per precision (tolerances below):
 - prefill: max |Δlogit| over every position and vocabulary entry; top-1 agreement over every
@@ -22,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from converters.onnx_export import read_export_info
 from rmexport.errors import ConfigError, ShapeMismatchError, ToleranceError
-from rmexport.models import load_model, load_tokenizer, resolve
+from rmexport.models import checkpoint_dir, load_tokenizer, resolve
 from rmexport.records import JsonObject, from_jsonable
 
 from . import parity
@@ -83,7 +83,7 @@ class PromptParity:
     decode_first_divergence: int | None  # the first step the decodes differ; None: identical
     decode_divergence_near_tie: bool
     decode_max_abs_diff: float  # over the steps up to and including the first divergence
-    reference_tokens: list[int]
+    reference_tokens: list[int]  # PyTorch's greedy tokens, up to and including the first divergence
     onnx_tokens: list[int]
 
     def logit_stats(self) -> parity.LogitStats:
@@ -150,14 +150,17 @@ def _precision_of(onnx_dir: Path, decoder: Any) -> str:
 
 
 def _compare_prompt(
-    ort_decoder: Any, model: Any, prompt: list[int], new_tokens: int, tie_margin: float
+    ort_decoder: Any, reference: parity.EngineReference, prompt: list[int], new_tokens: int, tie_margin: float
 ) -> PromptParity:
-    ref_prefill, ref_tokens, ref_steps = parity.torch_greedy(model, prompt, new_tokens)
-    stats = parity.compare_logits(ref_prefill, ort_decoder.forward(np.array([prompt]))[0], tie_margin)
     ort_tokens, ort_steps = ort_decoder.greedy(prompt, new_tokens, keep_logits=True)
-    same = parity.matching_prefix(ref_tokens, ort_tokens)
-    diverged = None if same == len(ref_tokens) else same
-    same_steps = len(ref_tokens) if diverged is None else diverged + 1
+    (along,) = reference.logits([prompt + ort_tokens[:-1]], desc="PyTorch along onnxruntime's decode")
+    ref_prefill, ref_steps = along[: len(prompt)], along[len(prompt) - 1 :]
+    stats = parity.compare_logits(ref_prefill, ort_decoder.forward(np.array([prompt]))[0], tie_margin)
+    ref_choices = ref_steps.argmax(-1).tolist()
+    same = parity.matching_prefix(ref_choices, ort_tokens)
+    diverged = None if same == len(ort_tokens) else same
+    same_steps = len(ort_tokens) if diverged is None else diverged + 1
+    ref_tokens = ref_choices[:same_steps]
     step_diff = max(float(np.abs(ort_steps[i] - ref_steps[i]).max()) for i in range(same_steps))
     near_tie = diverged is not None and float(parity.margin(ref_steps[diverged])) <= tie_margin
     return PromptParity(
@@ -204,17 +207,17 @@ def compare_onnx(
     onnx_dir = Path(onnx_dir)
     decoder = OrtDecoder(onnx_dir, spinning=False)
     source = resolve(str(reference_ckpt))
-    model = load_model(source, dtype=torch.float32)
-    if int(model.config.num_hidden_layers) != decoder.num_layers:
-        raise ShapeMismatchError(
-            f"the ONNX graph has {decoder.num_layers} blocks, the reference {model.config.num_hidden_layers}",
-            hint="validate against the checkpoint the export was made from",
-        )
     tokenizer = load_tokenizer(source)
     precision = _precision_of(onnx_dir, decoder)
     tol = TOLERANCES[precision]
     prompts = heldout_prompts(tokenizer, n_prompts, prompt_tokens)
-    per_prompt = [_compare_prompt(decoder, model, p, new_tokens, tol.tie_margin) for p in prompts]
+    with parity.EngineReference.open(checkpoint_dir(source)) as reference:
+        if reference.engine.n_layers != decoder.num_layers:
+            raise ShapeMismatchError(
+                f"the ONNX graph has {decoder.num_layers} blocks, the reference {reference.engine.n_layers}",
+                hint="validate against the checkpoint the export was made from",
+            )
+        per_prompt = [_compare_prompt(decoder, reference, p, new_tokens, tol.tie_margin) for p in prompts]
     summary = parity.summarize([p.logit_stats() for p in per_prompt])
     unchecked = OnnxParity(
         onnx_dir=str(onnx_dir),

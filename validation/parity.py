@@ -7,8 +7,8 @@ tolerances apply to each precision. Everything else is here:
 - ``Tolerance``: the limits of one precision (``None``: reported, not checked);
 - ``heldout_prompts``: BOS + the first tokens of the builtin corpus's held-out documents (never
   calibration text);
-- the PyTorch reference: ``torch_greedy`` (a transformers model decoding through its own KV cache)
-  and ``EngineReference`` (the block engine, which streams a model bigger than memory from disk);
+- the PyTorch reference: ``EngineReference`` (the block engine, which streams a model bigger than
+  memory from disk), run once along the runtime's greedy decode;
 - the metrics: ``compare_logits`` for one prompt, ``summarize`` over prompts, ``matching_prefix``
   for greedy decodes;
 - ``Measured``: what a back end measured, and ``check``: which limits it breaks;
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -54,7 +53,6 @@ __all__ = [
     "matching_prefix",
     "print_table",
     "summarize",
-    "torch_greedy",
 ]
 
 MIN_PROMPT_TOKENS = 8
@@ -106,27 +104,6 @@ def heldout_prompts(
 
 
 # --- the PyTorch reference -------------------------------------------------------------------
-def torch_greedy(
-    model: Any, prompt: list[int], new_tokens: int
-) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
-    """Prefill logits ``[T, V]``, then ``new_tokens`` greedy tokens through transformers' cache,
-    with the logits each token was chosen from."""
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        prefill = out.logits[0].float().numpy()
-        past, logits = out.past_key_values, out.logits[0, -1].float()
-        tokens, step_logits = [], []
-        for step in range(new_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            step_logits.append(logits.numpy())
-            if step == new_tokens - 1:
-                break
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1].float()
-    return prefill, tokens, step_logits
-
-
 class EngineReference:
     """The reference checkpoint run by the block engine: a model bigger than memory streams from
     disk as in a prune. Open with ``EngineReference.open(checkpoint)``."""
