@@ -21,6 +21,8 @@ __all__ = [
     "COMPUTE_DTYPES",
     "GPU_MEMORY_SHARE",
     "Compute",
+    "gpu_indices",
+    "gpu_memory_bytes",
     "native_bfloat16",
     "resolve_compute",
     "resolve_device",
@@ -46,15 +48,29 @@ class Compute:
         return str(self.dtype).removeprefix("torch.")
 
     def memory_bytes(self) -> int | None:
-        """What the prune may hold on the device, where that is not the CPU's RAM: 90 % of a GPU's
-        memory (the rest is CUDA's own context and the allocator's slack)."""
-        device = torch.device(self.device)
-        if device.type != "cuda":
-            return None
-        return int(GPU_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+        """What the prune may hold on the device, where that is not the CPU's RAM: 90 % of the
+        memory of every GPU it uses (the rest is CUDA's own context and the allocator's slack)."""
+        gpus = gpu_indices(self.device)
+        return sum(gpu_memory_bytes(i) for i in gpus) if gpus else None
 
     def describe(self) -> dict[str, str]:
         return {"device": self.device, "dtype": self.dtype_name, "dtype_reason": self.reason}
+
+
+def gpu_indices(device: str) -> list[int]:
+    """The CUDA devices a prune on ``device`` uses: every visible one for ``cuda``, one for ``cuda:N``,
+    none for another device."""
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return []
+    if parsed.index is not None:
+        return [parsed.index]
+    return list(range(torch.cuda.device_count()))
+
+
+def gpu_memory_bytes(index: int) -> int:
+    """90 % of GPU ``index``'s memory."""
+    return int(GPU_MEMORY_SHARE * torch.cuda.get_device_properties(index).total_memory)
 
 
 def resolve_device(requested: str) -> str:

@@ -14,8 +14,9 @@ def _fake_cpu(monkeypatch: pytest.MonkeyPatch, flags: list[str]) -> None:
     monkeypatch.setattr(compute, "cpu_flags", lambda: flags)
 
 
-def _fake_cuda(monkeypatch: pytest.MonkeyPatch, *, present: bool, bf16: bool = True) -> None:
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, *, present: bool, bf16: bool = True, count: int = 1) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count if present else 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
 
@@ -85,3 +86,16 @@ def test_float16_on_a_cpu_is_refused():
 def test_an_unknown_dtype_is_refused():
     with pytest.raises(ConfigError, match="unknown --compute-dtype"):
         resolve_compute("cpu", "float8")
+
+
+def test_on_several_gpus_the_budget_is_their_memory_together(monkeypatch):
+    from types import SimpleNamespace
+
+    from rmexport.compute import gpu_indices
+
+    _fake_cuda(monkeypatch, present=True, count=3)
+    sizes = {i: (i + 1) * 2**30 for i in range(3)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=sizes[i]))
+    assert gpu_indices("cuda") == [0, 1, 2] and gpu_indices("cuda:2") == [2] and gpu_indices("cpu") == []
+    assert resolve_compute("cuda", "auto").memory_bytes() == sum(int(0.9 * b) for b in sizes.values())
+    assert resolve_compute("cuda:1", "auto").memory_bytes() == int(0.9 * sizes[1])

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compute import gpu_indices, gpu_memory_bytes
 from ..fold import fold_map, is_hidden_map
 from ..log import get_logger, progress
 from ..measures import log_normalizer, nll_sum
 from .budget import MemoryBudget
+from .placement import place_blocks
 from .store import ActivationStore
 from .weights import ModelSkeleton, largest_module_bytes, model_bytes
 
@@ -113,6 +115,36 @@ class _RecordInputs(nn.Module):
         return (hidden_states,)
 
 
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` (a block's keyword arguments: tensors, tuples of them) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def _spread_blocks(skeleton: ModelSkeleton, gpus: list[int], reserved: int) -> None:
+    """Place the resident blocks over ``gpus`` (accelerate's device map), the first GPU keeping the
+    embedding, final norm and LM head and ``reserved`` bytes of activations; where they do not all fit,
+    the blocks stream one at a time to the first GPU instead."""
+    blocks = skeleton.adapter.blocks(skeleton.model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    element = torch.tensor([], dtype=skeleton.compute_dtype).element_size()
+    outside = element * sum(p.numel() for p in skeleton.model.parameters() if id(p) not in in_blocks)
+    memory = {i: gpu_memory_bytes(i) for i in gpus}
+    placed = place_blocks(blocks, memory, skeleton.compute_dtype, reserved=outside + reserved)
+    if placed is None:
+        log.warning("the blocks do not fit on %d GPUs at once; streaming them one at a time", len(gpus))
+        skeleton.resident = False
+        return
+    skeleton.block_devices = {skeleton.block_path(i): device for i, device in enumerate(placed)}
+    counts = {str(d): sum(1 for p in placed if p == d) for d in dict.fromkeys(placed)}
+    log.info("blocks placed over %d GPUs: %s", len(gpus), ", ".join(f"{n} on {d}" for d, n in counts.items()))
+
+
 def _block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -162,7 +194,12 @@ class Engine:
             checkpoint, device=device, compute_dtype=compute_dtype, resident=budget.weights_resident(weights)
         )
         largest = largest_module_bytes(checkpoint, skeleton.adapter.layers_path, compute_dtype)
-        store = ActivationStore(torch.device(device), budget.activation_bytes(weights, largest))
+        activations = budget.activation_bytes(weights, largest)
+        gpus = gpu_indices(device)
+        if skeleton.resident and len(gpus) > 1:
+            activations = min(activations, gpu_memory_bytes(gpus[0]) // 2)  # they stay on the first GPU
+            _spread_blocks(skeleton, gpus, reserved=activations)
+        store = ActivationStore(torch.device(device), activations)
         return cls(skeleton, store, weights_bytes=weights, largest_module_bytes=largest)
 
     @property
@@ -265,7 +302,12 @@ class Engine:
 
     def _run_block(self, name: str, b: int, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         kwargs = self._kwargs[(name, b)][getattr(block, "attention_type", None)]
-        return _block_output(block(hidden, **kwargs))
+        device = next(block.parameters()).device
+        if device == hidden.device:
+            return _block_output(block(hidden, **kwargs))
+        # A block placed on another GPU: its inputs go there, its output comes back.
+        output = _block_output(block(hidden.to(device), **_moved(kwargs, device)))
+        return output.to(hidden.device)
 
     def advance(
         self,
@@ -356,10 +398,10 @@ class Engine:
         captured: dict[str, torch.Tensor] = {}
 
         def on_mlp(_module, _inputs, output):
-            captured["mlp"] = output.detach()
+            captured["mlp"] = output.detach().to(self.skeleton.device)
 
         def on_down_proj(_module, inputs, _output):
-            captured["hidden"] = inputs[0].detach()
+            captured["hidden"] = inputs[0].detach().to(self.skeleton.device)
 
         with torch.inference_mode():
             for position in progress(range(first, until + 1), desc=desc, total=until + 1 - first):

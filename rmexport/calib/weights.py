@@ -332,6 +332,9 @@ class ModelSkeleton:
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, **kwargs)
         self.model.eval()
         self.n_layers = len(self.adapter.blocks(self.model))
+        # Block path -> its GPU, where resident blocks are spread over several (``calib.placement``);
+        # everything else is on ``device``.
+        self.block_devices: dict[str, torch.device] = {}
         self._loaded: set[str] = set()
         # Non-persistent buffers (rotary frequencies, embedding scales) are real tensors already.
         for name, buffer in list(self.model.named_buffers()):
@@ -358,12 +361,18 @@ class ModelSkeleton:
         return self.adapter.blocks(self.model)[layer_idx]
 
     # --- loading and freeing ----------------------------------------------------------------
-    def _set(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    def _set(
+        self,
+        name: str,
+        value: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         if dtype is None and value.is_floating_point():
             dtype = self.compute_dtype
-        set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+        set_module_tensor_to_device(self.model, name, device or self.device, value=value, dtype=dtype)
 
     def load_module(self, path: str, *, aliases: dict[str, str] | None = None) -> nn.Module:
         """Materialise every parameter of the module at ``path`` (once, if resident).
@@ -378,10 +387,11 @@ class ModelSkeleton:
             found.setdefault(name, self.reader.get(tensor_name))
         # Unmap the shards: mapped pages count as resident memory for as long as a file is open.
         self.reader.close()
+        device = self.block_devices.get(path, self.device)
         for name, _ in module.named_parameters():
             if name not in found:
                 raise ModelLoadError(f"tensor {path}.{name} is missing from {self.directory}")
-            self._set(f"{path}.{name}", found[name])
+            self._set(f"{path}.{name}", found[name], device=device)
         if self.resident:
             self._loaded.add(path)
         return module
