@@ -25,6 +25,7 @@ from rmexport.atomic import write_json
 from rmexport.calib.budget import MemoryBudget
 from rmexport.calib.collect import cut_sums
 from rmexport.calib.engine import Map, Plan, cut_plan, original_plan
+from rmexport.measures import token_nll
 from rmexport.models import load_tokenizer, resolve
 from rmexport.prune import (
     PruneOptions,
@@ -81,9 +82,7 @@ def _losses_by_token_class(engine, selection, plans: dict[str, Plan], special: t
         hi = min(hi, ids.shape[1] - 1)
         if hi <= lo:
             return
-        nll = -torch.log_softmax(logits[:, : hi - lo].double(), -1).gather(-1, ids[:, lo + 1 : hi + 1, None])[
-            ..., 0
-        ]
+        nll = token_nll(logits[:, : hi - lo], ids[:, lo + 1 : hi + 1])
         counted = mask[:, lo + 1 : hi + 1].bool()
         classes = _token_classes(ids, special)[:, lo:hi]
         for c in range(3):
