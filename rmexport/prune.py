@@ -580,16 +580,21 @@ def _guard(
     removal = plain_removal(next(iter(stages.values())))
     plans = {"original": original_plan(engine.n_layers)} | stages | {"plain_removal": removal}
     shared = next(i for i, step in enumerate(removal) if any(plan[i].maps for plan in stages.values()))
+    # A repair that kept a block's own weights leaves the plan as it was: score each plan once.
+    same_as = {name: next(n for n, p in plans.items() if p == plan) for name, plan in plans.items()}
+    distinct = {name: plan for name, plan in plans.items() if same_as[name] == name}
     by_source: dict[str, dict[str, float]] = {}
     kl_by_source: dict[str, dict[str, float]] = {}
     for source, selection in set_aside.items():
         scorer = SelectionScorer(engine, selection)
         try:
-            scores = scorer.losses_and_divergences(plans, shared=shared, reference="original")
+            scores = scorer.losses_and_divergences(distinct, shared=shared, reference="original")
         finally:
             scorer.close()
-        by_source[source] = {name: loss for name, (loss, _) in scores.items()}
-        kl_by_source[source] = {name: kl for name, (_, kl) in scores.items() if kl is not None}
+        by_source[source] = {name: scores[same_as[name]][0] for name in plans}
+        kl_by_source[source] = {
+            name: scores[same_as[name]][1] for name in plans if scores[same_as[name]][1] is not None
+        }
     judged = [*stages, "plain_removal"]
 
     def mean(table: dict[str, dict[str, float]], name: str) -> float:

@@ -87,6 +87,41 @@ def test_the_guard_keeps_the_stage_closest_to_the_original_of_those_closer_than_
     assert record.repair.kept_blocks == (int(expected[-1]) if expected.startswith("repair") else 0)
 
 
+def test_a_repair_that_keeps_a_blocks_own_weights_leaves_the_plan_and_is_scored_once(
+    weakened, tmp_path, monkeypatch
+):
+    from rmexport.replaceme import repair as repair_module
+    from rmexport.replaceme.survey import SelectionScorer
+
+    ridge_toward = repair_module.ridge_toward
+    monkeypatch.setattr(  # only the block's own weights to choose from
+        repair_module,
+        "ridge_toward",
+        lambda fit, aside, prior, grid: ridge_toward(fit, aside, prior, (float("inf"),)),
+    )
+    scored: list[list[str]] = []
+    losses_and_divergences = SelectionScorer.losses_and_divergences
+
+    def spy(self, plans, **kwargs):
+        scored.append(sorted(plans))
+        return losses_and_divergences(self, plans, **kwargs)
+
+    monkeypatch.setattr(SelectionScorer, "losses_and_divergences", spy)
+    record = prune(
+        resolve(str(weakened)), PruneOptions(**(REPAIR_OPTIONS | {"quality_guard": True})), tmp_path
+    )
+    assert [b.ridge for b in record.repair.blocks] == [None, None]
+    guard_calls = [names for names in scored if "original" in names]
+    assert guard_calls and all(names == ["fitted", "original", "plain_removal"] for names in guard_calls)
+    for kl in record.guard.kl_by_source.values():
+        assert kl["repair 1"] == kl["repair 2"] == kl["fitted"]
+    assert record.guard.kept in ("fitted", "plain_removal") and record.repair.kept_blocks == 0
+    if (tmp_path / "maps.safetensors").exists():  # nothing folded into the blocks after the cut
+        assert not any(
+            key.startswith(("block.4.", "block.5.")) for key in load_file(tmp_path / "maps.safetensors")
+        )
+
+
 def test_a_logit_comparison_sums_the_kl_of_the_counted_predictions():
     generator = torch.Generator().manual_seed(0)
     reference, logits = (torch.randn(2, 5, 11, generator=generator) * 3 for _ in range(2))

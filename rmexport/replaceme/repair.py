@@ -150,11 +150,12 @@ def repair_after_cut(
             prior = engine.down_proj_weight(pruned[position]).T
             choice = ridge_toward(fit, aside, prior, grid)
             layer = pruned[position].layer
-            pruned = (
-                pruned[:position]
-                + (Step(layer, (Map(choice.transform, f"repair {layer}"),)),)
-                + pruned[position + 1 :]
-            )
+            if choice.alpha != float("inf"):  # at inf the block keeps its own weights: the plan stays
+                pruned = (
+                    pruned[:position]
+                    + (Step(layer, (Map(choice.transform, f"repair {layer}"),)),)
+                    + pruned[position + 1 :]
+                )
             stages.append(pruned)
             errors = choice.set_aside_rel_residual
             adapter = engine.adapter
