@@ -11,7 +11,8 @@ depth). Each repaired block is a map of its hidden activations folded into its `
 only weights change.
 
 One walk gives every prefix: ``stages[k]`` is the pruned plan with the first ``k + 1`` blocks
-after the cut repaired, for the quality guard to choose from.
+after the cut repaired, for the quality guard to choose from. A block whose own weights fit the
+set-aside text best is left as it is, so its stage is the previous one.
 """
 
 from __future__ import annotations
