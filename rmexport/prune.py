@@ -591,10 +591,9 @@ def _guard(
             scores = scorer.losses_and_divergences(distinct, shared=shared, reference="original")
         finally:
             scorer.close()
-        by_source[source] = {name: scores[same_as[name]][0] for name in plans}
-        kl_by_source[source] = {
-            name: scores[same_as[name]][1] for name in plans if scores[same_as[name]][1] is not None
-        }
+        scored = {name: scores[same_as[name]] for name in plans}
+        by_source[source] = {name: loss for name, (loss, _) in scored.items()}
+        kl_by_source[source] = {name: kl for name, (_, kl) in scored.items() if kl is not None}
     judged = [*stages, "plain_removal"]
 
     def mean(table: dict[str, dict[str, float]], name: str) -> float:
