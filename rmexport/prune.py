@@ -25,7 +25,7 @@ from .calib.engine import Engine, Map, Plan, cut_plan, original_plan
 from .calib.tokens import DEFAULT_EVAL_WINDOW, CalibrationSet, heldout_windows, mixture_batches, shares
 from .calib.weights import checkpoint_dtype
 from .compute import AUTO, COMPUTE_DTYPES, Compute, resolve_compute
-from .errors import ModelLoadError, ToleranceError
+from .errors import CalibrationError, ModelLoadError, ToleranceError
 from .hooks import signal_point
 from .llamacpp import installed_version
 from .log import get_logger
@@ -675,10 +675,17 @@ class _SetAside:
             or options.map_space == MapSpace.HIDDEN
             or options.repair_blocks > 0
         )
-        return cls(
-            calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
-            set_aside_by_source(tokenizer, options) if options.quality_guard else {},
-        )
+        try:
+            return cls(
+                calibration_set(tokenizer, options, set_aside=True) if needs_scorer else None,
+                set_aside_by_source(tokenizer, options) if options.quality_guard else {},
+            )
+        except CalibrationError as e:
+            raise CalibrationError(
+                f"set-aside {e}",
+                hint=f"use more --selection-samples (now {options.selection_samples}; each source of the "
+                "mixture gets its share) or a shorter --seq-len",
+            ) from e
 
 
 def _cut_and_fit(

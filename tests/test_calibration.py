@@ -116,23 +116,6 @@ def test_a_mixture_draws_each_source_in_proportion(tiny_checkpoints, builtin_cor
             parse_mixture(bad)
 
 
-def test_documents_shorter_than_one_sequence_are_one_shorter_sequence(tiny_checkpoints, builtin_corpus):
-    # a source's share of a small --calib-samples (bench-8b: 8 set-aside documents, 1 of docs) used
-    # to give no sequence at all, and the prune stopped
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
-    one = calibration_batches(
-        builtin_corpus, tokenizer, n_samples=1, seq_len=4096, batch_size=1, min_tokens=1
-    )
-    ((ids, mask),) = one.batches
-    assert 1 < ids.shape[1] < 4096 and bool(mask.all()) and one.n_tokens == ids.shape[1]
-    assert ids[0, 0] == tokenizer.bos_token_id
-    half = ids.shape[1] // 2 + 1  # room for one full sequence: the tail is dropped, as before
-    packed = calibration_batches(
-        builtin_corpus, tokenizer, n_samples=1, seq_len=half, batch_size=1, min_tokens=1
-    )
-    assert [b[0].shape[1] for b in packed.batches] == [half]
-
-
 def test_too_little_calibration_text_is_an_error(tiny_checkpoints, builtin_corpus):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
     with pytest.raises(CalibrationError):

@@ -30,6 +30,7 @@ def test_set_aside_text_too_short_for_the_guard_fails_before_calibration(tiny_ch
     with caplog.at_level(logging.INFO, logger="rmexport"), pytest.raises(CalibrationError) as raised:
         prune(resolve(str(tiny_checkpoints["llama"])), options, out)
     assert str(short) in str(raised.value) and "gives 0 tokens" in str(raised.value)
+    assert str(raised.value).startswith("set-aside") and "--selection-samples (now 2" in raised.value.hint
     stages = [r.getMessage() for r in caplog.records if r.getMessage().endswith(" ...")]
     assert stages == ["load ..."], stages  # no calibration ran
     assert not out.exists()

@@ -141,10 +141,11 @@ def _pack(tokenizer: Any, documents: list[str], seq_len: int) -> list[list[int]]
         if i:
             stream.extend(separator)
         stream.extend(_encode(tokenizer, doc)[:seq_len])
-    starts = list(range(0, len(stream) - body + 1, body))
-    if not starts and stream:  # a source's few documents at a small --calib-samples: one shorter sequence
-        starts = [0]
-    return [([bos] if bos is not None else []) + stream[start : start + body] for start in starts]
+    sequences = []
+    for start in range(0, len(stream) - body + 1, body):
+        chunk = stream[start : start + body]
+        sequences.append(([bos] if bos is not None else []) + chunk)
+    return sequences
 
 
 def _render_chats(tokenizer: Any, chats: list[list[dict[str, str]]], seq_len: int) -> list[list[int]]:
