@@ -17,7 +17,11 @@ next to the original, plain removal of the same blocks and the pruned model as s
 
 A variant is ``key=value`` pairs joined by commas; variants are separated by ``;``. Keys: ``lr``,
 ``epochs`` (at most), ``docs`` (calibration documents), ``topk`` (0 = the full distribution),
-``evals`` (set-aside evaluations per epoch), ``patience``.
+``evals`` (set-aside evaluations per epoch), ``patience``, ``minutes``, ``blocks`` (how many blocks after
+the fold also have their ``down_proj`` refined: the repaired ones of a default prune), ``select`` (``kl``:
+the step with the smallest mean set-aside KL to the original among those no further from it than the
+start on any source, as the prune's guard judges; ``nll``: the smallest mean set-aside loss).
+Each weight's step size is ``lr`` scaled by its RMS against the folded weight's.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class Variant:
     minutes: float = 0  # a time budget for the steps (0: none); the best weight so far is kept
     bf16: int = 1  # forward and backward in bfloat16 autocast (the master weight stays float32)
     seed: int = 0
+    blocks: int = 0  # blocks after the fold whose down_proj is refined too
+    select: str = "nll"  # "kl" or "nll": how the kept step is chosen
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -65,11 +71,14 @@ class Variant:
             key, value = part.split("=")
             kind = type(getattr(cls(), key))
             fields[key] = kind(float(value)) if kind is int else kind(value)
+        if fields.get("select", "nll") not in ("kl", "nll"):
+            raise ValueError("select is kl or nll")
         return cls(**fields)
 
     def name(self) -> str:
         dist = "full" if self.topk == 0 else f"top{self.topk}"
-        return f"lr={self.lr:g} epochs<={self.epochs} docs={self.docs} {dist}"
+        more = f" +{self.blocks} blocks select={self.select}" if self.blocks or self.select != "nll" else ""
+        return f"lr={self.lr:g} epochs<={self.epochs} docs={self.docs} {dist}{more}"
 
 
 # ---------------------------------------------------------------------------- the model's pieces
@@ -179,7 +188,8 @@ def cached(path: Path | None, build) -> tuple[Cached, float]:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"kind": type(value), "cached": asdict(value), "build_s": build_s}, path.with_suffix(".tmp")
+            {"kind": type(value).__name__, "cached": asdict(value), "build_s": build_s},
+            path.with_suffix(".tmp"),
         )
         path.with_suffix(".tmp").rename(path)
     return value, build_s
@@ -251,84 +261,122 @@ def mean_nll(losses: dict[str, dict[str, float]]) -> float:
     return sum(v["nll"] for v in losses.values()) / len(losses)
 
 
+def mean_kl(losses: dict[str, dict[str, float]]) -> float:
+    return sum(v["kl"] for v in losses.values()) / len(losses)
+
+
+def down_projs(pruned, layers) -> dict[int, torch.nn.Parameter]:
+    return {i: pruned.model.layers[i].mlp.down_proj.weight for i in layers}
+
+
+def rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt())
+
+
 def refine(
     student: Student,
-    start: torch.Tensor,
+    pruned,
+    block: int,
+    start: dict[int, torch.Tensor],
     train: Cached,
     top: TopK,
     sets: dict[str, Cached],
     v: Variant,
     save: Path | None = None,
 ) -> dict:
-    """Adam on the folded weight; the best weight by the set-aside loss (saved to ``save`` as it improves)."""
+    """Adam on the folded weight (and the ``down_proj`` of ``v.blocks`` blocks after it); the best weights by
+    ``v.select`` on the set-aside text (saved to ``save`` as they improve). The model's weights are put back
+    as they were before returning."""
     torch.manual_seed(v.seed)
     head = student.head
-    weight = start.detach().clone().float().requires_grad_(True)
-    opt = torch.optim.Adam([weight], lr=v.lr)
+    weight = start[block].detach().clone().float().requires_grad_(True)
+    tail = down_projs(pruned, range(block + 1, block + 1 + v.blocks))
+    saved = {i: p.detach().clone() for i, p in tail.items()}
+    for i, p in tail.items():
+        p.data.copy_(start.get(i, saved[i]))
+        p.requires_grad_(True)
+    groups = [{"params": [weight], "lr": v.lr}]
+    groups += [{"params": [p], "lr": v.lr * rms(p) / rms(weight)} for p in tail.values()]
+    opt = torch.optim.Adam(groups)
+
+    def current() -> dict[int, torch.Tensor]:
+        return {block: weight.detach().clone()} | {i: p.detach().clone() for i, p in tail.items()}
+
+    def score(losses) -> float:
+        return mean_kl(losses) if v.select == "kl" else mean_nll(losses)
+
+    def candidate(losses) -> bool:  # select=kl: no source further from the original than at the start
+        return v.select != "kl" or all(losses[s]["kl"] <= first[s]["kl"] + 1e-6 for s in losses)
+
     n = len(train.ids)
     every = max(1, math.ceil(n / v.evals))
     began = time.perf_counter()
-    first = set_aside_losses(student, weight, sets, bool(v.bf16))
-    curve = [{"step": 0, "train_kl": None, "set_aside": first, "mean_nll": mean_nll(first), "s": 0.0}]
-    best, best_loss, best_step, bad = weight.detach().clone(), mean_nll(first), 0, 0
-    print(f"  step 0: set-aside {fmt(first)}", flush=True)
-    step, running, seen = 0, 0.0, 0
-    stop = False
-    for epoch in range(v.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(v.seed + epoch)).tolist()
-        for b in order:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(v.bf16)):
-                logits = student.logits(weight, train.y[b], train.h[b])
-            if v.topk:
-                total, count = kl_topk(
-                    logits, train.mask[b], top.logp[b][:, : v.topk], top.index[b][:, : v.topk]
-                )
-            else:
-                with torch.no_grad():
-                    teacher = head(train.teacher[b])  # float32
-                total, count = kl_full(logits, teacher, train.mask[b])
-            loss = total / count
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            running, seen = running + float(total.detach()), seen + count
-            if step % every == 0 or step == n * v.epochs:
-                losses = set_aside_losses(student, weight, sets, bool(v.bf16))
-                score = mean_nll(losses)
-                elapsed = time.perf_counter() - began
-                curve.append(
-                    {
-                        "step": step,
-                        "train_kl": running / seen,
-                        "set_aside": losses,
-                        "mean_nll": score,
-                        "s": elapsed,
-                    }
-                )
-                print(
-                    f"  step {step} ({elapsed:.0f} s): train KL {running / seen:.4f}; {fmt(losses)}",
-                    flush=True,
-                )
-                running = seen = 0
-                if score < best_loss - 1e-5:
-                    best, best_loss, best_step, bad = weight.detach().clone(), score, step, 0
-                    if save is not None:
-                        torch.save({"weight": best, "step": step, "variant": asdict(v)}, save)
+    try:
+        first = set_aside_losses(student, weight, sets, bool(v.bf16))
+        curve = [{"step": 0, "train_kl": None, "set_aside": first, "mean_nll": mean_nll(first), "s": 0.0}]
+        best, best_score, best_step, bad = current(), score(first), 0, 0
+        print(f"  step 0: set-aside {fmt(first)}", flush=True)
+        step, running, seen = 0, 0.0, 0
+        stop = False
+        for epoch in range(v.epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(v.seed + epoch)).tolist()
+            for b in order:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(v.bf16)):
+                    logits = student.logits(weight, train.y[b], train.h[b])
+                if v.topk:
+                    total, count = kl_topk(
+                        logits, train.mask[b], top.logp[b][:, : v.topk], top.index[b][:, : v.topk]
+                    )
                 else:
-                    bad += 1
-                    if bad >= v.patience:
+                    with torch.no_grad():
+                        teacher = head(train.teacher[b])  # float32
+                    total, count = kl_full(logits, teacher, train.mask[b])
+                loss = total / count
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                running, seen = running + float(total.detach()), seen + count
+                if step % every == 0 or step == n * v.epochs:
+                    losses = set_aside_losses(student, weight, sets, bool(v.bf16))
+                    elapsed = time.perf_counter() - began
+                    curve.append(
+                        {
+                            "step": step,
+                            "train_kl": running / seen,
+                            "set_aside": losses,
+                            "mean_nll": mean_nll(losses),
+                            "mean_kl": mean_kl(losses),
+                            "s": elapsed,
+                        }
+                    )
+                    print(
+                        f"  step {step} ({elapsed:.0f} s): train KL {running / seen:.4f}; {fmt(losses)}",
+                        flush=True,
+                    )
+                    running = seen = 0
+                    if candidate(losses) and score(losses) < best_score - 1e-5:
+                        best, best_score, best_step, bad = current(), score(losses), step, 0
+                        if save is not None:
+                            torch.save({"weights": best, "step": step, "variant": asdict(v)}, save)
+                    else:
+                        bad += 1
+                        if bad >= v.patience:
+                            stop = True
+                            break
+                    if v.minutes and elapsed > 60 * v.minutes:
                         stop = True
                         break
-                if v.minutes and elapsed > 60 * v.minutes:
-                    stop = True
-                    break
-        if stop:
-            break
+            if stop:
+                break
+    finally:
+        for i, p in tail.items():
+            p.requires_grad_(False)
+            p.data.copy_(saved[i])
     return {
-        "weight": best,
+        "weights": best,
         "best_step": best_step,
-        "best_mean_nll": best_loss,
+        f"best_mean_{v.select}": best_score,
         "steps": step,
         "steps_per_epoch": n,
         "curve": curve,
@@ -338,7 +386,7 @@ def refine(
 
 def fmt(losses: dict[str, dict[str, float]]) -> str:
     parts = [f"{s} {v['nll']:.4f}/{v['kl']:.4f}" for s, v in losses.items()]
-    return ", ".join(parts) + f" (mean NLL {mean_nll(losses):.4f})"
+    return ", ".join(parts) + f" (mean NLL {mean_nll(losses):.4f}, KL {mean_kl(losses):.4f})"
 
 
 # ---------------------------------------------------------------------------- held-out perplexity
@@ -349,13 +397,14 @@ def perplexities(
     original, pruned, windows: dict[str, torch.Tensor], block: int, cut, weights, baselines: bool = True
 ) -> dict:
     """Perplexity per source of the original and plain removal (``baselines``), and of the pruned model
-    with each ``weights`` folded into block ``block``'s ``down_proj``, in float32, 4 windows per batch."""
+    with each of ``weights`` (``down_proj`` weights by block) put in, in float32, 4 windows per batch."""
     L = original.config.num_hidden_layers
     orig_tail = Tail(original, list(range(block, L)))
     plain_tail = Tail(original, [i for i in range(block, L) if not cut[0] <= i < cut[1]])
     pruned_tail = Tail(pruned, list(range(block, pruned.config.num_hidden_layers)))
-    down = pruned.model.layers[block].mlp.down_proj
-    saved = down.weight.detach().clone()
+    layers = sorted({i for w in weights.values() for i in w})
+    downs = down_projs(pruned, layers)
+    saved = {i: p.detach().clone() for i, p in downs.items()}
     results: dict[str, dict[str, float]] = {}
     try:
         for source, w in windows.items():
@@ -370,11 +419,13 @@ def perplexities(
                 for name, (tail, model) in runs.items():
                     add(sums, name, nll_all(model.lm_head(tail.run(x)), chunk))
                 for name, weight in weights.items():
-                    down.weight.copy_(weight)
+                    for i, p in downs.items():
+                        p.copy_(weight.get(i, saved[i]))
                     add(sums, name, nll_all(pruned.lm_head(pruned_tail.run(x)), chunk))
             results[source] = {k: math.exp(a / b) for k, (a, b) in sums.items()}
     finally:
-        down.weight.copy_(saved)
+        for i, p in downs.items():
+            p.copy_(saved[i])
     return results
 
 
@@ -389,6 +440,11 @@ def add(sums, name, pair):
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def _saved_weights(path: Path, block: int) -> dict[int, torch.Tensor]:
+    data = torch.load(path)
+    return data["weights"] if "weights" in data else {block: data["weight"]}
 
 
 def load(path: str):
@@ -463,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     caches: dict[int, tuple[Cached, TopK, float, dict]] = {}
     results = []
-    weights = {"pruned": closed_form}
+    weights: dict[str, dict[int, torch.Tensor]] = {"pruned": {block: closed_form}}
     for v in variants:
         if v.docs not in caches:
             calib = calibration_set(tokenizer, PruneOptions(calib_samples=v.docs))
@@ -484,9 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         train, top, cache_s, described = caches[v.docs]
         print(f"variant {v.name()}", flush=True)
         save = args.out.with_name(args.out.stem + f"-best-{len(results)}.pt")
-        begin = closed_form if args.start is None else torch.load(args.start)["weight"]
-        out = refine(student, begin, train, top, sets, v, save)
-        weights[v.name()] = out.pop("weight")
+        begin = {block: closed_form} if args.start is None else _saved_weights(args.start, block)
+        out = refine(student, pruned, block, begin, train, top, sets, v, save)
+        weights[v.name()] = out.pop("weights")
         results.append(
             {"variant": asdict(v), "name": v.name(), "calibration": described, "cache_s": round(cache_s, 1)}
             | out
