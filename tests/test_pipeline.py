@@ -229,7 +229,7 @@ def test_a_pruned_model_worse_than_plain_removal_is_never_all_checks_passed(tiny
     shutil.copytree(run_dir / "plots", tmp_path / "plots")
     report = write_report(tmp_path, PruneRecord.from_json(prune), StageOutputs(), {}, reused=[], wall_s=1.0)
     assert report.quality_check.pruned_worse_than_plain_removal == [source]
-    assert report.all_checks_passed is False
+    assert report.failed_checks == ["quality"] and report.all_checks_passed is False
     markdown = (tmp_path / "report.md").read_text()
     assert f"worse than plain removal of the same blocks on `{source}`" in markdown
     tokens = f"({RUN_EVAL_TOKENS} tokens)"  # the run's default for every held-out source

@@ -545,7 +545,8 @@ def test_a_median_below_one_with_a_spread_above_one_is_inconclusive_not_failed(t
 # The keys of report.json, in their order (the stage outputs come between ``machines`` and ``timings_s``).
 REPORT_KEYS = [
     "model", "ratio", "L", "N", "cuts", "prune", "quality_check", "runtimes", "speed", "speed_checks",
-    "machines", "gguf_imatrix", "gguf_bench", "timings_s", "reused_stages", "wall_s", "all_checks_passed",
+    "machines", "gguf_imatrix", "gguf_bench", "timings_s", "reused_stages", "wall_s", "failed_checks",
+    "all_checks_passed",
     "plots",
 ]  # fmt: skip
 

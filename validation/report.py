@@ -159,9 +159,13 @@ class Report:
     timings_s: dict[str, float]  # rounded to 0.01 s
     reused_stages: list[str]
     wall_s: float  # rounded to 0.1 s
-    all_checks_passed: bool
+    failed_checks: list[str]  # of "fold parity", "quality", "runtime parity", "speed"
     frontier: JsonObject | None  # the frontier's stages' result with its summary
     plots: dict[str, str]  # name -> path relative to the run folder
+
+    @property
+    def all_checks_passed(self) -> bool:
+        return not self.failed_checks
 
     def to_json(self) -> JsonObject:
         prune = self.prune.to_json()
@@ -181,6 +185,7 @@ class Report:
             "timings_s": self.timings_s,
             "reused_stages": self.reused_stages,
             "wall_s": self.wall_s,
+            "failed_checks": self.failed_checks,
             "all_checks_passed": self.all_checks_passed,
         }
         if self.frontier:
@@ -475,9 +480,16 @@ def write_report(
         timings_s={k: round(v, 2) for k, v in timings.items()},
         reused_stages=reused,
         wall_s=round(wall_s, 1),
-        all_checks_passed=bool(
-            prune.fold_parity.passed and quality.passed and _parity_passed(outputs) and speed_checks.passed
-        ),
+        failed_checks=[
+            name
+            for name, passed in (
+                ("fold parity", prune.fold_parity.passed),
+                ("quality", quality.passed),
+                ("runtime parity", _parity_passed(outputs)),
+                ("speed", speed_checks.passed),
+            )
+            if not passed
+        ],
         frontier=frontier or None,
         plots=_plots(run_dir, prune, rows, speed, frontier or None),
     )
