@@ -35,8 +35,7 @@ from typing import Any
 
 from converters import llama_cpp as llama_cpp_tools
 from rmexport.atomic import write_json
-from rmexport.models import ModelSource, load_config, resolve
-from rmexport.replaceme.save import MAPS_FILE, load_maps
+from rmexport.models import ModelSource, resolve
 
 __all__ = ["ROWS", "main"]
 
@@ -72,15 +71,10 @@ def _removal(run_dir: Path, dst: Path, args: argparse.Namespace) -> dict[str, An
 
 
 def _native(run_dir: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from converters.gguf_prune import write_pruned_gguf
-    from rmexport.arch import adapter_for
+    from rmexport.pipeline import prune_gguf_natively
 
-    record, source = _source(run_dir)
-    adapter = adapter_for(load_config(source))
-    folds = load_maps(run_dir / MAPS_FILE)
-    native = write_pruned_gguf(
-        source.location, dst, record["kept_layers"], folds, dense_fold=adapter.dense_fold
-    )
+    _, source = _source(run_dir)
+    native = prune_gguf_natively(source, run_dir, dst)
     return {
         "tensors_copied": native.copied,
         "tensors_requantized": native.requantized,

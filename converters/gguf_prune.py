@@ -6,10 +6,11 @@
 - the tensor a fitted map is folded into is rewritten: ``ffn_down`` for dense families
   (``W_down <- Tᵀ·W_down`` for a d×d map, with ``W_down`` as transformers holds it, [d, d_ff],
   which is also the GGUF data's numpy orientation; ``W_down <- Wᵀ`` for a d_ff×d map of the
-  hidden activations), or, for Gemma, the ``post_ffw_norm`` weight scaled per channel.
+  hidden activations), or, for Gemma, the ``post_ffw_norm`` weight scaled per channel; and the
+  ``attn_output`` of a block whose attention output the repair refitted (``W_o <- Wᵀ``).
   It is computed in float64 from the dequantized source and quantized (``ggml_quant.quantize_like``:
   gguf-py, or llama.cpp's own quantizer for K-quants) to the source's type, except that a folded
-  ``ffn_down`` is written at no fewer bits than Q8_0 (``folded_type``);
+  ``ffn_down`` or a refitted ``attn_output`` is written at no fewer bits than Q8_0 (``folded_type``);
 - metadata is the source's, except ``{arch}.block_count`` and the per-layer arrays (any
   ``{arch}.*`` array as long as the old block count), which are sliced to the kept blocks;
 - a family whose llama.cpp loader has sliding layers (Gemma 2/3) gets the kept blocks' pattern as
@@ -207,6 +208,22 @@ def _folded(
     return {norm_name: w}
 
 
+def _replaced_attention_output(
+    source: _Source, block: int, transforms: list[torch.Tensor]
+) -> tuple[str, np.ndarray]:
+    """``attn_output``'s name and its new values (float64, [d, d_attn]: transformers' ``W_o``)."""
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_OUT].format(bid=block) + ".weight"
+    w = source.dequantized(_require(source, name)).astype(np.float64)
+    if source.by_name.get(name.removesuffix(".weight") + ".bias") is not None:
+        raise ExportError(f"{source.path.name}: replacing {name} with a bias beside it is not supported")
+    for transform in transforms:
+        t = _as_matrix(transform)
+        if t.shape != w.shape[::-1]:
+            raise ConfigError(f"map of shape {t.shape} does not replace {name} of shape {w.shape}")
+        w = t.T.copy()
+    return name, w
+
+
 def _require(source: _Source, name: str) -> Any:
     if name not in source.by_name:
         raise ExportError(f"{source.path.name} has no tensor {name!r} to fold the map into")
@@ -311,13 +328,15 @@ def write_pruned_gguf(
     folds: dict[int, list[torch.Tensor]],
     *,
     dense_fold: bool,
+    attention_folds: dict[int, list[torch.Tensor]] | None = None,
     norm_weight_offset: float = 0.0,
     llama_cpp_version: str | None = None,
 ) -> GGUFPrune:
     """Write ``source_gguf`` with only its ``blocks`` (source indices, in order) to ``out_file``.
 
     ``folds`` maps an original block index to the fitted maps folded into it, in order (d×d, d_ff×d
-    for a map of the MLP's hidden activations, or a length-d diagonal).
+    for a map of the MLP's hidden activations, or a length-d diagonal); ``attention_folds`` the maps
+    of the attention heads' output that replace a repaired block's ``attn_output`` (``W_o ← Wᵀ``).
     ``dense_fold``: fold into ``ffn_down`` (True) or scale ``post_ffw_norm``
     (False, Gemma). ``norm_weight_offset`` is what the runtime adds to the *stored* norm weight:
     0 for llama.cpp, whose Gemma files store ``1 + w`` already, so the stored weight is scaled as is.
@@ -332,7 +351,8 @@ def write_pruned_gguf(
     source = _Source(Path(source_gguf))
     kept = [int(i) for i in blocks]
     folds = {int(i): list(ts) for i, ts in folds.items() if len(ts)}
-    _check_request(source, kept, folds, llama_cpp_version or installed_version())
+    attention_folds = {int(i): list(ts) for i, ts in (attention_folds or {}).items() if len(ts)}
+    _check_request(source, kept, folds | attention_folds, llama_cpp_version or installed_version())
     new_index = {old: new for new, old in enumerate(kept)}
 
     rewritten: dict[str, tuple[Quantized, float]] = {}  # name -> written data, its relative error
@@ -343,6 +363,12 @@ def write_pruned_gguf(
             q = quantize_like(exact.astype(np.float32), qtype, name=name)
             back = np.asarray(gguf.quants.dequantize(q.data, q.qtype), dtype=np.float32).reshape(tensor.shape)
             rewritten[name] = (q, _relative_error(back, exact))
+    for block, transforms in sorted(attention_folds.items()):
+        name, exact = _replaced_attention_output(source, block, transforms)
+        tensor = source.by_name[name]
+        q = quantize_like(exact.astype(np.float32), folded_type(tensor.qtype, dense=True), name=name)
+        back = np.asarray(gguf.quants.dequantize(q.data, q.qtype), dtype=np.float32).reshape(tensor.shape)
+        rewritten[name] = (q, _relative_error(back, exact))
 
     plan: list[tuple[str, GGUFTensorInfo]] = []
     dropped = 0

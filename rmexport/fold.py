@@ -8,6 +8,9 @@ A map has one of three shapes:
   block adds ``H_i · W``, so ``W_down ← Wᵀ``. The d×d map is the special case ``W = W_downᵀ·T``;
 * a length-d diagonal, for families with a norm after the MLP (Gemma), which a dense map does not
   commute with: it scales the norm's effective weight.
+
+Those are maps at the MLP site. The repair of the blocks after a cut also refits the attention's
+output projection (the attention site): a map ``W`` of its input replaces it, ``W_o ← Wᵀ``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,20 @@ from torch import nn
 from .arch import ArchAdapter
 from .errors import ConfigError
 
-__all__ = ["fold_into_down_proj", "fold_into_post_mlp_norm", "fold_map", "is_hidden_map"]
+__all__ = [
+    "ATTENTION_SITE",
+    "MLP_SITE",
+    "SITES",
+    "fold_into_down_proj",
+    "fold_into_post_mlp_norm",
+    "fold_map",
+    "is_hidden_map",
+    "site_module",
+]
+
+MLP_SITE = "mlp"
+ATTENTION_SITE = "attention"
+SITES = (MLP_SITE, ATTENTION_SITE)
 
 
 def is_hidden_map(transform: torch.Tensor, down_proj_shape: tuple[int, ...]) -> bool:
@@ -54,8 +70,18 @@ def fold_into_post_mlp_norm(norm: nn.Module, scale: torch.Tensor, weight_offset:
     weight.data.copy_((effective - weight_offset).to(weight.dtype))
 
 
-def fold_map(adapter: ArchAdapter, block: nn.Module, transform: torch.Tensor) -> None:
+def site_module(adapter: ArchAdapter, block: nn.Module, site: str) -> nn.Module:
+    """The module whose weight a map at ``site`` rewrites."""
+    if site == ATTENTION_SITE:
+        return adapter.attention_output_module(block)
+    return adapter.down_proj_module(block) if adapter.dense_fold else adapter.post_mlp_norm_module(block)
+
+
+def fold_map(adapter: ArchAdapter, block: nn.Module, transform: torch.Tensor, site: str = MLP_SITE) -> None:
     """Fold a fitted map (any of the module docstring's shapes) into ``block``."""
+    if site == ATTENTION_SITE:
+        fold_into_attention_output(adapter.attention_output_module(block), transform)
+        return
     if adapter.dense_fold:
         if transform.dim() != 2:
             transform = torch.diag(transform)
@@ -67,3 +93,15 @@ def fold_map(adapter: ArchAdapter, block: nn.Module, transform: torch.Tensor) ->
             raise ConfigError(f"{adapter.family} has a norm after the MLP; only a diagonal map folds exactly")
         transform = torch.diagonal(transform)
     fold_into_post_mlp_norm(adapter.post_mlp_norm_module(block), transform, adapter.norm_weight_offset)
+
+
+def fold_into_attention_output(o_proj: nn.Linear, transform: torch.Tensor) -> None:
+    """``W_o ← Wᵀ`` for a map ``W`` of the projection's input (which also replaces the bias)."""
+    weight = o_proj.weight
+    if tuple(transform.shape) != tuple(weight.shape[::-1]):
+        raise ConfigError(
+            f"a map of shape {tuple(transform.shape)} does not replace o_proj {tuple(weight.shape)}"
+        )
+    weight.data.copy_(transform.to(device=weight.device, dtype=torch.float64).T.to(weight.dtype))
+    if o_proj.bias is not None:
+        o_proj.bias.data.zero_()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from converters.gguf_export import GGUF_TYPES, export_gguf
-from converters.gguf_prune import write_pruned_gguf
+from converters.gguf_prune import GGUFPrune, write_pruned_gguf
 from converters.imatrix import ImatrixUse, quantized_with
 from converters.onnx_export import export_onnx
 from validation.gguf_bench import DEFAULT_PROTOCOL as GGUF_PROTOCOL
@@ -46,6 +46,7 @@ from .calib.weights import checkpoint_dtype
 from .config import RunConfig
 from .errors import ConfigError
 from .fileio import content_fingerprint
+from .fold import ATTENTION_SITE
 from .frontier import frontier_enabled, frontier_stages, own_type
 from .imatrix_text import default_imatrix_recipe, resolve_imatrix
 from .lock import hold_folder
@@ -58,7 +59,7 @@ from .replaceme.select import cut_size, split_cut
 from .stages import Stage, StageRunner, remove_partial_outputs
 from .sysinfo import ram_bytes
 
-__all__ = ["run_dir_for", "run_pipeline"]
+__all__ = ["prune_gguf_natively", "run_dir_for", "run_pipeline"]
 
 log = get_logger(__name__)
 
@@ -432,16 +433,23 @@ def _source_error(base_runner, gguf_type: str, gguf_file: Path, reference, base_
 
 
 def _prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> None:
+    result = prune_gguf_natively(source, run_dir, out)
+    write_json(run_dir / "checks" / "gguf_native.json", result.to_json())
+
+
+def prune_gguf_natively(source: ModelSource, run_dir: Path, out: Path) -> GGUFPrune:
+    """The GGUF source pruned as ``run_dir``'s prune did, its maps folded in, written to ``out``."""
     record = json.loads((run_dir / "prune.json").read_text())
     adapter = adapter_for(load_config(source))
-    result = write_pruned_gguf(
+    maps = run_dir / MAPS_FILE
+    return write_pruned_gguf(
         source.location,
         out,
         record["kept_layers"],
-        load_maps(run_dir / MAPS_FILE),
+        load_maps(maps),
+        attention_folds=load_maps(maps, ATTENTION_SITE),
         dense_fold=adapter.dense_fold,
     )
-    write_json(run_dir / "checks" / "gguf_native.json", result.to_json())
 
 
 def _text_file_fingerprints(options: Any) -> dict[str, str]:

@@ -26,6 +26,7 @@ from .calib.tokens import DEFAULT_EVAL_WINDOW, CalibrationSet, heldout_windows, 
 from .calib.weights import checkpoint_dtype
 from .compute import AUTO, COMPUTE_DTYPES, Compute, resolve_compute
 from .errors import CalibrationError, ModelLoadError, ToleranceError
+from .fold import ATTENTION_SITE, MLP_SITE
 from .hooks import signal_point
 from .llamacpp import installed_version
 from .log import get_logger
@@ -172,16 +173,18 @@ class PruneOptions:
     repair_blocks: int = option(
         2,
         "--repair-blocks",
-        "after the cut, refit the down_proj of up to K following blocks in turn, each toward the original "
-        "model's stream after it (ridge toward its own weights, chosen on the set-aside documents); the "
-        "quality guard keeps the best prefix; 0 skips",
+        "after the cut, refit the attention output projection and the down_proj of up to K following "
+        "blocks in turn, toward the original model's stream after each one's attention and after it (ridge "
+        "toward its own weights, chosen on the set-aside documents); the quality guard keeps the best "
+        "prefix; 0 skips",
         group=_METHOD,
         metavar="K",
         kind="count",
         minimum=0,
-        doc="after the cut, the `down_proj` of up to `K` following blocks is refitted in turn so that, fed "
-        "the pruned stream, each block's output matches the original model's stream after it (ridge least "
-        "squares toward the block's own weights, the strength chosen on the set-aside documents); the "
+        doc="after the cut, up to `K` following blocks are refitted in turn so that, fed the pruned stream, "
+        "the stream after each one's attention (its output projection, `o_proj`) and after the block (its "
+        "`down_proj`) match the original model's (ridge least squares toward the block's own weights, each "
+        "strength chosen on the set-aside documents); the "
         "quality guard keeps the prefix closest to the original on the set-aside documents; `0` skips (see "
         "[Repair](docs/quality.md#sequential-repair-of-the-blocks-after-the-cut))",
     )
@@ -450,6 +453,12 @@ def set_aside_by_source(tokenizer: Any, options: PruneOptions) -> dict[str, Cali
         for (name, _), count, offset in zip(parts, counts, offsets, strict=True)
         if count > 0
     }
+
+
+def _site_folds(plan: Plan, site: str) -> dict[int, list[torch.Tensor]]:
+    """The plan's maps at ``site``, by original block index, in folding order."""
+    by_layer = {s.layer: [m.transform for m in s.maps if m.site == site] for s in plan}
+    return {layer: maps for layer, maps in by_layer.items() if maps}
 
 
 def _local_checkpoint(source: ModelSource) -> str:
@@ -833,7 +842,7 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRec
         )
 
     kept = [s.layer for s in plan]
-    folds = {s.layer: [m.transform for m in s.maps] for s in plan if s.maps}
+    folds, attention_folds = (_site_folds(plan, site) for site in (MLP_SITE, ATTENTION_SITE))
     record = PruneRecord(
         model=ModelInfo(
             spec=source.spec,
@@ -892,8 +901,10 @@ def prune(source: ModelSource, options: PruneOptions, out_dir: Path) -> PruneRec
     made_out_dir = not out_dir.exists()
     try:
         with clock.stage("save"):
-            save_pruned_checkpoint(checkpoint, outputs[0], kept, folds, provenance=provenance)
-            save_maps(outputs[1], folds)
+            save_pruned_checkpoint(
+                checkpoint, outputs[0], kept, folds, attention_folds=attention_folds, provenance=provenance
+            )
+            save_maps(outputs[1], folds, attention_folds)
         record.timings_s = {k: round(v, 2) for k, v in clock.seconds.items()}
         record.peak_rss_mib = round(_peak_rss_mib(), 1)
         record.peak_rss_mib_after_stage = dict(clock.peak_rss_mib_after)

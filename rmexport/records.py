@@ -20,6 +20,7 @@ __all__ = [
     "RepairRecord",
     "RepairedBlock",
     "SourceQuality",
+    "TensorRefit",
     "from_jsonable",
     "jsonable",
 ]
@@ -84,14 +85,26 @@ class Quality:
 
 
 @dataclass
+class TensorRefit:
+    """One weight of a repaired block refitted in closed form."""
+
+    tensor: str  # the checkpoint's tensor
+    ridge: float | None  # strength toward its own weights, chosen on set-aside text (None: ∞, unchanged)
+    set_aside_rel_residual: float  # of the chosen strength
+    set_aside_rel_residual_unrepaired: float
+
+
+@dataclass
 class RepairedBlock:
-    """One block after the cut whose ``down_proj`` was refitted (see ``rmexport.replaceme.repair``)."""
+    """One block after the cut whose ``down_proj`` was refitted, and before it the attention's
+    output projection (see ``rmexport.replaceme.repair``)."""
 
     block: int  # original index
     tensor: str  # the checkpoint's tensor that changed
     ridge: float | None  # strength toward the block's own weights, chosen on set-aside text (None: ∞)
     set_aside_rel_residual: float  # of the chosen strength
     set_aside_rel_residual_unrepaired: float
+    attention: TensorRefit | None = None
 
 
 @dataclass

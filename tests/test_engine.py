@@ -336,7 +336,9 @@ def test_fold_parity_in_bfloat16_passes_rounding_and_fails_a_wrong_fold(tiny_che
 
     import rmexport.calib.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "fold_map", lambda adapter, block, t: fold_map(adapter, block, t.T))
+    monkeypatch.setattr(
+        engine_module, "fold_map", lambda adapter, block, t, site: fold_map(adapter, block, t.T, site)
+    )
     assert not _bfloat16_checks(checkpoint, final, windows).parity_passed
 
 

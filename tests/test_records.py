@@ -16,6 +16,7 @@ from rmexport.records import (
     RepairedBlock,
     RepairRecord,
     SourceQuality,
+    TensorRefit,
     from_jsonable,
     jsonable,
 )
@@ -52,7 +53,14 @@ def _prune_record() -> PruneRecord:
         peak_rss_mib_after_stage={"load": 800.0, "save": 900.5},
         repair=RepairRecord(
             [
-                RepairedBlock(10, "model.layers.2.mlp.down_proj.weight", 0.01, 0.0025, 0.003),
+                RepairedBlock(
+                    10,
+                    "model.layers.2.mlp.down_proj.weight",
+                    0.01,
+                    0.0025,
+                    0.003,
+                    attention=TensorRefit("model.layers.2.self_attn.o_proj.weight", 0.1, 0.002, 0.0031),
+                ),
                 RepairedBlock(11, "model.layers.3.mlp.down_proj.weight", None, 0.004, 0.004),
             ],
             1,

@@ -48,25 +48,32 @@ def test_the_blocks_after_the_cut_are_refitted_and_folded(weakened, tmp_path):
     repair = record.repair
     assert [b.block for b in repair.blocks] == [4, 5] and repair.kept_blocks == 2  # no guard: all kept
     for repaired in repair.blocks:
-        # The refit lowers the error of the block's output against the original stream on set-aside text
-        # (an unrepaired block is one of the strengths tried, so a broken fit would choose it).
-        assert repaired.ridge is not None
-        assert repaired.set_aside_rel_residual < repaired.set_aside_rel_residual_unrepaired, repaired
+        # Each refit lowers the error against the original stream on set-aside text, after the attention
+        # and after the block (an unrepaired block is one of the strengths tried, so a broken fit would
+        # choose it).
+        for refit in (repaired.attention, repaired):
+            assert refit.ridge is not None
+            assert refit.set_aside_rel_residual < refit.set_aside_rel_residual_unrepaired, refit
     assert record.fold_parity.passed  # the repaired folds included
     saved = load_file(tmp_path / "hf" / "model.safetensors")
     original = load_file(weakened / "model.safetensors")
     maps = load_file(tmp_path / "maps.safetensors")
     for position, repaired in zip((2, 3), repair.blocks, strict=True):
-        name = f"model.layers.{position}.mlp.down_proj.weight"
-        assert repaired.tensor == name
-        torch.testing.assert_close(
-            saved[name], maps[f"block.{repaired.block}.0"].T.to(saved[name].dtype), rtol=0, atol=0
-        )
-        assert not torch.equal(saved[name], original[f"model.layers.{repaired.block}.mlp.down_proj.weight"])
+        for module, refit, key in (
+            ("mlp.down_proj", repaired, "block"),
+            ("self_attn.o_proj", repaired.attention, "attention"),
+        ):
+            name = f"model.layers.{position}.{module}.weight"
+            assert refit.tensor == name
+            torch.testing.assert_close(
+                saved[name], maps[f"{key}.{repaired.block}.0"].T.to(saved[name].dtype), rtol=0, atol=0
+            )
+            assert not torch.equal(saved[name], original[f"model.layers.{repaired.block}.{module}.weight"])
     # Every other tensor of the kept blocks is the original's.
     for position, block in ((4, 6), (5, 7)):
-        name = f"model.layers.{position}.mlp.down_proj.weight"
-        assert torch.equal(saved[name], original[f"model.layers.{block}.mlp.down_proj.weight"])
+        for module in ("mlp.down_proj", "self_attn.o_proj"):
+            name = f"model.layers.{position}.{module}.weight"
+            assert torch.equal(saved[name], original[f"model.layers.{block}.{module}.weight"])
 
 
 def test_the_guard_keeps_the_stage_closest_to_the_original_of_those_closer_than_plain_removal(
@@ -180,19 +187,22 @@ def test_gguf_native_requantizes_the_repaired_tensors_and_copies_every_other_byt
     g = torch.Generator().manual_seed(1)
     cut_map = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=g)
     repairs = {b: 0.05 * torch.randn(128, 64, generator=g) for b in (3, 4)}  # new down_proj of blocks 3, 4
+    attention = {b: 0.05 * torch.randn(64, 64, generator=g) for b in (3, 4)}  # and their new o_proj
     kept = [0, 1, 3, 4, 5]
     record = write_pruned_gguf(
         source,
         tmp_path / "pruned.gguf",
         kept,
         {1: [cut_map]} | {b: [t] for b, t in repairs.items()},
+        attention_folds={b: [t] for b, t in attention.items()},
         dense_fold=True,
     )
     changed = {"blk.1.ffn_down.weight", "blk.2.ffn_down.weight", "blk.3.ffn_down.weight"}
-    assert set(record.folded) == changed and record.requantized == 3
+    changed |= {"blk.2.attn_output.weight", "blk.3.attn_output.weight"}
+    assert set(record.folded) == changed and record.requantized == 5
     before = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
     after = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "pruned.gguf")).tensors}
-    assert len(after) == record.copied + 3
+    assert len(after) == record.copied + 5
     for name, t in after.items():
         origin = before[record.tensors[name].source]
         if name in changed:
@@ -203,3 +213,7 @@ def test_gguf_native_requantizes_the_repaired_tensors_and_copies_every_other_byt
         gguf.quants.dequantize(after["blk.2.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q8_0)
     )
     np.testing.assert_allclose(repaired.reshape(64, 128), repairs[3].T.numpy(), atol=2e-3)
+    replaced = np.asarray(
+        gguf.quants.dequantize(after["blk.2.attn_output.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    )
+    np.testing.assert_allclose(replaced.reshape(64, 64), attention[3].T.numpy(), atol=2e-3)

@@ -620,13 +620,19 @@ def _repair_lines(prune: PruneRecord) -> list[str]:
     if not repair.blocks:
         return [f"No repair after the cut: {repair.note}.", ""] if repair.note else []
     refits = "; ".join(
-        f"block {b.block} (`{b.tensor}`): ridge {_strength(b.ridge)}, set-aside error "
-        f"{b.set_aside_rel_residual_unrepaired:.5f} → {b.set_aside_rel_residual:.5f}"
+        f"block {b.block}: "
+        + ", ".join(
+            f"`{r.tensor}` ridge {_strength(r.ridge)}, set-aside error "
+            f"{r.set_aside_rel_residual_unrepaired:.5f} → {r.set_aside_rel_residual:.5f}"
+            for r in (b.attention, b)
+            if r is not None
+        )
         for b in repair.blocks
     )
     return [
-        f"Repair after the cut ({repair.seconds:.0f} s), each `down_proj` refitted toward the original "
-        f"stream after its block: {refits}. Kept: {repair.kept_blocks} of {len(repair.blocks)} (the quality "
+        f"Repair after the cut ({repair.seconds:.0f} s), each block's attention output projection refitted "
+        "toward the original stream after its attention, then its `down_proj` toward the original stream "
+        f"after the block: {refits}. Kept: {repair.kept_blocks} of {len(repair.blocks)} (the quality "
         "guard's choice).",
         "",
     ]

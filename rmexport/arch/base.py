@@ -42,6 +42,7 @@ class ArchAdapter:
     layers_path: str = "model.layers"
     mlp: str = "mlp"
     down_proj: str = "mlp.down_proj"
+    attention_output: str = "self_attn.o_proj"
     # A norm applied to the MLP output before the residual add (Gemma 2/3). A dense map does
     # not commute with it, so such families get a diagonal map folded into this norm's weight.
     post_mlp_norm: str | None = None
@@ -82,6 +83,11 @@ class ArchAdapter:
 
     def down_proj_module(self, block: nn.Module) -> nn.Linear:
         return _get_submodule(block, self.down_proj)
+
+    def attention_output_module(self, block: nn.Module) -> nn.Linear:
+        """The attention's output projection, whose output is added to the stream (no norm between
+        them where ``dense_fold``)."""
+        return _get_submodule(block, self.attention_output)
 
     def post_mlp_norm_module(self, block: nn.Module) -> nn.Module:
         assert self.post_mlp_norm is not None

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CalibrationError
 from ..measures import angular_distance
-from .engine import Batches, Engine, Plan, Stream
+from .engine import Batches, Captured, Engine, Plan, Stream
 from .tokens import CalibrationSet
 
 __all__ = [
@@ -257,7 +257,8 @@ def _stream_cuts(
     def stored(key: tuple[str, int, int]) -> torch.Tensor | None:
         return store.get(key) if key in store else None
 
-    def on_block(position: int, b: int, hidden: torch.Tensor, mlp: torch.Tensor | None, h) -> None:
+    def on_block(position: int, b: int, hidden: torch.Tensor, captured: Captured) -> None:
+        mlp, h = captured.mlp, captured.hidden
         if position in residual_positions:
             store.put((tag, "L", position, b), hidden)
         if position in mlp_positions:
@@ -495,10 +496,11 @@ def _sums_from_trace(
     start, end = cut
     masks = [mask.bool().to(engine.skeleton.device) for _ids, mask in trace.batches]
 
-    def on_block(_position: int, b: int, before: torch.Tensor, mlp, h) -> None:
+    def on_block(_position: int, b: int, before: torch.Tensor, captured: Captured) -> None:
         r = masks[b]
         after = engine.store.get(trace.key(end - 1, b))
-        add(mlp[r], before[r], after[r], h[r])
+        assert captured.mlp is not None and captured.hidden is not None
+        add(captured.mlp[r], before[r], after[r], captured.hidden[r])
 
     engine.walk(
         trace.tag,

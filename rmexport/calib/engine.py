@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..compute import gpu_indices, gpu_memory_bytes
-from ..fold import fold_map, is_hidden_map
+from ..fold import ATTENTION_SITE, MLP_SITE, fold_map, is_hidden_map, site_module
 from ..log import get_logger, progress
 from ..measures import log_normalizer, nll_sum
 from .budget import MemoryBudget
@@ -34,6 +34,7 @@ from .weights import ModelSkeleton, largest_module_bytes, model_bytes
 
 __all__ = [
     "Batches",
+    "Captured",
     "Engine",
     "LogitComparison",
     "Map",
@@ -51,10 +52,21 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask)
 
 @dataclass(frozen=True, eq=False)
 class Map:
-    """A fitted map (see ``rmexport.fold.fold_map`` for its shapes); compared by identity."""
+    """A fitted map (see ``rmexport.fold.fold_map`` for its shapes and sites); compared by identity."""
 
     transform: torch.Tensor
     label: str = ""
+    site: str = MLP_SITE
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What ``Engine.walk`` captured inside one block for one batch (None where not asked for)."""
+
+    mlp: torch.Tensor | None = None  # M: what the MLP adds to the residual stream
+    hidden: torch.Tensor | None = None  # H: the input of down_proj
+    attention_input: torch.Tensor | None = None  # A: the input of the attention's output projection
+    attention_output: torch.Tensor | None = None  # what that projection adds to the stream
 
 
 @dataclass(frozen=True)
@@ -277,28 +289,28 @@ class Engine:
     # --- running blocks -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _variant(self, block: nn.Module, step: Step) -> Iterator[None]:
-        """``block`` as ``step`` wants it: maps folded in, or applied after the MLP."""
+        """``block`` as ``step`` wants it: maps folded in, or applied after the module they replace."""
         if not step.maps:
             yield
             return
         adapter = self.adapter
-        target = (
-            adapter.down_proj_module(block) if adapter.dense_fold else adapter.post_mlp_norm_module(block)
-        )
-        original = target.weight.data.clone()
-        handle = None
+        targets = {site: site_module(adapter, block, site) for site in {m.site for m in step.maps}}
+        originals = {site: module.weight.data.clone() for site, module in targets.items()}
+        handles = []
         try:
-            if step.explicit:
-                applied = adapter.down_proj_module(block) if adapter.dense_fold else target
-                handle = applied.register_forward_hook(_apply_maps(step.maps))
-            else:
-                for m in step.maps:
-                    fold_map(adapter, block, m.transform)
+            for site, module in targets.items():
+                maps = tuple(m for m in step.maps if m.site == site)
+                if step.explicit:
+                    handles.append(module.register_forward_hook(_apply_maps(maps)))
+                else:
+                    for m in maps:
+                        fold_map(adapter, block, m.transform, site)
             yield
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-            target.weight.data.copy_(original)
+            for site, module in targets.items():
+                module.weight.data.copy_(originals[site])
 
     def _run_block(self, name: str, b: int, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         kwargs = self._kwargs[(name, b)][getattr(block, "attention_type", None)]
@@ -383,47 +395,53 @@ class Engine:
         plan: Plan,
         *,
         until: int,
-        mlp_at: set[int],
-        on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None], None],
+        on_block: Callable[[int, int, torch.Tensor, Captured], None],
+        mlp_at: set[int] = frozenset(),
         hidden_at: set[int] = frozenset(),
+        attention_at: set[int] = frozenset(),
         desc: str = "Calibrating",
     ) -> None:
         """Run steps ``len(stream.done) .. until`` of ``plan`` and call ``on_block(position, batch,
-        L, M, H)`` after each, with ``M`` the MLP's contribution where ``position`` is in ``mlp_at``
-        and ``H`` the input of ``down_proj`` (the MLP's hidden activations) where it is in
-        ``hidden_at``. Consumes ``stream``, whose ``done`` steps must begin ``plan``."""
+        L, captured)`` after each, with ``captured`` holding the MLP's contribution where
+        ``position`` is in ``mlp_at``, the input of ``down_proj`` (the MLP's hidden activations)
+        where it is in ``hidden_at``, and the attention output projection's input and output where
+        it is in ``attention_at``. Consumes ``stream``, whose ``done`` steps must begin ``plan``."""
         first = len(stream.done)
         if plan[:first] != stream.done:
             raise ValueError("the stream is not at a point of this plan")
         captured: dict[str, torch.Tensor] = {}
+        device = self.skeleton.device
 
         def on_mlp(_module, _inputs, output):
-            captured["mlp"] = output.detach().to(self.skeleton.device)
+            captured["mlp"] = output.detach().to(device)
 
         def on_down_proj(_module, inputs, _output):
-            captured["hidden"] = inputs[0].detach().to(self.skeleton.device)
+            captured["hidden"] = inputs[0].detach().to(device)
+
+        def on_attention_output(_module, inputs, output):
+            captured["attention_input"] = inputs[0].detach().to(device)
+            captured["attention_output"] = output.detach().to(device)
 
         with torch.inference_mode():
             for position in progress(range(first, until + 1), desc=desc, total=until + 1 - first):
                 step = plan[position]
                 block = self.skeleton.load_block(step.layer)
+                hooks = [
+                    (self.adapter.mlp_output_module, on_mlp, mlp_at),
+                    (self.adapter.down_proj_module, on_down_proj, hidden_at),
+                    (self.adapter.attention_output_module, on_attention_output, attention_at),
+                ]
                 handles = []
                 try:
                     with self._variant(block, step):
-                        if position in mlp_at:
-                            handles.append(
-                                self.adapter.mlp_output_module(block).register_forward_hook(on_mlp)
-                            )
-                        if position in hidden_at:
-                            handles.append(
-                                self.adapter.down_proj_module(block).register_forward_hook(on_down_proj)
-                            )
+                        for module, hook, at in hooks:
+                            if position in at:
+                                handles.append(module(block).register_forward_hook(hook))
                         for b, key in stream.keys.items():
                             hidden = self._run_block(name, b, block, self.store.get(key))
                             self.store.put(key, hidden)
-                            on_block(
-                                position, b, hidden, captured.pop("mlp", None), captured.pop("hidden", None)
-                            )
+                            on_block(position, b, hidden, Captured(**captured))
+                            captured.clear()
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -432,10 +450,17 @@ class Engine:
 
     def down_proj_weight(self, step: Step) -> torch.Tensor:
         """``down_proj``'s weight ([d, d_ff], float64) of ``step``'s block, its maps folded in."""
+        return self._weight(step, self.adapter.down_proj_module)
+
+    def attention_output_weight(self, step: Step) -> torch.Tensor:
+        """The attention output projection's weight ([d, d_attn], float64), its maps folded in."""
+        return self._weight(step, self.adapter.attention_output_module)
+
+    def _weight(self, step: Step, module: Callable[[nn.Module], nn.Module]) -> torch.Tensor:
         block = self.skeleton.load_block(step.layer)
         try:
             with self._variant(block, step):
-                return self.adapter.down_proj_module(block).weight.detach().to(torch.float64).clone()
+                return module(block).weight.detach().to(torch.float64).clone()
         finally:
             self.skeleton.free_block(step.layer)
 
@@ -617,8 +642,9 @@ class LogitComparison:
 
 
 def _apply_maps(maps: tuple[Map, ...]):
-    """A forward hook on ``down_proj`` (or on Gemma's post-MLP norm) that applies ``maps`` to its
-    output in float64: the reference the folded weights are checked against."""
+    """A forward hook on the module ``maps`` replace (``down_proj``, Gemma's post-MLP norm, or the
+    attention's output projection) that applies them to its output in float64: the reference the
+    folded weights are checked against."""
 
     def hook(module, inputs, output):
         mapped = output.to(torch.float64)
@@ -626,7 +652,7 @@ def _apply_maps(maps: tuple[Map, ...]):
             t = m.transform.to(device=output.device, dtype=torch.float64)
             if t.dim() == 1:
                 mapped = mapped * t
-            elif is_hidden_map(t, tuple(module.weight.shape)):
+            elif m.site == ATTENTION_SITE or is_hidden_map(t, tuple(module.weight.shape)):
                 mapped = inputs[0].to(torch.float64) @ t
             else:
                 mapped = mapped @ t

@@ -1,14 +1,16 @@
-"""Sequential repair of the blocks after a cut: each one's ``down_proj`` refitted in closed form.
+"""Sequential repair of the blocks after a cut: each one's attention output projection and
+``down_proj`` refitted in closed form.
 
 After the cut, the first blocks that remain see a residual stream they were never trained on.
 They are walked in order with the model before the cut (the target) and the pruned model side by
-side. Block ``j``'s ``down_proj`` is refitted so that, fed the pruned stream, the block's output
-matches the target stream after block ``j``: the least squares of the map of its MLP's hidden
-activations (as the hidden map at the cut), shrunk toward the block's own weights by the ridge
-strength with the smallest error on the set-aside text. The next block then sees the repaired
-stream, so errors are corrected in sequence rather than compounded (GPTQ's order, applied to
-depth). Each repaired block is a map of its hidden activations folded into its ``down_proj``:
-only weights change.
+side. In block ``j``, first the attention's output projection is refitted so that, fed the pruned
+stream, the stream after the attention matches the target's stream after block ``j``'s attention;
+then ``down_proj`` so that the block's output matches the target stream after block ``j``. Each is
+the least squares of a map of the projection's input (the attention heads' output, the MLP's
+hidden activations), as the hidden map at the cut, shrunk toward the block's own weights by the
+ridge strength with the smallest error on the set-aside text. The next block then sees the
+repaired stream, so errors are corrected in sequence rather than compounded (GPTQ's order, applied
+to depth). Each refit is a map folded into the projection it replaces: only weights change.
 
 One walk gives every prefix: ``stages[k]`` is the pruned plan with the first ``k + 1`` blocks
 after the cut repaired, for the quality guard to choose from. A block whose own weights fit the
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calib.collect import CutEnds, accumulate, empty_statistics
-from ..calib.engine import Engine, Map, Plan, Step
+from ..calib.collect import CutEnds, CutStatistics, accumulate, empty_statistics
+from ..calib.engine import Captured, Engine, Map, Plan, Step, Stream
 from ..calib.tokens import CalibrationSet
+from ..fold import ATTENTION_SITE, MLP_SITE
 from ..log import get_logger
-from ..records import RepairedBlock
-from .solve import ridge_toward
+from ..records import RepairedBlock, TensorRefit
+from .solve import RidgeChoice, ridge_toward
 
 __all__ = ["REPAIR_GRID", "Repair", "repair_after_cut"]
 
@@ -53,6 +56,7 @@ class _Streams:
     def __init__(self, engine: Engine, name: str, batches, plan: Plan, pruned: Plan, cut, ends):
         start, end = cut
         self.engine, self.name = engine, name
+        self.target_mid = Stream({})
         embedded = engine.embed(name, batches)  # also records the batches' block arguments
         if ends is None:  # no kept streams: one pass to the cut for both
             both = engine.advance(
@@ -74,22 +78,64 @@ class _Streams:
         engine.release(entering)
         self.target = engine.stream(name, {b: engine.store.get(k) for b, k in ends.after.items()}, plan[:end])
 
-    def block_sums(self, target_plan: Plan, pruned: Plan, position: int, features: int):
-        """Sums of the block at ``position`` of ``pruned`` fed the pruned stream, toward the target
-        stream after the same block (its step of ``target_plan``)."""
+    def advance_target(self, target_plan: Plan) -> None:
+        """Run the target's next block (the last of ``target_plan``), keeping its stream after the
+        attention (the block's output less what its MLP added) beside the stream after it."""
         engine, name = self.engine, self.name
-        moved = engine.advance(name, self.target, {"t": target_plan}, desc=f"{name}: target")["t"]
-        engine.release(self.target)
-        self.target = moved
+        position = len(target_plan) - 1
+        walking = engine.stream(
+            name, {b: engine.store.get(k) for b, k in self.target.keys.items()}, self.target.done
+        )
+        afters: dict[int, object] = {}
+        mids: dict[int, object] = {}
+
+        def on_block(_position: int, b: int, after: torch.Tensor, captured: Captured) -> None:
+            assert captured.mlp is not None
+            afters[b] = engine.stream(name, {b: after}, ()).keys[b]
+            mids[b] = engine.stream(name, {b: after - captured.mlp}, ()).keys[b]
+
+        engine.walk(
+            name,
+            walking,
+            target_plan,
+            until=position,
+            mlp_at={position},
+            on_block=on_block,
+            desc=f"{name}: target",
+        )
+        engine.release(self.target, self.target_mid)
+        self.target, self.target_mid = Stream(afters, target_plan), Stream(mids, target_plan)
+
+    def sums(self, pruned: Plan, position: int, site: str, features: int) -> CutStatistics:
+        """Sums of the block at ``position`` of ``pruned`` fed the pruned stream: at the attention
+        site toward the target's stream after the attention, at the MLP site toward the target
+        stream after the block."""
+        engine, name = self.engine, self.name
         stats = empty_statistics([0], 1, engine.config.hidden_size, features)[0]
         walking = engine.stream(
             name, {b: engine.store.get(k) for b, k in self.pruned.keys.items()}, self.pruned.done
         )
 
-        def on_block(_position: int, b: int, after: torch.Tensor, mlp, hidden) -> None:
+        def on_block(_position: int, b: int, after: torch.Tensor, captured: Captured) -> None:
             real = engine.batches[name][b][1].to(after.device).bool()
-            target = engine.store.get(self.target.keys[b])
-            accumulate(stats, mlp[real], after[real], target[real], features=hidden[real])
+            assert captured.mlp is not None
+            if site == ATTENTION_SITE:
+                assert captured.attention_output is not None and captured.attention_input is not None
+                target = engine.store.get(self.target_mid.keys[b])
+                mid = after - captured.mlp
+                accumulate(
+                    stats,
+                    captured.attention_output[real],
+                    mid[real],
+                    target[real],
+                    features=captured.attention_input[real],
+                )
+            else:
+                assert captured.hidden is not None
+                target = engine.store.get(self.target.keys[b])
+                accumulate(
+                    stats, captured.mlp[real], after[real], target[real], features=captured.hidden[real]
+                )
 
         engine.walk(
             name,
@@ -97,9 +143,10 @@ class _Streams:
             pruned,
             until=position,
             mlp_at={position},
-            hidden_at={position},
+            hidden_at={position} if site == MLP_SITE else frozenset(),
+            attention_at={position} if site == ATTENTION_SITE else frozenset(),
             on_block=on_block,
-            desc=f"{name}: block {pruned[position].layer}",
+            desc=f"{name}: block {pruned[position].layer}, {site}",
         )
         return stats
 
@@ -112,7 +159,7 @@ class _Streams:
         self.pruned = moved["p"]
 
     def close(self) -> None:
-        self.engine.release(self.target, self.pruned)
+        self.engine.release(self.target, self.target_mid, self.pruned)
         self.engine.forget(self.name)
 
 
@@ -136,46 +183,49 @@ def repair_after_cut(
     started = time.perf_counter()
     start, end = cut
     blocks = min(blocks, len(pruned) - start)
-    features = engine.config.intermediate_size
     streams = [
         _Streams(engine, name, s.batches, plan, pruned, cut, ends[k] if ends is not None else None)
         for k, (name, s) in enumerate((("repair fit", calibration), ("repair set-aside", set_aside)))
     ]
     stages: list[Plan] = []
     repaired: list[RepairedBlock] = []
+    adapter = engine.adapter
     try:
         for k in range(blocks):
             position = start + k
-            target_plan = plan[: end + k + 1]
-            fit, aside = (s.block_sums(target_plan, pruned, position, features) for s in streams)
-            prior = engine.down_proj_weight(pruned[position]).T
-            choice = ridge_toward(fit, aside, prior, grid)
             layer = pruned[position].layer
-            if choice.alpha != float("inf"):  # at inf the block keeps its own weights: the plan stays
-                pruned = (
-                    pruned[:position]
-                    + (Step(layer, (Map(choice.transform, f"repair {layer}"),)),)
-                    + pruned[position + 1 :]
-                )
+            for s in streams:
+                s.advance_target(plan[: end + k + 1])
+            prior = engine.attention_output_weight(pruned[position]).T
+            attention = _refit(streams, pruned, position, ATTENTION_SITE, prior, grid)
+            pruned = _with_map(pruned, position, attention, f"repair {layer} attention", ATTENTION_SITE)
+            prior = engine.down_proj_weight(pruned[position]).T
+            mlp = _refit(streams, pruned, position, MLP_SITE, prior, grid)
+            pruned = _with_map(pruned, position, mlp, f"repair {layer}", MLP_SITE)
             stages.append(pruned)
-            errors = choice.set_aside_rel_residual
-            adapter = engine.adapter
+            prefix = f"{adapter.layers_path}.{position}."
+            attention_refit = _refit_record(f"{prefix}{adapter.attention_output}.weight", attention)
+            mlp_refit = _refit_record(f"{prefix}{adapter.down_proj}.weight", mlp)
             repaired.append(
                 RepairedBlock(
                     layer,
-                    f"{adapter.layers_path}.{position}.{adapter.down_proj}.weight",
-                    None if choice.alpha == float("inf") else choice.alpha,
-                    errors[str(choice.alpha)],
-                    errors["inf"],
+                    mlp_refit.tensor,
+                    mlp_refit.ridge,
+                    mlp_refit.set_aside_rel_residual,
+                    mlp_refit.set_aside_rel_residual_unrepaired,
+                    attention=attention_refit,
                 )
             )
-            log.info(
-                "repair of block %d: ridge %g toward its own weights, set-aside error %.5f (unrepaired %.5f)",
-                layer,
-                choice.alpha,
-                errors[str(choice.alpha)],
-                errors["inf"],
-            )
+            for name, r in (("attention output", attention_refit), ("down_proj", mlp_refit)):
+                log.info(
+                    "repair of block %d's %s: ridge %s toward its own weights, set-aside error %.5f "
+                    "(unrepaired %.5f)",
+                    layer,
+                    name,
+                    "∞" if r.ridge is None else f"{r.ridge:g}",
+                    r.set_aside_rel_residual,
+                    r.set_aside_rel_residual_unrepaired,
+                )
             if k + 1 < blocks:
                 for s in streams:
                     s.step(pruned, position)
@@ -183,3 +233,31 @@ def repair_after_cut(
         for s in streams:
             s.close()
     return Repair(stages, repaired, round(time.perf_counter() - started, 2))
+
+
+def _refit(
+    streams: list[_Streams],
+    pruned: Plan,
+    position: int,
+    site: str,
+    prior: torch.Tensor,
+    grid: tuple[float, ...],
+) -> RidgeChoice:
+    fit, aside = (s.sums(pruned, position, site, prior.shape[0]) for s in streams)
+    return ridge_toward(fit, aside, prior, grid)
+
+
+def _with_map(pruned: Plan, position: int, choice: RidgeChoice, label: str, site: str) -> Plan:
+    """``pruned`` with the refit folded into the step at ``position``; at ∞ the block keeps its own
+    weights and the plan stays as it was."""
+    if choice.alpha == float("inf"):
+        return pruned
+    step = pruned[position]
+    new = Step(step.layer, step.maps + (Map(choice.transform, label, site),), step.explicit)
+    return pruned[:position] + (new,) + pruned[position + 1 :]
+
+
+def _refit_record(tensor: str, choice: RidgeChoice) -> TensorRefit:
+    errors = choice.set_aside_rel_residual
+    ridge = None if choice.alpha == float("inf") else choice.alpha
+    return TensorRefit(tensor, ridge, errors[str(choice.alpha)], errors["inf"])

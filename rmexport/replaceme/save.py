@@ -2,8 +2,9 @@
 
 Every tensor is copied in the source's dtype except: tensors of removed blocks are dropped,
 later blocks get their new indices, and the fitted maps are folded into the block before each
-cut (``W_down ← Tᵀ·W_down`` in float64, or the diagonal into Gemma's post-MLP norm), with the
-same arithmetic as the in-memory fold on a float32 model, then cast to the checkpoint's dtype.
+cut (``W_down ← Tᵀ·W_down`` in float64, or the diagonal into Gemma's post-MLP norm) and into the
+repaired blocks (their ``down_proj`` and attention output projection), with the same arithmetic
+as the in-memory fold on a float32 model, then cast to the checkpoint's dtype.
 The config is sliced by the adapter, the tokenizer and generation files are copied, the shard
 index is rewritten. Everything is written into a temporary folder that replaces ``target``
 only when complete.
@@ -23,7 +24,13 @@ from ..arch import ArchAdapter, adapter_for
 from ..atomic import staged_dir, staged_file
 from ..calib.weights import checkpoint_dtype, open_weights, write_shards
 from ..errors import ExportError
-from ..fold import fold_into_down_proj, fold_into_post_mlp_norm
+from ..fold import (
+    ATTENTION_SITE,
+    MLP_SITE,
+    fold_into_attention_output,
+    fold_into_down_proj,
+    fold_into_post_mlp_norm,
+)
 from ..log import get_logger
 from ..models import PROVENANCE_FILE, write_provenance
 
@@ -31,6 +38,7 @@ __all__ = ["MAPS_FILE", "fold_tensor", "load_maps", "save_maps", "save_pruned_ch
 
 # The fitted maps of a prune, by original block index: what a GGUF-to-GGUF export folds in.
 MAPS_FILE = "maps.safetensors"
+_SITE_PREFIX = {MLP_SITE: "block", ATTENTION_SITE: "attention"}
 
 log = get_logger(__name__)
 
@@ -76,6 +84,14 @@ def fold_tensor(
     return module.weight.data.to(tensor.dtype)
 
 
+def _replaced_attention_output(tensor: torch.Tensor, transforms: list[torch.Tensor]) -> torch.Tensor:
+    module = nn.Linear(1, 1, bias=False)
+    module.weight = nn.Parameter(tensor.to(torch.float32), requires_grad=False)
+    for transform in transforms:
+        fold_into_attention_output(module, transform)
+    return module.weight.data.to(tensor.dtype)
+
+
 def _folded_name(adapter: ArchAdapter) -> str:
     return f"{adapter.down_proj if adapter.dense_fold else adapter.post_mlp_norm}.weight"
 
@@ -86,11 +102,13 @@ def save_pruned_checkpoint(
     kept: list[int],
     folds: dict[int, list[torch.Tensor]],
     *,
+    attention_folds: dict[int, list[torch.Tensor]] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``source_dir`` keeping original blocks ``kept`` (in order), with
-    ``folds[layer_idx]`` (maps, in order) folded into those blocks, to ``target``. The weights come
-    from the source's shards, or from its GGUF file (dequantized), one tensor at a time."""
+    ``folds[layer_idx]`` (maps at the MLP site, in order) and ``attention_folds[layer_idx]`` (maps
+    replacing the attention output projection) folded into those blocks, to ``target``. The weights
+    come from the source's shards, or from its GGUF file (dequantized), one tensor at a time."""
     from transformers import AutoConfig
 
     source_dir, target = Path(source_dir), Path(target)
@@ -103,15 +121,20 @@ def save_pruned_checkpoint(
         name.endswith(f"{adapter.down_proj}.bias") for name in reader.names()
     ):  # pragma: no cover - no supported family has a down_proj bias
         raise ExportError(f"{adapter.family}: streaming the fold into a down_proj bias is not supported")
-    missing = {j for j in folds if f"{adapter.layers_path}.{j}.{folded_name}" not in reader.weight_map}
-    if missing:
-        raise ExportError(f"no {folded_name} tensor for block(s) {sorted(missing)} in {source_dir}")
+    attention_folds = attention_folds or {}
+    attention_name = f"{adapter.attention_output}.weight"
+    for by_layer, tensor_name in ((folds, folded_name), (attention_folds, attention_name)):
+        missing = {j for j in by_layer if f"{adapter.layers_path}.{j}.{tensor_name}" not in reader.weight_map}
+        if missing:
+            raise ExportError(f"no {tensor_name} tensor for block(s) {sorted(missing)} in {source_dir}")
 
     def producer(name: str, layer_idx: int | None, rest: str | None):
         def produce() -> torch.Tensor:
             tensor = reader.get(name)
             if layer_idx in folds and rest == folded_name:
                 tensor = fold_tensor(adapter, rest, tensor, folds[layer_idx])
+            if layer_idx in attention_folds and rest == attention_name:
+                tensor = _replaced_attention_output(tensor, attention_folds[layer_idx])
             return tensor
 
         return produce
@@ -137,23 +160,34 @@ def save_pruned_checkpoint(
     return target
 
 
-def save_maps(path: Path, folds: dict[int, list[torch.Tensor]]) -> None:
-    """The fitted maps (float64), ``block.{layer_idx}.{k}`` in folding order, written atomically."""
+def save_maps(
+    path: Path,
+    folds: dict[int, list[torch.Tensor]],
+    attention_folds: dict[int, list[torch.Tensor]] | None = None,
+) -> None:
+    """The fitted maps (float64) written atomically: ``block.{layer_idx}.{k}`` at the MLP site and
+    ``attention.{layer_idx}.{k}`` at the attention site, in folding order."""
     from safetensors.torch import save_file
 
     tensors = {
-        f"block.{j}.{k}": t.to(torch.float64).contiguous()
-        for j, ts in folds.items()
+        f"{prefix}.{j}.{k}": t.to(torch.float64).contiguous()
+        for prefix, by_layer in (
+            (_SITE_PREFIX[MLP_SITE], folds),
+            (_SITE_PREFIX[ATTENTION_SITE], attention_folds or {}),
+        )
+        for j, ts in by_layer.items()
         for k, t in enumerate(ts)
     }
     with staged_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "rmexport-maps"})
 
 
-def load_maps(path: Path) -> dict[int, list[torch.Tensor]]:
+def load_maps(path: Path, site: str = MLP_SITE) -> dict[int, list[torch.Tensor]]:
+    """The maps ``save_maps`` wrote at ``site``, by original block index, in folding order."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    prefix = _SITE_PREFIX[site]
+    tensors = {n: t for n, t in load_file(path).items() if n.split(".")[0] == prefix}
     folds: dict[int, list[torch.Tensor]] = {}
     for name in sorted(tensors, key=lambda n: tuple(int(x) for x in n.split(".")[1:])):
         folds.setdefault(int(name.split(".")[1]), []).append(tensors[name])
