@@ -31,14 +31,16 @@ def _cli(argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, floa
 
 
 def test_unreachable_hub_is_one_line_fast(tmp_path):
-    """The command as a user runs it, in its own process: at most 3 lines, exit 2, within 10 s."""
+    """The command as a user runs it, in its own process: at most 3 lines, exit 2, with no retries (within
+    30 s: 9 s beside a prune on 2 cores, 14 s beside a prune and the rest of the suite; retrying would take a
+    minute)."""
     # Nothing listens there, wherever the test runs: the hub is unreachable, for real.
     argv = ["prune", "llama3-8b", "--out", str(tmp_path / "p")]
     done, seconds = _cli(argv, HF_ENDPOINT="http://127.0.0.1:9")
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) <= 3, done.stderr
     assert "Meta-Llama-3-8B-Instruct" in lines[0] and "cannot be reached" in lines[0]
-    assert seconds < 10, seconds
+    assert seconds < 30, seconds
     assert not tmp_path.joinpath("p").exists()
 
 
