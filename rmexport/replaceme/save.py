@@ -63,32 +63,32 @@ def _renamer(adapter: ArchAdapter, kept: list[int]):
 
 
 def fold_tensor(
-    adapter: ArchAdapter, param_name: str, tensor: torch.Tensor, transforms: list[torch.Tensor]
+    adapter: ArchAdapter,
+    param_name: str,
+    tensor: torch.Tensor,
+    transforms: list[torch.Tensor],
+    site: str = MLP_SITE,
 ) -> torch.Tensor:
-    """A block's ``param_name`` tensor with ``transforms`` folded in, in the tensor's dtype.
+    """A block's ``param_name`` tensor with ``transforms`` (maps at ``site``) folded in, in the
+    tensor's dtype.
 
     The arithmetic is that of ``rmexport.fold`` on a float32 model: each fold in float64,
     stored as float32, and the result cast back to the checkpoint's dtype."""
     value = tensor.to(torch.float32)
-    if adapter.dense_fold:
+    if site == ATTENTION_SITE or adapter.dense_fold:
         module = nn.Linear(1, 1, bias=False)
         module.weight = nn.Parameter(value, requires_grad=False)
         for transform in transforms:
-            fold_into_down_proj(module, transform if transform.dim() == 2 else torch.diag(transform))
+            if site == ATTENTION_SITE:
+                fold_into_attention_output(module, transform)
+            else:
+                fold_into_down_proj(module, transform if transform.dim() == 2 else torch.diag(transform))
         return module.weight.data.to(tensor.dtype)
     module = nn.Module()
     module.weight = nn.Parameter(value, requires_grad=False)
     for transform in transforms:
         scale = torch.diagonal(transform) if transform.dim() == 2 else transform
         fold_into_post_mlp_norm(module, scale, adapter.norm_weight_offset)
-    return module.weight.data.to(tensor.dtype)
-
-
-def _replaced_attention_output(tensor: torch.Tensor, transforms: list[torch.Tensor]) -> torch.Tensor:
-    module = nn.Linear(1, 1, bias=False)
-    module.weight = nn.Parameter(tensor.to(torch.float32), requires_grad=False)
-    for transform in transforms:
-        fold_into_attention_output(module, transform)
     return module.weight.data.to(tensor.dtype)
 
 
@@ -134,7 +134,7 @@ def save_pruned_checkpoint(
             if layer_idx in folds and rest == folded_name:
                 tensor = fold_tensor(adapter, rest, tensor, folds[layer_idx])
             if layer_idx in attention_folds and rest == attention_name:
-                tensor = _replaced_attention_output(tensor, attention_folds[layer_idx])
+                tensor = fold_tensor(adapter, rest, tensor, attention_folds[layer_idx], ATTENTION_SITE)
             return tensor
 
         return produce
